@@ -1,0 +1,37 @@
+"""Fail-fast weight sync for verl: turns any failure or hang of ``CheckpointEngineManager.update_weights`` into a
+bounded best-effort rollout resume plus a typed ``WeightSyncFatalError``, so that the job can be restarted.
+
+Importing this package is cheap (no verl, Ray or torch): Ray imports it in every worker process of a job when
+``verl_hooks.install`` is the job's ``worker_process_setup_hook``.
+"""
+
+from verl_hooks.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_WEIGHT_SYNC_FATAL,
+    CleanupOutcome,
+    CleanupStatus,
+    HookSettingsError,
+    IncompatibleVerlError,
+    InjectedFault,
+    WeightSyncFatalError,
+    WeightSyncTimeout,
+)
+from verl_hooks.installer import install
+from verl_hooks.phases import CleanupStep, SyncPhase
+from verl_hooks.settings import HookSettings
+
+__all__ = [
+    "EXIT_CONFIG_ERROR",
+    "EXIT_WEIGHT_SYNC_FATAL",
+    "CleanupOutcome",
+    "CleanupStatus",
+    "CleanupStep",
+    "HookSettings",
+    "HookSettingsError",
+    "IncompatibleVerlError",
+    "InjectedFault",
+    "SyncPhase",
+    "WeightSyncFatalError",
+    "WeightSyncTimeout",
+    "install",
+]

@@ -1,0 +1,113 @@
+"""Checks that the installed verl's ``CheckpointEngineManager`` is the one the guard was written for.
+
+The guard observes phases by standing in for ``self`` inside verl's own ``update_weights`` body, so it depends
+on that body calling the manager's phase methods and ``self.actor_wg``. A verl release that renames or inlines
+them would make the guard attribute failures to the wrong phase; refusing loudly is better than patching blindly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Coroutine
+from importlib import metadata
+from typing import Any
+
+from verl_hooks.errors import IncompatibleVerlError
+
+logger = logging.getLogger(__name__)
+
+TESTED_VERL_VERSIONS = ("0.9.1",)
+
+# Manager methods the guard intercepts or calls during cleanup, with the parameters it passes them.
+_REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
+    "abort_replicas": ("self",),
+    "release_kv_cache_replicas": ("self",),
+    "build_process_group": ("self", "rollout"),
+    "resume_kv_cache_replicas": ("self",),
+    "resume_generation_replicas": ("self",),
+    "wake_up_replicas": ("self",),
+}
+# Names verl's update_weights body must use: the phase methods, and the attributes the guard stands in for.
+_NAMES_USED_BY_UPDATE_WEIGHTS = frozenset(
+    {
+        "backend",
+        "actor_wg",
+        "abort_replicas",
+        "release_kv_cache_replicas",
+        "build_process_group",
+        "update_weights",
+        "execute_checkpoint_engine",
+        "resume_kv_cache_replicas",
+        "resume_generation_replicas",
+    }
+)
+
+
+def installed_verl_version() -> str:
+    try:
+        return metadata.version("verl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def original_update_weights(manager_cls: type) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """verl's raw ``async def update_weights(self, global_steps=None)``, after checking the manager's shape.
+
+    Raises ``IncompatibleVerlError`` naming the installed verl version and every mismatch found.
+    """
+    problems: list[str] = []
+    wrapper = getattr(manager_cls, "update_weights", None)
+    raw = getattr(wrapper, "__wrapped__", None)
+    if wrapper is None:
+        problems.append("CheckpointEngineManager.update_weights is missing")
+    elif raw is None or not inspect.iscoroutinefunction(raw):
+        problems.append("update_weights is not an async function wrapped by verl.utils.ray_utils.auto_await")
+    else:
+        params = _positional_names(raw)
+        if params[:2] != ("self", "global_steps") or len(params) != 2:
+            problems.append(f"update_weights{inspect.signature(raw)} is not (self, global_steps=None)")
+        missing_names = sorted(_NAMES_USED_BY_UPDATE_WEIGHTS - set(raw.__code__.co_names))
+        if missing_names:
+            problems.append(f"update_weights no longer uses {', '.join(missing_names)}")
+    for name, expected in _REQUIRED_METHODS.items():
+        method = getattr(manager_cls, name, None)
+        if method is None:
+            problems.append(f"CheckpointEngineManager.{name} is missing")
+            continue
+        target = getattr(method, "__wrapped__", method)
+        got = _positional_names(target)
+        if got[: len(expected)] != expected or _required_count(target) > len(expected):
+            problems.append(f"CheckpointEngineManager.{name}{inspect.signature(target)} does not accept {expected}")
+    if problems:
+        raise IncompatibleVerlError(
+            f"verl_hooks cannot guard the installed verl {installed_verl_version()} "
+            f"(written for verl {', '.join(TESTED_VERL_VERSIONS)}): " + "; ".join(problems) + ". "
+            "Refusing to patch CheckpointEngineManager.update_weights. Install a verl version verl_hooks "
+            "supports, or run the job without the hook (python -m <module> instead of verl_hooks.launch)."
+        )
+    version = installed_verl_version()
+    if version not in TESTED_VERL_VERSIONS:
+        logger.warning(
+            "verl_hooks was tested with verl %s; the installed verl %s has the same CheckpointEngineManager "
+            "shape, so the guard is installed",
+            ", ".join(TESTED_VERL_VERSIONS),
+            version,
+        )
+    return raw
+
+
+def _positional_names(func: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(
+        p.name
+        for p in inspect.signature(func).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def _required_count(func: Callable[..., Any]) -> int:
+    return sum(
+        1
+        for p in inspect.signature(func).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )

@@ -1,0 +1,200 @@
+"""Typed errors of the weight-sync guard.
+
+These classes are raised inside Ray actors and must arrive at the driver intact. Ray pickles an exception and,
+at the driver, re-raises it as a ``RayTaskError`` subclass of the original class whose ``cause`` is the
+unpickled original. Pickling an exception keeps neither ``__cause__`` nor ``__traceback__``, so the original
+exception is also kept as text (type, message, formatted traceback) in fields that do survive.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+from verl_hooks.phases import SyncPhase
+
+EXIT_WEIGHT_SYNC_FATAL = os.EX_TEMPFAIL if hasattr(os, "EX_TEMPFAIL") else 75
+"""Exit code of a job driver that died of a ``WeightSyncFatalError`` (75, EX_TEMPFAIL: try again later)."""
+
+EXIT_CONFIG_ERROR = os.EX_CONFIG if hasattr(os, "EX_CONFIG") else 78
+"""Exit code of the launcher for a configuration error a restart cannot fix (78, EX_CONFIG)."""
+
+
+class CleanupStatus(str, Enum):
+    OK = "ok"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class CleanupOutcome:
+    """How one best-effort cleanup step ended."""
+
+    step: str
+    status: CleanupStatus
+    elapsed_s: float
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CleanupOutcome:
+        return cls(
+            step=data["step"],
+            status=CleanupStatus(data["status"]),
+            elapsed_s=float(data["elapsed_s"]),
+            message=data.get("message"),
+        )
+
+
+class WeightSyncFatalError(RuntimeError):
+    """A weight sync from trainer to rollout failed or hung; the job cannot continue and must be restarted.
+
+    By the time this is raised the guard has already tried to put the rollout back into a running state;
+    ``cleanup`` says how each step of that went. The original exception is ``__cause__`` in the process that
+    raised this, and is also kept as text (``cause_type``, ``cause_message``, ``cause_traceback``) because
+    ``__cause__`` does not survive pickling across Ray.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        phase: SyncPhase | str,
+        global_step: int | None,
+        backend: str,
+        elapsed_s: float,
+        cleanup: tuple[CleanupOutcome, ...] | list[CleanupOutcome] = (),
+        hang: bool = False,
+        cause_type: str | None = None,
+        cause_message: str | None = None,
+        cause_traceback: str | None = None,
+        stuck_stack: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.phase = SyncPhase(phase)
+        self.global_step = global_step
+        self.backend = backend
+        self.elapsed_s = elapsed_s
+        self.cleanup = tuple(cleanup)
+        self.hang = hang
+        self.cause_type = cause_type
+        self.cause_message = cause_message
+        self.cause_traceback = cause_traceback
+        self.stuck_stack = stuck_stack
+
+    @classmethod
+    def from_failure(
+        cls,
+        cause: BaseException,
+        *,
+        phase: SyncPhase,
+        global_step: int | None,
+        backend: str,
+        elapsed_s: float,
+        cleanup: list[CleanupOutcome],
+        hang: bool,
+        stuck_stack: str | None = None,
+    ) -> WeightSyncFatalError:
+        what = "hung" if hang else "failed"
+        failed_cleanup = [o.step for o in cleanup if o.status is not CleanupStatus.OK]
+        cleanup_note = f"; cleanup steps that did not succeed: {', '.join(failed_cleanup)}" if failed_cleanup else ""
+        message = (
+            f"weight sync {what} in phase '{phase.value}' at global step {global_step} "
+            f"(backend {backend}, after {elapsed_s:.1f} s): {type(cause).__name__}: {cause}{cleanup_note}"
+        )
+        return cls(
+            message,
+            phase=phase,
+            global_step=global_step,
+            backend=backend,
+            elapsed_s=elapsed_s,
+            cleanup=cleanup,
+            hang=hang,
+            cause_type=qualified_name(type(cause)),
+            cause_message=str(cause),
+            cause_traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
+            stuck_stack=stuck_stack,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able values (used for pickling and for the error record)."""
+        return {
+            "message": self.message,
+            "phase": self.phase.value,
+            "global_step": self.global_step,
+            "backend": self.backend,
+            "elapsed_s": self.elapsed_s,
+            "cleanup": [o.to_dict() for o in self.cleanup],
+            "hang": self.hang,
+            "cause_type": self.cause_type,
+            "cause_message": self.cause_message,
+            "cause_traceback": self.cause_traceback,
+            "stuck_stack": self.stuck_stack,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WeightSyncFatalError:
+        fields = dict(data)
+        message = fields.pop("message")
+        fields["cleanup"] = [CleanupOutcome.from_dict(o) for o in fields.get("cleanup", [])]
+        return cls(message, **fields)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduction calls cls(*self.args) and would lose every keyword-only field.
+        return (_rebuild_weight_sync_error, (type(self), self.to_dict()))
+
+
+def _rebuild_weight_sync_error(cls: type[WeightSyncFatalError], data: dict[str, Any]) -> WeightSyncFatalError:
+    return cls.from_dict(data)
+
+
+class WeightSyncTimeout(TimeoutError):
+    """The weight sync did not finish within its deadline: the cause of a ``WeightSyncFatalError`` for a hang."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by fault injection (``VERL_HOOKS_FAULTS``) inside a weight-sync phase."""
+
+
+class HookSettingsError(ValueError):
+    """A hook setting (``VERL_HOOKS_FAULTS``, a timeout, the attempt number) could not be understood."""
+
+
+class IncompatibleVerlError(RuntimeError):
+    """The installed verl's ``CheckpointEngineManager`` is not the one the guard was written for."""
+
+
+def qualified_name(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+def find_weight_sync_error(exc: BaseException) -> WeightSyncFatalError | None:
+    """The ``WeightSyncFatalError`` behind ``exc``, if any.
+
+    Looks through Ray's wrappers (``RayTaskError.cause``, which may itself wrap another task's error) and
+    Python's exception chain, without following cycles.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, WeightSyncFatalError):
+            # A RayTaskError re-raised "as instance of cause" is a subclass; its fields live on the cause.
+            cause = getattr(current, "cause", None)
+            return cause if isinstance(cause, WeightSyncFatalError) else current
+        for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                pending.append(linked)
+    return None

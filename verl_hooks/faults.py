@@ -1,0 +1,158 @@
+"""Fault injection into the real phases of a weight sync, for tests and for chaos runs of real jobs.
+
+``VERL_HOOKS_FAULTS`` holds comma-separated specs ``PHASE:ACTION[@STEP][#ATTEMPT]``:
+``update_weights:raise@3#1`` raises inside the update phase of the sync at global step 3, on attempt 1 only
+(the attempt comes from ``VERL_SUPERVISOR_ATTEMPT``), so that the restarted job passes. Without ``@STEP`` a
+spec matches any step; without ``#ATTEMPT`` it matches every attempt. Each spec fires at most once per process.
+
+A fault fires when its phase is entered, after every earlier phase has really run, so the rollout is left in
+the state a real failure at that point would leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+from dataclasses import dataclass
+from enum import Enum
+
+from verl_hooks.errors import HookSettingsError, InjectedFault
+from verl_hooks.phases import SyncPhase
+
+
+class FaultAction(str, Enum):
+    RAISE = "raise"
+    """Raise ``InjectedFault``, as a failing remote call would."""
+    HANG = "hang"
+    """Block forever: an awaited phase awaits a future that never completes (cancellable, like an awaited
+    ObjectRef); a blocking phase blocks its thread (not cancellable, like a ``ray.get`` that never returns)."""
+    EXIT = "exit"
+    """The process dies at once (SIGKILL to itself), as on an OOM kill or a segfault."""
+
+
+_SPEC_RE = re.compile(r"^(?P<phase>[a-z_]+):(?P<action>[a-z]+)(?:@(?P<step>\d+))?(?:#(?P<attempt>\d+))?$")
+_INJECTABLE_PHASES = tuple(p for p in SyncPhase if p is not SyncPhase.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    phase: SyncPhase
+    action: FaultAction
+    step: int | None = None
+    attempt: int | None = None
+
+    def matches(self, phase: SyncPhase, step: int | None, attempt: int) -> bool:
+        return (
+            self.phase is phase
+            and (self.step is None or self.step == step)
+            and (self.attempt is None or self.attempt == attempt)
+        )
+
+    def __str__(self) -> str:
+        text = f"{self.phase.value}:{self.action.value}"
+        if self.step is not None:
+            text += f"@{self.step}"
+        if self.attempt is not None:
+            text += f"#{self.attempt}"
+        return text
+
+
+def parse_fault_specs(text: str | None) -> tuple[FaultSpec, ...]:
+    """Parse ``VERL_HOOKS_FAULTS``; an empty or missing value means no faults. Raises ``HookSettingsError``."""
+    if not text or not text.strip():
+        return ()
+    specs = []
+    for raw in text.split(","):
+        item = raw.strip()
+        match = _SPEC_RE.match(item)
+        if not match:
+            raise HookSettingsError(
+                f"VERL_HOOKS_FAULTS: cannot parse {item!r}; expected PHASE:ACTION[@STEP][#ATTEMPT], "
+                f"e.g. update_weights:raise@3#1"
+            )
+        try:
+            phase = SyncPhase(match["phase"])
+        except ValueError:
+            phase = None
+        if phase not in _INJECTABLE_PHASES:
+            names = ", ".join(p.value for p in _INJECTABLE_PHASES)
+            raise HookSettingsError(f"VERL_HOOKS_FAULTS: unknown phase {match['phase']!r} in {item!r}; phases: {names}")
+        try:
+            action = FaultAction(match["action"])
+        except ValueError:
+            names = ", ".join(a.value for a in FaultAction)
+            raise HookSettingsError(
+                f"VERL_HOOKS_FAULTS: unknown action {match['action']!r} in {item!r}; actions: {names}"
+            ) from None
+        attempt = int(match["attempt"]) if match["attempt"] else None
+        if attempt == 0:
+            raise HookSettingsError(f"VERL_HOOKS_FAULTS: attempts are numbered from 1, got #0 in {item!r}")
+        specs.append(FaultSpec(phase, action, int(match["step"]) if match["step"] else None, attempt))
+    return tuple(specs)
+
+
+class FaultPlan:
+    """The faults this process should inject, each fired at most once."""
+
+    def __init__(self, specs: tuple[FaultSpec, ...], attempt: int) -> None:
+        self.specs = specs
+        self.attempt = attempt
+        self._fired: set[FaultSpec] = set()
+        self._lock = threading.Lock()
+
+    def take(self, phase: SyncPhase, step: int | None) -> FaultSpec | None:
+        """The fault to fire on entering ``phase`` at ``step``, marking it fired."""
+        with self._lock:
+            for spec in self.specs:
+                if spec not in self._fired and spec.matches(phase, step, self.attempt):
+                    self._fired.add(spec)
+                    return spec
+        return None
+
+
+# Injected hangs wait on this event so that a test can release the threads it left blocked; in a real job
+# nothing sets it and the hang lasts until the process is torn down.
+_release_hangs = threading.Event()
+
+
+def release_injected_hangs() -> None:
+    """Unblock every injected hang in this process (for tests, which must not leak blocked threads)."""
+    _release_hangs.set()
+
+
+def rearm_injected_hangs() -> None:
+    _release_hangs.clear()
+
+
+def _message(spec: FaultSpec, step: int | None) -> str:
+    return f"injected fault {spec} (VERL_HOOKS_FAULTS) fired at global step {step}"
+
+
+def fire_blocking(spec: FaultSpec, step: int | None) -> None:
+    """Carry out ``spec`` in a phase that blocks its thread (the ones verl runs with ``ray.get``)."""
+    if spec.action is FaultAction.RAISE:
+        raise InjectedFault(_message(spec, step))
+    if spec.action is FaultAction.EXIT:
+        _die()
+    _release_hangs.wait()
+    raise InjectedFault(_message(spec, step) + " (hang released by the test)")
+
+
+async def fire_awaited(spec: FaultSpec, step: int | None) -> None:
+    """Carry out ``spec`` in a phase that verl awaits (the replica calls)."""
+    if spec.action is FaultAction.RAISE:
+        raise InjectedFault(_message(spec, step))
+    if spec.action is FaultAction.EXIT:
+        _die()
+    while not _release_hangs.is_set():
+        # Polling keeps the hang releasable from another thread; each sleep is a cancellation point, as an
+        # awaited ObjectRef would be.
+        await asyncio.sleep(0.05)
+    raise InjectedFault(_message(spec, step) + " (hang released by the test)")
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,386 @@
+"""The guard around verl's ``CheckpointEngineManager.update_weights``.
+
+verl's own ``update_weights`` body runs unchanged, with a thin view of the manager standing in for ``self``:
+the view forwards everything to the real manager and notes each phase as it is entered (and fires an injected
+fault there, if one is planned). The body runs on an event loop of its own, in a daemon thread, because verl
+blocks in ``ray.get`` in several phases: on the caller's loop such a block would also block the deadline. On
+its own thread it blocks only itself; the caller's loop stays free to enforce the deadline, to run the bounded
+cleanup (awaiting ObjectRefs, never ``ray.get``) and to raise ``WeightSyncFatalError``. A thread stuck in a
+call that cannot be cancelled is abandoned; the supervisor's teardown ends the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from verl_hooks.errors import (
+    EXIT_WEIGHT_SYNC_FATAL,
+    CleanupOutcome,
+    CleanupStatus,
+    WeightSyncFatalError,
+    WeightSyncTimeout,
+)
+from verl_hooks.faults import FaultPlan, FaultSpec, fire_awaited, fire_blocking
+from verl_hooks.phases import CleanupStep, SyncPhase, plan_cleanup
+from verl_hooks.settings import HookSettings
+
+logger = logging.getLogger(__name__)
+
+GUARD_MARK = "__verl_hooks_guard__"
+
+
+@dataclass
+class PhaseTracker:
+    """What one sync got through: phases entered, phases known to have finished, the rollout group it built."""
+
+    entered: list[SyncPhase] = field(default_factory=list)
+    completed: set[SyncPhase] = field(default_factory=set)
+    rollout_wg: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def current(self) -> SyncPhase:
+        return self.entered[-1] if self.entered else SyncPhase.UNKNOWN
+
+    def enter(self, phase: SyncPhase) -> None:
+        with self._lock:
+            # verl runs phases strictly in sequence: entering one means the previous one returned.
+            if self.entered:
+                self.completed.add(self.entered[-1])
+            self.entered.append(phase)
+
+    def complete(self, phase: SyncPhase) -> None:
+        with self._lock:
+            self.completed.add(phase)
+
+    def complete_all(self) -> None:
+        with self._lock:
+            self.completed.update(self.entered)
+
+
+@dataclass
+class _SyncContext:
+    tracker: PhaseTracker
+    faults: FaultPlan
+    global_step: int | None
+    backend: str
+
+    def _enter(self, phase: SyncPhase) -> FaultSpec | None:
+        self.tracker.enter(phase)
+        return self.faults.take(phase, self.global_step)
+
+    def enter_blocking(self, phase: SyncPhase) -> None:
+        fault = self._enter(phase)
+        if fault is not None:
+            fire_blocking(fault, self.global_step)
+
+    async def run_awaited(self, phase: SyncPhase, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        fault = self._enter(phase)
+        if fault is not None:
+            await fire_awaited(fault, self.global_step)
+        # verl's auto_await returns a coroutine only when its caller's frame is a coroutine's: call it from here.
+        result = await method(*args, **kwargs)
+        self.tracker.complete(phase)
+        return result
+
+
+class _ActorGroupView:
+    """Stands in for ``manager.actor_wg`` inside the sync: the calls that start the update and finalize phases
+    (and the whole naive sync) go through it."""
+
+    def __init__(self, worker_group: Any, sync: _SyncContext) -> None:
+        self._wg = worker_group
+        self._sync = sync
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wg, name)
+
+    def update_weights(self, *args: Any, **kwargs: Any) -> Any:
+        naive = self._sync.backend == "naive"
+        self._sync.enter_blocking(SyncPhase.NAIVE if naive else SyncPhase.UPDATE_WEIGHTS)
+        return self._wg.update_weights(*args, **kwargs)
+
+    def execute_checkpoint_engine(self, *args: Any, **kwargs: Any) -> Any:
+        methods = args[0] if args else kwargs.get("method")
+        if methods and methods[0] == "finalize":
+            self._sync.enter_blocking(SyncPhase.FINALIZE)
+        return self._wg.execute_checkpoint_engine(*args, **kwargs)
+
+
+class _ManagerView:
+    """Stands in for ``self`` inside verl's ``update_weights``; forwards everything to the real manager."""
+
+    def __init__(self, manager: Any, sync: _SyncContext) -> None:
+        object.__setattr__(self, "_manager", manager)
+        object.__setattr__(self, "_sync", sync)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._manager, name, value)
+
+    @property
+    def actor_wg(self) -> _ActorGroupView:
+        return _ActorGroupView(self._manager.actor_wg, self._sync)
+
+    async def abort_replicas(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._sync.run_awaited(SyncPhase.ABORT, self._manager.abort_replicas, *args, **kwargs)
+
+    async def release_kv_cache_replicas(self) -> Any:
+        return await self._sync.run_awaited(SyncPhase.RELEASE_KV_CACHE, self._manager.release_kv_cache_replicas)
+
+    async def resume_kv_cache_replicas(self) -> Any:
+        return await self._sync.run_awaited(SyncPhase.RESUME_KV_CACHE, self._manager.resume_kv_cache_replicas)
+
+    async def resume_generation_replicas(self) -> Any:
+        return await self._sync.run_awaited(SyncPhase.RESUME_GENERATION, self._manager.resume_generation_replicas)
+
+    def build_process_group(self, rollout: Any) -> Any:
+        # Cleanup needs the rollout worker group verl builds for this sync, to finalize its engines.
+        self._sync.tracker.rollout_wg = rollout
+        self._sync.enter_blocking(SyncPhase.BUILD_PROCESS_GROUP)
+        result = self._manager.build_process_group(rollout)
+        self._sync.tracker.complete(SyncPhase.BUILD_PROCESS_GROUP)
+        return result
+
+
+class _SyncThread:
+    """Runs one coroutine on an event loop of its own, in a daemon thread that may be abandoned if it hangs."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._coro = coro
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._cancel_requested = False
+        self._thread = threading.Thread(target=self._run, name="verl-hooks-weight-sync", daemon=True)
+
+    def start(self) -> None:
+        self.future.set_running_or_notify_cancel()
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            result = asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting guard, which decides
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+    async def _main(self) -> Any:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            cancel_now = self._cancel_requested
+        if cancel_now:
+            self._coro.close()
+            raise asyncio.CancelledError
+        return await self._coro
+
+    def cancel(self) -> None:
+        """Cancel the coroutine at its next await. A thread blocked in ``ray.get`` is not reached by this."""
+        with self._lock:
+            self._cancel_requested = True
+            if self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def stack(self) -> str | None:
+        """Where the sync is right now: the thread's stack (a blocking call shows there) and the chain of
+        coroutines it is awaiting through (an awaited hang shows only there: the thread sits in the loop)."""
+        parts = []
+        frame = sys._current_frames().get(self._thread.ident) if self._thread.ident else None
+        if frame is not None:
+            parts.append("Thread stack (most recent call last):\n" + "".join(traceback.format_stack(frame)))
+        task = self._task
+        if task is not None and not task.done():
+            parts.append("Awaiting (outermost first):\n" + _await_chain(task.get_coro()))
+        return "\n".join(parts) or None
+
+
+def _await_chain(coro: Any) -> str:
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n')
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "".join(lines)
+
+
+async def _finalize_engines(manager: Any, rollout_wg: Any) -> None:
+    actor_wg = manager.actor_wg
+    refs = list(actor_wg.execute_checkpoint_engine(["finalize"] * actor_wg.world_size))
+    if rollout_wg is not None:
+        refs += rollout_wg.execute_checkpoint_engine(["finalize"] * rollout_wg.world_size)
+    await asyncio.gather(*refs)
+
+
+async def _resume_kv_cache(manager: Any, _rollout_wg: Any) -> None:
+    await manager.resume_kv_cache_replicas()
+
+
+async def _resume_generation(manager: Any, _rollout_wg: Any) -> None:
+    await manager.resume_generation_replicas()
+
+
+async def _wake_up(manager: Any, _rollout_wg: Any) -> None:
+    await manager.wake_up_replicas()
+
+
+_CLEANUP_ACTIONS: dict[CleanupStep, Callable[[Any, Any], Awaitable[None]]] = {
+    CleanupStep.FINALIZE_ENGINES: _finalize_engines,
+    CleanupStep.RESUME_KV_CACHE: _resume_kv_cache,
+    CleanupStep.RESUME_GENERATION: _resume_generation,
+    CleanupStep.WAKE_UP: _wake_up,
+}
+
+
+async def run_cleanup(
+    steps: list[CleanupStep], manager: Any, rollout_wg: Any, step_timeout_s: float
+) -> list[CleanupOutcome]:
+    """Run each step against the real manager, each bounded by ``step_timeout_s``; never raises."""
+    outcomes = []
+    for step in steps:
+        started = time.monotonic()
+        task = asyncio.ensure_future(_CLEANUP_ACTIONS[step](manager, rollout_wg))
+        done, _ = await asyncio.wait({task}, timeout=step_timeout_s)
+        elapsed = time.monotonic() - started
+        if not done:
+            task.cancel()
+            outcome = CleanupOutcome(
+                step.value, CleanupStatus.TIMED_OUT, elapsed, f"did not finish within {step_timeout_s:g} s"
+            )
+        elif task.exception() is not None:
+            exc = task.exception()
+            outcome = CleanupOutcome(step.value, CleanupStatus.FAILED, elapsed, f"{type(exc).__name__}: {exc}")
+        else:
+            outcome = CleanupOutcome(step.value, CleanupStatus.OK, elapsed)
+        if outcome.status is CleanupStatus.OK:
+            logger.info("weight-sync cleanup %s: ok", step.value)
+        else:
+            logger.warning("weight-sync cleanup %s: %s (%s)", step.value, outcome.status.value, outcome.message)
+        outcomes.append(outcome)
+    return outcomes
+
+
+class _Backstop:
+    """Last resort: if the guard has not raised long after the deadline, record the failure and exit 75.
+
+    The guard's own path always ends within the deadline plus the cleanup budget; this only fires if something
+    outside it (the caller's event loop blocked, the interpreter wedged) keeps it from raising.
+    """
+
+    def __init__(self, delay_s: float, describe: Callable[[], WeightSyncFatalError], error_file: str | None) -> None:
+        self._describe = describe
+        self._error_file = error_file
+        self._timer = threading.Timer(delay_s, self._fire) if delay_s > 0 else None
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def start(self) -> None:
+        if self._timer is not None:
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        from verl_hooks.record import record_for_weight_sync_error, write_record
+
+        fatal = self._describe()
+        print(f"verl_hooks: {fatal.message}; the guard could not raise, exiting the process", file=sys.stderr)
+        if self._error_file:
+            write_record(
+                self._error_file,
+                record_for_weight_sync_error(fatal, exit_code=EXIT_WEIGHT_SYNC_FATAL, source="guard-backstop"),
+            )
+        sys.stderr.flush()
+        os._exit(EXIT_WEIGHT_SYNC_FATAL)
+
+
+async def run_guarded_sync(
+    manager: Any,
+    original: Callable[..., Coroutine[Any, Any, Any]],
+    global_steps: int | None,
+    settings: HookSettings,
+    faults: FaultPlan,
+) -> Any:
+    """Run verl's ``update_weights`` body for ``manager`` under the deadline; on failure clean up and raise."""
+    sync = _SyncContext(PhaseTracker(), faults, global_steps, str(manager.backend))
+    started = time.monotonic()
+    runner = _SyncThread(original(_ManagerView(manager, sync), global_steps))
+
+    def describe_hang() -> WeightSyncFatalError:
+        return WeightSyncFatalError.from_failure(
+            WeightSyncTimeout("the guard did not finish its cleanup in time"),
+            phase=sync.tracker.current,
+            global_step=global_steps,
+            backend=sync.backend,
+            elapsed_s=time.monotonic() - started,
+            cleanup=[],
+            hang=True,
+            stuck_stack=runner.stack(),
+        )
+
+    backstop_delay = settings.sync_timeout_s + settings.cleanup_budget_s + settings.hard_exit_grace_s
+    backstop = _Backstop(backstop_delay if settings.hard_exit_grace_s > 0 else 0, describe_hang, settings.error_file)
+    waiter = asyncio.wrap_future(runner.future)
+    backstop.start()
+    try:
+        runner.start()
+        done, _ = await asyncio.wait({waiter}, timeout=settings.sync_timeout_s)
+        stuck_stack = None
+        if done and waiter.exception() is None:
+            sync.tracker.complete_all()
+            return waiter.result()
+        phase = sync.tracker.current
+        if done:
+            primary: BaseException = waiter.exception()  # type: ignore[assignment]
+            if not isinstance(primary, Exception):
+                raise primary
+            hang = False
+        else:
+            hang = True
+            stuck_stack = runner.stack()
+            runner.cancel()
+            await asyncio.wait({waiter}, timeout=settings.cancel_grace_s)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved so asyncio does not warn; the deadline is the failure
+            primary = WeightSyncTimeout(
+                f"weight sync did not finish within {settings.sync_timeout_s:g} s "
+                f"(VERL_HOOKS_SYNC_TIMEOUT_S); stuck in phase '{phase.value}'"
+            )
+        steps = plan_cleanup(sync.tracker.entered, sync.tracker.completed)
+        outcomes = await run_cleanup(steps, manager, sync.tracker.rollout_wg, settings.cleanup_step_timeout_s)
+        fatal = WeightSyncFatalError.from_failure(
+            primary,
+            phase=phase,
+            global_step=global_steps,
+            backend=sync.backend,
+            elapsed_s=time.monotonic() - started,
+            cleanup=outcomes,
+            hang=hang,
+            stuck_stack=stuck_stack,
+        )
+        logger.error("%s", fatal.message)
+        raise fatal from primary
+    except asyncio.CancelledError:
+        runner.cancel()
+        raise
+    finally:
+        backstop.cancel()

@@ -1,0 +1,167 @@
+"""Installing the guard into a process: now if verl's checkpoint engine is imported, else when it is.
+
+Patching on import keeps ``install()`` cheap: it runs as Ray's ``worker_process_setup_hook`` in every worker
+process of a job, and most of them (rollout workers, reward workers) never import verl's checkpoint engine,
+which takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+from verl_hooks.compat import original_update_weights
+from verl_hooks.faults import FaultPlan
+from verl_hooks.guard import GUARD_MARK, run_guarded_sync
+from verl_hooks.settings import ENV_CHAINED_SETUP_HOOK, HookSettings
+
+logger = logging.getLogger(__name__)
+
+TARGET_MODULE = "verl.checkpoint_engine.base"
+
+
+class _HookState:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.settings = HookSettings()
+        self.faults = FaultPlan((), 1)
+        self.finder: _PatchOnImport | None = None
+        self.chained_hook_done = False
+
+    def configure(self, settings: HookSettings) -> None:
+        with self.lock:
+            if settings != self.settings:
+                self.settings = settings
+                self.faults = FaultPlan(settings.faults, settings.attempt)
+
+
+_state = _HookState()
+
+
+def install(settings: HookSettings | None = None) -> None:
+    """Install the weight-sync guard in this process. Idempotent; safe to call from several places.
+
+    Also the entry point for Ray's ``worker_process_setup_hook`` ("verl_hooks.install"): with no argument the
+    settings come from the environment (``VERL_HOOKS_*``, ``VERL_SUPERVISOR_ATTEMPT``). Raises
+    ``HookSettingsError`` for settings it cannot understand, and ``IncompatibleVerlError`` (now or when verl's
+    checkpoint engine is imported) for a verl whose manager it was not written for.
+    """
+    resolved = settings if settings is not None else HookSettings.from_env()
+    with _state.lock:
+        _state.configure(resolved)
+        module = sys.modules.get(TARGET_MODULE)
+        if module is not None:
+            _patch(module)
+        elif _state.finder is None:
+            _state.finder = _PatchOnImport()
+            sys.meta_path.insert(0, _state.finder)
+    _run_chained_setup_hook()
+
+
+def current_settings() -> HookSettings:
+    return _state.settings
+
+
+def rearm_faults() -> None:
+    """Let every planned fault fire again (each fires once per process); for tests and chaos tools."""
+    with _state.lock:
+        _state.faults = FaultPlan(_state.settings.faults, _state.settings.attempt)
+
+
+def is_guarded(manager_cls: type) -> bool:
+    return bool(getattr(manager_cls.__dict__.get("update_weights"), GUARD_MARK, False))
+
+
+def _patch(module: ModuleType) -> None:
+    from verl.utils.ray_utils import auto_await
+
+    manager_cls = module.CheckpointEngineManager
+    if is_guarded(manager_cls):
+        return
+    original = original_update_weights(manager_cls)
+
+    async def update_weights(self: Any, global_steps: int | None = None) -> Any:
+        return await run_guarded_sync(self, original, global_steps, _state.settings, _state.faults)
+
+    update_weights.__doc__ = (
+        f"{original.__doc__ or ''}\n\nGuarded by verl_hooks: any failure, or a sync longer than "
+        "VERL_HOOKS_SYNC_TIMEOUT_S, runs a bounded best-effort rollout resume and raises WeightSyncFatalError."
+    )
+    update_weights.__qualname__ = original.__qualname__
+    update_weights.__module__ = original.__module__
+    # verl's own auto_await keeps both calling conventions: run to completion from sync code, awaitable from a
+    # coroutine (the fully-async trainer awaits it).
+    guarded = auto_await(update_weights)
+    setattr(guarded, GUARD_MARK, True)
+    guarded.__verl_hooks_original__ = manager_cls.__dict__["update_weights"]
+    manager_cls.update_weights = guarded
+    logger.info(
+        "verl_hooks: weight-sync guard installed (deadline %g s, faults: %s)",
+        _state.settings.sync_timeout_s,
+        ", ".join(map(str, _state.settings.faults)) or "none",
+    )
+
+
+def uninstall() -> None:
+    """Restore verl's own ``update_weights`` and stop patching on import (for tests)."""
+    with _state.lock:
+        if _state.finder is not None:
+            sys.meta_path.remove(_state.finder)
+            _state.finder = None
+        module = sys.modules.get(TARGET_MODULE)
+        if module is not None and is_guarded(module.CheckpointEngineManager):
+            cls = module.CheckpointEngineManager
+            cls.update_weights = cls.__dict__["update_weights"].__verl_hooks_original__
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches the manager right after ``verl.checkpoint_engine.base`` executes, whoever imports it."""
+
+    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> Any:
+        if fullname != TARGET_MODULE:
+            return None
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is None:
+                    return None
+                spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        with _state.lock:
+            _patch(module)
+            if _state.finder is not None and _state.finder in sys.meta_path:
+                sys.meta_path.remove(_state.finder)
+            _state.finder = None
+
+
+def _run_chained_setup_hook() -> None:
+    """Run the job's own worker_process_setup_hook, which the launcher moved aside to put ours in its place."""
+    target = os.environ.get(ENV_CHAINED_SETUP_HOOK)
+    with _state.lock:
+        if not target or _state.chained_hook_done:
+            return
+        _state.chained_hook_done = True
+    module_name, _, func_name = target.rpartition(".")
+    getattr(importlib.import_module(module_name), func_name)()

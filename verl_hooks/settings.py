@@ -1,0 +1,90 @@
+"""The guard's settings, resolved once from the environment when the hook is installed.
+
+The environment is the only channel that reaches every Ray worker of a job (through the job's runtime_env), so
+that is where the launcher and the supervisor put them. Mechanisms receive a ``HookSettings`` value and never
+read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from verl_hooks.errors import HookSettingsError
+from verl_hooks.faults import FaultSpec, parse_fault_specs
+
+ENV_SYNC_TIMEOUT = "VERL_HOOKS_SYNC_TIMEOUT_S"
+ENV_CLEANUP_TIMEOUT = "VERL_HOOKS_CLEANUP_STEP_TIMEOUT_S"
+ENV_HARD_EXIT_GRACE = "VERL_HOOKS_HARD_EXIT_GRACE_S"
+ENV_FAULTS = "VERL_HOOKS_FAULTS"
+ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
+ENV_ERROR_FILE = "VERL_SUPERVISOR_ERROR_FILE"
+ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
+
+# Variables a job's Ray workers must see for the guard to behave as in the driver.
+FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    sync_timeout_s: float = 600.0
+    """Deadline on a whole weight sync; past it the sync counts as hung. Generous: a large model's sync over a
+    slow fabric can take minutes, and a false alarm costs a restart."""
+    cleanup_step_timeout_s: float = 30.0
+    """Bound on each best-effort cleanup step after a failure."""
+    cancel_grace_s: float = 2.0
+    """After the deadline, how long a hung sync gets to unwind from a cancellation before cleanup starts."""
+    hard_exit_grace_s: float = 60.0
+    """Backstop: if the guard itself has not raised this long after the deadline plus the cleanup budget, the
+    process writes its error record and exits with code 75. 0 disables the backstop."""
+    faults: tuple[FaultSpec, ...] = ()
+    attempt: int = 1
+    error_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sync_timeout_s", "cleanup_step_timeout_s", "cancel_grace_s"):
+            if getattr(self, name) <= 0:
+                raise HookSettingsError(f"verl_hooks setting {name} must be > 0, got {getattr(self, name)}")
+        if self.hard_exit_grace_s < 0:
+            raise HookSettingsError(f"verl_hooks setting hard_exit_grace_s must be >= 0, got {self.hard_exit_grace_s}")
+        if self.attempt < 1:
+            raise HookSettingsError(f"{ENV_ATTEMPT} must be >= 1, got {self.attempt}")
+
+    @property
+    def cleanup_budget_s(self) -> float:
+        """The longest the cleanup after a failure can take (four steps at most)."""
+        return self.cancel_grace_s + 4 * self.cleanup_step_timeout_s
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HookSettings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            sync_timeout_s=_float(env, ENV_SYNC_TIMEOUT, defaults.sync_timeout_s),
+            cleanup_step_timeout_s=_float(env, ENV_CLEANUP_TIMEOUT, defaults.cleanup_step_timeout_s),
+            hard_exit_grace_s=_float(env, ENV_HARD_EXIT_GRACE, defaults.hard_exit_grace_s),
+            faults=parse_fault_specs(env.get(ENV_FAULTS)),
+            attempt=_int(env, ENV_ATTEMPT, 1),
+            error_file=env.get(ENV_ERROR_FILE) or None,
+        )
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise HookSettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise HookSettingsError(f"{name} must be an integer, got {raw!r}") from None
