@@ -1,0 +1,225 @@
+"""A local Ray cluster owned by one process: its own temp dir, ports, loopback address and auth mode.
+
+On a shared machine a plain ``ray.init()`` may join someone else's cluster, Ray's default ports collide with
+other clusters (the dashboard agent's 52365 above all), and ``ray stop`` kills every cluster of every user.
+So the cluster is ``ray start --head --block`` as a child of its owner, every port chosen explicitly, and it is
+stopped by signalling exactly the processes that carry its marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from supervisor.processes import (
+    ENV_CLUSTER_ID,
+    ChildProcess,
+    TerminationReport,
+    find_marked_processes,
+    free_port,
+    port_open,
+    start_child,
+    tail,
+    terminate_processes,
+    wait_for,
+)
+
+logger = logging.getLogger(__name__)
+
+# Ray puts unix sockets under the temp dir ("<temp>/session_<date>_<pid>/sockets/plasma_store"), and a socket
+# path may not exceed 107 bytes: a longer temp dir is replaced by a short one under /tmp.
+_MAX_TEMP_DIR_LEN = 40
+
+
+class ClusterStartError(RuntimeError):
+    """The local Ray cluster did not come up."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    temp_dir: Path
+    num_cpus: int | None = None
+    object_store_memory_mb: int | None = None
+    node_ip: str = "127.0.0.1"
+    dashboard: bool = True
+    auth_mode: str = "disabled"
+    start_timeout_s: float = 90.0
+    start_attempts: int = 3
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterPorts:
+    gcs: int
+    dashboard: int
+    dashboard_agent_listen: int
+    dashboard_agent_grpc: int
+    metrics_export: int
+    runtime_env_agent: int
+    client_server: int
+
+    @classmethod
+    def pick(cls, host: str) -> ClusterPorts:
+        ports: set[int] = set()
+        while len(ports) < 7:
+            ports.add(free_port(host))
+        return cls(*sorted(ports))
+
+
+class LocalRayCluster:
+    def __init__(self, spec: ClusterSpec, cluster_id: str | None = None) -> None:
+        self.spec = spec
+        self.cluster_id = cluster_id or uuid.uuid4().hex[:12]
+        self.ports: ClusterPorts | None = None
+        self.temp_dir: Path | None = None
+        self._process: ChildProcess | None = None
+        self._log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        """The GCS address a job's driver connects to (``RAY_ADDRESS``)."""
+        if self.ports is None:
+            raise RuntimeError("cluster not started")
+        return f"{self.spec.node_ip}:{self.ports.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        if self.ports is None:
+            raise RuntimeError("cluster not started")
+        return f"http://127.0.0.1:{self.ports.dashboard}"
+
+    @property
+    def marker(self) -> dict[str, str]:
+        """The environment marker every process of this cluster (Ray workers included) inherits."""
+        return {ENV_CLUSTER_ID: self.cluster_id}
+
+    def env(self) -> dict[str, str]:
+        """Variables a client of this cluster needs (the job's driver gets these)."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": self.spec.auth_mode}
+
+    def start(self) -> None:
+        self.temp_dir = self._resolve_temp_dir()
+        errors = []
+        for attempt in range(1, self.spec.start_attempts + 1):
+            try:
+                self._start_once(attempt)
+                return
+            except ClusterStartError as exc:
+                # Most often a port taken between choosing it and binding it: choose again.
+                errors.append(str(exc))
+                self.stop(grace_s=5.0)
+        raise ClusterStartError(
+            f"local Ray cluster did not start after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
+        )
+
+    def _resolve_temp_dir(self) -> Path:
+        wanted = self.spec.temp_dir.resolve()
+        if len(str(wanted)) <= _MAX_TEMP_DIR_LEN:
+            wanted.mkdir(parents=True, exist_ok=True)
+            return wanted
+        short = Path(tempfile.mkdtemp(prefix="vsray-"))
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+        if not wanted.exists():
+            wanted.symlink_to(short, target_is_directory=True)
+        logger.info("Ray temp dir %s is too long for unix sockets; using %s (linked from it)", wanted, short)
+        return short
+
+    def _start_once(self, attempt: int) -> None:
+        assert self.temp_dir is not None
+        self.ports = ClusterPorts.pick(self.spec.node_ip)
+        self._log_path = self.temp_dir / f"ray-start-{attempt}.log"
+        env = {
+            **os.environ,
+            **self.spec.extra_env,
+            **self.marker,
+            "RAY_AUTH_MODE": self.spec.auth_mode,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        env.pop("RAY_ADDRESS", None)  # never let `ray start` look for another cluster
+        log = self._log_path.open("wb")
+        try:
+            self._process = start_child(self._command(), env=env, stdout=log, stderr=log)
+        finally:
+            log.close()
+
+        def ready() -> bool:
+            if self._process is not None and self._process.poll() is not None:
+                return True
+            started = "Ray runtime started" in tail(self._log_path, 65536)
+            return started and port_open(self.spec.node_ip, self.ports.gcs) and self._dashboard_ready()
+
+        ok = wait_for(ready, self.spec.start_timeout_s)
+        status = self._process.poll()
+        if status is not None or not ok:
+            what = f"`ray start` ended ({status.describe()})" if status else "timed out"
+            raise ClusterStartError(f"{what}; its output ends with:\n{tail(self._log_path, 4000)}")
+        logger.info("local Ray cluster %s up at %s (dashboard %s)", self.cluster_id, self.address, self.dashboard_url)
+
+    def _dashboard_ready(self) -> bool:
+        return not self.spec.dashboard or port_open("127.0.0.1", self.ports.dashboard)
+
+    def _command(self) -> list[str]:
+        assert self.ports is not None
+        assert self.temp_dir is not None
+        ports = self.ports
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={self.spec.node_ip}",
+            f"--port={ports.gcs}",
+            f"--temp-dir={self.temp_dir}",
+            f"--include-dashboard={'true' if self.spec.dashboard else 'false'}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports.dashboard}",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+            f"--metrics-export-port={ports.metrics_export}",
+            f"--runtime-env-agent-port={ports.runtime_env_agent}",
+            f"--ray-client-server-port={ports.client_server}",
+        ]
+        if self.spec.num_cpus is not None:
+            command.append(f"--num-cpus={self.spec.num_cpus}")
+        if self.spec.object_store_memory_mb is not None:
+            command.append(f"--object-store-memory={self.spec.object_store_memory_mb << 20}")
+        return command
+
+    def is_healthy(self) -> bool:
+        """`ray start --block` exits as soon as one of its processes dies, and the GCS must answer."""
+        if self._process is None or self._process.poll() is not None or self.ports is None:
+            return False
+        return port_open(self.spec.node_ip, self.ports.gcs)
+
+    def processes(self) -> list:
+        return find_marked_processes(self.marker)
+
+    def stop(self, grace_s: float = 10.0) -> TerminationReport:
+        """Stop every process of this cluster (and only those), and reap the `ray start` child.
+
+        SIGTERM to `ray start --block` alone brings the cluster down in a second or two (Ray's own fate
+        sharing); SIGTERM to every process at once makes the raylet and GCS linger. Whatever still carries the
+        cluster's marker after ``grace_s`` is terminated, then killed.
+        """
+        marked = self.processes()
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGTERM)
+        _, lingering = psutil.wait_procs(marked, timeout=grace_s)
+        report = terminate_processes(lingering + self.processes(), grace_s=2.0)
+        if self._process is not None:
+            self._process.wait(timeout_s=5.0)
+            self._process = None
+        if report.survivors:
+            logger.error("processes of Ray cluster %s survived SIGKILL: %s", self.cluster_id, report.survivors)
+        return report
