@@ -1,0 +1,62 @@
+"""Shared fixtures: a private local Ray cluster per test session, and a driver connection per test module.
+
+Every cluster a test starts has its own temp dir, ports and auth mode, and is stopped through the processes it
+started (``LocalRayCluster.stop``), never with ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.ray_cluster import ClusterSpec, LocalRayCluster
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_test_cluster(num_cpus: int = 16, dashboard: bool = False) -> LocalRayCluster:
+    cluster = LocalRayCluster(
+        ClusterSpec(
+            temp_dir=Path(tempfile.mkdtemp(prefix="vst-")),
+            num_cpus=num_cpus,
+            object_store_memory_mb=512,
+            dashboard=dashboard,
+            # Some dependency installs a top-level `tests` package; workers must find this repository's first.
+            extra_env={"PYTHONPATH": str(REPO_ROOT)},
+        )
+    )
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop(grace_s=2.0)
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """One private cluster for the session's in-process tests (no dashboard: faster start-up)."""
+    cluster = start_test_cluster()
+    try:
+        yield cluster
+    finally:
+        report = cluster.stop(grace_s=5.0)
+        assert not report.survivors, f"Ray processes survived the test cluster's teardown: {report.survivors}"
+        assert not cluster.processes()
+
+
+def connect_driver(cluster: LocalRayCluster, **runtime_env) -> None:
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = cluster.spec.auth_mode
+    env_vars = {"PYTHONPATH": str(REPO_ROOT), **runtime_env.pop("env_vars", {})}
+    ray.init(
+        address=cluster.address,
+        runtime_env={"env_vars": env_vars, **runtime_env},
+        log_to_driver=False,
+        namespace=f"test-{os.getpid()}",
+    )

@@ -1,0 +1,253 @@
+"""Run a verl job's driver with the weight-sync guard installed in every process of the job.
+
+    python -m verl_hooks.launch -m verl.trainer.main_ppo <hydra overrides>
+
+- installs the guard in this process, and puts ``verl_hooks.install`` into the runtime_env of the job's
+  ``ray.init`` as its ``worker_process_setup_hook`` (chaining a hook the job already has), together with the
+  ``VERL_HOOKS_*`` and ``VERL_SUPERVISOR_*`` variables, so the guard reaches the TaskRunner actor on any node;
+- runs the module as ``python -m`` would, with ``HYDRA_FULL_ERROR=1`` so that failures reach the launcher;
+- on failure prints the error with its original traceback, writes an error record to
+  ``$VERL_SUPERVISOR_ERROR_FILE`` when set, and exits with a code that says what kind of failure it was.
+
+Exit codes: 0 success; 1 any other failure; 2 usage error (no module, module not found); 75 the job died of a
+``WeightSyncFatalError`` (EX_TEMPFAIL: restart it); 78 a configuration error a restart cannot fix (a Hydra or
+OmegaConf error, bad ``VERL_HOOKS_*`` settings, a verl the guard does not support); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import json
+import logging
+import os
+import runpy
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from verl_hooks.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_WEIGHT_SYNC_FATAL,
+    HookSettingsError,
+    IncompatibleVerlError,
+    find_weight_sync_error,
+)
+from verl_hooks.installer import install
+from verl_hooks.record import ErrorRecord, record_for_exception, write_record
+from verl_hooks.settings import ENV_CHAINED_SETUP_HOOK, FORWARDED_ENV_PREFIXES, HookSettings
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+SETUP_HOOK = "verl_hooks.install"
+RAY_INJECTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# How long the job's atexit handlers (Ray's shutdown, loggers) may take on the way out of a failed job.
+EXIT_HANDLERS_BUDGET_S = 10.0
+_CONFIG_ERROR_MODULES = ("hydra.errors", "omegaconf.errors")
+
+USAGE = "usage: python -m verl_hooks.launch -m MODULE [ARGS...]"
+
+
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables the job's Ray workers need to see for the guard to behave as in the driver."""
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def with_guard(
+    runtime_env: Mapping[str, Any] | None,
+    forwarded: Mapping[str, str],
+    injected: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``runtime_env`` with our setup hook and variables added, never changing what the job set itself.
+
+    ``injected`` is the runtime_env Ray's Jobs API injected into this driver (``RAY_JOB_CONFIG_JSON_ENV_VAR``):
+    Ray refuses to merge it with ``ray.init``'s when both set the same field or variable, so whatever it already
+    has is not added again.
+    """
+    env = dict(runtime_env or {})
+    injected = injected or {}
+    env_vars = dict(env.get("env_vars") or {})
+    injected_vars = injected.get("env_vars") or {}
+    for key, value in forwarded.items():
+        if key not in env_vars and key not in injected_vars:
+            env_vars[key] = value
+    hook = env.get("worker_process_setup_hook")
+    if hook is None:
+        if injected.get("worker_process_setup_hook") != SETUP_HOOK:
+            env["worker_process_setup_hook"] = SETUP_HOOK
+    elif isinstance(hook, str):
+        if hook != SETUP_HOOK:
+            env_vars[ENV_CHAINED_SETUP_HOOK] = hook
+            env["worker_process_setup_hook"] = SETUP_HOOK
+    else:
+        env["worker_process_setup_hook"] = functools.partial(_install_then, hook)
+    if env_vars:
+        env["env_vars"] = env_vars
+    return env
+
+
+def _install_then(hook: Callable[[], Any]) -> Any:
+    install()
+    return hook()
+
+
+def _injected_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    raw = environ.get(RAY_INJECTED_JOB_CONFIG)
+    if not raw:
+        return {}
+    try:
+        return dict(json.loads(raw).get("runtime_env") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
+def route_guard_into_ray_init(environ: Mapping[str, str]) -> None:
+    """Make every ``ray.init`` of this process carry the guard into the job's workers."""
+    import ray
+
+    original = ray.init
+    if getattr(original, "__verl_hooks_routed__", False):
+        return
+    forwarded = forwarded_env(environ)
+    injected = _injected_runtime_env(environ)
+
+    @functools.wraps(original)
+    def init(*args: Any, **kwargs: Any) -> Any:
+        kwargs["runtime_env"] = with_guard(kwargs.get("runtime_env"), forwarded, injected)
+        return original(*args, **kwargs)
+
+    init.__verl_hooks_routed__ = True  # type: ignore[attr-defined]
+    ray.init = init
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if find_weight_sync_error(exc) is not None:
+        return EXIT_WEIGHT_SYNC_FATAL
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if _is_config_error(exc):
+        return EXIT_CONFIG_ERROR
+    return EXIT_FAILURE
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 32:
+        if isinstance(current, (HookSettingsError, IncompatibleVerlError)):
+            return True
+        if type(current).__module__.startswith(_CONFIG_ERROR_MODULES):
+            return True
+        inner = getattr(current, "cause", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__
+        seen += 1
+    return False
+
+
+def report_failure(exc: BaseException, settings: HookSettings) -> int:
+    """Print the failure, record it, and return the exit code it calls for."""
+    code = exit_code_for(exc)
+    record = record_for_exception(exc, exit_code=code, source="launcher", attempt=settings.attempt)
+    if code == EXIT_CONFIG_ERROR:
+        # A configuration error's message is the whole story; its traceback goes to the record.
+        print(f"Error: {_messages(exc)}", file=sys.stderr)
+    else:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"verl_hooks.launch: {_summary(record, code)}", file=sys.stderr)
+    if settings.error_file:
+        write_record(settings.error_file, record)
+    return code
+
+
+def _messages(exc: BaseException) -> str:
+    parts = []
+    current: BaseException | None = exc
+    while current is not None and len(parts) < 8:
+        parts.append(str(current) or type(current).__name__)
+        current = current.__cause__
+    return "\n".join(dict.fromkeys(parts))
+
+
+def _summary(record: ErrorRecord, code: int) -> str:
+    if code == EXIT_WEIGHT_SYNC_FATAL:
+        cleanup = ", ".join(f"{o['step']} {o['status']}" for o in record.cleanup) or "none needed"
+        return (
+            f"the job died of a weight-sync failure in phase '{record.phase}' at global step {record.global_step} "
+            f"(rollout cleanup: {cleanup}); exit {code} so that a supervisor restarts it from its last checkpoint"
+        )
+    return f"the job failed ({record.error_type}); exit {code}"
+
+
+def run_module(module: str, args: Sequence[str]) -> None:
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit with ``code``. A failed job's exit handlers get a bounded time: a job that failed mid-sync can
+    leave a thread blocked for good, and the supervisor must see the exit at once."""
+    if code == 0:
+        sys.exit(0)
+    runner = threading.Thread(target=atexit._run_exitfuncs, name="verl-hooks-exit", daemon=True)
+    runner.start()
+    runner.join(EXIT_HANDLERS_BUDGET_S)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _exit_recorded(code: int, error_type: str, message: str, settings: HookSettings) -> NoReturn:
+    """Exit with ``code`` for a failure that has no exception worth a traceback."""
+    if code != 0 and settings.error_file:
+        record = ErrorRecord(
+            error_type=error_type, message=message, source="launcher", exit_code=code, attempt=settings.attempt
+        )
+        write_record(settings.error_file, record)
+    _exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = HookSettings.from_env()
+    except HookSettingsError as exc:
+        fallback = HookSettings(error_file=os.environ.get("VERL_SUPERVISOR_ERROR_FILE") or None)
+        _exit(report_failure(exc, fallback))
+    if len(args) < 2 or args[0] != "-m":
+        print(USAGE, file=sys.stderr)
+        _exit_recorded(EXIT_USAGE, "UsageError", USAGE, settings)
+    module, job_args = args[1], args[2:]
+    if not _module_exists(module):
+        message = f"no module named {module!r} (is it installed in this environment?)"
+        print(f"verl_hooks.launch: {message}", file=sys.stderr)
+        _exit_recorded(EXIT_USAGE, "UsageError", message, settings)
+    install(settings)
+    route_guard_into_ray_init(os.environ)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        run_module(module, job_args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
+        _exit_recorded(code, "SystemExit", f"the job exited with code {code}", settings)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then ends the process
+        _exit(report_failure(exc, settings))
+    _exit(0)
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    main()
