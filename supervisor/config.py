@@ -1,0 +1,174 @@
+"""The supervisor's configuration: Hydra structured-config schema, validated once at the edge.
+
+The YAML presets in ``conf/`` are composed against these dataclasses, so a misspelled key or a wrong type is
+a Hydra error before anything starts. ``validate`` adds the checks types cannot express (ranges, regexes, the
+mode-specific keys). Mechanisms receive these values; nothing below the CLI reads the environment for them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+from supervisor.checkpoints import VerifyLevel
+
+
+class Action(str, Enum):
+    """What to do about an attempt that ended. (Members are lowercase: OmegaConf matches YAML by name.)"""
+
+    done = "done"
+    restart = "restart"
+    fail = "fail"
+
+
+class RayMode(str, Enum):
+    local = "local"
+    """The supervisor starts and owns a local Ray cluster."""
+    address = "address"
+    """Join an existing cluster; the job's driver runs as the supervisor's child."""
+    jobs = "jobs"
+    """Submit each attempt through the Ray Jobs API to an existing cluster's dashboard."""
+
+
+@dataclass
+class JobConfig:
+    name: str = MISSING
+    """A short name for the job: used in the default run directory's name and in the console."""
+    argv: list[str] = MISSING
+    """The command that runs the job's driver, without a shell; ``{python}`` is this interpreter."""
+    args: list[str] = field(default_factory=list)
+    """Arguments always passed to the job (the preset's); the user's come after ``--`` on the command line."""
+    checkpoint_dir_arg: str | None = "trainer.default_local_dir"
+    """The job's override that names its checkpoint directory (set by the supervisor), or null to leave it."""
+    resume_args: list[str] = field(
+        default_factory=lambda: ["trainer.resume_mode=resume_path", "trainer.resume_from_path={checkpoint}"]
+    )
+    """Added when resuming; ``{checkpoint}`` becomes the chosen ``global_step_N`` folder."""
+    fresh_start_args: list[str] = field(default_factory=lambda: ["trainer.resume_mode=disable"])
+    """Added when there is no checkpoint to resume from."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the job (add them with ``+job.env.NAME=value``)."""
+    cwd: str | None = None
+    """The job's working directory; null means the supervisor's."""
+
+
+@dataclass
+class RayConfig:
+    mode: RayMode = RayMode.local
+    address: str | None = None
+    """``ray.mode=address``: the cluster's GCS address; ``ray.mode=jobs``: the dashboard's URL. Null: RAY_ADDRESS."""
+    num_cpus: int | None = None
+    """Logical CPUs of the embedded cluster; null lets Ray count the machine's."""
+    object_store_memory_mb: int | None = None
+    auth_mode: str = "disabled"
+    """RAY_AUTH_MODE for the embedded cluster and the job (Ray 2.60 token authentication: disabled or token)."""
+    dashboard: bool = True
+    """The embedded cluster's dashboard, on loopback: the fence asks its state API for the job's actors."""
+    keep_cluster_between_attempts: bool = True
+    """Reuse the embedded cluster while it is healthy; false starts a fresh one for every attempt."""
+    start_timeout_s: float = 120.0
+
+
+@dataclass
+class RestartConfig:
+    max_restarts: int = 3
+    """Restarts allowed over the whole run, across supervisor restarts on the same run directory."""
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_multiplier: float = 2.0
+    backoff_jitter_s: float = 1.0
+    max_failures_without_progress: int = 3
+    """This many failed attempts in a row without the checkpoint step advancing is a crash loop: stop."""
+
+
+@dataclass
+class TeardownConfig:
+    grace_s: float = 10.0
+    """Between SIGTERM and SIGKILL, for the job's process group and for every process of the attempt."""
+    fence_timeout_s: float = 60.0
+    """How long to wait for the attempt's processes and Ray actors to be gone before refusing to relaunch."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run_dir}/checkpoints"
+    """Where the job writes its ``global_step_N`` folders (its trainer.default_local_dir)."""
+    verify: VerifyLevel = VerifyLevel.structure
+    """``structure``: archives readable and complete in shape; ``crc``: also read every byte (slow for big models)."""
+
+
+@dataclass
+class RuleConfig:
+    """One classification rule: every criterion given must match; the first rule that matches decides."""
+
+    name: str = MISSING
+    action: Action = MISSING
+    exit_codes: list[int] | None = None
+    signals: list[str] | None = None
+    """Signal names (SIGKILL) or "any" for a job killed by any signal."""
+    error_type: str | None = None
+    """Regex searched in the error record's error type."""
+    phases: list[str] | None = None
+    """Weight-sync phases from the error record (verl_hooks' names)."""
+    log_regex: str | None = None
+    """Regex searched in the end of the attempt's output (stdout and stderr)."""
+
+
+@dataclass
+class SupervisorConfig:
+    run_dir: str = MISSING
+    job: JobConfig = field(default_factory=JobConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    teardown: TeardownConfig = field(default_factory=TeardownConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rules: list[RuleConfig] = field(default_factory=list)
+    default_action: Action = Action.restart
+    """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound."""
+    log_tail_bytes: int = 65536
+
+
+def validate(config: SupervisorConfig) -> list[str]:
+    """Problems the schema's types cannot catch; each a one-line message naming the key."""
+    problems = []
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    require(bool(config.job.argv), "job.argv must name the command that runs the job")
+    require(config.restart.max_restarts >= 0, "restart.max_restarts must be >= 0")
+    require(config.restart.max_failures_without_progress >= 1, "restart.max_failures_without_progress must be >= 1")
+    require(config.restart.backoff_initial_s >= 0, "restart.backoff_initial_s must be >= 0")
+    require(
+        config.restart.backoff_max_s >= config.restart.backoff_initial_s, "restart.backoff_max_s < backoff_initial_s"
+    )
+    require(config.restart.backoff_multiplier >= 1, "restart.backoff_multiplier must be >= 1")
+    require(config.restart.backoff_jitter_s >= 0, "restart.backoff_jitter_s must be >= 0")
+    require(config.teardown.grace_s >= 0, "teardown.grace_s must be >= 0")
+    require(config.teardown.fence_timeout_s > 0, "teardown.fence_timeout_s must be > 0")
+    require(config.ray.auth_mode in ("disabled", "token"), "ray.auth_mode must be disabled or token")
+    require(config.ray.num_cpus is None or config.ray.num_cpus > 0, "ray.num_cpus must be > 0")
+    require(config.log_tail_bytes > 0, "log_tail_bytes must be > 0")
+    for arg in config.job.resume_args:
+        if "{checkpoint}" in arg:
+            break
+    else:
+        require(not config.job.resume_args, "job.resume_args must contain {checkpoint}")
+    for index, rule in enumerate(config.rules):
+        where = f"rules[{index}] ({rule.name})"
+        criteria = (rule.exit_codes, rule.signals, rule.error_type, rule.phases, rule.log_regex)
+        require(any(c is not None for c in criteria), f"{where} has no criterion and would match everything")
+        for key in ("error_type", "log_regex"):
+            pattern = getattr(rule, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    problems.append(f"{where}.{key} is not a valid regex: {exc}")
+        for name in rule.signals or []:
+            require(name == "any" or name.startswith("SIG"), f"{where}.signals: {name!r} is not a signal name")
+    return problems
