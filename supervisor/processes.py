@@ -23,41 +23,13 @@ from typing import IO, Any
 
 import psutil
 
+from supervisor.codes import ExitStatus
+
 ENV_RUN_ID = "VERL_SUPERVISOR_RUN_ID"
 ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
 ENV_CLUSTER_ID = "VERL_SUPERVISOR_CLUSTER_ID"
 
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """How a process ended: an exit code, or the signal that killed it."""
-
-    code: int | None = None
-    signal: int | None = None
-
-    @classmethod
-    def from_wait_status(cls, status: int) -> ExitStatus:
-        if os.WIFSIGNALED(status):
-            return cls(signal=os.WTERMSIG(status))
-        return cls(code=os.waitstatus_to_exitcode(status))
-
-    @property
-    def succeeded(self) -> bool:
-        return self.code == 0
-
-    @property
-    def signal_name(self) -> str | None:
-        if self.signal is None:
-            return None
-        try:
-            return signal.Signals(self.signal).name
-        except ValueError:
-            return f"signal {self.signal}"
-
-    def describe(self) -> str:
-        return f"killed by {self.signal_name}" if self.signal is not None else f"exit {self.code}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,4 @@
+from supervisor.cli import main
+
+if __name__ == "__main__":
+    main()

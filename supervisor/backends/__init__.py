@@ -1,0 +1,1 @@
+"""How an attempt is started, watched and stopped: one small interface, one implementation per Ray mode."""

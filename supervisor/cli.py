@@ -1,0 +1,153 @@
+"""``verl-supervisor`` (also ``python -m supervisor``): compose the configuration, then run the loop.
+
+    verl-supervisor [--config-dir DIR] [--config-name NAME] [--cfg] [OVERRIDE ...] [-- JOB ARG ...]
+
+Configuration errors (an unknown key, a wrong type, a bad value) are one line on stderr and exit code 2,
+before anything is started. Hydra's compose API is used rather than ``@hydra.main`` so that the supervisor
+decides its exit codes and its run directory itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from supervisor.codes import ExitCode
+from supervisor.config import RayMode, SupervisorConfig, validate
+from supervisor.events import EventLog
+from supervisor.job_command import conflicting_args
+from supervisor.rundir import RunDirectory, RunDirectoryInUse
+
+SCHEMA_NAME = "supervisor_schema"
+
+
+class UsageError(Exception):
+    """A problem with the command line or the configuration: exit code 2, nothing started."""
+
+
+def builtin_config_dir() -> Path:
+    """The presets: inside the installed package (a wheel), or the repository's conf/ (a source checkout)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+def split_job_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Everything after the first ``--`` belongs to the job."""
+    args = list(argv)
+    if "--" in args:
+        cut = args.index("--")
+        return args[:cut], args[cut + 1 :]
+    return args, []
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="verl-supervisor",
+        description="Run a verl job, restart it from its last complete checkpoint when it fails.",
+        epilog="Overrides are Hydra's (key=value, job=verl_ppo, +job.env.NAME=value). Arguments after -- go to "
+        "the job. Exit codes: 0 done, 2 usage or config error, 3 non-retryable job failure, 4 restart budget "
+        "exhausted, 5 crash loop or no valid checkpoint, 6 Ray cluster or fence failure, 130/143 interrupted.",
+    )
+    parser.add_argument("--config-dir", type=Path, help="a folder of presets of your own (job/<name>.yaml, ...)")
+    parser.add_argument("--config-name", default="supervisor", help="the primary config (default: supervisor)")
+    parser.add_argument("--cfg", action="store_true", help="print the composed configuration and exit")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides")
+    return parser
+
+
+def compose_config(overrides: Sequence[str], config_dir: Path | None = None, config_name: str = "supervisor"):
+    """The composed configuration as a DictConfig; raises UsageError with a one-line message."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=SupervisorConfig)
+    extra = list(overrides)
+    if config_dir is not None:
+        if not config_dir.is_dir():
+            raise UsageError(f"--config-dir {config_dir} is not a directory")
+        extra.append(f"hydra.searchpath=[file://{config_dir.resolve()}]")
+    try:
+        with initialize_config_dir(config_dir=str(builtin_config_dir()), version_base=None):
+            return compose(config_name, overrides=extra)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UsageError(_one_line(exc)) from None
+
+
+def to_supervisor_config(cfg) -> SupervisorConfig:
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise UsageError(_one_line(exc)) from None
+    assert isinstance(config, SupervisorConfig)
+    problems = validate(config)
+    if config.ray.mode is not RayMode.local:
+        problems.append(f"ray.mode={config.ray.mode.value} is not available in this version; use ray.mode=local")
+    if problems:
+        raise UsageError("; ".join(problems))
+    config.run_dir = str(Path(config.run_dir).expanduser().resolve())
+    config.checkpoints.dir = str(Path(config.checkpoints.dir).expanduser().resolve())
+    return config
+
+
+def _one_line(exc: BaseException) -> str:
+    parts = []
+    current: BaseException | None = exc
+    while current is not None and len(parts) < 4:
+        text = str(current).strip().splitlines()
+        line = text[0].rstrip(".") if text else ""
+        if line and line not in parts:
+            parts.append(line)
+        current = current.__cause__
+    return ": ".join(parts) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ours, job_args = split_job_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(ours)
+    try:
+        cfg = compose_config(args.overrides, args.config_dir, args.config_name)
+        if args.cfg:
+            print(OmegaConf.to_yaml(cfg, resolve=False), end="")
+            sys.exit(ExitCode.DONE)
+        config = to_supervisor_config(cfg)
+        conflicts = conflicting_args(config.job, job_args)
+        if conflicts:
+            raise UsageError(
+                f"the supervisor decides where checkpoints go and where each attempt resumes from; remove "
+                f"{', '.join(conflicts)} from the job's arguments (use checkpoints.dir=... for the checkpoint folder)"
+            )
+        code = run(config, job_args)
+    except UsageError as exc:
+        print(f"verl-supervisor: error: {exc}", file=sys.stderr)
+        code = ExitCode.USAGE
+    sys.exit(int(code))
+
+
+def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
+    """Run the supervisor on a validated configuration; returns its exit code."""
+    from supervisor.backends.local import LocalBackend
+    from supervisor.runner import RunAlreadyFinished, Supervisor, new_history
+
+    run_dir = RunDirectory(Path(config.run_dir))
+    try:
+        run_dir.acquire()
+    except RunDirectoryInUse as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        try:
+            history = new_history(run_dir)
+        except RunAlreadyFinished as exc:
+            raise UsageError(str(exc)) from None
+        events = EventLog(run_dir.events_path, history.run_id)
+        backend = LocalBackend(config.ray, run_dir.path / "ray", history.run_id, events)
+        return Supervisor(config, job_args, run_dir, history, backend, events).run()
+    finally:
+        run_dir.release()

@@ -1,0 +1,47 @@
+"""What Ray's state API says about an attempt's job: its id, and which of its actors are still alive."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LiveActor:
+    actor_id: str
+    class_name: str
+    state: str
+    pid: int | None
+    node_id: str | None
+
+
+class RayStateClient:
+    """A thin client of one cluster's dashboard (state API); every call is bounded by ``timeout_s``."""
+
+    def __init__(self, dashboard_url: str, timeout_s: float = 10.0) -> None:
+        self.dashboard_url = dashboard_url
+        self.timeout_s = timeout_s
+
+    def job_id_of_driver(self, driver_pid: int) -> str | None:
+        """The Ray job whose driver is the process ``driver_pid`` (None if it never connected)."""
+        from ray.util.state import list_jobs
+
+        for job in list_jobs(address=self.dashboard_url, timeout=self.timeout_s, raise_on_missing_output=False):
+            info = job.driver_info
+            if info is not None and str(info.pid) == str(driver_pid):
+                return job.job_id
+        return None
+
+    def live_actors(self, job_id: str | None = None) -> list[LiveActor]:
+        """Actors not yet DEAD, of ``job_id`` or of every job."""
+        from ray.util.state import list_actors
+
+        filters = [("state", "!=", "DEAD")]
+        if job_id is not None:
+            filters.append(("job_id", "=", job_id))
+        actors = list_actors(
+            address=self.dashboard_url, filters=filters, timeout=self.timeout_s, raise_on_missing_output=False
+        )
+        return [LiveActor(a.actor_id, a.class_name, a.state, a.pid, a.node_id) for a in actors]

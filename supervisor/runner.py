@@ -1,0 +1,366 @@
+"""The supervisor's loop: launch an attempt, learn of its end at once, tear it down completely, decide.
+
+One loop, one place that waits (``JobBackend.wait``, which a stop signal interrupts). Decisions come from
+``supervisor.policy``; processes and Ray from the backend; files from ``supervisor.rundir`` and
+``supervisor.checkpoints``. Every step is an event in events.jsonl, and state.json is rewritten after each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob
+from supervisor.checkpoints import choose_resume_checkpoint, read_tracker, scan_checkpoints, set_aside
+from supervisor.codes import ExitCode, ExitStatus
+from supervisor.config import SupervisorConfig
+from supervisor.events import (
+    AttemptExited,
+    AttemptStarted,
+    Backoff,
+    CheckpointSetAside,
+    EventLog,
+    RunFinished,
+    RunStarted,
+    SignalReceived,
+    StaleProcessesSwept,
+    Teardown,
+)
+from supervisor.history import AttemptRecord, RunHistory, RunState
+from supervisor.job_command import job_argv
+from supervisor.policy import AttemptEvidence, Restart, StartFrom, Stop, choose_start, classify, decide
+from supervisor.processes import tail
+from supervisor.report import attempts_table
+from supervisor.rundir import RunDirectory
+from verl_hooks.record import ErrorRecord, read_record
+
+_STOP_SIGNALS = {signal.SIGINT: ExitCode.INTERRUPTED_SIGINT, signal.SIGTERM: ExitCode.INTERRUPTED_SIGTERM}
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the supervisor waited."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunAlreadyFinished(RuntimeError):
+    pass
+
+
+def new_history(run_dir: RunDirectory) -> RunHistory:
+    """This run's history: continued from state.json when a supervisor is restarted on the run directory."""
+    history = run_dir.load_history()
+    if history is None:
+        return RunHistory(run_id=uuid.uuid4().hex[:16])
+    if history.finished:
+        raise RunAlreadyFinished(
+            f"run directory {run_dir.path} holds a finished run ({history.outcome}, exit {history.exit_code}); "
+            f"choose another run_dir to start a new run"
+        )
+    return history
+
+
+@dataclass
+class _Watch:
+    """The attempt in flight, for the signal path to tear down."""
+
+    job: RunningJob | None = None
+    record: AttemptRecord | None = None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        user_args: Sequence[str],
+        run_dir: RunDirectory,
+        history: RunHistory,
+        backend: JobBackend,
+        events: EventLog,
+        console: TextIO | None = None,
+        python: str = sys.executable,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.user_args = list(user_args)
+        self.run_dir = run_dir
+        self.history = history
+        self.backend = backend
+        self.events = events
+        self.console = console if console is not None else sys.stderr
+        self.python = python
+        self._sleep = sleep
+        self._watch = _Watch()
+        self._stop_signal: int | None = None
+        self._interruptible = False
+
+    # --- the story ---
+
+    def run(self) -> ExitCode:
+        previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        try:
+            code, reason = self._supervise()
+        except Interrupted as stop:
+            code, reason = self._interrupted(stop.signum)
+        except ClusterStartFailed as exc:
+            code, reason = ExitCode.ENVIRONMENT_FAILURE, f"the Ray cluster could not be started: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug must still tear the job down and say so
+            traceback.print_exc(file=self.console)
+            self._teardown_in_flight()
+            code, reason = ExitCode.INTERNAL_ERROR, f"supervisor error: {type(exc).__name__}: {exc}"
+        finally:
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
+        with self._signals_deferred():
+            self.backend.close()
+        self._finish(code, reason)
+        return code
+
+    def _supervise(self) -> tuple[ExitCode, str]:
+        self._begin()
+        while True:
+            self._check_stop()
+            start = self._choose_start()
+            if isinstance(start, Stop):
+                return start.exit_code, start.reason
+            self.backend.prepare()
+            job, record = self._launch(start)
+            status = self._wait_for_end(job)
+            evidence = self._evidence(record.number, status)
+            classification = classify(evidence, self.config.rules, self.config.default_action)
+            self._record_end(record, job, status, evidence, classification)
+            report = self._teardown(job)
+            if not report.fenced:
+                return ExitCode.ENVIRONMENT_FAILURE, "; ".join(report.problems) or "attempt could not be fenced"
+            decision = decide(self.history, classification, self.config.restart)
+            if isinstance(decision, Stop):
+                return decision.exit_code, decision.reason
+            self._back_off(decision)
+
+    # --- steps ---
+
+    def _begin(self) -> None:
+        history = self.history
+        history.supervisor_starts += 1
+        unfinished = [a for a in history.attempts if not a.ended]
+        for attempt in unfinished:
+            attempt.ended_at = time.time()
+            attempt.action, attempt.rule = "restart", "supervisor-restarted"
+            attempt.reason = "the supervisor stopped while this attempt ran"
+        history.move_to(RunState.STARTING)
+        self.run_dir.save_history(history)
+        self.events.emit(
+            RunStarted(
+                run_dir=str(self.run_dir.path),
+                job=self.config.job.name,
+                ray_mode=self.config.ray.mode.value,
+                max_restarts=self.config.restart.max_restarts,
+                supervisor_start=history.supervisor_starts,
+                restarts_used=history.restarts_used,
+            )
+        )
+        if history.supervisor_starts > 1:
+            stale = self.backend.stale_processes()
+            if stale:
+                self.events.emit(StaleProcessesSwept([f"{p.name}[{p.pid}]" for p in stale]))
+
+    def _choose_start(self) -> StartFrom | Stop:
+        root = Path(self.config.checkpoints.dir)
+        infos = scan_checkpoints(root, verify=self.config.checkpoints.verify)
+        choice = choose_resume_checkpoint(infos, read_tracker(root))
+        for info in choice.set_aside:
+            renamed = set_aside(info)
+            self.events.emit(CheckpointSetAside(info.step, str(info.path), str(renamed), list(info.problems)))
+        chosen = choice.checkpoint
+        self.history.saw_checkpoint(chosen.step if chosen else None)
+        return choose_start(chosen.step if chosen else None, str(chosen.path) if chosen else None, self.history)
+
+    def _launch(self, start: StartFrom) -> tuple[RunningJob, AttemptRecord]:
+        number = len(self.history.attempts) + 1
+        log_dir = self.run_dir.attempt_dir(number)
+        error_file = log_dir / "error.json"
+        argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.python)
+        env = {
+            **self.config.job.env,
+            "VERL_SUPERVISOR_RUN_ID": self.history.run_id,
+            "VERL_SUPERVISOR_ATTEMPT": str(number),
+            "VERL_SUPERVISOR_ERROR_FILE": str(error_file),
+            "VERL_SUPERVISOR_RUN_DIR": str(self.run_dir.path),
+        }
+        spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, error_file)
+        record = AttemptRecord(number=number, started_at=time.time(), resumed_from_step=start.step, argv=argv)
+        self.history.attempts.append(record)
+        self.history.move_to(RunState.ATTEMPT_RUNNING)
+        self.run_dir.save_history(self.history)
+        with self._signals_deferred():
+            job = self.backend.launch(spec)
+            self._watch = _Watch(job, record)
+        self.events.emit(AttemptStarted(number, job.pid or -1, argv, start.step, start.checkpoint, str(log_dir)))
+        return job, record
+
+    def _wait_for_end(self, job: RunningJob) -> ExitStatus:
+        with self._signals_raise():
+            status = self.backend.wait(job, None)
+        assert status is not None
+        return status
+
+    def _evidence(self, attempt: int, status: ExitStatus) -> AttemptEvidence:
+        log_dir = self.run_dir.attempt_dir(attempt)
+        record = read_record(log_dir / "error.json")
+        half = self.config.log_tail_bytes // 2
+        log_tail = tail(log_dir / "stdout.log", half) + "\n" + tail(log_dir / "stderr.log", half)
+        return AttemptEvidence(status, record, log_tail)
+
+    def _record_end(self, record: AttemptRecord, job: RunningJob, status: ExitStatus, evidence, classification) -> None:
+        error = evidence.record
+        record.ended_at = time.time()
+        record.exit_code, record.signal = status.code, status.signal_name
+        record.error_type = error.error_type if error else None
+        record.phase = error.phase if error else None
+        record.action, record.rule, record.reason = (
+            classification.action.value,
+            classification.rule,
+            classification.reason,
+        )
+        self.history.move_to(RunState.TEARING_DOWN)
+        self.events.emit(
+            AttemptExited(
+                attempt=record.number,
+                exit_code=status.code,
+                signal=status.signal_name,
+                duration_s=record.ended_at - record.started_at,
+                action=classification.action.value,
+                rule=classification.rule,
+                reason=classification.reason,
+                error_type=record.error_type,
+                phase=record.phase,
+                global_step=error.global_step if error else None,
+                record=_record_summary(error),
+            )
+        )
+        self.run_dir.save_history(self.history)
+
+    def _teardown(self, job: RunningJob):
+        with self._signals_deferred():
+            report = self.backend.teardown(job, self.config.teardown.grace_s, self.config.teardown.fence_timeout_s)
+            self._watch = _Watch()
+        reached = _newest_complete_step(Path(self.config.checkpoints.dir), self.config)
+        attempt = self.history.attempts[-1]
+        attempt.reached_step = reached
+        self.history.saw_checkpoint(reached)
+        self.run_dir.save_history(self.history)
+        self.events.emit(
+            Teardown(
+                attempt=job.attempt,
+                duration_s=report.duration_s,
+                terminated=[f"{p.name}[{p.pid}]" for p in report.terminated],
+                killed=[f"{p.name}[{p.pid}]" for p in report.killed],
+                survivors=[f"{p.name}[{p.pid}]" for p in report.survivors],
+                actors_alive=report.actors_alive,
+                fenced=report.fenced,
+            )
+        )
+        return report
+
+    def _back_off(self, decision: Restart) -> None:
+        self.history.move_to(RunState.BACKING_OFF)
+        self.run_dir.save_history(self.history)
+        self.events.emit(
+            Backoff(
+                next_attempt=len(self.history.attempts) + 1,
+                delay_s=decision.delay_s,
+                restarts_used=self.history.restarts_used,
+                max_restarts=self.config.restart.max_restarts,
+            )
+        )
+        with self._signals_raise():
+            self._sleep(decision.delay_s)
+
+    def _interrupted(self, signum: int) -> tuple[ExitCode, str]:
+        name = signal.Signals(signum).name
+        self.events.emit(SignalReceived(name))
+        self._teardown_in_flight()
+        return _STOP_SIGNALS[signum], f"interrupted by {name}"
+
+    def _teardown_in_flight(self) -> None:
+        watch = self._watch
+        if watch.job is None:
+            return
+        if watch.record is not None and not watch.record.ended:
+            watch.record.ended_at = time.time()
+            watch.record.action, watch.record.rule = "fail", "interrupted"
+            watch.record.reason = "the supervisor was stopped"
+        with contextlib.suppress(Exception):
+            self._teardown(watch.job)
+
+    def _finish(self, code: ExitCode, reason: str) -> None:
+        outcome = {ExitCode.DONE: "done"}.get(code, code.name.lower())
+        if not self.history.finished:
+            self.history.finish(int(code), outcome)
+        self.run_dir.save_history(self.history)
+        self.events.emit(RunFinished(int(code), outcome, reason, len(self.history.attempts)))
+        print(attempts_table(self.history), file=self.console, flush=True)
+
+    # --- signals: raised as an exception only while waiting; otherwise noted and acted on at the next step ---
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signum
+        if self._interruptible:
+            self._interruptible = False
+            raise Interrupted(signum)
+
+    def _check_stop(self) -> None:
+        if self._stop_signal is not None:
+            raise Interrupted(self._stop_signal)
+
+    @contextlib.contextmanager
+    def _signals_raise(self) -> Iterator[None]:
+        self._check_stop()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    @contextlib.contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        interruptible, self._interruptible = self._interruptible, False
+        try:
+            yield
+        finally:
+            self._interruptible = interruptible
+
+
+def _newest_complete_step(root: Path, config: SupervisorConfig) -> int | None:
+    complete = [info.step for info in scan_checkpoints(root, verify=config.checkpoints.verify) if info.complete]
+    return max(complete) if complete else None
+
+
+def _record_summary(record: ErrorRecord | None) -> dict | None:
+    if record is None:
+        return None
+    return {
+        "error_type": record.error_type,
+        "message": record.message[:500],
+        "phase": record.phase,
+        "global_step": record.global_step,
+        "backend": record.backend,
+        "hang": record.hang,
+        "cleanup": record.cleanup,
+        "source": record.source,
+        "timestamp": record.timestamp,
+    }
