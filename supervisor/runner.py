@@ -22,7 +22,7 @@ from typing import TextIO
 from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob
 from supervisor.checkpoints import choose_resume_checkpoint, read_tracker, scan_checkpoints, set_aside
 from supervisor.codes import ExitCode, ExitStatus
-from supervisor.config import SupervisorConfig
+from supervisor.config import Action, SupervisorConfig
 from supervisor.events import (
     AttemptExited,
     AttemptStarted,
@@ -37,7 +37,16 @@ from supervisor.events import (
 )
 from supervisor.history import AttemptRecord, RunHistory, RunState
 from supervisor.job_command import job_argv
-from supervisor.policy import AttemptEvidence, Restart, StartFrom, Stop, choose_start, classify, decide
+from supervisor.policy import (
+    AttemptEvidence,
+    Classification,
+    Restart,
+    StartFrom,
+    Stop,
+    choose_start,
+    classify,
+    decide,
+)
 from supervisor.processes import tail
 from supervisor.report import attempts_table
 from supervisor.rundir import RunDirectory
@@ -130,7 +139,12 @@ class Supervisor:
         return code
 
     def _supervise(self) -> tuple[ExitCode, str]:
-        self._begin()
+        carried_over = self._begin()
+        if carried_over is not None:
+            # A supervisor restarted on the run: the attempt it lost counts, against the same budget.
+            decision = decide(self.history, carried_over, self.config.restart)
+            if isinstance(decision, Stop):
+                return decision.exit_code, decision.reason
         while True:
             self._check_stop()
             start = self._choose_start()
@@ -152,14 +166,16 @@ class Supervisor:
 
     # --- steps ---
 
-    def _begin(self) -> None:
+    def _begin(self) -> Classification | None:
+        """Start (or continue) the run; returns how the attempt a dead supervisor left in flight is judged."""
         history = self.history
         history.supervisor_starts += 1
-        unfinished = [a for a in history.attempts if not a.ended]
-        for attempt in unfinished:
+        carried_over = None
+        for attempt in [a for a in history.attempts if not a.ended]:
             attempt.ended_at = time.time()
             attempt.action, attempt.rule = "restart", "supervisor-restarted"
             attempt.reason = "the supervisor stopped while this attempt ran"
+            carried_over = Classification(Action.restart, attempt.rule, attempt.reason)
         history.move_to(RunState.STARTING)
         self.run_dir.save_history(history)
         self.events.emit(
@@ -176,6 +192,12 @@ class Supervisor:
             stale = self.backend.stale_processes()
             if stale:
                 self.events.emit(StaleProcessesSwept([f"{p.name}[{p.pid}]" for p in stale]))
+            if carried_over is not None and history.attempts:
+                history.attempts[-1].reached_step = _newest_complete_step(
+                    Path(self.config.checkpoints.dir), self.config
+                )
+                self.run_dir.save_history(history)
+        return carried_over
 
     def _choose_start(self) -> StartFrom | Stop:
         root = Path(self.config.checkpoints.dir)

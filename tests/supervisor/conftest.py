@@ -1,0 +1,126 @@
+"""Running the real supervisor as a process, and checking what it leaves behind.
+
+After every test: no process of the test's runs is alive, and two bystanders the test session started outside
+any run (a plain sleeper and a separate Ray cluster) are still alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.events import read_events
+from supervisor.processes import ENV_RUN_ID, ProcessInfo, find_marked_processes
+from tests.conftest import REPO_ROOT
+
+TEST_CONFIG_DIR = REPO_ROOT / "tests" / "supervisor" / "conf"
+
+
+def supervisor_argv(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = ()) -> list[str]:
+    argv = [sys.executable, "-m", "supervisor", "--config-dir", str(TEST_CONFIG_DIR), f"run_dir={run_dir}"]
+    argv += list(overrides)
+    if job_args:
+        argv += ["--", *job_args]
+    return argv
+
+
+def supervisor_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_HOOKS_", "VERL_SUPERVISOR_", "RAY_"))}
+    return {**env, "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def run_supervisor(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = (), timeout_s: float = 600):
+    return subprocess.run(
+        supervisor_argv(run_dir, *overrides, job_args=job_args),
+        cwd=REPO_ROOT,
+        env=supervisor_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def start_supervisor(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    log = (run_dir.parent / f"{run_dir.name}.supervisor.log").open("w")
+    return subprocess.Popen(
+        supervisor_argv(run_dir, *overrides, job_args=job_args),
+        cwd=REPO_ROOT,
+        env=supervisor_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Wait for a real condition (a file, an event, a process gone), failing the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def events_of(run_dir: Path, kind: str | None = None) -> list[dict]:
+    events = read_events(run_dir / "events.jsonl")
+    return [e for e in events if kind is None or e["event"] == kind]
+
+
+def state_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+class RunTracker:
+    """The run directories a test used, to check afterwards that none of their processes survived."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.run_dirs: list[Path] = []
+
+    def new(self, name: str = "run") -> Path:
+        path = self.base / name
+        self.run_dirs.append(path)
+        return path
+
+    def leftovers(self) -> list:
+        found = []
+        for run_dir in self.run_dirs:
+            state = run_dir / "state.json"
+            if state.exists():
+                run_id = json.loads(state.read_text())["run_id"]
+                found += find_marked_processes({ENV_RUN_ID: run_id})
+        return found
+
+
+@pytest.fixture(scope="session")
+def bystander_sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(86400)"])
+    try:
+        yield sleeper
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.fixture
+def runs(tmp_path: Path, bystander_sleeper, ray_cluster) -> Iterator[RunTracker]:
+    tracker = RunTracker(tmp_path)
+    yield tracker
+    try:
+        wait_until(lambda: not tracker.leftovers(), 10, "the run's processes to be gone")
+    except AssertionError:
+        survivors = [ProcessInfo.of(p) for p in tracker.leftovers()]
+        raise AssertionError(f"processes of the run survived it: {survivors}") from None
+    assert bystander_sleeper.poll() is None, "a process outside the run was killed"
+    assert ray_cluster.is_healthy(), "a Ray cluster outside the run was harmed"
