@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
     """Run the supervisor on a validated configuration; returns its exit code."""
     from supervisor.backends.local import LocalBackend
+    from supervisor.heartbeats import HeartbeatServer
     from supervisor.runner import RunAlreadyFinished, Supervisor, new_history
 
     run_dir = RunDirectory(Path(config.run_dir))
@@ -148,6 +149,11 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
             raise UsageError(str(exc)) from None
         events = EventLog(run_dir.events_path, history.run_id)
         backend = LocalBackend(config.ray, run_dir.path / "ray", history.run_id, events)
-        return Supervisor(config, job_args, run_dir, history, backend, events).run()
+        heartbeats = HeartbeatServer(config.watchdog.listen_host, config.watchdog.advertise_host)
+        heartbeats.start()
+        try:
+            return Supervisor(config, job_args, run_dir, history, backend, events, heartbeats=heartbeats).run()
+        finally:
+            heartbeats.stop()
     finally:
         run_dir.release()

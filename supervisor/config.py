@@ -101,6 +101,35 @@ class CheckpointConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Stall detection from heartbeats (see supervisor/watchdog.py). Times in seconds."""
+
+    enabled: bool = True
+    startup_timeout_s: float = 3600.0
+    """Allowance before the first completed weight sync: model loading, the first rollout."""
+    step_timeout_s: float = 3600.0
+    """After it: no progress heartbeat for this long is a stall (an upper bound when adaptive)."""
+    adaptive: bool = True
+    """Once ``adaptive_min_steps`` steps are seen, the limit is ``adaptive_multiple`` x the slowest recent step."""
+    adaptive_multiple: float = 5.0
+    adaptive_floor_s: float = 600.0
+    """The adaptive limit is never below this (a generous weight-sync deadline fits under it)."""
+    adaptive_min_steps: int = 3
+    driver_timeout_s: float = 60.0
+    """No alive heartbeat from the driver for this long: the driver process is frozen."""
+    heartbeat_interval_s: float = 5.0
+    """How often the driver sends its alive heartbeat."""
+    tick_s: float = 1.0
+    """How often the supervisor looks at the heartbeats while the job runs (detection granularity)."""
+    stack_dump_timeout_s: float = 3.0
+    """How long to wait for the stalled job's processes to dump their stacks before tearing them down."""
+    listen_host: str = "127.0.0.1"
+    """Where the heartbeat server listens; jobs with workers on other machines need a reachable address."""
+    advertise_host: str | None = None
+    """The host name the job is told to send heartbeats to (null: listen_host)."""
+
+
+@dataclass
 class RuleConfig:
     """One classification rule: every criterion given must match; the first rule that matches decides."""
 
@@ -115,6 +144,8 @@ class RuleConfig:
     """Weight-sync phases from the error record (verl_hooks' names)."""
     log_regex: str | None = None
     """Regex searched in the end of the attempt's output (stdout and stderr)."""
+    stalled: bool | None = None
+    """True: the watchdog ended the attempt for making no progress; false: it ended by itself."""
 
 
 @dataclass
@@ -125,6 +156,7 @@ class SupervisorConfig:
     restart: RestartConfig = field(default_factory=RestartConfig)
     teardown: TeardownConfig = field(default_factory=TeardownConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     rules: list[RuleConfig] = field(default_factory=list)
     default_action: Action = Action.restart
     """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound."""
@@ -153,6 +185,13 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(config.ray.auth_mode in ("disabled", "token"), "ray.auth_mode must be disabled or token")
     require(config.ray.num_cpus is None or config.ray.num_cpus > 0, "ray.num_cpus must be > 0")
     require(config.log_tail_bytes > 0, "log_tail_bytes must be > 0")
+    dog = config.watchdog
+    for key in ("startup_timeout_s", "step_timeout_s", "adaptive_floor_s", "driver_timeout_s", "tick_s"):
+        require(getattr(dog, key) > 0, f"watchdog.{key} must be > 0")
+    require(dog.adaptive_multiple >= 1, "watchdog.adaptive_multiple must be >= 1")
+    require(dog.adaptive_min_steps >= 1, "watchdog.adaptive_min_steps must be >= 1")
+    require(dog.heartbeat_interval_s < dog.driver_timeout_s, "watchdog.heartbeat_interval_s < driver_timeout_s")
+    require(dog.stack_dump_timeout_s >= 0, "watchdog.stack_dump_timeout_s must be >= 0")
     for arg in config.job.resume_args:
         if "{checkpoint}" in arg:
             break
@@ -160,7 +199,7 @@ def validate(config: SupervisorConfig) -> list[str]:
         require(not config.job.resume_args, "job.resume_args must contain {checkpoint}")
     for index, rule in enumerate(config.rules):
         where = f"rules[{index}] ({rule.name})"
-        criteria = (rule.exit_codes, rule.signals, rule.error_type, rule.phases, rule.log_regex)
+        criteria = (rule.exit_codes, rule.signals, rule.error_type, rule.phases, rule.log_regex, rule.stalled)
         require(any(c is not None for c in criteria), f"{where} has no criterion and would match everything")
         for key in ("error_type", "log_regex"):
             pattern = getattr(rule, key)

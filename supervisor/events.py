@@ -25,6 +25,8 @@ class EventKind(str, Enum):
     CHECKPOINT_SET_ASIDE = "checkpoint_set_aside"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
+    STALL_DETECTED = "stall_detected"
+    STACKS_DUMPED = "stacks_dumped"
     TEARDOWN = "teardown"
     BACKOFF = "backoff"
     SIGNAL_RECEIVED = "signal_received"
@@ -137,6 +139,35 @@ class AttemptExited(Event):
 
     def describe(self) -> str:
         return f"attempt {self.attempt} ended after {self.duration_s:.1f} s: {self.reason} -> {self.action}"
+
+
+@dataclass(frozen=True)
+class StallDetected(Event):
+    kind: ClassVar[EventKind] = EventKind.STALL_DETECTED
+    attempt: int
+    stall_kind: str
+    silent_s: float
+    limit_s: float
+    last_step: int | None
+    phase: str | None
+    heartbeat_ages_s: dict[str, float]
+    reason: str
+
+    def describe(self) -> str:
+        return f"attempt {self.attempt} STALLED ({self.stall_kind}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class StacksDumped(Event):
+    kind: ClassVar[EventKind] = EventKind.STACKS_DUMPED
+    attempt: int
+    duration_s: float
+    dumps: list[dict[str, Any]]
+
+    def describe(self) -> str:
+        dumped = sum(1 for d in self.dumps if d["status"] == "dumped")
+        took = f"{self.duration_s:.1f} s"
+        return f"attempt {self.attempt}: stacks of {dumped} of {len(self.dumps)} processes saved in {took}"
 
 
 @dataclass(frozen=True)

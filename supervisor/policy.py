@@ -30,6 +30,8 @@ class AttemptEvidence:
     exit: ExitStatus
     record: ErrorRecord | None = None
     log_tail: str = ""
+    stalled: bool = False
+    """The watchdog ended the attempt: it had stopped making progress."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Classification:
 def rule_matches(rule: RuleConfig, evidence: AttemptEvidence) -> bool:
     """Every criterion the rule gives must hold; criteria it leaves out match anything."""
     status, record = evidence.exit, evidence.record
+    if rule.stalled is not None and rule.stalled != evidence.stalled:
+        return False
     if rule.exit_codes is not None and status.code not in rule.exit_codes:
         return False
     if rule.signals is not None:
@@ -65,7 +69,7 @@ def classify(evidence: AttemptEvidence, rules: Sequence[RuleConfig], default_act
 
 
 def _describe(evidence: AttemptEvidence, why: str) -> str:
-    text = evidence.exit.describe()
+    text = "stalled, then " + evidence.exit.describe() if evidence.stalled else evidence.exit.describe()
     record = evidence.record
     if record is not None:
         short_type = record.error_type.rsplit(".", 1)[-1]

@@ -8,13 +8,14 @@ One loop, one place that waits (``JobBackend.wait``, which a stop signal interru
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -32,9 +33,12 @@ from supervisor.events import (
     RunFinished,
     RunStarted,
     SignalReceived,
+    StacksDumped,
     StaleProcessesSwept,
+    StallDetected,
     Teardown,
 )
+from supervisor.heartbeats import HeartbeatServer
 from supervisor.history import AttemptRecord, RunHistory, RunState
 from supervisor.job_command import job_argv
 from supervisor.policy import (
@@ -50,7 +54,8 @@ from supervisor.policy import (
 from supervisor.processes import tail
 from supervisor.report import attempts_table
 from supervisor.rundir import RunDirectory
-from verl_hooks.record import ErrorRecord, read_record
+from supervisor.watchdog import ProgressState, Stall, StallKind, check
+from verl_hooks.record import ErrorRecord, read_record, write_record
 
 _STOP_SIGNALS = {signal.SIGINT: ExitCode.INTERRUPTED_SIGINT, signal.SIGTERM: ExitCode.INTERRUPTED_SIGTERM}
 
@@ -100,6 +105,7 @@ class Supervisor:
         console: TextIO | None = None,
         python: str = sys.executable,
         sleep: Callable[[float], None] = time.sleep,
+        heartbeats: HeartbeatServer | None = None,
     ) -> None:
         self.config = config
         self.user_args = list(user_args)
@@ -110,6 +116,7 @@ class Supervisor:
         self.console = console if console is not None else sys.stderr
         self.python = python
         self._sleep = sleep
+        self.heartbeats = heartbeats
         self._watch = _Watch()
         self._stop_signal: int | None = None
         self._interruptible = False
@@ -152,11 +159,20 @@ class Supervisor:
                 return start.exit_code, start.reason
             self.backend.prepare()
             job, record = self._launch(start)
-            status = self._wait_for_end(job)
-            evidence = self._evidence(record.number, status)
-            classification = classify(evidence, self.config.rules, self.config.default_action)
-            self._record_end(record, job, status, evidence, classification)
-            report = self._teardown(job)
+            status, stall = self._wait_for_end(job)
+            if stall is None:
+                evidence = self._evidence(record.number, status)
+                classification = classify(evidence, self.config.rules, self.config.default_action)
+                self._record_end(record, job, status, evidence, classification)
+                report = self._teardown(job)
+            else:
+                # A stalled job is still running: capture what it is doing, end it, then judge it.
+                self._on_stall(job, stall)
+                report = self._teardown(job)
+                status = self.backend.wait(job, 0) or ExitStatus()
+                evidence = self._evidence(record.number, status, stalled=True)
+                classification = classify(evidence, self.config.rules, self.config.default_action)
+                self._record_end(record, job, status, evidence, classification)
             if not report.fenced:
                 return ExitCode.ENVIRONMENT_FAILURE, "; ".join(report.problems) or "attempt could not be fenced"
             decision = decide(self.history, classification, self.config.restart)
@@ -221,7 +237,12 @@ class Supervisor:
             "VERL_SUPERVISOR_ATTEMPT": str(number),
             "VERL_SUPERVISOR_ERROR_FILE": str(error_file),
             "VERL_SUPERVISOR_RUN_DIR": str(self.run_dir.path),
+            "VERL_SUPERVISOR_STACKS_DIR": str(log_dir / "stacks"),
         }
+        if self.heartbeats is not None:
+            env["VERL_SUPERVISOR_HEARTBEAT_URL"] = self.heartbeats.url
+            env["VERL_SUPERVISOR_HEARTBEAT_TOKEN"] = self.heartbeats.token
+            env["VERL_SUPERVISOR_HEARTBEAT_INTERVAL_S"] = str(self.config.watchdog.heartbeat_interval_s)
         spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, error_file)
         record = AttemptRecord(number=number, started_at=time.time(), resumed_from_step=start.step, argv=argv)
         self.history.attempts.append(record)
@@ -233,18 +254,70 @@ class Supervisor:
         self.events.emit(AttemptStarted(number, job.pid or -1, argv, start.step, start.checkpoint, str(log_dir)))
         return job, record
 
-    def _wait_for_end(self, job: RunningJob) -> ExitStatus:
-        with self._signals_raise():
-            status = self.backend.wait(job, None)
-        assert status is not None
-        return status
+    def _wait_for_end(self, job: RunningJob) -> tuple[ExitStatus, None] | tuple[None, Stall]:
+        """Wait for the driver to end, looking at the heartbeats every tick: its exit, or a stall."""
+        progress = ProgressState(started_at=time.monotonic())
+        beats_log = self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl"
+        dog = self.config.watchdog
+        tick = dog.tick_s if self.heartbeats is not None and dog.enabled else None
+        while True:
+            with self._signals_raise():
+                status = self.backend.wait(job, tick)
+            self._take_heartbeats(job.attempt, progress, beats_log)
+            if status is not None:
+                return status, None
+            stall = check(progress, dog, time.monotonic())
+            if stall is not None:
+                return None, stall
 
-    def _evidence(self, attempt: int, status: ExitStatus) -> AttemptEvidence:
+    def _take_heartbeats(self, attempt: int, progress: ProgressState, beats_log: Path) -> None:
+        if self.heartbeats is None:
+            return
+        beats = [b for b in self.heartbeats.drain() if b.attempt == attempt]  # late beats of older attempts
+        if not beats:
+            return
+        with beats_log.open("a") as f:
+            for beat in beats:
+                progress.observe(beat)
+                f.write(json.dumps({"received_at": time.time(), **beat.fields}) + "\n")
+
+    def _on_stall(self, job: RunningJob, stall: Stall) -> None:
+        self.events.emit(
+            StallDetected(
+                attempt=job.attempt,
+                stall_kind=stall.kind.value,
+                silent_s=round(stall.silent_s, 3),
+                limit_s=stall.limit_s,
+                last_step=stall.last_step,
+                phase=stall.phase,
+                heartbeat_ages_s=stall.heartbeat_ages_s,
+                reason=stall.reason,
+            )
+        )
+        log_dir = self.run_dir.attempt_dir(job.attempt)
+        started = time.monotonic()
+        with self._signals_deferred():
+            dumps = self.backend.dump_stacks(job, log_dir / "stacks", self.config.watchdog.stack_dump_timeout_s)
+        self.events.emit(StacksDumped(job.attempt, time.monotonic() - started, [asdict(d) for d in dumps]))
+        write_record(
+            log_dir / "error.json",
+            ErrorRecord(
+                error_type=f"supervisor.watchdog.{stall.kind.value}",
+                message=stall.reason,
+                source="supervisor-watchdog",
+                phase=stall.phase if stall.kind is StallKind.WEIGHT_SYNC_HANG else None,
+                global_step=stall.last_step,
+                hang=True,
+                attempt=job.attempt,
+            ),
+        )
+
+    def _evidence(self, attempt: int, status: ExitStatus, stalled: bool = False) -> AttemptEvidence:
         log_dir = self.run_dir.attempt_dir(attempt)
         record = read_record(log_dir / "error.json")
         half = self.config.log_tail_bytes // 2
         log_tail = tail(log_dir / "stdout.log", half) + "\n" + tail(log_dir / "stderr.log", half)
-        return AttemptEvidence(status, record, log_tail)
+        return AttemptEvidence(status, record, log_tail, stalled)
 
     def _record_end(self, record: AttemptRecord, job: RunningJob, status: ExitStatus, evidence, classification) -> None:
         error = evidence.record

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from verl_hooks import heartbeat
 from verl_hooks.errors import (
     EXIT_WEIGHT_SYNC_FATAL,
     CleanupOutcome,
@@ -77,6 +78,7 @@ class _SyncContext:
 
     def _enter(self, phase: SyncPhase) -> FaultSpec | None:
         self.tracker.enter(phase)
+        heartbeat.beat("sync_phase", step=self.global_step, phase=phase.value)
         return self.faults.take(phase, self.global_step)
 
     def enter_blocking(self, phase: SyncPhase) -> None:
@@ -341,12 +343,14 @@ async def run_guarded_sync(
     backstop = _Backstop(backstop_delay if settings.hard_exit_grace_s > 0 else 0, describe_hang, settings.error_file)
     waiter = asyncio.wrap_future(runner.future)
     backstop.start()
+    heartbeat.beat("sync_begin", step=global_steps, backend=sync.backend)
     try:
         runner.start()
         done, _ = await asyncio.wait({waiter}, timeout=settings.sync_timeout_s)
         stuck_stack = None
         if done and waiter.exception() is None:
             sync.tracker.complete_all()
+            heartbeat.beat("sync_end", step=global_steps, duration_s=time.monotonic() - started)
             return waiter.result()
         phase = sync.tracker.current
         if done:
@@ -378,6 +382,7 @@ async def run_guarded_sync(
             stuck_stack=stuck_stack,
         )
         logger.error("%s", fatal.message)
+        heartbeat.beat("sync_failed", step=global_steps, phase=phase.value, hang=hang)
         raise fatal from primary
     except asyncio.CancelledError:
         runner.cancel()

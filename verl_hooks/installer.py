@@ -17,6 +17,7 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from verl_hooks import heartbeat
 from verl_hooks.compat import original_update_weights
 from verl_hooks.faults import FaultPlan
 from verl_hooks.guard import GUARD_MARK, run_guarded_sync
@@ -54,6 +55,7 @@ def install(settings: HookSettings | None = None) -> None:
     checkpoint engine is imported) for a verl whose manager it was not written for.
     """
     resolved = settings if settings is not None else HookSettings.from_env()
+    heartbeat.enable_stack_dumps()
     with _state.lock:
         _state.configure(resolved)
         module = sys.modules.get(TARGET_MODULE)

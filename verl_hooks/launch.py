@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from verl_hooks import heartbeat
 from verl_hooks.errors import (
     EXIT_CONFIG_ERROR,
     EXIT_WEIGHT_SYNC_FATAL,
@@ -230,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         print(f"verl_hooks.launch: {message}", file=sys.stderr)
         _exit_recorded(EXIT_USAGE, "UsageError", message, settings)
     install(settings)
+    heartbeat.start_alive_beats()
     route_guard_into_ray_init(os.environ)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from supervisor.codes import ExitStatus
 from supervisor.processes import ProcessInfo
+from supervisor.stacks import StackDump
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class JobBackend(ABC):
     @abstractmethod
     def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
         """Block until the driver ends (returning how) or ``timeout_s`` passes (returning None)."""
+
+    @abstractmethod
+    def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
+        """Ask the attempt's processes for their Python stacks (bounded by ``timeout_s``)."""
 
     @abstractmethod
     def teardown(self, job: RunningJob, grace_s: float, fence_timeout_s: float) -> TeardownReport:

@@ -21,6 +21,7 @@ from supervisor.events import ClusterStarted, ClusterStopped, EventLog
 from supervisor.processes import ENV_RUN_ID, ProcessInfo, find_marked_processes, terminate_processes
 from supervisor.ray_cluster import ClusterSpec, ClusterStartError, LocalRayCluster
 from supervisor.ray_state import RayStateClient
+from supervisor.stacks import StackDump, dump_stacks
 
 FENCE_POLL_S = 0.1
 
@@ -101,6 +102,9 @@ class LocalBackend(JobBackend):
 
     def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
         return _driver(job).wait(timeout_s)
+
+    def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
+        return dump_stacks(_driver(job).attempt_processes(), stacks_dir, timeout_s)
 
     def teardown(self, job: RunningJob, grace_s: float, fence_timeout_s: float) -> TeardownReport:
         started = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -122,5 +123,9 @@ def runs(tmp_path: Path, bystander_sleeper, ray_cluster) -> Iterator[RunTracker]
     except AssertionError:
         survivors = [ProcessInfo.of(p) for p in tracker.leftovers()]
         raise AssertionError(f"processes of the run survived it: {survivors}") from None
+    for run_dir in tracker.run_dirs:
+        ray_dir = run_dir / "ray"
+        if ray_dir.is_symlink():  # long pytest paths put the cluster's temp dir under /tmp: the test's own
+            shutil.rmtree(ray_dir.resolve(), ignore_errors=True)
     assert bystander_sleeper.poll() is None, "a process outside the run was killed"
     assert ray_cluster.is_healthy(), "a Ray cluster outside the run was harmed"

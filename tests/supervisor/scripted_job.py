@@ -1,7 +1,12 @@
 """A job for the supervisor's loop tests: behaviour chosen per attempt on the command line.
 
     python scripted_job.py [--fail-until N] [--exit-code C] [--ignore-sigterm] [--run-forever-on A]
-                           [--spawn-stubborn-child]
+                           [--spawn-stubborn-child] [--steps N --step-time S [--stall-on A --stall-at K]
+                           [--slow-after K --slow-step-time S]]
+
+With --steps it behaves like a verl job as the supervisor sees it: it sends the weight-sync guard's heartbeats
+(sync_begin, sync_phase, sync_end) once per step and the driver's alive beats, and on --stall-on attempts it
+stops at step --stall-at inside a function whose name the stack dump must show.
 
 It writes `ready` into its attempt's log folder once it is running, so that tests wait on that instead of
 sleeping.
@@ -25,6 +30,12 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--run-forever-on", type=int, action="append", default=[])
     parser.add_argument("--spawn-stubborn-child", action="store_true")
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--step-time", type=float, default=0.2)
+    parser.add_argument("--stall-on", type=int, action="append", default=[])
+    parser.add_argument("--stall-at", type=int, default=0)
+    parser.add_argument("--slow-after", type=int, default=0)
+    parser.add_argument("--slow-step-time", type=float, default=0.0)
     args = parser.parse_args()
     attempt = int(os.environ["VERL_SUPERVISOR_ATTEMPT"])
     if args.ignore_sigterm:
@@ -37,7 +48,30 @@ def main() -> None:
     if attempt in args.run_forever_on:
         while True:
             time.sleep(1)
+    if args.steps:
+        train_with_heartbeats(args, attempt)
     sys.exit(args.exit_code if attempt < args.fail_until else 0)
+
+
+def train_with_heartbeats(args: argparse.Namespace, attempt: int) -> None:
+    from verl_hooks import heartbeat
+
+    heartbeat.enable_stack_dumps()
+    heartbeat.start_alive_beats()
+    for step in range(1, args.steps + 1):
+        if attempt in args.stall_on and step == args.stall_at:
+            wait_for_a_reply_that_never_comes()
+        time.sleep(args.slow_step_time if args.slow_after and step > args.slow_after else args.step_time)
+        heartbeat.beat("sync_begin", step=step, backend="scripted")
+        heartbeat.beat("sync_phase", step=step, phase="update_weights")
+        heartbeat.beat("sync_end", step=step, duration_s=0.01)
+        print(f"scripted job: step {step}", flush=True)
+    time.sleep(0.5)  # let the last beats leave before the process exits
+
+
+def wait_for_a_reply_that_never_comes() -> None:
+    while True:
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_default_config_is_the_mini_ppo_job_on_an_embedded_cluster(tmp_path: Pat
     assert config.job.argv[2:] == ["verl_hooks.launch", "-m", "verl_hooks.mini_ppo.main"]
     assert config.ray.mode.value == "local"
     assert config.checkpoints.dir == f"{tmp_path}/run/checkpoints"
-    assert [rule.name for rule in config.rules][:2] == ["success", "weight-sync-failure"]
+    assert [rule.name for rule in config.rules][:3] == ["stalled", "success", "weight-sync-failure"]
 
 
 def test_user_presets_come_from_config_dir(tmp_path: Path) -> None:

@@ -1,0 +1,137 @@
+"""Progress heartbeats from the job to its supervisor, and stack dumps on request.
+
+Heartbeats are small JSON POSTs to ``$VERL_SUPERVISOR_HEARTBEAT_URL`` (with the run's bearer token), sent
+from a background thread: the supervisor may be on another machine than the worker that sends them, and HTTP
+reaches it from any node in every Ray mode without the supervisor being part of the Ray cluster. Sending never
+blocks or fails the job: a full queue or an unreachable supervisor drops the beat.
+
+Kinds: ``alive`` (the driver, every few seconds: the process is not frozen), ``sync_begin``, ``sync_phase``,
+``sync_end`` and ``sync_failed`` (the guard, around each weight sync: the training loop is making progress).
+
+When ``$VERL_SUPERVISOR_STACKS_DIR`` is set, SIGUSR1 makes the process write the Python stacks of all its
+threads there (``faulthandler``: works while a C call holds the GIL and needs no ptrace permission).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+logger = logging.getLogger(__name__)
+
+ENV_URL = "VERL_SUPERVISOR_HEARTBEAT_URL"
+ENV_TOKEN = "VERL_SUPERVISOR_HEARTBEAT_TOKEN"
+ENV_INTERVAL = "VERL_SUPERVISOR_HEARTBEAT_INTERVAL_S"
+ENV_STACKS_DIR = "VERL_SUPERVISOR_STACKS_DIR"
+ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
+
+_SEND_TIMEOUT_S = 2.0
+
+
+class HeartbeatSender:
+    """Posts beats in order from one daemon thread; drops them rather than ever slowing the job down."""
+
+    def __init__(self, url: str, token: str, attempt: int) -> None:
+        self.url = url
+        self._token = token
+        self._attempt = attempt
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1024)
+        # No proxies: a proxy configured for the internet must not carry beats meant for the supervisor.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._warned = False
+        threading.Thread(target=self._run, name="verl-hooks-heartbeat", daemon=True).start()
+
+    def send(self, kind: str, **fields: Any) -> None:
+        beat = {
+            "kind": kind,
+            "attempt": self._attempt,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "sent_at": time.time(),
+            **fields,
+        }
+        try:
+            self._queue.put_nowait(beat)
+        except queue.Full:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            beat = self._queue.get()
+            request = urllib.request.Request(
+                self.url,
+                data=json.dumps(beat).encode(),
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"},
+                method="POST",
+            )
+            try:
+                with self._opener.open(request, timeout=_SEND_TIMEOUT_S) as response:
+                    response.read()
+            except OSError as exc:
+                if not self._warned:
+                    logger.warning("verl_hooks: heartbeat to %s failed (%s); later failures are silent", self.url, exc)
+                    self._warned = True
+
+
+_lock = threading.Lock()
+_sender: HeartbeatSender | None = None
+_sender_resolved = False
+
+
+def _get_sender() -> HeartbeatSender | None:
+    global _sender, _sender_resolved
+    with _lock:
+        if not _sender_resolved:
+            url, token = os.environ.get(ENV_URL), os.environ.get(ENV_TOKEN)
+            if url and token:
+                _sender = HeartbeatSender(url, token, int(os.environ.get(ENV_ATTEMPT) or 1))
+            _sender_resolved = True
+        return _sender
+
+
+def beat(kind: str, **fields: Any) -> None:
+    """Send one heartbeat if a supervisor is listening; otherwise do nothing."""
+    sender = _get_sender()
+    if sender is not None:
+        sender.send(kind, **fields)
+
+
+def start_alive_beats() -> None:
+    """In the driver: an ``alive`` beat every interval, so that a frozen driver (SIGSTOP) is noticed."""
+    if _get_sender() is None:
+        return
+    interval = float(os.environ.get(ENV_INTERVAL) or 5.0)
+
+    def loop() -> None:
+        while True:
+            beat("alive")
+            time.sleep(interval)
+
+    threading.Thread(target=loop, name="verl-hooks-alive", daemon=True).start()
+
+
+_stack_file: IO[str] | None = None
+
+
+def enable_stack_dumps() -> None:
+    """Dump every thread's Python stack to the attempt's stacks folder on SIGUSR1 (once per process)."""
+    global _stack_file
+    folder = os.environ.get(ENV_STACKS_DIR)
+    if not folder or _stack_file is not None:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        _stack_file = open(Path(folder) / f"{socket.gethostname()}-{os.getpid()}.txt", "w")  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR1, file=_stack_file, all_threads=True, chain=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.warning("verl_hooks: stack dumps on SIGUSR1 unavailable: %s", exc)
