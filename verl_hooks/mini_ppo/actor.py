@@ -19,6 +19,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.utils.distributed import initialize_global_process_group_ray
 from verl.utils.import_utils import import_external_libs
 
+from verl_hooks.mini_ppo.checkpoint import MiniCheckpointManager
 from verl_hooks.mini_ppo.policy import PolicySpec, build_policy, named_weights, weights_digest
 from verl_hooks.mini_ppo.rollout import RolloutEngine, RolloutServerMixin
 
@@ -55,6 +56,7 @@ class MiniActorWorker(Worker, RolloutServerMixin):
             **self.config.engine_kwargs,
         )
         self.rollout_engine = RolloutEngine(self.config.policy)
+        self.checkpoint_manager = MiniCheckpointManager(self.policy, self.optimizer)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def update_actor(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -93,6 +95,19 @@ class MiniActorWorker(Worker, RolloutServerMixin):
     @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)
     def execute_checkpoint_engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.checkpoint_engine, method)(*args, **kwargs)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(
+        self, local_path: str, hdfs_path: str | None = None, global_step: int = 0, max_ckpt_to_keep: int | None = None
+    ) -> None:
+        """verl's worker API: every rank writes its own shard files into ``local_path`` (a step's ``actor/``)."""
+        self.checkpoint_manager.save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(
+        self, local_path: str, hdfs_path: str | None = None, del_local_after_load: bool = False
+    ) -> None:
+        self.checkpoint_manager.load_checkpoint(local_path, hdfs_path, del_local_after_load)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def weights_digest(self) -> str:

@@ -42,16 +42,15 @@ def with_backend(actor: ActorConfig, backend: str) -> ActorConfig:
     return ActorConfig(**{**actor.__dict__, "backend": backend, "custom_backend_module": module})
 
 
-def build_actor_group(actor: ActorConfig, world_size: int, name_prefix: str) -> RayWorkerGroup:
+def start_actor_group(actor: ActorConfig, world_size: int, name_prefix: str) -> RayWorkerGroup:
+    """The trainer's workers, still starting up (Ray returns the handles before the actors are constructed)."""
     pool = RayResourcePool(process_on_nodes=[world_size], use_gpu=False, max_colocate_count=1)
-    worker_group = RayWorkerGroup(
+    return RayWorkerGroup(
         resource_pool=pool,
         ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(MiniActorWorker), config=actor),
         name_prefix=f"{name_prefix}actor",
         use_gpu=False,
     )
-    worker_group.init_model()
-    return worker_group
 
 
 def build_topology(actor: ActorConfig, world_size: int, num_replicas: int, name_prefix: str) -> WeightSyncTopology:
@@ -61,7 +60,7 @@ def build_topology(actor: ActorConfig, world_size: int, num_replicas: int, name_
     replica per trainer rank. Any other backend gets standalone replicas that receive the weights over the
     checkpoint engine.
     """
-    actor_wg = build_actor_group(actor, world_size, name_prefix)
+    actor_wg = start_actor_group(actor, world_size, name_prefix)
     engine_config = checkpoint_engine_config(actor)
     rollout_config = RolloutConfig(
         name="mini",
@@ -79,9 +78,16 @@ def build_topology(actor: ActorConfig, world_size: int, num_replicas: int, name_
 
     async def start_replicas() -> None:
         if actor.backend == "naive":
+            # The trainer's workers serve the rollout: they must be initialised first.
+            actor_wg.init_model()
             await asyncio.gather(*[replica.init_hybrid(actor_wg) for replica in replicas])
         else:
-            await asyncio.gather(*[replica.init_standalone_cpu(name_prefix) for replica in replicas])
+            # Every process imports verl on start-up (seconds each): let the trainer's workers initialise while
+            # the rollout workers start, instead of one after the other.
+            await asyncio.gather(
+                *actor_wg.execute_all_async("init_model"),
+                *[replica.init_standalone_cpu(name_prefix) for replica in replicas],
+            )
 
     asyncio.run(start_replicas())
     manager = CheckpointEngineManager(config=engine_config, actor_wg=actor_wg, replicas=replicas)

@@ -1,0 +1,228 @@
+"""The mini-PPO job end to end, as its own process behind ``verl_hooks.launch``: verl's layout, verl's resume
+semantics, weight-sync faults that exit 75, and runs interrupted anywhere that end bit-identical to one that was not.
+
+Every run here is a real Ray job (15-25 s on two cores, most of it Ray workers importing verl): the default suite
+runs five, the rest are marked slow.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+from tests.mini_ppo.harness import JobRun, run_job
+from verl_hooks.mini_ppo.layout import ACTOR_DIR, DATA_FILE, shard_files, step_folder
+from verl_hooks.mini_ppo.policy import PolicySpec, build_policy, weights_digest
+from verl_hooks.record import read_record
+
+pytestmark = pytest.mark.ray
+
+EXIT_WEIGHT_SYNC_FATAL = 75
+WORLD_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory) -> JobRun:
+    """The uninterrupted run every interrupted one must end equal to (naive backend, every checkpoint kept)."""
+    run = run_job(ray_cluster, tmp_path_factory.mktemp("reference") / "ckpt")
+    assert run.returncode == 0, run.output[-4000:]
+    return run
+
+
+def assert_same_end(resumed: JobRun, reference: JobRun, *, resumed_from: int | None) -> None:
+    final, expected = resumed.final(), reference.final()
+    assert final["weights_sha256"] == expected["weights_sha256"], "the resumed run's weights differ in some bit"
+    assert final["global_step"] == expected["global_step"] == 6
+    assert final["resumed_from_step"] == resumed_from
+    assert final["steps_run"] == 6 - (resumed_from or 0)
+
+
+def assert_sync_failure(run: JobRun, *, phase: str, step: int, backend: str, hang: bool = False) -> None:
+    assert run.returncode == EXIT_WEIGHT_SYNC_FATAL, run.output[-4000:]
+    record = read_record(run.error_file)
+    assert record.error_type == "verl_hooks.errors.WeightSyncFatalError"
+    assert (record.phase, record.global_step, record.backend, record.hang) == (phase, step, backend, hang)
+    assert (record.exit_code, record.attempt) == (EXIT_WEIGHT_SYNC_FATAL, 1)
+    if not hang:
+        assert "InjectedFault" in record.traceback, "the record carries the original failure"
+    assert not (run.ckpt_dir / "final.json").exists()
+
+
+# --- default suite: five job runs ---
+
+
+def test_uninterrupted_run_writes_verls_layout(reference: JobRun) -> None:
+    root = reference.ckpt_dir
+    final = reference.final()
+    assert (final["global_step"], final["steps_run"], final["resumed_from_step"]) == (6, 6, None)
+    assert 0.0 <= final["reward_mean"] <= 1.0
+    assert reference.tracker() == "6"
+    assert find_latest_ckpt_path(str(root)) == str(step_folder(root, 6)), "verl's own lookup finds the job's save"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["global_step_2", "global_step_4", "global_step_6"]
+    for step in (2, 4, 6):
+        folder = step_folder(root, step)
+        assert (folder / DATA_FILE).is_file()
+        expected = {
+            path.name
+            for rank in range(WORLD_SIZE)
+            for path in vars(shard_files(folder / ACTOR_DIR, WORLD_SIZE, rank)).values()
+        }
+        assert {p.name for p in (folder / ACTOR_DIR).iterdir()} == expected
+    last = step_folder(root, 6) / ACTOR_DIR
+    policy = build_policy(PolicySpec(), seed=0)
+    shards = [torch.load(shard_files(last, WORLD_SIZE, rank).model, weights_only=False) for rank in range(WORLD_SIZE)]
+    assert all(torch.equal(shards[0][k], shards[1][k]) for k in shards[0]), "data-parallel ranks hold the same model"
+    policy.load_state_dict(shards[0])
+    assert weights_digest(policy) == final["weights_sha256"], "final.json digests the weights the last save holds"
+    extra = torch.load(shard_files(last, WORLD_SIZE, 1).extra_state, weights_only=False)
+    assert extra["lr_scheduler"] is None
+    assert {"cpu", "random"} <= set(extra["rng"])
+    optim = torch.load(shard_files(last, WORLD_SIZE, 0).optim, weights_only=False)
+    assert int(optim["state"][0]["step"]) == 6, "Adam's state has seen every step"
+    assert torch.load(step_folder(root, 6) / DATA_FILE, weights_only=False)["position"] == 6
+
+
+def test_naive_sync_fault_between_saves_exits_75_and_resume_ends_bit_identical(
+    ray_cluster, tmp_path: Path, reference: JobRun
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "final.json").write_text('{"global_step": 99}')  # an earlier run's: must not survive a failed one
+    faults = "naive:raise@3#1"
+    failed = run_job(ray_cluster, ckpt, faults=faults, attempt=1)
+    assert_sync_failure(failed, phase="naive", step=3, backend="naive")
+    assert failed.tracker() == "2"
+    assert not step_folder(ckpt, 4).exists()
+    assert "exit 75 so that a supervisor restarts it" in failed.output
+
+    resumed = run_job(ray_cluster, ckpt, faults=faults, attempt=2)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert_same_end(resumed, reference, resumed_from=2)
+
+
+def test_multi_phase_sync_fault_right_after_a_save_and_resume_path_end_bit_identical(
+    ray_cluster, tmp_path: Path, reference: JobRun
+) -> None:
+    """The cpu_gloo backend runs verl's multi-phase sync over standalone replicas; its weights must reach the
+    rollout bit for bit, so it ends exactly where the naive reference does."""
+    ckpt = tmp_path / "ckpt"
+    faults = "update_weights:raise@4#1"
+    failed = run_job(ray_cluster, ckpt, "rollout.backend=cpu_gloo", faults=faults, attempt=1)
+    assert_sync_failure(failed, phase="update_weights", step=4, backend="cpu_gloo")
+    assert failed.tracker() == "4", "the step's save came before its sync"
+
+    resumed = run_job(
+        ray_cluster,
+        ckpt,
+        "rollout.backend=cpu_gloo",
+        "trainer.resume_mode=resume_path",
+        f"trainer.resume_from_path={step_folder(ckpt, 4)}",
+        faults=faults,
+        attempt=2,
+    )
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert_same_end(resumed, reference, resumed_from=4)
+
+
+# --- slow: the other interruption points and resume modes ---
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "resumed_from"),
+    [
+        pytest.param("naive:raise@0#1", None, id="initial-sync"),
+        pytest.param("naive:raise@1#1", None, id="before-first-save"),
+        pytest.param("naive:raise@2#1", 2, id="right-after-a-save"),
+        pytest.param("naive:raise@6#1", 6, id="last-step"),
+    ],
+)
+def test_interrupted_anywhere_resume_auto_ends_bit_identical(
+    ray_cluster, tmp_path: Path, reference: JobRun, fault: str, resumed_from: int | None
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    step = int(fault.split("@")[1].split("#")[0])
+    failed = run_job(ray_cluster, ckpt, faults=fault, attempt=1)
+    assert_sync_failure(failed, phase="naive", step=step, backend="naive")
+    assert failed.tracker() == (None if resumed_from is None else str(resumed_from))
+
+    resumed = run_job(ray_cluster, ckpt, faults=fault, attempt=2)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert_same_end(resumed, reference, resumed_from=resumed_from)
+    if resumed_from == 6:
+        assert resumed.final()["reward_mean"] is None, "a run that did no step has no reward to report"
+
+
+@pytest.mark.slow
+def test_resume_path_to_an_older_checkpoint_replays_to_the_same_end(
+    ray_cluster, tmp_path: Path, reference: JobRun
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference.ckpt_dir, ckpt)
+    run = run_job(
+        ray_cluster, ckpt, "trainer.resume_mode=resume_path", f"trainer.resume_from_path={step_folder(ckpt, 2)}"
+    )
+    assert run.returncode == 0, run.output[-4000:]
+    assert_same_end(run, reference, resumed_from=2)
+    assert run.tracker() == "6"
+
+
+@pytest.mark.slow
+def test_resume_mode_disable_starts_over_despite_checkpoints(ray_cluster, tmp_path: Path, reference: JobRun) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference.ckpt_dir, ckpt)
+    run = run_job(ray_cluster, ckpt, "trainer.resume_mode=disable")
+    assert run.returncode == 0, run.output[-4000:]
+    assert_same_end(run, reference, resumed_from=None)
+
+
+@pytest.mark.slow
+def test_auto_with_a_tracker_naming_a_missing_folder_starts_over(
+    ray_cluster, tmp_path: Path, reference: JobRun
+) -> None:
+    """verl's ``find_latest_ckpt_path`` returns None for such a tracker, and verl silently trains from scratch."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference.ckpt_dir, ckpt)
+    shutil.rmtree(step_folder(ckpt, 6))
+    run = run_job(ray_cluster, ckpt)
+    assert run.returncode == 0, run.output[-4000:]
+    assert_same_end(run, reference, resumed_from=None)
+
+
+@pytest.mark.slow
+def test_rotation_keeps_the_newest_actor_folders(ray_cluster, tmp_path: Path, reference: JobRun) -> None:
+    """verl deletes only old steps' ``actor/``: their data.pt stays behind, and the tracker names the newest."""
+    ckpt = tmp_path / "ckpt"
+    run = run_job(ray_cluster, ckpt, "trainer.save_freq=1", "trainer.max_actor_ckpt_to_keep=2")
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.final()["weights_sha256"] == reference.final()["weights_sha256"], "saving more often changes nothing"
+    assert [step for step in range(1, 7) if (step_folder(ckpt, step) / ACTOR_DIR).exists()] == [5, 6]
+    assert all((step_folder(ckpt, step) / DATA_FILE).exists() for step in range(1, 7))
+    assert run.tracker() == "6"
+
+
+@pytest.mark.slow
+def test_hang_in_the_process_group_rendezvous_exits_75(ray_cluster, tmp_path: Path) -> None:
+    run = run_job(
+        ray_cluster,
+        tmp_path / "ckpt",
+        "rollout.backend=cpu_gloo",
+        faults="build_process_group:hang@3#1",
+        extra_env={"VERL_HOOKS_SYNC_TIMEOUT_S": "3", "VERL_HOOKS_CLEANUP_STEP_TIMEOUT_S": "5"},
+    )
+    assert_sync_failure(run, phase="build_process_group", step=3, backend="cpu_gloo", hang=True)
+    assert run.tracker() == "2"
+
+
+@pytest.mark.slow
+def test_the_policy_learns(ray_cluster, tmp_path: Path) -> None:
+    """Not a sleep loop: with the rollout generating from the synced weights, the reward climbs."""
+    run = run_job(ray_cluster, tmp_path / "ckpt", "trainer.total_training_steps=40", "trainer.save_freq=-1")
+    assert run.returncode == 0, run.output[-4000:]
+    # A policy that does not learn picks the right one of 8 actions 1/8 of the time.
+    assert run.final()["reward_mean"] > 0.4
+    assert not any(run.ckpt_dir.glob("global_step_*")), "save_freq <= 0 never saves"
