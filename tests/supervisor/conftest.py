@@ -37,11 +37,18 @@ def supervisor_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
-def run_supervisor(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = (), timeout_s: float = 600):
+def run_supervisor(
+    run_dir: Path,
+    *overrides: str,
+    job_args: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+    timeout_s: float = 600,
+):
+    """The supervisor to its end. ``extra_env`` reaches the job too: it inherits the supervisor's environment."""
     return subprocess.run(
         supervisor_argv(run_dir, *overrides, job_args=job_args),
         cwd=REPO_ROOT,
-        env=supervisor_env(),
+        env=supervisor_env(**(extra_env or {})),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -49,12 +56,14 @@ def run_supervisor(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = (
     )
 
 
-def start_supervisor(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+def start_supervisor(
+    run_dir: Path, *overrides: str, job_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     log = (run_dir.parent / f"{run_dir.name}.supervisor.log").open("w")
     return subprocess.Popen(
         supervisor_argv(run_dir, *overrides, job_args=job_args),
         cwd=REPO_ROOT,
-        env=supervisor_env(),
+        env=supervisor_env(**(extra_env or {})),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
