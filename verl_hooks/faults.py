@@ -12,10 +12,12 @@ the state a real failure at that point would leave.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from enum import Enum
 
@@ -97,9 +99,10 @@ def parse_fault_specs(text: str | None) -> tuple[FaultSpec, ...]:
 class FaultPlan:
     """The faults this process should inject, each fired at most once."""
 
-    def __init__(self, specs: tuple[FaultSpec, ...], attempt: int) -> None:
+    def __init__(self, specs: tuple[FaultSpec, ...], attempt: int, log_path: str | None = None) -> None:
         self.specs = specs
         self.attempt = attempt
+        self.log_path = log_path
         self._fired: set[FaultSpec] = set()
         self._lock = threading.Lock()
 
@@ -109,8 +112,15 @@ class FaultPlan:
             for spec in self.specs:
                 if spec not in self._fired and spec.matches(phase, step, self.attempt):
                     self._fired.add(spec)
+                    self._log(spec, step)
                     return spec
         return None
+
+    def _log(self, spec: FaultSpec, step: int | None) -> None:
+        if self.log_path:
+            entry = {"ts": time.time(), "spec": str(spec), "step": step, "attempt": self.attempt, "pid": os.getpid()}
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 # Injected hangs wait on this event so that a test can release the threads it left blocked; in a real job

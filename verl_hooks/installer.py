@@ -40,7 +40,7 @@ class _HookState:
         with self.lock:
             if settings != self.settings:
                 self.settings = settings
-                self.faults = FaultPlan(settings.faults, settings.attempt)
+                self.faults = FaultPlan(settings.faults, settings.attempt, settings.fault_log)
 
 
 _state = _HookState()
@@ -74,7 +74,7 @@ def current_settings() -> HookSettings:
 def rearm_faults() -> None:
     """Let every planned fault fire again (each fires once per process); for tests and chaos tools."""
     with _state.lock:
-        _state.faults = FaultPlan(_state.settings.faults, _state.settings.attempt)
+        _state.faults = FaultPlan(_state.settings.faults, _state.settings.attempt, _state.settings.fault_log)
 
 
 def is_guarded(manager_cls: type) -> bool:

@@ -21,6 +21,7 @@ ENV_FAULTS = "VERL_HOOKS_FAULTS"
 ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
 ENV_ERROR_FILE = "VERL_SUPERVISOR_ERROR_FILE"
 ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
+ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
 
 # Variables a job's Ray workers must see for the guard to behave as in the driver.
 FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
@@ -41,6 +42,8 @@ class HookSettings:
     faults: tuple[FaultSpec, ...] = ()
     attempt: int = 1
     error_file: str | None = None
+    fault_log: str | None = None
+    """Append a JSON line (time, spec, pid) here when an injected fault fires: the failure's own timestamp."""
 
     def __post_init__(self) -> None:
         for name in ("sync_timeout_s", "cleanup_step_timeout_s", "cancel_grace_s"):
@@ -67,6 +70,7 @@ class HookSettings:
             faults=parse_fault_specs(env.get(ENV_FAULTS)),
             attempt=_int(env, ENV_ATTEMPT, 1),
             error_file=env.get(ENV_ERROR_FILE) or None,
+            fault_log=env.get(ENV_FAULT_LOG) or None,
         )
 
 

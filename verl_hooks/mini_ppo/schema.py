@@ -58,6 +58,9 @@ class TrainerConfig:
     extra_step_time_s: float = 0.0
     """Sleep this long after each step, to emulate a larger model's step time in tests and demos; the training
     work is real either way."""
+    progress_file: str | None = None
+    """Append one JSON line per event (start, step, done) with a Unix timestamp: the job's own timestamps, for
+    the recovery benchmark."""
 
 
 @dataclass
@@ -158,11 +161,12 @@ def with_absolute_paths(config: MiniPPOConfig, cwd: str) -> MiniPPOConfig:
     """The config with its paths made absolute against the driver's ``cwd``: the job's Ray actors have working
     directories of their own, and verl means the driver's."""
     trainer = config.trainer
-    resume = trainer.resume_from_path
+    resume, progress = trainer.resume_from_path, trainer.progress_file
     trainer = dataclasses.replace(
         trainer,
         default_local_dir=os.path.join(cwd, trainer.default_local_dir),
         resume_from_path=os.path.join(cwd, resume) if isinstance(resume, str) else resume,
+        progress_file=os.path.join(cwd, progress) if isinstance(progress, str) else progress,
     )
     return dataclasses.replace(config, trainer=trainer)
 

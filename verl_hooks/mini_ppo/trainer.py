@@ -10,6 +10,8 @@ the same bits as a run that was never interrupted.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -88,6 +90,7 @@ class MiniPPOTrainer:
         # final.json says "this run finished": one left by an earlier run must not outlive a failure of this one.
         (Path(self.root) / FINAL_FILE).unlink(missing_ok=True)
         start = self.load_checkpoint()
+        self.progress("start", start.step, resumed_from_step=None if start.folder is None else start.step)
         manager = self.topology.manager
         if self.hybrid:
             # verl's colocated trainer puts the replicas to sleep at init; the first sync wakes them.
@@ -97,6 +100,7 @@ class MiniPPOTrainer:
         total = self.config.trainer.total_training_steps
         for step in range(start.step + 1, total + 1):
             last = self.train_step(step)
+            self.progress("step", step)
             print(last.line(), flush=True)
             if self.config.trainer.extra_step_time_s:
                 time.sleep(self.config.trainer.extra_step_time_s)
@@ -108,7 +112,15 @@ class MiniPPOTrainer:
             steps_run=max(0, total - start.step),
         )
         report.write(self.root)
+        self.progress("done", report.global_step)
         return report
+
+    def progress(self, event: str, step: int, **fields: object) -> None:
+        path = self.config.trainer.progress_file
+        if path:
+            line = {"ts": time.time(), "event": event, "step": step, "pid": os.getpid(), **fields}
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
     def train_step(self, step: int) -> StepResult:
         manager = self.topology.manager
