@@ -181,9 +181,14 @@ class Teardown(Event):
     actors_alive: int | None
     """Ray actors of the attempt's job still alive at the fence (None: not checked)."""
     fenced: bool
+    actors_killed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    ray_job_id: str | None = None
 
     def describe(self) -> str:
         parts = [f"{len(self.terminated)} ended on SIGTERM", f"{len(self.killed)} SIGKILLed"]
+        if self.actors_killed:
+            parts.append(f"{len(self.actors_killed)} stray actors killed")
         if self.actors_alive is not None:
             parts.append(f"{self.actors_alive} actors alive")
         verdict = "fenced" if self.fenced else "FENCE FAILED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class TeardownReport:
     killed: tuple[ProcessInfo, ...] = ()
     survivors: tuple[ProcessInfo, ...] = ()
     actors_alive: int | None = None
+    actors_killed: tuple[str, ...] = ()
     problems: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -52,6 +54,11 @@ class ClusterStartFailed(RuntimeError):
 
 
 class JobBackend(ABC):
+    @property
+    def python(self) -> str:
+        """The interpreter ``{python}`` in job.argv means where this backend runs the driver."""
+        return sys.executable
+
     @abstractmethod
     def prepare(self) -> None:
         """Make the cluster ready for the next attempt (start it, or restart it when unhealthy)."""
