@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +23,12 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from supervisor.backends.base import JobBackend
 from supervisor.codes import ExitCode
-from supervisor.config import RayMode, SupervisorConfig, validate
+from supervisor.config import RayMode, SupervisorConfig, host_of, resolve_cluster, validate
 from supervisor.events import EventLog
 from supervisor.job_command import conflicting_args
+from supervisor.processes import local_ip_towards
 from supervisor.rundir import RunDirectory, RunDirectoryInUse
 
 SCHEMA_NAME = "supervisor_schema"
@@ -86,14 +89,29 @@ def to_supervisor_config(cfg) -> SupervisorConfig:
     except OmegaConfBaseException as exc:
         raise UsageError(_one_line(exc)) from None
     assert isinstance(config, SupervisorConfig)
-    problems = validate(config)
-    if config.ray.mode is not RayMode.local:
-        problems.append(f"ray.mode={config.ray.mode.value} is not available in this version; use ray.mode=local")
+    problems = validate(config) + resolve_cluster(config, os.environ)
     if problems:
         raise UsageError("; ".join(problems))
+    config.watchdog.listen_host = heartbeat_listen_host(config)
     config.run_dir = str(Path(config.run_dir).expanduser().resolve())
     config.checkpoints.dir = str(Path(config.checkpoints.dir).expanduser().resolve())
     return config
+
+
+def heartbeat_listen_host(config: SupervisorConfig) -> str:
+    """Where the job's heartbeats can reach the supervisor: loopback for an embedded cluster, otherwise the
+    address this machine uses towards the cluster (a job's processes on other nodes post there)."""
+    if config.watchdog.listen_host:
+        return config.watchdog.listen_host
+    if config.ray.mode is RayMode.local:
+        return "127.0.0.1"
+    cluster_host = host_of(config.ray.address or "")
+    try:
+        return local_ip_towards(cluster_host)
+    except OSError as exc:
+        raise UsageError(
+            f"no route from this machine to the Ray cluster's host {cluster_host!r} ({exc}); set watchdog.listen_host"
+        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -131,12 +149,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(int(code))
 
 
+def make_backend(config: SupervisorConfig, run_dir: RunDirectory, run_id: str, events: EventLog) -> JobBackend:
+    from supervisor.backends.address import AddressBackend
+    from supervisor.backends.jobs import JobsBackend
+    from supervisor.backends.local import LocalBackend
+
+    if config.ray.mode is RayMode.address:
+        return AddressBackend(config.ray, config.teardown, run_id)
+    if config.ray.mode is RayMode.jobs:
+        return JobsBackend(config.ray, config.teardown, run_id)
+    return LocalBackend(config.ray, config.teardown, run_dir.path / "ray", run_id, events)
+
+
 def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
     """Run the supervisor on a validated configuration; returns its exit code."""
-    from supervisor.backends.local import LocalBackend
     from supervisor.heartbeats import HeartbeatServer
     from supervisor.runner import RunAlreadyFinished, Supervisor, new_history
 
+    # The supervisor is a client of the cluster too (state API, GCS), and Ray reads the mode from the environment.
+    os.environ["RAY_AUTH_MODE"] = config.ray.auth_mode
     run_dir = RunDirectory(Path(config.run_dir))
     try:
         run_dir.acquire()
@@ -148,7 +179,7 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         except RunAlreadyFinished as exc:
             raise UsageError(str(exc)) from None
         events = EventLog(run_dir.events_path, history.run_id)
-        backend = LocalBackend(config.ray, run_dir.path / "ray", history.run_id, events)
+        backend = make_backend(config, run_dir, history.run_id, events)
         heartbeats = HeartbeatServer(config.watchdog.listen_host, config.watchdog.advertise_host)
         heartbeats.start()
         try:

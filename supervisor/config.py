@@ -8,8 +8,10 @@ mode-specific keys). Mechanisms receive these values; nothing below the CLI read
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from urllib.parse import urlsplit
 
 from omegaconf import MISSING
 
@@ -59,12 +61,21 @@ class JobConfig:
 class RayConfig:
     mode: RayMode = RayMode.local
     address: str | None = None
-    """``ray.mode=address``: the cluster's GCS address; ``ray.mode=jobs``: the dashboard's URL. Null: RAY_ADDRESS."""
+    """``ray.mode=address``: the cluster's GCS address (host:port); ``ray.mode=jobs``: the dashboard's URL
+    (http://host:8265). Null: $RAY_ADDRESS."""
+    dashboard_url: str | None = None
+    """``ray.mode=address``: the dashboard whose state API the fence asks (null: port 8265 on the GCS host)."""
+    gcs_address: str | None = None
+    """``ray.mode=jobs``: the GCS the fence kills stray actors through (null: port 6379 on the dashboard host)."""
+    python: str = "python"
+    """``ray.mode=jobs``: the interpreter that ``{python}`` in job.argv means where the cluster runs drivers."""
+    ship_verl_hooks: bool = False
+    """``ray.mode=jobs``: send this machine's verl_hooks to the cluster with each job (runtime_env py_modules)."""
     num_cpus: int | None = None
     """Logical CPUs of the embedded cluster; null lets Ray count the machine's."""
     object_store_memory_mb: int | None = None
     auth_mode: str = "disabled"
-    """RAY_AUTH_MODE for the embedded cluster and the job (Ray 2.60 token authentication: disabled or token)."""
+    """RAY_AUTH_MODE of the cluster, the job and the supervisor's own calls to it (disabled or token)."""
     dashboard: bool = True
     """The embedded cluster's dashboard, on loopback: the fence asks its state API for the job's actors."""
     keep_cluster_between_attempts: bool = True
@@ -90,6 +101,9 @@ class TeardownConfig:
     """Between SIGTERM and SIGKILL, for the job's process group and for every process of the attempt."""
     fence_timeout_s: float = 60.0
     """How long to wait for the attempt's processes and Ray actors to be gone before refusing to relaunch."""
+    kill_stray_actors: bool = True
+    """Kill (by id, through the GCS) actors of the attempt's Ray job that outlive its driver: detached ones.
+    Off: they are waited for until ``fence_timeout_s``, then the supervisor stops (exit code 6)."""
 
 
 @dataclass
@@ -123,8 +137,9 @@ class WatchdogConfig:
     """How often the supervisor looks at the heartbeats while the job runs (detection granularity)."""
     stack_dump_timeout_s: float = 3.0
     """How long to wait for the stalled job's processes to dump their stacks before tearing them down."""
-    listen_host: str = "127.0.0.1"
-    """Where the heartbeat server listens; jobs with workers on other machines need a reachable address."""
+    listen_host: str | None = None
+    """Where the heartbeat server listens. Null: 127.0.0.1 with ``ray.mode=local``; with a cluster, this
+    machine's address on the route to it, so that the job's processes on other nodes reach the server."""
     advertise_host: str | None = None
     """The host name the job is told to send heartbeats to (null: listen_host)."""
 
@@ -211,3 +226,32 @@ def validate(config: SupervisorConfig) -> list[str]:
         for name in rule.signals or []:
             require(name == "any" or name.startswith("SIG"), f"{where}.signals: {name!r} is not a signal name")
     return problems
+
+
+RAY_DEFAULT_DASHBOARD_PORT = 8265
+RAY_DEFAULT_GCS_PORT = 6379
+
+
+def host_of(address: str) -> str:
+    """The host of ``host:port`` or of a URL."""
+    return urlsplit(address if "://" in address else f"//{address}").hostname or ""
+
+
+def resolve_cluster(config: SupervisorConfig, environ: Mapping[str, str]) -> list[str]:
+    """Fill in the cluster addresses a mode needs (from $RAY_ADDRESS and Ray's default ports); returns the
+    problems, one line each. Resolved here, once: the backends get values, not environment lookups."""
+    ray = config.ray
+    if ray.mode is RayMode.local:
+        return []
+    if ray.address is None:
+        ray.address = environ.get("RAY_ADDRESS") or None
+    address = ray.address or ""
+    if ray.mode is RayMode.address:
+        if not address or "://" in address or ":" not in address:
+            return [f"ray.mode=address needs ray.address=HOST:PORT (the cluster's GCS) or RAY_ADDRESS, not {address!r}"]
+        ray.dashboard_url = ray.dashboard_url or f"http://{host_of(address)}:{RAY_DEFAULT_DASHBOARD_PORT}"
+    else:
+        if not address.startswith(("http://", "https://")):
+            return [f"ray.mode=jobs needs ray.address=http://HOST:8265 (the dashboard) or RAY_ADDRESS, not {address!r}"]
+        ray.gcs_address = ray.gcs_address or f"{host_of(address)}:{RAY_DEFAULT_GCS_PORT}"
+    return []

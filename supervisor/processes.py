@@ -210,6 +210,13 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def local_ip_towards(host: str) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent: a UDP socket only picks a route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, 9))
+        return str(sock.getsockname()[0])
+
+
 def wait_for(condition: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
     """Poll ``condition()`` until true or the timeout; for waiting on other programs' start-up only."""
     deadline = time.monotonic() + timeout_s

@@ -8,6 +8,7 @@ stopped by signalling exactly the processes that carry its marker.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -82,6 +83,7 @@ class LocalRayCluster:
         self.temp_dir: Path | None = None
         self._process: ChildProcess | None = None
         self._log_path: Path | None = None
+        self._nodes: list[ChildProcess] = []
 
     @property
     def address(self) -> str:
@@ -196,6 +198,47 @@ class LocalRayCluster:
             command.append(f"--object-store-memory={self.spec.object_store_memory_mb << 20}")
         return command
 
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """Another raylet on this machine joining the cluster, with ports and a temp dir of its own: a
+        multi-node cluster on one machine (for tests). It carries the cluster's marker, so ``stop`` ends it."""
+        assert self.temp_dir is not None, "start() first"
+        index = len(self._nodes) + 1
+        temp_dir = Path(f"{self.temp_dir}-n{index}")
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        ports = [free_port(self.spec.node_ip) for _ in range(6)]
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            f"--address={self.address}",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={self.spec.node_ip}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--metrics-export-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}",
+        ]
+        if resources:
+            command.append(f"--resources={json.dumps(resources)}")
+        if self.spec.object_store_memory_mb is not None:
+            command.append(f"--object-store-memory={self.spec.object_store_memory_mb << 20}")
+        env = {**os.environ, **self.spec.extra_env, **self.marker, "RAY_AUTH_MODE": self.spec.auth_mode}
+        env.pop("RAY_ADDRESS", None)
+        log_path = temp_dir / "ray-start.log"
+        with log_path.open("wb") as log:
+            node = start_child(command, env=env, stdout=log, stderr=log)
+        self._nodes.append(node)
+        if not wait_for(lambda: node.poll() is not None or "Ray runtime started" in tail(log_path), 90):
+            raise ClusterStartError(f"node {index} did not join in 90 s:\n{tail(log_path, 4000)}")
+        if node.poll() is not None:
+            raise ClusterStartError(f"node {index} did not join:\n{tail(log_path, 4000)}")
+
     def is_healthy(self) -> bool:
         """`ray start --block` exits as soon as one of its processes dies, and the GCS must answer."""
         if self._process is None or self._process.poll() is not None or self.ports is None:
@@ -213,13 +256,17 @@ class LocalRayCluster:
         cluster's marker after ``grace_s`` is terminated, then killed.
         """
         marked = self.processes()
-        if self._process is not None and self._process.poll() is None:
-            os.kill(self._process.pid, signal.SIGTERM)
+        for node in [*self._nodes, self._process]:
+            if node is not None and node.poll() is None:
+                os.kill(node.pid, signal.SIGTERM)
         _, lingering = psutil.wait_procs(marked, timeout=grace_s)
-        report = terminate_processes(lingering + self.processes(), grace_s=2.0)
-        if self._process is not None:
-            self._process.wait(timeout_s=5.0)
-            self._process = None
+        remaining = {p.pid: p for p in [*lingering, *self.processes()]}
+        report = terminate_processes(list(remaining.values()), grace_s=2.0)
+        for node in [*self._nodes, self._process]:
+            if node is not None:
+                node.wait(timeout_s=5.0)
+        self._process = None
+        self._nodes = []
         if report.survivors:
             logger.error("processes of Ray cluster %s survived SIGKILL: %s", self.cluster_id, report.survivors)
         return report

@@ -103,7 +103,6 @@ class Supervisor:
         backend: JobBackend,
         events: EventLog,
         console: TextIO | None = None,
-        python: str = sys.executable,
         sleep: Callable[[float], None] = time.sleep,
         heartbeats: HeartbeatServer | None = None,
     ) -> None:
@@ -114,7 +113,6 @@ class Supervisor:
         self.backend = backend
         self.events = events
         self.console = console if console is not None else sys.stderr
-        self.python = python
         self._sleep = sleep
         self.heartbeats = heartbeats
         self._watch = _Watch()
@@ -230,7 +228,7 @@ class Supervisor:
         number = len(self.history.attempts) + 1
         log_dir = self.run_dir.attempt_dir(number)
         error_file = log_dir / "error.json"
-        argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.python)
+        argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.backend.python)
         env = {
             **self.config.job.env,
             "VERL_SUPERVISOR_RUN_ID": self.history.run_id,
@@ -278,6 +276,10 @@ class Supervisor:
             return
         with beats_log.open("a") as f:
             for beat in beats:
+                if beat.kind == "error_record":
+                    # From a driver on another machine: the record file is written here, first one wins.
+                    write_record(beats_log.with_name("error.json"), ErrorRecord.from_dict(beat.fields["record"]))
+                    continue
                 progress.observe(beat)
                 f.write(json.dumps({"received_at": time.time(), **beat.fields}) + "\n")
 
@@ -366,6 +368,9 @@ class Supervisor:
                 survivors=[f"{p.name}[{p.pid}]" for p in report.survivors],
                 actors_alive=report.actors_alive,
                 fenced=report.fenced,
+                actors_killed=list(report.actors_killed),
+                problems=list(report.problems),
+                ray_job_id=job.ray_job_id,
             )
         )
         return report

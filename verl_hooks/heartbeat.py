@@ -6,7 +6,9 @@ reaches it from any node in every Ray mode without the supervisor being part of 
 blocks or fails the job: a full queue or an unreachable supervisor drops the beat.
 
 Kinds: ``alive`` (the driver, every few seconds: the process is not frozen), ``sync_begin``, ``sync_phase``,
-``sync_end`` and ``sync_failed`` (the guard, around each weight sync: the training loop is making progress).
+``sync_end`` and ``sync_failed`` (the guard, around each weight sync: the training loop is making progress), and
+``error_record`` (the launcher's error record, sent synchronously before the driver exits: with ``ray.mode=jobs``
+the driver may run where the supervisor's record file cannot be written).
 
 When ``$VERL_SUPERVISOR_STACKS_DIR`` is set, SIGUSR1 makes the process write the Python stacks of all its
 threads there (``faulthandler``: works while a C call holds the GIL and needs no ptrace permission).
@@ -15,6 +17,7 @@ threads there (``faulthandler``: works while a C call holds the GIL and needs no
 from __future__ import annotations
 
 import faulthandler
+import http.client
 import json
 import logging
 import os
@@ -65,19 +68,32 @@ class HeartbeatSender:
         except queue.Full:
             pass
 
+    def post_now(self, kind: str, **fields: Any) -> bool:
+        """Send one message synchronously, bypassing the queue; True if the supervisor took it."""
+        beat = {"kind": kind, "attempt": self._attempt, "pid": os.getpid(), "sent_at": time.time(), **fields}
+        try:
+            self._post(beat)
+            return True
+        except (OSError, http.client.HTTPException) as exc:
+            logger.warning("verl_hooks: could not send %s to %s: %s", kind, self.url, exc)
+            return False
+
+    def _post(self, beat: dict[str, Any]) -> None:
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps(beat).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"},
+            method="POST",
+        )
+        with self._opener.open(request, timeout=_SEND_TIMEOUT_S) as response:
+            response.read()
+
     def _run(self) -> None:
         while True:
             beat = self._queue.get()
-            request = urllib.request.Request(
-                self.url,
-                data=json.dumps(beat).encode(),
-                headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"},
-                method="POST",
-            )
             try:
-                with self._opener.open(request, timeout=_SEND_TIMEOUT_S) as response:
-                    response.read()
-            except OSError as exc:
+                self._post(beat)
+            except (OSError, http.client.HTTPException) as exc:
                 if not self._warned:
                     logger.warning("verl_hooks: heartbeat to %s failed (%s); later failures are silent", self.url, exc)
                     self._warned = True
@@ -104,6 +120,15 @@ def beat(kind: str, **fields: Any) -> None:
     sender = _get_sender()
     if sender is not None:
         sender.send(kind, **fields)
+
+
+def send_record(record: dict[str, Any]) -> bool:
+    """Post an error record to the supervisor and wait for it to arrive (bounded): the driver may be on a
+    machine where the supervisor's record file cannot be written, and it is about to exit."""
+    sender = _get_sender()
+    if sender is None:
+        return False
+    return sender.post_now("error_record", record=record)
 
 
 def start_alive_beats() -> None:

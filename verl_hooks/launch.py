@@ -17,6 +17,7 @@ OmegaConf error, bad ``VERL_HOOKS_*`` settings, a verl the guard does not suppor
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -159,9 +160,21 @@ def report_failure(exc: BaseException, settings: HookSettings) -> int:
     else:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"verl_hooks.launch: {_summary(record, code)}", file=sys.stderr)
-    if settings.error_file:
-        write_record(settings.error_file, record)
+    deliver_record(record, settings)
     return code
+
+
+def deliver_record(record: ErrorRecord, settings: HookSettings) -> None:
+    """To the record file when it can be written here, and to the supervisor over the heartbeat channel (which
+    reaches it when this driver runs on another machine)."""
+    if settings.error_file:
+        try:
+            write_record(settings.error_file, record)
+        except OSError as exc:
+            print(
+                f"verl_hooks.launch: could not write the error record to {settings.error_file}: {exc}", file=sys.stderr
+            )
+    heartbeat.send_record(dataclasses.asdict(record))
 
 
 def _messages(exc: BaseException) -> str:
@@ -207,11 +220,11 @@ def _exit(code: int) -> NoReturn:
 
 def _exit_recorded(code: int, error_type: str, message: str, settings: HookSettings) -> NoReturn:
     """Exit with ``code`` for a failure that has no exception worth a traceback."""
-    if code != 0 and settings.error_file:
+    if code != 0:
         record = ErrorRecord(
             error_type=error_type, message=message, source="launcher", exit_code=code, attempt=settings.attempt
         )
-        write_record(settings.error_file, record)
+        deliver_record(record, settings)
     _exit(code)
 
 

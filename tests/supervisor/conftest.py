@@ -23,6 +23,10 @@ from tests.conftest import REPO_ROOT
 
 TEST_CONFIG_DIR = REPO_ROOT / "tests" / "supervisor" / "conf"
 
+# The mini-PPO job of the end-to-end tests (the reference digest depends on every one of these, the backend
+# aside: both backends carry the same weights), as small as it gets: each of its Ray processes imports verl.
+JOB_ARGS = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11", "trainer.n_workers=1")
+
 
 def supervisor_argv(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = ()) -> list[str]:
     argv = [sys.executable, "-m", "supervisor", "--config-dir", str(TEST_CONFIG_DIR), f"run_dir={run_dir}"]
@@ -89,6 +93,21 @@ def events_of(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 def state_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "state.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference(ray_cluster, tmp_path_factory) -> dict:
+    """final.json of an uninterrupted run of JOB_ARGS, and its checkpoints as a template."""
+    from tests.mini_ppo.harness import run_job
+
+    ckpt = tmp_path_factory.mktemp("mini_reference") / "checkpoints"
+    run = run_job(ray_cluster, ckpt, *JOB_ARGS)
+    assert run.returncode == 0, run.output[-3000:]
+    return {"final": run.final(), "checkpoints": ckpt}
+
+
+def final_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "checkpoints" / "final.json").read_text())
 
 
 class RunTracker:

@@ -1,15 +1,15 @@
 """A job for the supervisor's loop tests: behaviour chosen per attempt on the command line.
 
-    python scripted_job.py [--fail-until N] [--exit-code C] [--ignore-sigterm] [--run-forever-on A]
-                           [--spawn-stubborn-child] [--steps N --step-time S [--stall-on A --stall-at K]
-                           [--slow-after K --slow-step-time S]]
+    python -m tests.supervisor.scripted_job [--fail-until N] [--exit-code C] [--ignore-sigterm]
+        [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A]
+        [--steps N --step-time S [--stall-on A --stall-at K] [--slow-after K --slow-step-time S]]
 
 With --steps it behaves like a verl job as the supervisor sees it: it sends the weight-sync guard's heartbeats
 (sync_begin, sync_phase, sync_end) once per step and the driver's alive beats, and on --stall-on attempts it
 stops at step --stall-at inside a function whose name the stack dump must show.
 
-It writes `ready` into its attempt's log folder once it is running, so that tests wait on that instead of
-sleeping.
+It writes `ready` into its attempt's log folder once it is running (when the folder is on this machine), so
+that tests wait on that instead of sleeping.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--run-forever-on", type=int, action="append", default=[])
     parser.add_argument("--spawn-stubborn-child", action="store_true")
+    parser.add_argument("--leave-detached-actor-on", type=int, action="append", default=[])
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--step-time", type=float, default=0.2)
     parser.add_argument("--stall-on", type=int, action="append", default=[])
@@ -43,8 +44,11 @@ def main() -> None:
     if args.spawn_stubborn_child:
         code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
         subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-    Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("ready").write_text(str(os.getpid()))
+    if "VERL_SUPERVISOR_ERROR_FILE" in os.environ:  # not with ray.mode=jobs: the driver may be elsewhere
+        Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("ready").write_text(str(os.getpid()))
     print(f"scripted job: attempt {attempt}", flush=True)
+    if attempt in args.leave_detached_actor_on:
+        leave_a_detached_actor(attempt)
     if attempt in args.run_forever_on:
         while True:
             time.sleep(1)
@@ -67,6 +71,32 @@ def train_with_heartbeats(args: argparse.Namespace, attempt: int) -> None:
         heartbeat.beat("sync_end", step=step, duration_s=0.01)
         print(f"scripted job: step {step}", flush=True)
     time.sleep(0.5)  # let the last beats leave before the process exits
+
+
+class Stubborn:
+    """An actor that outlives its job: detached, unnamed (no handle and no name to kill it by once the job is
+    gone), and deaf to SIGTERM."""
+
+    def __init__(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def ping(self) -> str:
+        return f"pid {os.getpid()}, SUBMITTED_BY={os.environ.get('SUBMITTED_BY')}"
+
+
+def leave_a_detached_actor(attempt: int) -> None:
+    """Leave a Stubborn actor on a node with the `stray_ok` resource (the test cluster's non-head node).
+
+    Its process drops the run's marker: on a real cluster it would run on another machine, out of reach of the
+    supervisor's process sweep, and only the fence's kill by id through the GCS can end it.
+    """
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    elsewhere = {"env_vars": {"VERL_SUPERVISOR_RUN_ID": "", "VERL_SUPERVISOR_ATTEMPT": ""}}
+    remote = ray.remote(num_cpus=0, resources={"stray_ok": 0.01}, runtime_env=elsewhere)(Stubborn)
+    actor = remote.options(lifetime="detached").remote()
+    print(f"scripted job: detached actor in {ray.get(actor.ping.remote())}", flush=True)
 
 
 def wait_for_a_reply_that_never_comes() -> None:

@@ -13,29 +13,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.mini_ppo.harness import run_job
-from tests.supervisor.conftest import events_of, run_supervisor, start_supervisor, state_of, wait_until
+from tests.supervisor.conftest import (
+    JOB_ARGS,
+    events_of,
+    final_of,
+    run_supervisor,
+    start_supervisor,
+    state_of,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ray
 
-# The same job everywhere (the reference digest depends on every one of these, the backend aside: both backends
-# carry the same weights), as small as it gets: each Ray process of the job spends seconds importing verl.
-JOB_ARGS = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11", "trainer.n_workers=1")
 MULTI_PHASE = ("rollout.backend=cpu_gloo", "rollout.num_replicas=1")
 FAST = ("restart.backoff_initial_s=0.2", "restart.backoff_jitter_s=0", "teardown.grace_s=3")
-
-
-@pytest.fixture(scope="session")
-def reference(ray_cluster, tmp_path_factory) -> dict:
-    """final.json of an uninterrupted run of JOB_ARGS, and its checkpoints as a template."""
-    ckpt = tmp_path_factory.mktemp("mini_reference") / "checkpoints"
-    run = run_job(ray_cluster, ckpt, *JOB_ARGS)
-    assert run.returncode == 0, run.output[-3000:]
-    return {"final": run.final(), "checkpoints": ckpt}
-
-
-def final_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "checkpoints" / "final.json").read_text())
 
 
 @pytest.mark.parametrize(

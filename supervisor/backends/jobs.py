@@ -1,0 +1,192 @@
+"""``ray.mode=jobs``: each attempt is a submission to an existing cluster's Ray Jobs API.
+
+The driver runs wherever the cluster puts it, so the supervisor sees it only through the Jobs SDK: the status is
+polled every ``poll_s``, the logs are tailed into ``attempts/<n>/``, the exit code comes from the job's details,
+and the error record comes over the heartbeat channel (the launcher posts it; a file path on another machine is
+no use). Teardown is ``stop_job``, then the same fence as the other modes, on the job's Ray job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownReport
+from supervisor.codes import ExitStatus
+from supervisor.config import RayConfig, TeardownConfig
+from supervisor.fence import RayFence
+from supervisor.processes import ENV_ATTEMPT, ENV_RUN_ID, ProcessInfo, find_marked_processes
+from supervisor.ray_state import RayStateClient
+from supervisor.stacks import StackDump, dump_stacks
+from verl_hooks.launch import forwarded_env
+
+POLL_S = 0.2
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass
+class SubmittedJob(RunningJob):
+    submission_id: str = ""
+    tail: threading.Thread | None = None
+    exit_status: ExitStatus | None = None
+
+
+def submission_id(run_id: str, attempt: int) -> str:
+    return f"verl-supervisor-{run_id[:12]}-{attempt}"
+
+
+class JobsBackend(JobBackend):
+    def __init__(self, ray: RayConfig, teardown: TeardownConfig, run_id: str, echo_output: bool = True) -> None:
+        assert ray.address is not None, "resolve_cluster() first"
+        self._ray = ray
+        self._kill_stray_actors = teardown.kill_stray_actors
+        self._dashboard = ray.address
+        self._run_id = run_id
+        self._echo = echo_output
+        self._state = RayStateClient(ray.address)
+        self._client: Any = None
+
+    @property
+    def python(self) -> str:
+        return self._ray.python
+
+    def _jobs(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self._dashboard)
+        return self._client
+
+    def prepare(self) -> None:
+        try:
+            self._jobs().get_version()
+        except Exception as exc:
+            raise ClusterStartFailed(f"the Ray Jobs API at {self._dashboard} does not answer: {exc}") from exc
+
+    def runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
+        # Paths on this machine mean nothing where the driver runs: the error record comes over the heartbeat
+        # channel instead, and stacks can only be taken from processes on this machine.
+        local_only = ("VERL_SUPERVISOR_ERROR_FILE", "VERL_SUPERVISOR_STACKS_DIR")
+        # A submitted driver does not inherit the supervisor's environment as a child does: pass on what the
+        # guard reads (VERL_HOOKS_* such as faults and deadlines), then the attempt's own variables.
+        inherited = forwarded_env(os.environ)
+        env_vars = {k: v for k, v in {**inherited, **spec.env}.items() if k not in local_only}
+        env: dict[str, Any] = {
+            "env_vars": {**env_vars, "RAY_AUTH_MODE": self._ray.auth_mode},
+            "worker_process_setup_hook": "verl_hooks.install",
+        }
+        if self._ray.ship_verl_hooks:
+            import verl_hooks
+
+            env["py_modules"] = [str(Path(verl_hooks.__file__).parent)]
+        return env
+
+    def launch(self, spec: LaunchSpec) -> SubmittedJob:
+        job_id = submission_id(self._run_id, spec.attempt)
+        self._jobs().submit_job(
+            entrypoint=shlex.join(spec.argv),
+            submission_id=job_id,
+            runtime_env=self.runtime_env(spec),
+            entrypoint_num_cpus=0,
+        )
+        job = SubmittedJob(attempt=spec.attempt, started_at=time.time(), submission_id=job_id)
+        job.tail = threading.Thread(
+            target=self._tail_logs, args=(job_id, spec.log_dir / "stdout.log"), name=f"tail-{job_id}", daemon=True
+        )
+        job.tail.start()
+        return job
+
+    def _tail_logs(self, job_id: str, log_path: Path) -> None:
+        async def follow() -> None:
+            with log_path.open("a") as log:
+                async for chunk in self._jobs().tail_job_logs(job_id):
+                    log.write(chunk)
+                    log.flush()
+                    if self._echo:
+                        sys.stdout.write(chunk)
+                        sys.stdout.flush()
+
+        try:
+            asyncio.run(follow())
+        except Exception as exc:  # noqa: BLE001 - losing the log tail must not fail the attempt
+            with log_path.open("a") as log:
+                log.write(f"\n[verl-supervisor] log tail ended: {type(exc).__name__}: {exc}\n")
+
+    def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
+        submitted = _submitted(job)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status = str(self._jobs().get_job_status(submitted.submission_id).value)
+            if status in _TERMINAL:
+                submitted.exit_status = self._exit_status(submitted, status)
+                return submitted.exit_status
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic())))
+
+    def _exit_status(self, job: SubmittedJob, status: str) -> ExitStatus:
+        info = self._jobs().get_job_info(job.submission_id)
+        job.ray_job_id = getattr(info, "job_id", None) or job.ray_job_id
+        code = getattr(info, "driver_exit_code", None)
+        if status == "SUCCEEDED":
+            return ExitStatus(code=0)
+        if status == "STOPPED":
+            return ExitStatus(signal=int(signal.SIGTERM))
+        return ExitStatus(code=code if code is not None else 1)
+
+    def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
+        # Only what runs on this machine can be signalled; a driver on another node is out of reach.
+        return dump_stacks(self._local_processes(job), stacks_dir, timeout_s)
+
+    def _local_processes(self, job: RunningJob) -> list:
+        return find_marked_processes({ENV_RUN_ID: self._run_id, ENV_ATTEMPT: str(job.attempt)})
+
+    def teardown(self, job: RunningJob, grace_s: float, fence_timeout_s: float) -> TeardownReport:
+        started = time.monotonic()
+        submitted = _submitted(job)
+        if submitted.exit_status is None:
+            self._jobs().stop_job(submitted.submission_id)
+            self.wait(job, grace_s + 10.0)
+        if submitted.ray_job_id is None:
+            submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
+        fence = RayFence(self._state, self._ray.gcs_address, self._kill_stray_actors)
+        result = fence.fence(
+            submitted.ray_job_id, lambda: self._local_processes(job), grace_s, fence_timeout_s, lambda: False
+        )
+        if submitted.tail is not None:
+            submitted.tail.join(5.0)
+        return TeardownReport(
+            duration_s=time.monotonic() - started,
+            terminated=tuple(result.terminated),
+            killed=tuple(result.killed),
+            survivors=tuple(result.survivors),
+            actors_alive=result.actors_alive,
+            actors_killed=tuple(result.actors_killed),
+            problems=tuple(result.problems),
+        )
+
+    def stale_processes(self) -> list[ProcessInfo]:
+        """Stop this run's submissions that an earlier supervisor of the run left running."""
+        prefix = submission_id(self._run_id, 0)[:-1]
+        stopped = []
+        for details in self._jobs().list_jobs():
+            if (details.submission_id or "").startswith(prefix) and str(details.status.value) not in _TERMINAL:
+                self._jobs().stop_job(details.submission_id)
+                stopped.append(ProcessInfo(pid=-1, name=f"ray job {details.submission_id}", cmdline=details.entrypoint))
+        return stopped
+
+    def close(self) -> None:
+        pass  # the cluster is not ours
+
+
+def _submitted(job: RunningJob) -> SubmittedJob:
+    assert isinstance(job, SubmittedJob)
+    return job
