@@ -75,8 +75,14 @@ class _SyncContext:
     faults: FaultPlan
     global_step: int | None
     backend: str
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    """Set when the guard gives up on the sync: its thread, if it ever wakes up, starts no further phase."""
 
     def _enter(self, phase: SyncPhase) -> FaultSpec | None:
+        if self.abandoned.is_set():
+            # A blocked ray.get that returns after the deadline must not go on to push weights into a rollout
+            # that the cleanup has already resumed.
+            raise WeightSyncTimeout(f"the guard abandoned this weight sync; phase '{phase.value}' not started")
         self.tracker.enter(phase)
         heartbeat.beat("sync_phase", step=self.global_step, phase=phase.value)
         return self.faults.take(phase, self.global_step)
@@ -302,17 +308,27 @@ class _Backstop:
             self._timer.cancel()
 
     def _fire(self) -> None:
+        try:
+            self._record()
+        finally:
+            # Whatever recording did, the process must end: this is the last line of defence against a hang.
+            os._exit(EXIT_WEIGHT_SYNC_FATAL)
+
+    def _record(self) -> None:
+        import dataclasses
+
         from verl_hooks.record import record_for_weight_sync_error, write_record
 
         fatal = self._describe()
         print(f"verl_hooks: {fatal.message}; the guard could not raise, exiting the process", file=sys.stderr)
+        record = record_for_weight_sync_error(fatal, exit_code=EXIT_WEIGHT_SYNC_FATAL, source="guard-backstop")
         if self._error_file:
-            write_record(
-                self._error_file,
-                record_for_weight_sync_error(fatal, exit_code=EXIT_WEIGHT_SYNC_FATAL, source="guard-backstop"),
-            )
+            try:
+                write_record(self._error_file, record)
+            except OSError as exc:  # e.g. a worker on a node where the supervisor's run directory is not mounted
+                print(f"verl_hooks: could not write the error record {self._error_file}: {exc}", file=sys.stderr)
+        heartbeat.send_record(dataclasses.asdict(record))
         sys.stderr.flush()
-        os._exit(EXIT_WEIGHT_SYNC_FATAL)
 
 
 async def run_guarded_sync(
@@ -361,6 +377,7 @@ async def run_guarded_sync(
         else:
             hang = True
             stuck_stack = runner.stack()
+            sync.abandoned.set()
             runner.cancel()
             await asyncio.wait({waiter}, timeout=settings.cancel_grace_s)
             if waiter.done() and not waiter.cancelled():

@@ -39,7 +39,7 @@ from verl_hooks.errors import (
     find_weight_sync_error,
 )
 from verl_hooks.installer import install
-from verl_hooks.record import ErrorRecord, record_for_exception, write_record
+from verl_hooks.record import ErrorRecord, read_record, record_for_exception, write_record
 from verl_hooks.settings import ENV_CHAINED_SETUP_HOOK, FORWARDED_ENV_PREFIXES, HookSettings
 
 EXIT_FAILURE = 1
@@ -153,15 +153,26 @@ def _is_config_error(exc: BaseException) -> bool:
 def report_failure(exc: BaseException, settings: HookSettings) -> int:
     """Print the failure, record it, and return the exit code it calls for."""
     code = exit_code_for(exc)
+    backstop = _backstop_record(settings)
+    if backstop is not None:
+        # The guard's backstop ended a worker (the TaskRunner, say) after a weight-sync hang: the driver only
+        # sees that actor die, but the root cause, already on record, is the weight sync.
+        code = EXIT_WEIGHT_SYNC_FATAL
     record = record_for_exception(exc, exit_code=code, source="launcher", attempt=settings.attempt)
     if code == EXIT_CONFIG_ERROR:
         # A configuration error's message is the whole story; its traceback goes to the record.
         print(f"Error: {_messages(exc)}", file=sys.stderr)
     else:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    print(f"verl_hooks.launch: {_summary(record, code)}", file=sys.stderr)
+    print(f"verl_hooks.launch: {_summary(backstop or record, code)}", file=sys.stderr)
     deliver_record(record, settings)
     return code
+
+
+def _backstop_record(settings: HookSettings) -> ErrorRecord | None:
+    """The record the guard's backstop left in this attempt's record file, if it did."""
+    earlier = read_record(settings.error_file) if settings.error_file else None
+    return earlier if earlier is not None and earlier.source == "guard-backstop" else None
 
 
 def deliver_record(record: ErrorRecord, settings: HookSettings) -> None:

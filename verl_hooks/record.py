@@ -32,7 +32,7 @@ class ErrorRecord:
     message: str
     source: str
     """Who wrote it: ``launcher`` (the job's driver), ``guard-backstop`` (the guard's last-resort exit), or
-    ``supervisor`` (rebuilt from the exit status when the job left no record)."""
+    ``supervisor-watchdog`` (the supervisor, for an attempt it ended because it stalled)."""
     exit_code: int | None = None
     signal: str | None = None
     phase: str | None = None

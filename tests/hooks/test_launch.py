@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
@@ -189,3 +190,43 @@ def test_other_failures_keep_a_code_of_their_own(ray_cluster, tmp_path: Path) ->
     assert record.error_type == "ValueError"
     assert "the trainer failed for a reason of its own" in record.message
     assert record.phase is None
+
+
+@pytest.mark.ray
+def test_trainer_ended_by_the_guards_backstop_still_exits_75(ray_cluster, tmp_path: Path) -> None:
+    """The driver only sees its TaskRunner die; the backstop's record says why, and the exit code follows it."""
+    error_file = tmp_path / "error.json"
+    proc = launch("-m", JOB, "backstop", "7", env={**ray_cluster.env(), "VERL_SUPERVISOR_ERROR_FILE": str(error_file)})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "ActorDiedError" in proc.stderr
+    assert "weight-sync failure in phase 'build_process_group' at global step 7" in proc.stderr
+    record = read_record(error_file)
+    assert (record.source, record.phase, record.global_step, record.hang) == (
+        "guard-backstop",
+        "build_process_group",
+        7,
+        True,
+    )
+
+
+@pytest.mark.ray
+def test_exit_fault_kills_the_process_of_the_phase(ray_cluster, tmp_path: Path) -> None:
+    error_file = tmp_path / "error.json"
+    proc = launch(
+        "-m",
+        JOB,
+        "sync",
+        "5",
+        env={
+            **ray_cluster.env(),
+            "VERL_HOOKS_FAULTS": "naive:exit@5#1",
+            "VERL_SUPERVISOR_ERROR_FILE": str(error_file),
+            "VERL_HOOKS_FAULT_LOG": str(tmp_path / "faults.jsonl"),
+        },
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    record = read_record(error_file)
+    assert record.error_type.endswith("ActorDiedError"), "the TaskRunner died: no weight-sync error could be raised"
+    (fired,) = [json.loads(line) for line in (tmp_path / "faults.jsonl").read_text().splitlines()]
+    assert (fired["spec"], fired["step"]) == ("naive:exit@5#1", 5)
+    assert not psutil.pid_exists(fired["pid"]), "the process the phase ran in (the TaskRunner) is gone"

@@ -14,6 +14,7 @@ from verl_hooks.errors import (
     HookSettingsError,
     InjectedFault,
     WeightSyncFatalError,
+    WeightSyncTimeout,
     find_weight_sync_error,
 )
 from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, parse_fault_specs
@@ -54,6 +55,19 @@ def test_cleanup_plan_for_naive_failure_wakes_the_rollout() -> None:
 
 def test_nothing_to_clean_when_every_phase_completed() -> None:
     assert plan_cleanup(list(MULTI_PHASE_ORDER), set(MULTI_PHASE_ORDER)) == []
+
+
+def test_an_abandoned_sync_starts_no_further_phase() -> None:
+    """A ray.get that returns after the guard gave up must not go on into the next phase (pushing weights into a
+    rollout the cleanup already resumed)."""
+    from verl_hooks.guard import PhaseTracker, _SyncContext
+
+    sync = _SyncContext(PhaseTracker(), FaultPlan((), attempt=1), global_step=3, backend="nccl")
+    sync.enter_blocking(P.BUILD_PROCESS_GROUP)
+    sync.abandoned.set()
+    with pytest.raises(WeightSyncTimeout, match="abandoned this weight sync; phase 'update_weights' not started"):
+        sync.enter_blocking(P.UPDATE_WEIGHTS)
+    assert sync.tracker.entered == [P.BUILD_PROCESS_GROUP]
 
 
 def test_fault_specs_parse_every_part() -> None:

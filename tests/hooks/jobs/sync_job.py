@@ -7,7 +7,8 @@ reach that actor through the launcher alone: nothing here installs it.
     python -m verl_hooks.launch -m tests.hooks.jobs.sync_job MODE [STEP]
 
 MODE: sync (one sync at STEP; faults come from VERL_HOOKS_FAULTS), fail (the trainer raises ValueError),
-exit3 (the driver calls sys.exit(3)).
+exit3 (the driver calls sys.exit(3)), backstop (the guard's backstop ends the trainer, as it would after a
+hang the guard itself could not report).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class TaskRunner:
         }
         if mode == "fail":
             raise ValueError("the trainer failed for a reason of its own")
+        if mode == "backstop":
+            self._end_by_the_backstop(step)
         from verl_hooks.mini_ppo.actor import ActorConfig
         from verl_hooks.mini_ppo.topology import build_topology, replica_states
 
@@ -46,6 +49,19 @@ class TaskRunner:
         topology.manager.sleep_replicas()
         topology.manager.update_weights(global_steps=step)
         return {**seen, "replicas": replica_states(topology)}
+
+    @staticmethod
+    def _end_by_the_backstop(step: int) -> None:
+        import time
+
+        from verl_hooks.errors import WeightSyncFatalError
+        from verl_hooks.guard import _Backstop
+
+        fatal = WeightSyncFatalError(
+            "stuck", phase="build_process_group", global_step=step, backend="nccl", elapsed_s=1.0, hang=True
+        )
+        _Backstop(0.2, lambda: fatal, os.environ.get("VERL_SUPERVISOR_ERROR_FILE")).start()
+        time.sleep(60)
 
 
 def main() -> None:
