@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
 from tests.conftest import REPO_ROOT
-from verl_hooks.errors import HookSettingsError, WeightSyncFatalError
+from verl_hooks.errors import HookSettingsError, IncompatibleVerlError, WeightSyncFatalError
 from verl_hooks.launch import exit_code_for, with_guard
 from verl_hooks.record import read_record
 from verl_hooks.settings import ENV_CHAINED_SETUP_HOOK
@@ -86,6 +86,7 @@ def test_what_the_jobs_api_injected_is_not_added_again() -> None:
         (ConfigCompositionException("Could not override 'trainer.x'"), 78),
         (RuntimeError("wrapped"), 1),
         (HookSettingsError("bad"), 78),
+        (IncompatibleVerlError("installed verl 9.9: update_weights is missing. Refusing to patch."), 78),
         (KeyboardInterrupt(), 130),
         (WeightSyncFatalError("x", phase="abort", global_step=1, backend="naive", elapsed_s=0.0), 75),
     ],

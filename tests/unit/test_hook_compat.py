@@ -53,3 +53,16 @@ def test_changed_manager_is_refused_naming_the_version(overrides, complaint) -> 
     assert complaint in message
     assert "installed verl 0.9.1" in message
     assert "Refusing to patch" in message
+
+
+def test_install_refuses_a_changed_manager_and_leaves_it_unpatched() -> None:
+    """The patch step itself refuses (as it would on import of a changed verl): nothing is half-patched."""
+    from types import SimpleNamespace
+
+    from verl_hooks.installer import _patch, is_guarded
+
+    changed = _manager_like(update_weights=_extra_arg_update)
+    with pytest.raises(IncompatibleVerlError, match="Refusing to patch"):
+        _patch(SimpleNamespace(CheckpointEngineManager=changed))
+    assert not is_guarded(changed)
+    assert changed.__dict__["update_weights"] is _extra_arg_update
