@@ -127,7 +127,8 @@ class WatchdogConfig:
     """Once ``adaptive_min_steps`` steps are seen, the limit is ``adaptive_multiple`` x the slowest recent step."""
     adaptive_multiple: float = 5.0
     adaptive_floor_s: float = 600.0
-    """The adaptive limit is never below this (a generous weight-sync deadline fits under it)."""
+    """The adaptive limit is never below this. A hang inside a weight sync ends at whichever comes first, this
+    limit or the guard's own deadline (``VERL_HOOKS_SYNC_TIMEOUT_S``): both name the phase."""
     adaptive_min_steps: int = 3
     driver_timeout_s: float = 60.0
     """No alive heartbeat from the driver for this long: the driver process is frozen."""

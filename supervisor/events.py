@@ -134,7 +134,6 @@ class AttemptExited(Event):
     error_type: str | None = None
     phase: str | None = None
     global_step: int | None = None
-    reached_step: int | None = None
     record: dict[str, Any] | None = None
 
     def describe(self) -> str:
@@ -184,6 +183,8 @@ class Teardown(Event):
     actors_killed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     ray_job_id: str | None = None
+    reached_step: int | None = None
+    """The newest complete checkpoint once the attempt is gone (what it may still have been writing included)."""
 
     def describe(self) -> str:
         parts = [f"{len(self.terminated)} ended on SIGTERM", f"{len(self.killed)} SIGKILLed"]
@@ -191,7 +192,7 @@ class Teardown(Event):
             parts.append(f"{len(self.actors_killed)} stray actors killed")
         if self.actors_alive is not None:
             parts.append(f"{self.actors_alive} actors alive")
-        verdict = "fenced" if self.fenced else "FENCE FAILED"
+        verdict = "fenced" if self.fenced else "FENCE FAILED: " + "; ".join(self.problems)
         return f"attempt {self.attempt} torn down in {self.duration_s:.1f} s ({', '.join(parts)}): {verdict}"
 
 

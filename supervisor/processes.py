@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -175,10 +175,18 @@ class TerminationReport:
     """Still alive after SIGKILL (a process in uninterruptible sleep, or not ours to kill)."""
 
 
-def terminate_processes(processes: Sequence[psutil.Process], grace_s: float) -> TerminationReport:
-    """SIGTERM, wait up to ``grace_s`` on one shared deadline, SIGKILL the rest; already-gone ones are ignored."""
+def terminate_processes(
+    processes: Sequence[psutil.Process], grace_s: float, already_terminated: Collection[int] = ()
+) -> TerminationReport:
+    """SIGTERM, wait up to ``grace_s`` on one shared deadline, SIGKILL the rest; already-gone ones are ignored.
+
+    ``already_terminated``: pids the caller has just sent SIGTERM (a process group): not signalled twice, since a
+    second SIGTERM can cut short the graceful shutdown the first one started.
+    """
     infos = {p.pid: ProcessInfo.of(p) for p in processes}
     for process in processes:
+        if process.pid in already_terminated:
+            continue
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             process.terminate()
     _, alive = psutil.wait_procs(processes, timeout=grace_s)
@@ -193,6 +201,18 @@ def terminate_processes(processes: Sequence[psutil.Process], grace_s: float) -> 
         killed=tuple(infos[p.pid] for p in killed),
         survivors=tuple(infos[p.pid] for p in survivors),
     )
+
+
+def processes_in_group(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group ``pgid``."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return members
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -156,6 +156,7 @@ class Supervisor:
             if isinstance(start, Stop):
                 return start.exit_code, start.reason
             self.backend.prepare()
+            self._check_stop()  # a stop signal while the cluster started: launch nothing
             job, record = self._launch(start)
             status, stall = self._wait_for_end(job)
             if stall is None:
@@ -371,6 +372,7 @@ class Supervisor:
                 actors_killed=list(report.actors_killed),
                 problems=list(report.problems),
                 ray_job_id=job.ray_job_id,
+                reached_step=reached,
             )
         )
         return report

@@ -19,6 +19,7 @@ from supervisor.processes import (
     ChildProcess,
     TerminationReport,
     find_marked_processes,
+    processes_in_group,
     start_child,
     terminate_processes,
 )
@@ -85,10 +86,14 @@ class DriverProcess:
         return find_marked_processes(self.markers)
 
     def stop_everything(self, grace_s: float) -> TerminationReport:
-        """SIGTERM the driver and every process with the attempt's marker, wait one shared grace period,
-        SIGKILL the rest; then SIGKILL whatever is left in the driver's process group (a child that dropped
-        the marker from its environment)."""
-        report = terminate_processes(self.attempt_processes(), grace_s)
+        """SIGTERM the driver's process group (its own children, marked or not) and every other process with
+        the attempt's marker (the Ray workers, which the raylet started), wait one shared grace period,
+        SIGKILL the rest; then SIGKILL whatever is left in the group."""
+        group = processes_in_group(self.child.pgid)
+        self.child.signal_group(signal.SIGTERM)
+        members = {p.pid for p in group}
+        everything = group + [p for p in self.attempt_processes() if p.pid not in members]
+        report = terminate_processes(everything, grace_s, already_terminated=members)
         if self.child.group_alive():
             self.child.signal_group(signal.SIGKILL)
         self.child.wait(5.0)

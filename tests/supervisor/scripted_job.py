@@ -1,7 +1,7 @@
 """A job for the supervisor's loop tests: behaviour chosen per attempt on the command line.
 
     python -m tests.supervisor.scripted_job [--fail-until N] [--exit-code C] [--ignore-sigterm]
-        [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A]
+        [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A] [--unmarked-group-child-on A]
         [--steps N --step-time S [--stall-on A --stall-at K] [--slow-after K --slow-step-time S]]
 
 With --steps it behaves like a verl job as the supervisor sees it: it sends the weight-sync guard's heartbeats
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--run-forever-on", type=int, action="append", default=[])
     parser.add_argument("--spawn-stubborn-child", action="store_true")
     parser.add_argument("--leave-detached-actor-on", type=int, action="append", default=[])
+    parser.add_argument("--unmarked-group-child-on", type=int, action="append", default=[])
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--step-time", type=float, default=0.2)
     parser.add_argument("--stall-on", type=int, action="append", default=[])
@@ -49,6 +50,8 @@ def main() -> None:
     print(f"scripted job: attempt {attempt}", flush=True)
     if attempt in args.leave_detached_actor_on:
         leave_a_detached_actor(attempt)
+    if attempt in args.unmarked_group_child_on:
+        leave_an_unmarked_child_in_the_group(Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("group-child"))
     if attempt in args.run_forever_on:
         while True:
             time.sleep(1)
@@ -97,6 +100,24 @@ def leave_a_detached_actor(attempt: int) -> None:
     remote = ray.remote(num_cpus=0, resources={"stray_ok": 0.01}, runtime_env=elsewhere)(Stubborn)
     actor = remote.options(lifetime="detached").remote()
     print(f"scripted job: detached actor in {ray.get(actor.ping.remote())}", flush=True)
+
+
+def leave_an_unmarked_child_in_the_group(report: Path) -> None:
+    """A child in the driver's process group without the run's marker (a tool that cleans its environment):
+    only a signal to the group reaches it. It writes which signal ended it."""
+    code = (
+        "import pathlib, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    pathlib.Path(sys.argv[1]).write_text(signal.Signals(signum).name)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_SUPERVISOR_")}
+    child = subprocess.Popen([sys.executable, "-c", code, str(report)], env=env, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    child.stdout.readline()  # its handler is in place
 
 
 def wait_for_a_reply_that_never_comes() -> None:

@@ -71,6 +71,18 @@ def test_non_retryable_failure_exits_3_without_restart(runs) -> None:
     assert not events_of(run_dir, "backoff")
 
 
+def test_teardown_sends_sigterm_to_the_jobs_process_group_first(runs) -> None:
+    """A child of the driver that dropped the run's marker is found through the process group: it gets SIGTERM
+    and its grace period, not a bare SIGKILL."""
+    run_dir = runs.new()
+    proc = run_supervisor(run_dir, SCRIPTED, job_args=("--fail-until", "2", "--unmarked-group-child-on", "1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "attempts" / "1" / "group-child").read_text() == "SIGTERM"
+    teardown = events_of(run_dir, "teardown")[0]
+    assert any(entry.startswith("python") for entry in teardown["terminated"]), teardown
+    assert not teardown["killed"]
+
+
 def test_sigterm_tears_everything_down_and_a_second_supervisor_is_refused(runs) -> None:
     run_dir = runs.new()
     supervisor = start_supervisor(
