@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.processes import ENV_ATTEMPT, ENV_RUN_ID, find_marked_processes
 from tests.supervisor.conftest import (
     JOB_ARGS,
     events_of,
@@ -68,19 +69,49 @@ def run_supervisor_with_faults(
     return run_supervisor(run_dir, *FAST, *overrides, job_args=job_args, extra_env=extra_env)
 
 
-@pytest.mark.slow
-def test_hang_in_weight_sync_ends_at_the_guards_deadline_and_is_restarted(runs, reference) -> None:
+HUNG_PHASES = (
+    "abort",
+    "release_kv_cache",
+    "build_process_group",
+    "update_weights",
+    "finalize",
+    "resume_kv_cache",
+    "resume_generation",
+)
+GUARD_DEADLINE_S = 5.0
+
+
+def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(runs, reference, tmp_path) -> None:
+    """Attempt k hangs in the k-th phase of the multi-phase sync at step 3; attempt 8 finishes the run."""
     run_dir = runs.new()
+    faults = ",".join(f"{phase}:hang@3#{attempt}" for attempt, phase in enumerate(HUNG_PHASES, start=1))
+    fault_log = tmp_path / "faults.jsonl"
     proc = run_supervisor_with_faults(
-        run_dir, "finalize:hang@3#1", job_args=(*JOB_ARGS, *MULTI_PHASE), VERL_HOOKS_SYNC_TIMEOUT_S="5"
+        run_dir,
+        faults,
+        f"restart.max_restarts={len(HUNG_PHASES)}",
+        f"restart.max_failures_without_progress={len(HUNG_PHASES) + 1}",
+        job_args=(*JOB_ARGS, *MULTI_PHASE),
+        VERL_HOOKS_SYNC_TIMEOUT_S=str(GUARD_DEADLINE_S),
+        VERL_HOOKS_FAULT_LOG=str(fault_log),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    first = events_of(run_dir, "attempt_exited")[0]
-    assert (first["exit_code"], first["phase"], first["record"]["hang"]) == (75, "finalize", True)
-    record = json.loads((run_dir / "attempts" / "1" / "error.json").read_text())
-    assert record["elapsed_s"] < 5 + 30, "the deadline, plus generous slack for cleanup and a loaded machine"
-    assert "Where the weight sync was stuck" in record["traceback"]
+    exited = events_of(run_dir, "attempt_exited")
+    assert [(e["exit_code"], e["phase"], e["global_step"]) for e in exited] == [
+        *[(75, phase, 3) for phase in HUNG_PHASES],
+        (0, None, None),
+    ]
+    assert all(e["record"]["hang"] for e in exited[:-1])
+    assert all(e["fenced"] for e in events_of(run_dir, "teardown"))
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+
+    # From the job's own clock (when the fault fired) to the supervisor's (when it saw the attempt end): the
+    # deadline, then the bounded cleanup and the exit. The slack is for a loaded 2-core machine; the benchmark
+    # measures the real figure.
+    fired = {entry["attempt"]: entry["ts"] for entry in map(json.loads, fault_log.read_text().splitlines())}
+    for event in exited[:-1]:
+        detected_after = event["ts"] - fired[event["attempt"]]
+        assert GUARD_DEADLINE_S <= detected_after < GUARD_DEADLINE_S + 25, (event["phase"], detected_after)
 
 
 def test_hang_the_guard_would_wait_out_is_caught_by_the_watchdog_with_its_phase(runs, reference) -> None:
@@ -115,6 +146,36 @@ def test_job_killed_mid_run_is_restarted_and_ends_bit_identical(runs, reference)
     first = events_of(run_dir, "attempt_exited")[0]
     assert (first["signal"], first["rule"]) == ("SIGKILL", "killed-by-signal")
     assert events_of(run_dir, "attempt_started")[1]["resume_step"] in (2, 4)
+    assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+
+
+def test_rollout_server_that_stops_answering_is_a_stall_and_restarted(runs, reference) -> None:
+    """A rollout replica frozen (SIGSTOP) between syncs: generation waits on it forever, no sync comes."""
+    run_dir = runs.new()
+    supervisor = start_supervisor(
+        run_dir,
+        *FAST,
+        "watchdog.adaptive_min_steps=2",
+        "watchdog.adaptive_floor_s=8",
+        "watchdog.adaptive_multiple=3",
+        job_args=(*JOB_ARGS, *MULTI_PHASE, "trainer.extra_step_time_s=1.0"),
+    )
+    beats = run_dir / "attempts" / "1" / "heartbeats.jsonl"
+    wait_until(lambda: beats.exists() and beats.read_text().count('"sync_end"') >= 3, 240, "three weight syncs")
+    run_id = state_of(run_dir)["run_id"]
+    (server,) = [
+        p
+        for p in find_marked_processes({ENV_RUN_ID: run_id, ENV_ATTEMPT: "1"})
+        if " ".join(p.cmdline()).startswith("ray::MiniRolloutWorker")
+    ]
+    server.send_signal(signal.SIGSTOP)
+    assert supervisor.wait(timeout=600) == 0
+    (stall,) = events_of(run_dir, "stall_detected")
+    assert (stall["attempt"], stall["stall_kind"], stall["phase"]) == (1, "job_stall", None)
+    assert stall["silent_s"] < stall["limit_s"] + 10
+    assert {d["pid"]: d["status"] for d in events_of(run_dir, "stacks_dumped")[0]["dumps"]}[server.pid] == "stopped"
+    assert events_of(run_dir, "teardown")[0]["fenced"] is True
+    assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
 
 
