@@ -180,6 +180,27 @@ def test_rollout_server_that_stops_answering_is_a_stall_and_restarted(runs, refe
 
 
 @pytest.mark.slow
+def test_a_dead_raylet_gets_the_embedded_cluster_replaced_and_the_job_resumed(runs, reference) -> None:
+    run_dir = runs.new()
+    supervisor = start_supervisor(run_dir, *FAST, job_args=(*JOB_ARGS, "trainer.extra_step_time_s=1.0"))
+    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    wait_until(lambda: tracker.exists() and tracker.read_text().strip() in ("2", "4"), 240, "a first checkpoint")
+    run_id = state_of(run_dir)["run_id"]
+    (raylet,) = [p for p in find_marked_processes({ENV_RUN_ID: run_id}) if p.name() == "raylet"]
+    raylet.kill()
+    assert supervisor.wait(timeout=600) == 0
+    assert len(events_of(run_dir, "attempt_exited")) == 2
+    (replaced,) = events_of(run_dir, "cluster_stopped")[:1]
+    assert replaced["reason"].startswith("unhealthy")
+    assert [e["reason"] for e in events_of(run_dir, "cluster_started")] == [
+        "first attempt",
+        "replacing the unhealthy cluster",
+    ]
+    assert events_of(run_dir, "attempt_started")[1]["resume_step"] in (2, 4)
+    assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+
+
+@pytest.mark.slow
 def test_frozen_trainer_is_detected_as_a_stall_and_restarted(runs, reference) -> None:
     run_dir = runs.new()
     supervisor = start_supervisor(
