@@ -11,9 +11,18 @@ Launchers:
 Failures, injected into the job's weight sync at the same step on attempt 1 (VERL_HOOKS_FAULTS):
   raise  the sync raises;  kill  the trainer process is SIGKILLed;  hang  the sync never returns.
 
-The loops run the job as a user runs verl today: the job starts its own Ray cluster, resumes with
-`trainer.resume_mode=auto`, and has no weight-sync deadline (it has no guard). Runs that do not finish within
---limit-s are cut off and reported as such (a loop cannot recover from a hang).
+The loops run the job as a user runs verl today: each attempt gets a Ray cluster of its own that ends with it
+(started as the supervisor starts its own, with a private temp dir and ports, so that a shared machine's other
+clusters are left alone: see scripts/bench_entry.py), resumes with `trainer.resume_mode=auto`, and has no
+weight-sync deadline. Runs that do not finish within --limit-s are cut off and reported as such (a loop cannot
+recover from a hang).
+
+Per failure: detect = the fault firing to the launcher knowing the attempt is over (the job's own time to die
+included); teardown+fence = from there to ready to relaunch (the supervisor's teardown and fence; for a loop,
+its attempt's cluster going down and the relaunch); relaunch to 1st step = to the first training step of the
+next attempt, of which cluster start = a new Ray cluster's start-up; recover = fault to that first step; steps
+lost = steps trained before the fault (the fault's own step included: verl syncs at the end of a step) that
+the resumed attempt had to train again.
 
 Timestamps come from the job and the launchers, never from guesses: the fault injector logs when a fault fires
 (VERL_HOOKS_FAULT_LOG), the job logs its start and each step (trainer.progress_file), the supervisor its events
@@ -84,7 +93,8 @@ class RunRecord:
     cut_off: bool
     leftover_processes: int
     launcher_max_rss_mb: float
-    launcher_cpu_s: float
+    launcher_cpu_watching_pct: float | None
+    """The launcher's CPU from its first attempt's launch to its end, as % of one core (start-up excluded)."""
     final: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -168,6 +178,7 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
             "RAY_AUTH_MODE": "disabled",
             "VERL_HOOKS_FAULT_LOG": str(workdir / "faults.jsonl"),
             "BENCH_LAUNCH_LOG": str(workdir / "launches.jsonl"),
+            "BENCH_RAY_DIR": str(workdir / "ray"),
             # The loops' job has no guard deadline, as verl has none; the supervisor's job has the guard's.
             "VERL_HOOKS_SYNC_TIMEOUT_S": str(plan.guard_deadline_s if launcher in SUPERVISORS else 86400),
         }
@@ -201,7 +212,7 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
         workdir / "run" / "checkpoints" if launcher in SUPERVISORS else workdir / "checkpoints"
     ) / "final.json"
     final = json.loads(final_path.read_text()) if final_path.exists() else None
-    return RunRecord(
+    record = RunRecord(
         launcher,
         failure,
         repeat,
@@ -212,9 +223,13 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
         cut_off,
         leftovers,
         sampler.max_rss_mb,
-        sampler.cpu_s,
+        None,
         final,
     )
+    attempts = attempt_launches(record)
+    if attempts:
+        record.launcher_cpu_watching_pct = sampler.cpu_percent_since(attempts[0]["launched_at"])
+    return record
 
 
 def _settled_count(run_id: str, settle_s: float = 5.0) -> int:
@@ -235,7 +250,8 @@ class _Sampler(threading.Thread):
         self._pid = pid
         self._halt = threading.Event()
         self.max_rss_mb = 0.0
-        self.cpu_s = 0.0
+        self.cpu_samples: list[tuple[float, float]] = []
+        """(time.time(), the process's CPU seconds so far)"""
 
     def run(self) -> None:
         try:
@@ -244,10 +260,18 @@ class _Sampler(threading.Thread):
                 with process.oneshot():
                     self.max_rss_mb = max(self.max_rss_mb, process.memory_info().rss / 2**20)
                     times = process.cpu_times()
-                    self.cpu_s = times.user + times.system
+                    self.cpu_samples.append((time.time(), times.user + times.system))
                 self._halt.wait(0.5)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return
+
+    def cpu_percent_since(self, since: float) -> float | None:
+        """CPU use (% of one core) between ``since`` and the last sample: watching, start-up left out."""
+        later = [(ts, cpu) for ts, cpu in self.cpu_samples if ts >= since]
+        if len(later) < 2 or later[-1][0] <= later[0][0]:
+            return None
+        (t0, c0), (t1, c1) = later[0], later[-1]
+        return round(100 * (c1 - c0) / (t1 - t0), 2)
 
     def stop(self) -> None:
         self._halt.set()
@@ -264,7 +288,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def attempt_launches(record: RunRecord) -> list[dict[str, Any]]:
-    """[{launched_at, ended_at, detected_at}] per attempt, from the launcher's own log."""
+    """[{launched_at, ended_at, detected_at}] per attempt, from the launcher's own log.
+
+    detected_at is when the launcher knew the attempt was over: the supervisor's attempt_exited (or
+    stall_detected) event; for the loops, the moment their attempt process saw the job exit (bench_entry).
+    """
     workdir = Path(record.workdir)
     if record.launcher in SUPERVISORS:
         events = read_jsonl(workdir / "run" / "events.jsonl")
@@ -278,17 +306,23 @@ def attempt_launches(record: RunRecord) -> list[dict[str, Any]]:
             attempts.append({"launched_at": start["ts"], "ended_at": end, "detected_at": stall or end})
         return attempts
     launches = read_jsonl(workdir / "launches.jsonl")
-    starts = [e for e in launches if e["event"] == "launch"]
     exits = {e["attempt"]: e["ts"] for e in launches if e["event"] == "exit"}
-    attempts = []
-    for index, start in enumerate(starts):
-        end = exits.get(start["attempt"])
-        # A loop acts when the attempt's process has exited; torchrun's agent is only seen relaunching.
-        detected = (
-            end if record.launcher == "shell-loop" else (starts[index + 1]["ts"] if index + 1 < len(starts) else end)
-        )
-        attempts.append({"launched_at": start["ts"], "ended_at": end, "detected_at": detected})
-    return attempts
+    return [
+        {"launched_at": e["ts"], "ended_at": exits.get(e["attempt"]), "detected_at": exits.get(e["attempt"])}
+        for e in launches
+        if e["event"] == "launch"
+    ]
+
+
+def relaunch_cluster_start_s(record: RunRecord) -> float:
+    """Seconds the relaunch (attempt 2) spent starting a Ray cluster: none when the cluster was kept."""
+    workdir = Path(record.workdir)
+    if record.launcher in SUPERVISORS:
+        events = read_jsonl(workdir / "run" / "events.jsonl")
+        starts = [e["startup_s"] for e in events if e["event"] == "cluster_started"]
+        return starts[1] if len(starts) > 1 else 0.0
+    ups = [e["startup_s"] for e in read_jsonl(workdir / "launches.jsonl") if e["event"] == "cluster_up"]
+    return ups[1] if len(ups) > 1 else 0.0
 
 
 def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
@@ -303,28 +337,36 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
         "cut_off": record.cut_off,
         "leftover_processes": record.leftover_processes,
         "launcher_max_rss_mb": round(record.launcher_max_rss_mb, 1),
-        "launcher_cpu_s": round(record.launcher_cpu_s, 2),
+        "launcher_cpu_watching_pct": record.launcher_cpu_watching_pct,
         "first_step_after_launch_s": _first_step_after(progress, record.started_at, record.started_at),
     }
     if record.launcher in SUPERVISORS:
         events = read_jsonl(workdir / "run" / "events.jsonl")
         teardowns = [e for e in events if e["event"] == "teardown"]
         cluster = [e for e in events if e["event"] == "cluster_started"]
-        metrics["teardown_to_fence_s"] = teardowns[0]["duration_s"] if teardowns and faults else None
         metrics["cluster_start_s"] = cluster[0]["startup_s"] if cluster else None
         metrics["time_to_first_attempt_s"] = attempts[0]["launched_at"] - record.started_at if attempts else None
     if not faults or record.failure is None:
         return metrics
     fault_at = faults[0]["ts"]
-    metrics["detection_s"] = attempts[0]["detected_at"] - fault_at if attempts and attempts[0]["detected_at"] else None
+    first = attempts[0] if attempts else None
+    metrics["detection_s"] = first["detected_at"] - fault_at if first and first["detected_at"] else None
+    if record.launcher in SUPERVISORS:
+        metrics["teardown_to_fence_s"] = teardowns[0]["duration_s"] if teardowns else None
+    elif len(attempts) >= 2 and first and first["ended_at"]:
+        # What a loop does between seeing the exit and relaunching: its attempt's cluster going down.
+        metrics["teardown_to_fence_s"] = attempts[1]["launched_at"] - first["ended_at"]
     if len(attempts) >= 2:
         relaunch = attempts[1]["launched_at"]
-        first = _first_step_after(progress, relaunch, 0.0)
+        first_step = _first_step_after(progress, relaunch, 0.0)
         start_events = [p for p in progress if p["event"] == "start" and p["ts"] >= relaunch]
         resumed_from = (start_events[0].get("resumed_from_step") or 0) if start_events else None
-        metrics["relaunch_to_first_step_s"] = first
-        metrics["recover_s"] = (relaunch + first - fault_at) if first is not None else None
-        metrics["steps_lost"] = None if resumed_from is None else (plan.fault_step - 1) - resumed_from
+        # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not.
+        trained_before_fault = faults[0]["step"]
+        metrics["relaunch_to_first_step_s"] = first_step
+        metrics["relaunch_cluster_start_s"] = relaunch_cluster_start_s(record)
+        metrics["recover_s"] = (relaunch + first_step - fault_at) if first_step is not None else None
+        metrics["steps_lost"] = None if resumed_from is None else trained_before_fault - resumed_from
     return metrics
 
 
@@ -339,6 +381,7 @@ COLUMNS = (
     ("detection_s", "detect (s)"),
     ("teardown_to_fence_s", "teardown+fence (s)"),
     ("relaunch_to_first_step_s", "relaunch to 1st step (s)"),
+    ("relaunch_cluster_start_s", "of which cluster start (s)"),
     ("recover_s", "recover (s)"),
     ("steps_lost", "steps lost"),
     ("leftover_processes", "left behind"),
@@ -411,7 +454,9 @@ def to_markdown(table: dict[str, dict[str, dict[str, Any]]], plan: Plan, overhea
     lines.append(
         f"Job: mini-PPO, {plan.steps} steps, checkpoint every {plan.save_freq}, fault at step {plan.fault_step} "
         f"on attempt 1, {plan.extra_step_time_s} s of extra step time; runs cut off after {plan.limit_s:.0f} s. "
-        "Medians, with [min-max] over the repeats."
+        "Medians, with [min-max] over the repeats. detect: the fault firing to the launcher knowing the attempt "
+        "is over; teardown+fence: from there to ready to relaunch; relaunch to 1st step: to the next attempt's "
+        "first training step (a new Ray cluster's start-up included); recover: fault to that step."
     )
     for failure, launchers in table.items():
         lines += ["", f"## {failure}", "", "| launcher | " + " | ".join(title for _, title in COLUMNS) + " | cut off |"]
@@ -437,10 +482,10 @@ def supervisor_overhead(records: list[RunRecord]) -> dict[str, Any]:
     ours = [r for r in records if r.launcher == "supervisor"]
     if not ours:
         return {}
-    cpu_share = [r.metrics["launcher_cpu_s"] / r.metrics["wall_s"] for r in ours if r.metrics["wall_s"]]
+    cpu_share = [r.metrics["launcher_cpu_watching_pct"] for r in ours if r.metrics["launcher_cpu_watching_pct"]]
     return {
         "resident memory (max, MB)": round(max(r.metrics["launcher_max_rss_mb"] for r in ours), 1),
-        "CPU while watching (median, % of one core)": round(100 * statistics.median(cpu_share), 2),
+        "CPU while watching (median, % of one core)": round(statistics.median(cpu_share), 2) if cpu_share else None,
         "start-up to the first attempt (median, s)": round(
             statistics.median(
                 r.metrics["time_to_first_attempt_s"] for r in ours if r.metrics.get("time_to_first_attempt_s")
