@@ -28,6 +28,8 @@ pytestmark = pytest.mark.ray
 
 MULTI_PHASE = ("rollout.backend=cpu_gloo", "rollout.num_replicas=1")
 FAST = ("restart.backoff_initial_s=0.2", "restart.backoff_jitter_s=0", "teardown.grace_s=3")
+# A step limit the watchdog adapts to quickly: 3 x the slowest step once 2 are seen, never below 8 s.
+QUICK_WATCHDOG = ("watchdog.adaptive_min_steps=2", "watchdog.adaptive_floor_s=8", "watchdog.adaptive_multiple=3")
 
 
 @pytest.mark.parametrize(
@@ -69,7 +71,7 @@ def run_supervisor_with_faults(
     return run_supervisor(run_dir, *FAST, *overrides, job_args=job_args, extra_env=extra_env)
 
 
-HUNG_PHASES = (
+EVERY_PHASE = (
     "abort",
     "release_kv_cache",
     "build_process_group",
@@ -81,16 +83,26 @@ HUNG_PHASES = (
 GUARD_DEADLINE_S = 5.0
 
 
-def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(runs, reference, tmp_path) -> None:
-    """Attempt k hangs in the k-th phase of the multi-phase sync at step 3; attempt 8 finishes the run."""
+@pytest.mark.parametrize(
+    "hung_phases",
+    [
+        # One of each kind: an awaited phase before the group is built, a blocking one inside it, the last one.
+        pytest.param(("release_kv_cache", "update_weights", "resume_generation"), id="one-of-each-kind"),
+        pytest.param(EVERY_PHASE, id="every-phase", marks=pytest.mark.slow),
+    ],
+)
+def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(
+    runs, reference, tmp_path, hung_phases: tuple[str, ...]
+) -> None:
+    """Attempt k hangs in the k-th of the phases at step 3; the attempt after the last one finishes the run."""
     run_dir = runs.new()
-    faults = ",".join(f"{phase}:hang@3#{attempt}" for attempt, phase in enumerate(HUNG_PHASES, start=1))
+    faults = ",".join(f"{phase}:hang@3#{attempt}" for attempt, phase in enumerate(hung_phases, start=1))
     fault_log = tmp_path / "faults.jsonl"
     proc = run_supervisor_with_faults(
         run_dir,
         faults,
-        f"restart.max_restarts={len(HUNG_PHASES)}",
-        f"restart.max_failures_without_progress={len(HUNG_PHASES) + 1}",
+        f"restart.max_restarts={len(hung_phases)}",
+        f"restart.max_failures_without_progress={len(hung_phases) + 1}",
         job_args=(*JOB_ARGS, *MULTI_PHASE),
         VERL_HOOKS_SYNC_TIMEOUT_S=str(GUARD_DEADLINE_S),
         VERL_HOOKS_FAULT_LOG=str(fault_log),
@@ -98,7 +110,7 @@ def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(ru
     assert proc.returncode == 0, proc.stderr[-4000:]
     exited = events_of(run_dir, "attempt_exited")
     assert [(e["exit_code"], e["phase"], e["global_step"]) for e in exited] == [
-        *[(75, phase, 3) for phase in HUNG_PHASES],
+        *[(75, phase, 3) for phase in hung_phases],
         (0, None, None),
     ]
     assert all(e["record"]["hang"] for e in exited[:-1])
@@ -119,9 +131,7 @@ def test_hang_the_guard_would_wait_out_is_caught_by_the_watchdog_with_its_phase(
     proc = run_supervisor_with_faults(
         run_dir,
         "naive:hang@4#1",
-        "watchdog.adaptive_min_steps=2",
-        "watchdog.adaptive_floor_s=8",
-        "watchdog.adaptive_multiple=3",
+        *QUICK_WATCHDOG,
         VERL_HOOKS_SYNC_TIMEOUT_S="600",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -155,9 +165,7 @@ def test_rollout_server_that_stops_answering_is_a_stall_and_restarted(runs, refe
     supervisor = start_supervisor(
         run_dir,
         *FAST,
-        "watchdog.adaptive_min_steps=2",
-        "watchdog.adaptive_floor_s=8",
-        "watchdog.adaptive_multiple=3",
+        *QUICK_WATCHDOG,
         job_args=(*JOB_ARGS, *MULTI_PHASE, "trainer.extra_step_time_s=1.0"),
     )
     beats = run_dir / "attempts" / "1" / "heartbeats.jsonl"
@@ -206,9 +214,7 @@ def test_frozen_trainer_is_detected_as_a_stall_and_restarted(runs, reference) ->
     supervisor = start_supervisor(
         run_dir,
         *FAST,
-        "watchdog.adaptive_min_steps=2",
-        "watchdog.adaptive_floor_s=8",
-        "watchdog.adaptive_multiple=3",
+        *QUICK_WATCHDOG,
         job_args=(*JOB_ARGS, "trainer.extra_step_time_s=1.0"),
     )
     beats = run_dir / "attempts" / "1" / "heartbeats.jsonl"
