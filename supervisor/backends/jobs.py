@@ -152,9 +152,12 @@ class JobsBackend(JobBackend):
     def teardown(self, job: RunningJob, grace_s: float, fence_timeout_s: float) -> TeardownReport:
         started = time.monotonic()
         submitted = _submitted(job)
+        problems = []
         if submitted.exit_status is None:
+            # Ray's stop_job sends SIGTERM, then SIGKILL after its own grace period (RAY_JOB_STOP_WAIT_TIME_S).
             self._jobs().stop_job(submitted.submission_id)
-            self.wait(job, grace_s + 10.0)
+            if self.wait(job, grace_s + 10.0) is None:
+                problems.append(f"Ray job {submitted.submission_id} did not stop within {grace_s + 10.0:g} s")
         if submitted.ray_job_id is None:
             submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
         fence = RayFence(self._state, self._ray.gcs_address, self._kill_stray_actors)
@@ -170,7 +173,7 @@ class JobsBackend(JobBackend):
             survivors=tuple(result.survivors),
             actors_alive=result.actors_alive,
             actors_killed=tuple(result.actors_killed),
-            problems=tuple(result.problems),
+            problems=tuple(problems + result.problems),
         )
 
     def stale_processes(self) -> list[ProcessInfo]:
