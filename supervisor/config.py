@@ -1,8 +1,9 @@
 """The supervisor's configuration: Hydra structured-config schema, validated once at the edge.
 
 The YAML presets in ``conf/`` are composed against these dataclasses, so a misspelled key or a wrong type is
-a Hydra error before anything starts. ``validate`` adds the checks types cannot express (ranges, regexes, the
-mode-specific keys). Mechanisms receive these values; nothing below the CLI reads the environment for them.
+a Hydra error before anything starts. ``validate`` adds the checks types cannot express (ranges, regexes);
+``resolve_cluster`` fills in and checks the addresses a Ray mode needs. Mechanisms receive these values; nothing
+below the CLI reads the environment for them.
 """
 
 from __future__ import annotations
