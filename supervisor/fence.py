@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psutil
 
-from supervisor.processes import ProcessInfo, terminate_processes
+from supervisor.backends.base import TeardownReport
+from supervisor.processes import ProcessInfo, TerminationReport, terminate_processes
 from supervisor.ray_kill import KillResult, kill_actors
 from supervisor.ray_state import LiveActor, RayStateClient
 
@@ -33,6 +34,21 @@ class FenceResult:
     actors_killed: list[str] = field(default_factory=list)
     actors_alive: int | None = None
     problems: list[str] = field(default_factory=list)
+
+    def report(
+        self, started: float, stopped: TerminationReport | None = None, problems: Sequence[str] = ()
+    ) -> TeardownReport:
+        """The teardown's report: what stopping the driver did (``stopped``), then what the fence found and did;
+        ``started`` is the teardown's ``time.monotonic()`` start."""
+        return TeardownReport(
+            duration_s=time.monotonic() - started,
+            terminated=(stopped.terminated if stopped else ()) + tuple(self.terminated),
+            killed=(stopped.killed if stopped else ()) + tuple(self.killed),
+            survivors=tuple(self.survivors),
+            actors_alive=self.actors_alive,
+            actors_killed=tuple(self.actors_killed),
+            problems=(*problems, *self.problems),
+        )
 
 
 @dataclass

@@ -16,7 +16,6 @@ class LiveActor:
     pid: int | None
     node_id: str | None
     name: str | None = None
-    namespace: str | None = None
 
 
 class RayStateClient:
@@ -46,10 +45,7 @@ class RayStateClient:
         actors = list_actors(
             address=self.dashboard_url, filters=filters, timeout=self.timeout_s, raise_on_missing_output=False
         )
-        return [
-            LiveActor(a.actor_id, a.class_name, a.state, a.pid, a.node_id, a.name or None, a.ray_namespace)
-            for a in actors
-        ]
+        return [LiveActor(a.actor_id, a.class_name, a.state, a.pid, a.node_id, a.name or None) for a in actors]
 
     def job_of_submission(self, submission_id: str) -> str | None:
         """The Ray job id of a Jobs API submission (None until its driver has connected)."""
@@ -60,9 +56,8 @@ class RayStateClient:
                 return job.job_id
         return None
 
-    def node_ips(self) -> dict[str, str]:
-        """Node id -> node IP address, for every node the cluster has known."""
+    def check(self) -> None:
+        """Raises unless the state API answers (the fence cannot prove anything without it)."""
         from ray.util.state import list_nodes
 
-        nodes = list_nodes(address=self.dashboard_url, timeout=self.timeout_s, raise_on_missing_output=False)
-        return {n.node_id: n.node_ip for n in nodes}
+        list_nodes(address=self.dashboard_url, timeout=self.timeout_s, limit=1, raise_on_missing_output=False)

@@ -36,7 +36,7 @@ class AddressBackend(ChildDriverBackend):
         if self.cluster_down():
             raise ClusterStartFailed(f"the Ray cluster at {self._gcs} (ray.address) does not answer")
         try:
-            self._state.node_ips()
+            self._state.check()
         except Exception as exc:
             raise ClusterStartFailed(
                 f"the Ray dashboard at {self._state.dashboard_url} does not answer ({exc}); the fence needs its "

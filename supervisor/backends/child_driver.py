@@ -74,15 +74,7 @@ class ChildDriverBackend(JobBackend):
         fence = RayFence(state, self.gcs_address(), self._kill_stray_actors)
         result = fence.fence(job.ray_job_id, driver.attempt_processes, grace_s, fence_timeout_s, self.cluster_down)
         driver.join_output()
-        return TeardownReport(
-            duration_s=time.monotonic() - started,
-            terminated=stopped.terminated + tuple(result.terminated),
-            killed=stopped.killed + tuple(result.killed),
-            survivors=tuple(result.survivors),
-            actors_alive=result.actors_alive,
-            actors_killed=tuple(result.actors_killed),
-            problems=tuple(result.problems),
-        )
+        return result.report(started, stopped)
 
     def stale_processes(self) -> list[ProcessInfo]:
         """This run's processes on this machine that an earlier supervisor of the run left behind."""

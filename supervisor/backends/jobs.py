@@ -166,15 +166,7 @@ class JobsBackend(JobBackend):
         )
         if submitted.tail is not None:
             submitted.tail.join(5.0)
-        return TeardownReport(
-            duration_s=time.monotonic() - started,
-            terminated=tuple(result.terminated),
-            killed=tuple(result.killed),
-            survivors=tuple(result.survivors),
-            actors_alive=result.actors_alive,
-            actors_killed=tuple(result.actors_killed),
-            problems=tuple(problems + result.problems),
-        )
+        return result.report(started, problems=problems)
 
     def stale_processes(self) -> list[ProcessInfo]:
         """Stop this run's submissions that an earlier supervisor of the run left running."""
