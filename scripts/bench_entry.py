@@ -2,7 +2,7 @@
 
 It numbers the attempt (from the loop's counter, or torchrun's TORCHELASTIC_RESTART_COUNT) so that an injected
 fault fires on attempt 1 only, and runs the job as a user would run verl, as a child, exiting with its code:
-``python -m verl_hooks.launch -m verl_hooks.mini_ppo.main <args>``. Like verl's own ``ray.init()``, each attempt
+``python -m verl_hooks.launch -m mini_ppo.main <args>``. Like verl's own ``ray.init()``, each attempt
 gets a Ray cluster of its own that ends with it; unlike it, the cluster has its own temp dir and ports (the
 supervisor's mechanism, ``LocalRayCluster``), because a default local cluster takes Ray's fixed ports and the
 shared /tmp/ray, and would collide with other clusters on a shared machine. It logs when the attempt starts,
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from supervisor.ray_cluster import ClusterSpec, LocalRayCluster
+from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 
 
 def log(event: str, attempt: int, **fields: object) -> None:
@@ -43,7 +43,7 @@ def main() -> int:
         log("cluster_up", attempt, startup_s=time.monotonic() - started)
         env = {**os.environ, **cluster.env(), "VERL_SUPERVISOR_ATTEMPT": str(attempt)}
         child = subprocess.run(
-            [sys.executable, "-m", "verl_hooks.launch", "-m", "verl_hooks.mini_ppo.main", *sys.argv[1:]],
+            [sys.executable, "-m", "verl_hooks.launch", "-m", "mini_ppo.main", *sys.argv[1:]],
             env=env,
             check=False,
         )

@@ -24,12 +24,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from supervisor.backends.base import JobBackend
-from supervisor.codes import ExitCode
 from supervisor.config import RayMode, SupervisorConfig, host_of, resolve_cluster, validate
-from supervisor.events import EventLog
-from supervisor.job_command import conflicting_args
-from supervisor.processes import local_ip_towards
-from supervisor.rundir import RunDirectory, RunDirectoryInUse
+from supervisor.job.command import conflicting_args
+from supervisor.mechanisms.processes import local_ip_towards
+from supervisor.policy.outcomes import ExitCode
+from supervisor.run.events import EventLog
+from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
+from verl_hooks.contract import exception_chain
 
 SCHEMA_NAME = "supervisor_schema"
 
@@ -86,6 +87,8 @@ def compose_config(overrides: Sequence[str], config_dir: Path | None = None, con
 
 def to_supervisor_config(cfg) -> SupervisorConfig:
     try:
+        # Hydra lets `+key=value` add a key the schema does not have; merging onto the schema refuses it.
+        OmegaConf.merge(OmegaConf.structured(SupervisorConfig), OmegaConf.to_container(cfg, resolve=False))
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise UsageError(_one_line(exc)) from None
@@ -117,13 +120,11 @@ def heartbeat_listen_host(config: SupervisorConfig) -> str:
 
 def _one_line(exc: BaseException) -> str:
     parts = []
-    current: BaseException | None = exc
-    while current is not None and len(parts) < 4:
+    for current in exception_chain(exc, limit=4):
         text = str(current).strip().splitlines()
         line = text[0].rstrip(".") if text else ""
         if line and line not in parts:
             parts.append(line)
-        current = current.__cause__
     return ": ".join(parts) or type(exc).__name__
 
 
@@ -150,22 +151,24 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(int(code))
 
 
-def make_backend(config: SupervisorConfig, run_dir: RunDirectory, run_id: str, events: EventLog) -> JobBackend:
-    from supervisor.backends.address import AddressBackend
+def make_backend(config: SupervisorConfig, run_dir: RunDirectory, run_id: str) -> JobBackend:
+    from supervisor.backends.child_driver import ChildDriverBackend
+    from supervisor.backends.clusters import EmbeddedCluster, ExistingCluster
     from supervisor.backends.jobs import JobsBackend
-    from supervisor.backends.local import LocalBackend
 
-    if config.ray.mode is RayMode.address:
-        return AddressBackend(config.ray, config.teardown, run_id)
     if config.ray.mode is RayMode.jobs:
         return JobsBackend(config.ray, config.teardown, run_id)
-    return LocalBackend(config.ray, config.teardown, run_dir.path / "ray", run_id, events)
+    if config.ray.mode is RayMode.address:
+        cluster = ExistingCluster(config.ray)
+    else:
+        cluster = EmbeddedCluster(config.ray, run_dir.path / "ray", run_id, config.teardown.reap_timeout_s)
+    return ChildDriverBackend(cluster, config.ray, config.teardown, run_id)
 
 
 def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
     """Run the supervisor on a validated configuration; returns its exit code."""
-    from supervisor.heartbeats import HeartbeatServer
-    from supervisor.runner import RunAlreadyFinished, Supervisor, new_history
+    from supervisor.job.heartbeats import HeartbeatServer
+    from supervisor.loop import RunAlreadyFinished, Supervisor, new_history
 
     # The supervisor is a client of the cluster too (state API, GCS), and Ray reads the mode from the environment.
     os.environ["RAY_AUTH_MODE"] = config.ray.auth_mode
@@ -180,7 +183,7 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         except RunAlreadyFinished as exc:
             raise UsageError(str(exc)) from None
         events = EventLog(run_dir.events_path, history.run_id)
-        backend = make_backend(config, run_dir, history.run_id, events)
+        backend = make_backend(config, run_dir, history.run_id)
         heartbeats = HeartbeatServer(config.watchdog.listen_host, config.watchdog.advertise_host)
         heartbeats.start()
         try:

@@ -17,14 +17,7 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING
 
 from supervisor.checkpoints import VerifyLevel
-
-
-class Action(str, Enum):
-    """What to do about an attempt that ended. (Members are lowercase: OmegaConf matches YAML by name.)"""
-
-    done = "done"
-    restart = "restart"
-    fail = "fail"
+from supervisor.policy.outcomes import Action
 
 
 class RayMode(str, Enum):
@@ -82,6 +75,9 @@ class RayConfig:
     keep_cluster_between_attempts: bool = True
     """Reuse the embedded cluster while it is healthy; false starts a fresh one for every attempt."""
     start_timeout_s: float = 120.0
+    """How long the embedded cluster (and each extra node of a test cluster) may take to come up."""
+    api_timeout_s: float = 10.0
+    """Bound on each call to the cluster's state API, Jobs API and GCS (the fence retries until its deadline)."""
 
 
 @dataclass
@@ -105,6 +101,16 @@ class TeardownConfig:
     kill_stray_actors: bool = True
     """Kill (by id, through the GCS) actors of the attempt's Ray job that outlive its driver: detached ones.
     Off: they are waited for until ``fence_timeout_s``, then the supervisor stops (exit code 6)."""
+    straggler_grace_s: float = 2.0
+    """Between SIGTERM and SIGKILL for a process of the attempt that the fence finds after the first sweep (it
+    appeared late, or outlived its group): capped by ``grace_s``."""
+    reap_timeout_s: float = 5.0
+    """After SIGKILL, how long to wait for the kernel to reap a process before reporting it as a survivor."""
+    jobs_stop_timeout_s: float = 10.0
+    """``ray.mode=jobs``: past ``grace_s``, how long Ray may take to stop a submission (``stop_job`` waits its own
+    ``RAY_JOB_STOP_WAIT_TIME_S`` before SIGKILL) before the fence fails."""
+    output_drain_s: float = 5.0
+    """How long the attempt's output may take to reach its log files after its processes are gone."""
 
 
 @dataclass
@@ -199,6 +205,10 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(config.restart.backoff_jitter_s >= 0, "restart.backoff_jitter_s must be >= 0")
     require(config.teardown.grace_s >= 0, "teardown.grace_s must be >= 0")
     require(config.teardown.fence_timeout_s > 0, "teardown.fence_timeout_s must be > 0")
+    for key in ("straggler_grace_s", "reap_timeout_s", "jobs_stop_timeout_s", "output_drain_s"):
+        require(getattr(config.teardown, key) >= 0, f"teardown.{key} must be >= 0")
+    require(config.ray.start_timeout_s > 0, "ray.start_timeout_s must be > 0")
+    require(config.ray.api_timeout_s > 0, "ray.api_timeout_s must be > 0")
     require(config.ray.auth_mode in ("disabled", "token"), "ray.auth_mode must be disabled or token")
     require(config.ray.num_cpus is None or config.ray.num_cpus > 0, "ray.num_cpus must be > 0")
     require(config.log_tail_bytes > 0, "log_tail_bytes must be > 0")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.ray_cluster import ClusterSpec, LocalRayCluster
+from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

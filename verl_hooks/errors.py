@@ -8,19 +8,13 @@ exception is also kept as text (type, message, formatted traceback) in fields th
 
 from __future__ import annotations
 
-import os
 import traceback
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+from verl_hooks.contract import exception_chain
 from verl_hooks.phases import SyncPhase
-
-EXIT_WEIGHT_SYNC_FATAL = os.EX_TEMPFAIL if hasattr(os, "EX_TEMPFAIL") else 75
-"""Exit code of a job driver that died of a ``WeightSyncFatalError`` (75, EX_TEMPFAIL: try again later)."""
-
-EXIT_CONFIG_ERROR = os.EX_CONFIG if hasattr(os, "EX_CONFIG") else 78
-"""Exit code of the launcher for a configuration error a restart cannot fix (78, EX_CONFIG)."""
 
 
 class CleanupStatus(str, Enum):
@@ -178,23 +172,11 @@ def qualified_name(cls: type) -> str:
 
 
 def find_weight_sync_error(exc: BaseException) -> WeightSyncFatalError | None:
-    """The ``WeightSyncFatalError`` behind ``exc``, if any.
-
-    Looks through Ray's wrappers (``RayTaskError.cause``, which may itself wrap another task's error) and
-    Python's exception chain, without following cycles.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    """The ``WeightSyncFatalError`` behind ``exc``, if any: through Ray's wrappers (``RayTaskError.cause``, which
+    may itself wrap another task's error) and Python's exception chain, context included."""
+    for current in exception_chain(exc, with_context=True):
         if isinstance(current, WeightSyncFatalError):
             # A RayTaskError re-raised "as instance of cause" is a subclass; its fields live on the cause.
             cause = getattr(current, "cause", None)
             return cause if isinstance(cause, WeightSyncFatalError) else current
-        for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
-            if isinstance(linked, BaseException):
-                pending.append(linked)
     return None

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from verl_hooks import heartbeat
+from verl_hooks.contract import HeartbeatKind, JobExitCode, RecordSource
 from verl_hooks.errors import (
-    EXIT_WEIGHT_SYNC_FATAL,
     CleanupOutcome,
     CleanupStatus,
     WeightSyncFatalError,
@@ -84,7 +84,7 @@ class _SyncContext:
             # that the cleanup has already resumed.
             raise WeightSyncTimeout(f"the guard abandoned this weight sync; phase '{phase.value}' not started")
         self.tracker.enter(phase)
-        heartbeat.beat("sync_phase", step=self.global_step, phase=phase.value)
+        heartbeat.beat(HeartbeatKind.SYNC_PHASE, step=self.global_step, phase=phase.value)
         return self.faults.take(phase, self.global_step)
 
     def enter_blocking(self, phase: SyncPhase) -> None:
@@ -312,22 +312,23 @@ class _Backstop:
             self._record()
         finally:
             # Whatever recording did, the process must end: this is the last line of defence against a hang.
-            os._exit(EXIT_WEIGHT_SYNC_FATAL)
+            os._exit(JobExitCode.WEIGHT_SYNC_FATAL)
 
     def _record(self) -> None:
-        import dataclasses
-
-        from verl_hooks.record import record_for_weight_sync_error, write_record
+        from verl_hooks.contract import write_record
+        from verl_hooks.record import record_for_weight_sync_error
 
         fatal = self._describe()
         print(f"verl_hooks: {fatal.message}; the guard could not raise, exiting the process", file=sys.stderr)
-        record = record_for_weight_sync_error(fatal, exit_code=EXIT_WEIGHT_SYNC_FATAL, source="guard-backstop")
+        record = record_for_weight_sync_error(
+            fatal, exit_code=JobExitCode.WEIGHT_SYNC_FATAL, source=RecordSource.GUARD_BACKSTOP
+        )
         if self._error_file:
             try:
                 write_record(self._error_file, record)
             except OSError as exc:  # e.g. a worker on a node where the supervisor's run directory is not mounted
                 print(f"verl_hooks: could not write the error record {self._error_file}: {exc}", file=sys.stderr)
-        heartbeat.send_record(dataclasses.asdict(record))
+        heartbeat.send_record(record)
         sys.stderr.flush()
 
 
@@ -359,14 +360,14 @@ async def run_guarded_sync(
     backstop = _Backstop(backstop_delay if settings.hard_exit_grace_s > 0 else 0, describe_hang, settings.error_file)
     waiter = asyncio.wrap_future(runner.future)
     backstop.start()
-    heartbeat.beat("sync_begin", step=global_steps, backend=sync.backend)
+    heartbeat.beat(HeartbeatKind.SYNC_BEGIN, step=global_steps, backend=sync.backend)
     try:
         runner.start()
         done, _ = await asyncio.wait({waiter}, timeout=settings.sync_timeout_s)
         stuck_stack = None
         if done and waiter.exception() is None:
             sync.tracker.complete_all()
-            heartbeat.beat("sync_end", step=global_steps, duration_s=time.monotonic() - started)
+            heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=time.monotonic() - started)
             return waiter.result()
         phase = sync.tracker.current
         if done:
@@ -399,7 +400,7 @@ async def run_guarded_sync(
             stuck_stack=stuck_stack,
         )
         logger.error("%s", fatal.message)
-        heartbeat.beat("sync_failed", step=global_steps, phase=phase.value, hang=hang)
+        heartbeat.beat(HeartbeatKind.SYNC_FAILED, step=global_steps, phase=phase.value, hang=hang)
         raise fatal from primary
     except asyncio.CancelledError:
         runner.cancel()

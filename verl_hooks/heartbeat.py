@@ -5,10 +5,10 @@ from a background thread: the supervisor may be on another machine than the work
 reaches it from any node in every Ray mode without the supervisor being part of the Ray cluster. Sending never
 blocks or fails the job: a full queue or an unreachable supervisor drops the beat.
 
-Kinds: ``alive`` (the driver, every few seconds: the process is not frozen), ``sync_begin``, ``sync_phase``,
-``sync_end`` and ``sync_failed`` (the guard, around each weight sync: the training loop is making progress), and
-``error_record`` (the launcher's error record, sent synchronously before the driver exits: with ``ray.mode=jobs``
-the driver may run where the supervisor's record file cannot be written).
+The kinds and what each carries are the contract's (``verl_hooks.contract.HeartbeatKind``): ``alive`` from the
+driver, the ``sync_*`` beats from the guard around each weight sync, and ``error_record``, the launcher's error
+record sent synchronously before the driver exits (with ``ray.mode=jobs`` the driver may run where the
+supervisor's record file cannot be written).
 
 When ``$VERL_SUPERVISOR_STACKS_DIR`` is set, SIGUSR1 makes the process write the Python stacks of all its
 threads there (``faulthandler``: works while a C call holds the GIL and needs no ptrace permission).
@@ -30,15 +30,22 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from verl_hooks.contract import (
+    ENV_ATTEMPT,
+    ENV_HEARTBEAT_INTERVAL_S,
+    ENV_HEARTBEAT_TOKEN,
+    ENV_HEARTBEAT_URL,
+    ENV_STACKS_DIR,
+    ErrorRecord,
+    HeartbeatKind,
+    heartbeat_payload,
+)
+
 logger = logging.getLogger(__name__)
 
-ENV_URL = "VERL_SUPERVISOR_HEARTBEAT_URL"
-ENV_TOKEN = "VERL_SUPERVISOR_HEARTBEAT_TOKEN"
-ENV_INTERVAL = "VERL_SUPERVISOR_HEARTBEAT_INTERVAL_S"
-ENV_STACKS_DIR = "VERL_SUPERVISOR_STACKS_DIR"
-ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
-
-_SEND_TIMEOUT_S = 2.0
+SEND_TIMEOUT_S = 2.0
+"""How long one post may take; a beat that does not arrive in time is dropped."""
+DEFAULT_INTERVAL_S = 5.0
 
 
 class HeartbeatSender:
@@ -54,23 +61,15 @@ class HeartbeatSender:
         self._warned = False
         threading.Thread(target=self._run, name="verl-hooks-heartbeat", daemon=True).start()
 
-    def send(self, kind: str, **fields: Any) -> None:
-        beat = {
-            "kind": kind,
-            "attempt": self._attempt,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "sent_at": time.time(),
-            **fields,
-        }
+    def send(self, kind: HeartbeatKind, **fields: Any) -> None:
         try:
-            self._queue.put_nowait(beat)
+            self._queue.put_nowait(heartbeat_payload(kind, self._attempt, **fields))
         except queue.Full:
             pass
 
-    def post_now(self, kind: str, **fields: Any) -> bool:
+    def post_now(self, kind: HeartbeatKind, **fields: Any) -> bool:
         """Send one message synchronously, bypassing the queue; True if the supervisor took it."""
-        beat = {"kind": kind, "attempt": self._attempt, "pid": os.getpid(), "sent_at": time.time(), **fields}
+        beat = heartbeat_payload(kind, self._attempt, **fields)
         try:
             self._post(beat)
             return True
@@ -85,7 +84,7 @@ class HeartbeatSender:
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"},
             method="POST",
         )
-        with self._opener.open(request, timeout=_SEND_TIMEOUT_S) as response:
+        with self._opener.open(request, timeout=SEND_TIMEOUT_S) as response:
             response.read()
 
     def _run(self) -> None:
@@ -108,38 +107,38 @@ def _get_sender() -> HeartbeatSender | None:
     global _sender, _sender_resolved
     with _lock:
         if not _sender_resolved:
-            url, token = os.environ.get(ENV_URL), os.environ.get(ENV_TOKEN)
+            url, token = os.environ.get(ENV_HEARTBEAT_URL), os.environ.get(ENV_HEARTBEAT_TOKEN)
             if url and token:
                 _sender = HeartbeatSender(url, token, int(os.environ.get(ENV_ATTEMPT) or 1))
             _sender_resolved = True
         return _sender
 
 
-def beat(kind: str, **fields: Any) -> None:
+def beat(kind: HeartbeatKind, **fields: Any) -> None:
     """Send one heartbeat if a supervisor is listening; otherwise do nothing."""
     sender = _get_sender()
     if sender is not None:
         sender.send(kind, **fields)
 
 
-def send_record(record: dict[str, Any]) -> bool:
+def send_record(record: ErrorRecord) -> bool:
     """Post an error record to the supervisor and wait for it to arrive (bounded): the driver may be on a
     machine where the supervisor's record file cannot be written, and it is about to exit."""
     sender = _get_sender()
     if sender is None:
         return False
-    return sender.post_now("error_record", record=record)
+    return sender.post_now(HeartbeatKind.ERROR_RECORD, record=record.to_dict())
 
 
 def start_alive_beats() -> None:
     """In the driver: an ``alive`` beat every interval, so that a frozen driver (SIGSTOP) is noticed."""
     if _get_sender() is None:
         return
-    interval = float(os.environ.get(ENV_INTERVAL) or 5.0)
+    interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL_S) or DEFAULT_INTERVAL_S)
 
     def loop() -> None:
         while True:
-            beat("alive")
+            beat(HeartbeatKind.ALIVE)
             time.sleep(interval)
 
     threading.Thread(target=loop, name="verl-hooks-alive", daemon=True).start()

@@ -19,9 +19,10 @@ from typing import Any
 
 from verl_hooks import heartbeat
 from verl_hooks.compat import original_update_weights
+from verl_hooks.contract import ENV_CHAINED_SETUP_HOOK
 from verl_hooks.faults import FaultPlan
 from verl_hooks.guard import GUARD_MARK, run_guarded_sync
-from verl_hooks.settings import ENV_CHAINED_SETUP_HOOK, HookSettings
+from verl_hooks.settings import HookSettings
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,8 @@ OmegaConf error, bad ``VERL_HOOKS_*`` settings, a verl the guard does not suppor
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import functools
 import importlib.util
-import json
 import logging
 import os
 import runpy
@@ -31,32 +29,29 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from verl_hooks import heartbeat
-from verl_hooks.errors import (
-    EXIT_CONFIG_ERROR,
-    EXIT_WEIGHT_SYNC_FATAL,
-    HookSettingsError,
-    IncompatibleVerlError,
-    find_weight_sync_error,
+from verl_hooks.contract import (
+    ENV_CHAINED_SETUP_HOOK,
+    ENV_ERROR_FILE,
+    SETUP_HOOK,
+    ErrorRecord,
+    JobExitCode,
+    RecordSource,
+    exception_chain,
+    forwarded_env,
+    injected_runtime_env,
+    read_record,
+    write_record,
 )
+from verl_hooks.errors import HookSettingsError, IncompatibleVerlError, find_weight_sync_error
 from verl_hooks.installer import install
-from verl_hooks.record import ErrorRecord, read_record, record_for_exception, write_record
-from verl_hooks.settings import ENV_CHAINED_SETUP_HOOK, FORWARDED_ENV_PREFIXES, HookSettings
+from verl_hooks.record import record_for_exception
+from verl_hooks.settings import HookSettings
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-SETUP_HOOK = "verl_hooks.install"
-RAY_INJECTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # How long the job's atexit handlers (Ray's shutdown, loggers) may take on the way out of a failed job.
 EXIT_HANDLERS_BUDGET_S = 10.0
 _CONFIG_ERROR_MODULES = ("hydra.errors", "omegaconf.errors")
 
 USAGE = "usage: python -m verl_hooks.launch -m MODULE [ARGS...]"
-
-
-def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables the job's Ray workers need to see for the guard to behave as in the driver."""
-    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
 def with_guard(
@@ -97,16 +92,6 @@ def _install_then(hook: Callable[[], Any]) -> Any:
     return hook()
 
 
-def _injected_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    raw = environ.get(RAY_INJECTED_JOB_CONFIG)
-    if not raw:
-        return {}
-    try:
-        return dict(json.loads(raw).get("runtime_env") or {})
-    except (ValueError, AttributeError):
-        return {}
-
-
 def route_guard_into_ray_init(environ: Mapping[str, str]) -> None:
     """Make every ``ray.init`` of this process carry the guard into the job's workers."""
     import ray
@@ -115,7 +100,7 @@ def route_guard_into_ray_init(environ: Mapping[str, str]) -> None:
     if getattr(original, "__verl_hooks_routed__", False):
         return
     forwarded = forwarded_env(environ)
-    injected = _injected_runtime_env(environ)
+    injected = injected_runtime_env(environ)
 
     @functools.wraps(original)
     def init(*args: Any, **kwargs: Any) -> Any:
@@ -126,28 +111,22 @@ def route_guard_into_ray_init(environ: Mapping[str, str]) -> None:
     ray.init = init
 
 
-def exit_code_for(exc: BaseException) -> int:
+def exit_code_for(exc: BaseException) -> JobExitCode:
     if find_weight_sync_error(exc) is not None:
-        return EXIT_WEIGHT_SYNC_FATAL
+        return JobExitCode.WEIGHT_SYNC_FATAL
     if isinstance(exc, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
+        return JobExitCode.INTERRUPTED
     if _is_config_error(exc):
-        return EXIT_CONFIG_ERROR
-    return EXIT_FAILURE
+        return JobExitCode.CONFIG_ERROR
+    return JobExitCode.FAILURE
 
 
 def _is_config_error(exc: BaseException) -> bool:
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 32:
-        if isinstance(current, (HookSettingsError, IncompatibleVerlError)):
-            return True
-        if type(current).__module__.startswith(_CONFIG_ERROR_MODULES):
-            return True
-        inner = getattr(current, "cause", None)
-        current = inner if isinstance(inner, BaseException) else current.__cause__
-        seen += 1
-    return False
+    return any(
+        isinstance(current, (HookSettingsError, IncompatibleVerlError))
+        or type(current).__module__.startswith(_CONFIG_ERROR_MODULES)
+        for current in exception_chain(exc)
+    )
 
 
 def report_failure(exc: BaseException, settings: HookSettings) -> int:
@@ -157,9 +136,9 @@ def report_failure(exc: BaseException, settings: HookSettings) -> int:
     if backstop is not None:
         # The guard's backstop ended a worker (the TaskRunner, say) after a weight-sync hang: the driver only
         # sees that actor die, but the root cause, already on record, is the weight sync.
-        code = EXIT_WEIGHT_SYNC_FATAL
-    record = record_for_exception(exc, exit_code=code, source="launcher", attempt=settings.attempt)
-    if code == EXIT_CONFIG_ERROR:
+        code = JobExitCode.WEIGHT_SYNC_FATAL
+    record = record_for_exception(exc, exit_code=code, source=RecordSource.LAUNCHER, attempt=settings.attempt)
+    if code == JobExitCode.CONFIG_ERROR:
         # A configuration error's message is the whole story; its traceback goes to the record.
         print(f"Error: {_messages(exc)}", file=sys.stderr)
     else:
@@ -172,7 +151,7 @@ def report_failure(exc: BaseException, settings: HookSettings) -> int:
 def _backstop_record(settings: HookSettings) -> ErrorRecord | None:
     """The record the guard's backstop left in this attempt's record file, if it did."""
     earlier = read_record(settings.error_file) if settings.error_file else None
-    return earlier if earlier is not None and earlier.source == "guard-backstop" else None
+    return earlier if earlier is not None and earlier.source == RecordSource.GUARD_BACKSTOP.value else None
 
 
 def deliver_record(record: ErrorRecord, settings: HookSettings) -> None:
@@ -185,20 +164,16 @@ def deliver_record(record: ErrorRecord, settings: HookSettings) -> None:
             print(
                 f"verl_hooks.launch: could not write the error record to {settings.error_file}: {exc}", file=sys.stderr
             )
-    heartbeat.send_record(dataclasses.asdict(record))
+    heartbeat.send_record(record)
 
 
 def _messages(exc: BaseException) -> str:
-    parts = []
-    current: BaseException | None = exc
-    while current is not None and len(parts) < 8:
-        parts.append(str(current) or type(current).__name__)
-        current = current.__cause__
+    parts = [str(current) or type(current).__name__ for current in exception_chain(exc, limit=8)]
     return "\n".join(dict.fromkeys(parts))
 
 
 def _summary(record: ErrorRecord, code: int) -> str:
-    if code == EXIT_WEIGHT_SYNC_FATAL:
+    if code == JobExitCode.WEIGHT_SYNC_FATAL:
         cleanup = ", ".join(f"{o['step']} {o['status']}" for o in record.cleanup) or "none needed"
         return (
             f"the job died of a weight-sync failure in phase '{record.phase}' at global step {record.global_step} "
@@ -233,7 +208,11 @@ def _exit_recorded(code: int, error_type: str, message: str, settings: HookSetti
     """Exit with ``code`` for a failure that has no exception worth a traceback."""
     if code != 0:
         record = ErrorRecord(
-            error_type=error_type, message=message, source="launcher", exit_code=code, attempt=settings.attempt
+            error_type=error_type,
+            message=message,
+            source=RecordSource.LAUNCHER.value,
+            exit_code=code,
+            attempt=settings.attempt,
         )
         deliver_record(record, settings)
     _exit(code)
@@ -244,16 +223,16 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         settings = HookSettings.from_env()
     except HookSettingsError as exc:
-        fallback = HookSettings(error_file=os.environ.get("VERL_SUPERVISOR_ERROR_FILE") or None)
+        fallback = HookSettings(error_file=os.environ.get(ENV_ERROR_FILE) or None)
         _exit(report_failure(exc, fallback))
     if len(args) < 2 or args[0] != "-m":
         print(USAGE, file=sys.stderr)
-        _exit_recorded(EXIT_USAGE, "UsageError", USAGE, settings)
+        _exit_recorded(JobExitCode.USAGE, "UsageError", USAGE, settings)
     module, job_args = args[1], args[2:]
     if not _module_exists(module):
         message = f"no module named {module!r} (is it installed in this environment?)"
         print(f"verl_hooks.launch: {message}", file=sys.stderr)
-        _exit_recorded(EXIT_USAGE, "UsageError", message, settings)
+        _exit_recorded(JobExitCode.USAGE, "UsageError", message, settings)
     install(settings)
     heartbeat.start_alive_beats()
     route_guard_into_ray_init(os.environ)
@@ -261,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         run_module(module, job_args)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else JobExitCode.FAILURE)
         _exit_recorded(code, "SystemExit", f"the job exited with code {code}", settings)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then ends the process
         _exit(report_failure(exc, settings))

@@ -11,20 +11,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from verl_hooks.contract import (
+    ENV_ATTEMPT,
+    ENV_CLEANUP_STEP_TIMEOUT_S,
+    ENV_ERROR_FILE,
+    ENV_FAULT_LOG,
+    ENV_FAULTS,
+    ENV_HARD_EXIT_GRACE_S,
+    ENV_SYNC_TIMEOUT_S,
+)
 from verl_hooks.errors import HookSettingsError
 from verl_hooks.faults import FaultSpec, parse_fault_specs
-
-ENV_SYNC_TIMEOUT = "VERL_HOOKS_SYNC_TIMEOUT_S"
-ENV_CLEANUP_TIMEOUT = "VERL_HOOKS_CLEANUP_STEP_TIMEOUT_S"
-ENV_HARD_EXIT_GRACE = "VERL_HOOKS_HARD_EXIT_GRACE_S"
-ENV_FAULTS = "VERL_HOOKS_FAULTS"
-ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
-ENV_ERROR_FILE = "VERL_SUPERVISOR_ERROR_FILE"
-ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
-ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
-
-# Variables a job's Ray workers must see for the guard to behave as in the driver.
-FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
 
 
 @dataclass(frozen=True)
@@ -64,9 +61,9 @@ class HookSettings:
         env = os.environ if environ is None else environ
         defaults = cls()
         return cls(
-            sync_timeout_s=_float(env, ENV_SYNC_TIMEOUT, defaults.sync_timeout_s),
-            cleanup_step_timeout_s=_float(env, ENV_CLEANUP_TIMEOUT, defaults.cleanup_step_timeout_s),
-            hard_exit_grace_s=_float(env, ENV_HARD_EXIT_GRACE, defaults.hard_exit_grace_s),
+            sync_timeout_s=_float(env, ENV_SYNC_TIMEOUT_S, defaults.sync_timeout_s),
+            cleanup_step_timeout_s=_float(env, ENV_CLEANUP_STEP_TIMEOUT_S, defaults.cleanup_step_timeout_s),
+            hard_exit_grace_s=_float(env, ENV_HARD_EXIT_GRACE_S, defaults.hard_exit_grace_s),
             faults=parse_fault_specs(env.get(ENV_FAULTS)),
             attempt=_int(env, ENV_ATTEMPT, 1),
             error_file=env.get(ENV_ERROR_FILE) or None,

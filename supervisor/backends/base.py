@@ -1,4 +1,9 @@
-"""The interface the supervisor's loop drives; it does not know which backend is behind it."""
+"""The interface the supervisor's loop drives; it does not know which backend is behind it.
+
+Backends carry out; they decide nothing. What they did comes back as values: a ``TeardownResult`` from
+``teardown``, events (``ClusterStarted``, ``ClusterStopped``) from ``prepare`` and ``close``, which the loop
+writes to the run's log.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.codes import ExitStatus
-from supervisor.processes import ProcessInfo
-from supervisor.stacks import StackDump
+from supervisor.mechanisms.processes import ProcessInfo
+from supervisor.mechanisms.stacks import StackDump
+from supervisor.policy.outcomes import ExitStatus
+from supervisor.run.events import Event
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,9 @@ class RunningJob:
 
 
 @dataclass(frozen=True)
-class TeardownReport:
+class TeardownResult:
+    """What tearing an attempt down did, and whether the fence holds."""
+
     duration_s: float
     terminated: tuple[ProcessInfo, ...] = ()
     killed: tuple[ProcessInfo, ...] = ()
@@ -60,8 +68,9 @@ class JobBackend(ABC):
         return sys.executable
 
     @abstractmethod
-    def prepare(self) -> None:
-        """Make the cluster ready for the next attempt (start it, or restart it when unhealthy)."""
+    def prepare(self) -> list[Event]:
+        """Make the cluster ready for the next attempt (start it, or restart it when unhealthy); returns what it
+        did, as events. Raises ``ClusterStartFailed``."""
 
     @abstractmethod
     def launch(self, spec: LaunchSpec) -> RunningJob:
@@ -76,7 +85,7 @@ class JobBackend(ABC):
         """Ask the attempt's processes for their Python stacks (bounded by ``timeout_s``)."""
 
     @abstractmethod
-    def teardown(self, job: RunningJob, grace_s: float, fence_timeout_s: float) -> TeardownReport:
+    def teardown(self, job: RunningJob) -> TeardownResult:
         """Stop everything of the attempt, then verify that nothing of it is left (the fence)."""
 
     @abstractmethod
@@ -84,5 +93,5 @@ class JobBackend(ABC):
         """End processes of this run left by an earlier supervisor (which died) and say which they were."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Release what ``prepare`` started (the embedded cluster)."""
+    def close(self) -> list[Event]:
+        """Release what ``prepare`` started (the embedded cluster); returns what it did, as events."""

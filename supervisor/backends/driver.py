@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from supervisor.codes import ExitStatus
-from supervisor.processes import (
-    ENV_ATTEMPT,
-    ENV_RUN_ID,
+from supervisor.mechanisms.processes import (
     ChildProcess,
     TerminationReport,
     find_marked_processes,
@@ -23,6 +20,8 @@ from supervisor.processes import (
     start_child,
     terminate_processes,
 )
+from supervisor.policy.outcomes import ExitStatus
+from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
 
 class _Tee(threading.Thread):
@@ -85,7 +84,7 @@ class DriverProcess:
     def attempt_processes(self) -> list:
         return find_marked_processes(self.markers)
 
-    def stop_everything(self, grace_s: float) -> TerminationReport:
+    def stop_everything(self, grace_s: float, reap_timeout_s: float) -> TerminationReport:
         """SIGTERM the driver's process group (its own children, marked or not) and every other process with
         the attempt's marker (the Ray workers, which the raylet started), wait one shared grace period,
         SIGKILL the rest; then SIGKILL whatever is left in the group."""
@@ -93,13 +92,13 @@ class DriverProcess:
         self.child.signal_group(signal.SIGTERM)
         members = {p.pid for p in group}
         everything = group + [p for p in self.attempt_processes() if p.pid not in members]
-        report = terminate_processes(everything, grace_s, already_terminated=members)
+        report = terminate_processes(everything, grace_s, members, reap_timeout_s)
         if self.child.group_alive():
             self.child.signal_group(signal.SIGKILL)
-        self.child.wait(5.0)
+        self.child.wait(reap_timeout_s)
         return report
 
-    def join_output(self, timeout_s: float = 5.0) -> None:
+    def join_output(self, timeout_s: float) -> None:
         """Let the tees drain what the driver wrote before it died (pipes close when its group is gone)."""
         deadline = time.monotonic() + timeout_s
         for tee in self._tees:

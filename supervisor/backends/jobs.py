@@ -9,6 +9,7 @@ no use). Teardown is ``stop_job``, then the same fence as the other modes, on th
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shlex
 import signal
@@ -19,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownReport
-from supervisor.codes import ExitStatus
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
+from supervisor.backends.fence import RayFence
 from supervisor.config import RayConfig, TeardownConfig
-from supervisor.fence import RayFence
-from supervisor.processes import ENV_ATTEMPT, ENV_RUN_ID, ProcessInfo, find_marked_processes
-from supervisor.ray_state import RayStateClient
-from supervisor.stacks import StackDump, dump_stacks
-from verl_hooks.launch import forwarded_env
+from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
+from supervisor.mechanisms.ray_state import RayStateClient
+from supervisor.mechanisms.stacks import StackDump, dump_stacks
+from supervisor.policy.outcomes import ExitStatus
+from supervisor.run.events import Event
+from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, SETUP_HOOK, SUPERVISOR_LOCAL_ENV, forwarded_env
 
 POLL_S = 0.2
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -47,11 +49,11 @@ class JobsBackend(JobBackend):
     def __init__(self, ray: RayConfig, teardown: TeardownConfig, run_id: str, echo_output: bool = True) -> None:
         assert ray.address is not None, "resolve_cluster() first"
         self._ray = ray
-        self._kill_stray_actors = teardown.kill_stray_actors
+        self._teardown = teardown
         self._dashboard = ray.address
         self._run_id = run_id
         self._echo = echo_output
-        self._state = RayStateClient(ray.address)
+        self._state = RayStateClient(ray.address, ray.api_timeout_s)
         self._client: Any = None
 
     @property
@@ -65,28 +67,31 @@ class JobsBackend(JobBackend):
             self._client = JobSubmissionClient(self._dashboard)
         return self._client
 
-    def prepare(self) -> None:
+    def prepare(self) -> list[Event]:
         try:
             self._jobs().get_version()
         except Exception as exc:
             raise ClusterStartFailed(f"the Ray Jobs API at {self._dashboard} does not answer: {exc}") from exc
+        return []
 
     def runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
         # Paths on this machine mean nothing where the driver runs: the error record comes over the heartbeat
         # channel instead, and stacks can only be taken from processes on this machine.
-        local_only = ("VERL_SUPERVISOR_ERROR_FILE", "VERL_SUPERVISOR_STACKS_DIR")
+        local_only = SUPERVISOR_LOCAL_ENV
         # A submitted driver does not inherit the supervisor's environment as a child does: pass on what the
         # guard reads (VERL_HOOKS_* such as faults and deadlines), then the attempt's own variables.
         inherited = forwarded_env(os.environ)
         env_vars = {k: v for k, v in {**inherited, **spec.env}.items() if k not in local_only}
         env: dict[str, Any] = {
             "env_vars": {**env_vars, "RAY_AUTH_MODE": self._ray.auth_mode},
-            "worker_process_setup_hook": "verl_hooks.install",
+            "worker_process_setup_hook": SETUP_HOOK,
         }
         if self._ray.ship_verl_hooks:
-            import verl_hooks
-
-            env["py_modules"] = [str(Path(verl_hooks.__file__).parent)]
+            # The package's folder, found without importing it: the supervisor runs none of the job's code.
+            spec = importlib.util.find_spec("verl_hooks")
+            assert spec is not None
+            assert spec.origin is not None
+            env["py_modules"] = [str(Path(spec.origin).parent)]
         return env
 
     def launch(self, spec: LaunchSpec) -> SubmittedJob:
@@ -149,24 +154,24 @@ class JobsBackend(JobBackend):
     def _local_processes(self, job: RunningJob) -> list:
         return find_marked_processes({ENV_RUN_ID: self._run_id, ENV_ATTEMPT: str(job.attempt)})
 
-    def teardown(self, job: RunningJob, grace_s: float, fence_timeout_s: float) -> TeardownReport:
+    def teardown(self, job: RunningJob) -> TeardownResult:
         started = time.monotonic()
         submitted = _submitted(job)
+        config = self._teardown
         problems = []
         if submitted.exit_status is None:
             # Ray's stop_job sends SIGTERM, then SIGKILL after its own grace period (RAY_JOB_STOP_WAIT_TIME_S).
             self._jobs().stop_job(submitted.submission_id)
-            if self.wait(job, grace_s + 10.0) is None:
-                problems.append(f"Ray job {submitted.submission_id} did not stop within {grace_s + 10.0:g} s")
+            stop_timeout_s = config.grace_s + config.jobs_stop_timeout_s
+            if self.wait(job, stop_timeout_s) is None:
+                problems.append(f"Ray job {submitted.submission_id} did not stop within {stop_timeout_s:g} s")
         if submitted.ray_job_id is None:
             submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
-        fence = RayFence(self._state, self._ray.gcs_address, self._kill_stray_actors)
-        result = fence.fence(
-            submitted.ray_job_id, lambda: self._local_processes(job), grace_s, fence_timeout_s, lambda: False
-        )
+        fence = RayFence(self._state, self._ray.gcs_address, config, self._ray.api_timeout_s)
+        result = fence.fence(submitted.ray_job_id, lambda: self._local_processes(job))
         if submitted.tail is not None:
-            submitted.tail.join(5.0)
-        return result.report(started, problems=problems)
+            submitted.tail.join(config.output_drain_s)
+        return result.teardown_result(started, problems=problems)
 
     def stale_processes(self) -> list[ProcessInfo]:
         """Stop this run's submissions that an earlier supervisor of the run left running."""
@@ -178,8 +183,8 @@ class JobsBackend(JobBackend):
                 stopped.append(ProcessInfo(pid=-1, name=f"ray job {details.submission_id}", cmdline=details.entrypoint))
         return stopped
 
-    def close(self) -> None:
-        pass  # the cluster is not ours
+    def close(self) -> list[Event]:
+        return []  # the cluster is not ours
 
 
 def _submitted(job: RunningJob) -> SubmittedJob:

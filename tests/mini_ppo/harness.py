@@ -9,11 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.ray_cluster import LocalRayCluster
+from mini_ppo.layout import FINAL_FILE, TRACKER_FILE
+from supervisor.mechanisms.ray_cluster import LocalRayCluster
 from tests.conftest import REPO_ROOT
-from verl_hooks.mini_ppo.layout import FINAL_FILE, TRACKER_FILE
 
-JOB_MODULE = "verl_hooks.mini_ppo.main"
+JOB_MODULE = "mini_ppo.main"
 # Saves at 2, 4 and 6: room for a fault before the first save, between saves, right after one and at the end.
 BASE_OVERRIDES = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11")
 

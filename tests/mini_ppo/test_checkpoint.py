@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
-from verl_hooks.mini_ppo.checkpoint import (
+from mini_ppo.checkpoint_io import (
     FinalReport,
     MiniCheckpointManager,
     ResumePoint,
@@ -21,7 +21,7 @@ from verl_hooks.mini_ppo.checkpoint import (
     save_data_state,
     write_tracker,
 )
-from verl_hooks.mini_ppo.layout import (
+from mini_ppo.layout import (
     ACTOR_DIR,
     TRACKER_FILE,
     check_resume_path,
@@ -30,8 +30,8 @@ from verl_hooks.mini_ppo.layout import (
     step_folder,
     step_of,
 )
-from verl_hooks.mini_ppo.policy import PolicySpec, build_policy, weights_digest
-from verl_hooks.mini_ppo.schema import ResumeMode
+from mini_ppo.model import PolicySpec, build_policy, weights_digest
+from mini_ppo.schema import ResumeMode
 
 # --- layout (pure) ---
 

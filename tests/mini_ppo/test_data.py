@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_hooks.mini_ppo.data import BatchIterator, derive_seed
+from mini_ppo.data import BatchIterator, derive_seed
 
 ROWS = 10
 

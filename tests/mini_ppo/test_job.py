@@ -14,10 +14,10 @@ import pytest
 import torch
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
+from mini_ppo.layout import ACTOR_DIR, DATA_FILE, shard_files, step_folder
+from mini_ppo.model import PolicySpec, build_policy, weights_digest
 from tests.mini_ppo.harness import JobRun, run_job
-from verl_hooks.mini_ppo.layout import ACTOR_DIR, DATA_FILE, shard_files, step_folder
-from verl_hooks.mini_ppo.policy import PolicySpec, build_policy, weights_digest
-from verl_hooks.record import read_record
+from verl_hooks.contract import read_record
 
 pytestmark = pytest.mark.ray
 

@@ -11,9 +11,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-import verl_hooks.mini_ppo.main as job_main
-from tests.mini_ppo.harness import run_job
-from verl_hooks.mini_ppo.schema import (
+import mini_ppo.main as job_main
+from mini_ppo.schema import (
     MiniPPOConfig,
     ResumeMode,
     SyncBackend,
@@ -21,7 +20,8 @@ from verl_hooks.mini_ppo.schema import (
     validate,
     with_absolute_paths,
 )
-from verl_hooks.record import read_record
+from tests.mini_ppo.harness import run_job
+from verl_hooks.contract import read_record
 
 CONFIG_DIR = Path(job_main.__file__).parent / "config"
 
@@ -119,7 +119,7 @@ def test_a_cluster_of_the_jobs_own_has_cpus_for_all_its_actors() -> None:
 
 
 def test_the_job_module_resolves_config_from_its_package() -> None:
-    """Installed, the YAML must travel inside the package (hatch ships every file under verl_hooks/)."""
+    """Hydra finds the YAML next to the job's modules, wherever the package ``mini_ppo`` is imported from."""
     assert (CONFIG_DIR / "mini_ppo.yaml").is_file()
     assert OmegaConf.load(CONFIG_DIR / "mini_ppo.yaml").defaults[0] == "mini_ppo_schema"
 

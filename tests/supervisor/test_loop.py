@@ -1,145 +1,316 @@
-"""The restart loop end to end with a scripted job: real supervisor processes, real embedded Ray clusters."""
+"""The supervisor's loop, driven in-process by a fake backend, clock and heartbeat channel: every way a run can
+go, in milliseconds. The real configuration, policy, run directory, events and checkpoint code are used; the
+end-to-end runs with real processes and Ray clusters are in tests/supervisor/e2e."""
 
 from __future__ import annotations
 
-import os
+import io
+import random
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.supervisor.conftest import (
-    events_of,
-    run_supervisor,
-    start_supervisor,
-    state_of,
-    wait_until,
+from supervisor.cli import compose_config, to_supervisor_config
+from supervisor.loop import Supervisor, new_history
+from supervisor.policy.outcomes import Action, ExitCode, ExitStatus
+from supervisor.run.events import EventLog, read_events
+from supervisor.run.history import AttemptRecord, RunHistory, RunState
+from supervisor.run.rundir import RunDirectory
+from tests.supervisor.checkpoint_files import write_step
+from tests.supervisor.fakes import Attempt, FakeBackend, FakeClock, FakeHeartbeats
+from verl_hooks.contract import ErrorRecord, HeartbeatKind, JobExitCode
+
+WEIGHT_SYNC = ErrorRecord(
+    error_type="verl_hooks.errors.WeightSyncFatalError",
+    message="weight sync failed in phase 'update_weights' at global step 3",
+    source="launcher",
+    exit_code=JobExitCode.WEIGHT_SYNC_FATAL,
+    phase="update_weights",
+    global_step=3,
 )
 
-pytestmark = pytest.mark.ray
 
-SCRIPTED = "job=scripted"
-
-
-def test_bad_configuration_exits_2_and_starts_nothing(runs) -> None:
-    run_dir = runs.new()
-    proc = run_supervisor(run_dir, SCRIPTED, "restart.max_restart=1")
-    assert proc.returncode == 2
-    assert "verl-supervisor: error: Could not override 'restart.max_restart'" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert not run_dir.exists()
+def weight_sync_failure(saves: tuple[int, ...] = (2,)) -> Attempt:
+    return Attempt(exit=ExitStatus(code=75), record=WEIGHT_SYNC, saves=saves)
 
 
-def test_restart_budget_exhausted_exits_4(runs) -> None:
-    run_dir = runs.new()
-    proc = run_supervisor(
-        run_dir,
-        SCRIPTED,
-        "restart.max_restarts=2",
-        "restart.max_failures_without_progress=10",
-        job_args=("--fail-until", "99"),
+def success(saves: tuple[int, ...] = (6,)) -> Attempt:
+    return Attempt(exit=ExitStatus(code=0), saves=saves)
+
+
+@dataclass
+class Run:
+    code: ExitCode
+    backend: FakeBackend
+    clock: FakeClock
+    run_dir: Path
+    console: str
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        return [e for e in read_events(self.run_dir / "events.jsonl") if kind is None or e["event"] == kind]
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events()]
+
+    def history(self) -> RunHistory:
+        history = RunDirectory(self.run_dir).load_history()
+        assert history is not None
+        return history
+
+
+def supervise(
+    tmp_path: Path,
+    attempts: list[Attempt],
+    *overrides: str,
+    signal_at: dict[str, int] | None = None,
+    signal_on_sleep: int | None = None,
+    cluster_fails: bool = False,
+    prepare_run_dir=None,
+) -> Run:
+    run_path = tmp_path / "run"
+    config = to_supervisor_config(
+        compose_config([f"run_dir={run_path}", "restart.backoff_jitter_s=0", "watchdog.tick_s=1", *overrides])
     )
-    assert proc.returncode == 4, proc.stderr[-2000:]
-    assert [e["attempt"] for e in events_of(run_dir, "attempt_started")] == [1, 2, 3]
-    assert len(events_of(run_dir, "backoff")) == 2
-    state = state_of(run_dir)
-    assert (state["state"], state["outcome"], state["exit_code"]) == ("finished", "budget_exhausted", 4)
-    assert "restart budget exhausted: 2 of 2 restarts used" in proc.stderr
-    assert "attempt  started" in proc.stderr, "the attempts table is printed"
-
-
-def test_crash_loop_exits_5(runs) -> None:
-    run_dir = runs.new()
-    proc = run_supervisor(
-        run_dir,
-        SCRIPTED,
-        "restart.max_restarts=9",
-        "restart.max_failures_without_progress=2",
-        job_args=("--fail-until", "99"),
+    run_dir = RunDirectory(Path(config.run_dir))
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if prepare_run_dir is not None:
+        prepare_run_dir(run_dir, Path(config.checkpoints.dir))
+    history = new_history(run_dir)
+    clock, beats = FakeClock(), FakeHeartbeats()
+    clock.signal_on_sleep = signal_on_sleep
+    backend = FakeBackend(
+        attempts, clock, beats, Path(config.checkpoints.dir), signal_at=signal_at, cluster_fails=cluster_fails
     )
-    assert proc.returncode == 5, proc.stderr[-2000:]
-    assert len(events_of(run_dir, "attempt_started")) == 2
-    assert "crash loop: 2 failed attempts in a row" in proc.stderr
-
-
-def test_non_retryable_failure_exits_3_without_restart(runs) -> None:
-    run_dir = runs.new()
-    proc = run_supervisor(run_dir, SCRIPTED, job_args=("--fail-until", "99", "--exit-code", "78"))
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    exited = events_of(run_dir, "attempt_exited")
-    assert [(e["exit_code"], e["rule"], e["action"]) for e in exited] == [(78, "configuration-error", "fail")]
-    assert not events_of(run_dir, "backoff")
-
-
-def test_teardown_sends_sigterm_to_the_jobs_process_group_first(runs) -> None:
-    """A child of the driver that dropped the run's marker is found through the process group: it gets SIGTERM
-    and its grace period, not a bare SIGKILL."""
-    run_dir = runs.new()
-    proc = run_supervisor(run_dir, SCRIPTED, job_args=("--fail-until", "2", "--unmarked-group-child-on", "1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (run_dir / "attempts" / "1" / "group-child").read_text() == "SIGTERM"
-    teardown = events_of(run_dir, "teardown")[0]
-    assert any(entry.startswith("python") for entry in teardown["terminated"]), teardown
-    assert not teardown["killed"]
-
-
-def test_sigterm_tears_everything_down_and_a_second_supervisor_is_refused(runs) -> None:
-    run_dir = runs.new()
-    supervisor = start_supervisor(
+    console = io.StringIO()
+    events = EventLog(run_dir.events_path, history.run_id, console=console, now=lambda: clock.wall)
+    supervisor = Supervisor(
+        config,
+        [],
         run_dir,
-        SCRIPTED,
-        "ray.dashboard=true",
-        job_args=("--run-forever-on", "1", "--ignore-sigterm", "--spawn-stubborn-child"),
+        history,
+        backend,
+        events,
+        heartbeats=beats,
+        console=console,
+        clock=clock.clock(),
+        rng=random.Random(7),
     )
-    ready = run_dir / "attempts" / "1" / "ready"
-    wait_until(ready.exists, 120, "attempt 1 to run")
-    driver = psutil.Process(int(ready.read_text()))
-
-    second = run_supervisor(run_dir, SCRIPTED)
-    assert second.returncode == 2
-    assert "is in use by another supervisor" in second.stderr
-
-    supervisor.send_signal(signal.SIGTERM)
-    assert supervisor.wait(timeout=120) == 143
-    assert not driver.is_running() or driver.status() == psutil.STATUS_ZOMBIE
-    teardown = events_of(run_dir, "teardown")[-1]
-    assert teardown["fenced"] is True
-    assert len(teardown["killed"]) >= 2, "the driver and its stubborn child ignored SIGTERM and were SIGKILLed"
-    assert events_of(run_dir, "signal_received")[0]["signal"] == "SIGTERM"
-    state = state_of(run_dir)
-    assert (state["outcome"], state["exit_code"]) == ("interrupted_sigterm", 143)
-    assert events_of(run_dir, "cluster_stopped")
+    code = supervisor.run()
+    return Run(code, backend, clock, run_dir.path, console.getvalue())
 
 
-def test_supervisor_killed_outright_takes_the_job_with_it_and_a_new_one_continues_the_budget(runs) -> None:
-    run_dir = runs.new()
-    overrides = (SCRIPTED, "restart.max_restarts=3", "restart.max_failures_without_progress=9")
-    job_args = ("--fail-until", "3", "--run-forever-on", "3")
-    first = start_supervisor(run_dir, *overrides, job_args=job_args)
-    ready = run_dir / "attempts" / "3" / "ready"
-    wait_until(ready.exists, 180, "attempt 3 to run")
-    driver_pid = int(ready.read_text())
-    run_id = state_of(run_dir)["run_id"]
-
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
-    wait_until(lambda: not psutil.pid_exists(driver_pid), 30, "the job to die with its supervisor")
-    wait_until(lambda: not runs.leftovers(), 30, "the embedded cluster to die with its supervisor")
-
-    again = run_supervisor(run_dir, *overrides, job_args=job_args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    state = state_of(run_dir)
-    assert state["run_id"] == run_id
-    assert state["supervisor_starts"] == 2
-    assert [a["number"] for a in state["attempts"]] == [1, 2, 3, 4]
-    assert state["attempts"][2]["rule"] == "supervisor-restarted"
-    assert state["attempts"][3]["action"] == "done"
-    assert events_of(run_dir, "run_started")[-1]["restarts_used"] == 2, "attempt 4 is restart 3 of 3"
+def test_a_job_that_succeeds_is_run_once(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [success()])
+    assert run.code is ExitCode.DONE
+    assert run.kinds() == [
+        "run_started",
+        "cluster_started",
+        "attempt_started",
+        "attempt_exited",
+        "teardown",
+        "run_finished",
+    ]
+    history = run.history()
+    assert (history.state, history.outcome, history.exit_code) == (RunState.FINISHED, "done", 0)
+    assert history.attempts[0].reached_step == 6
+    assert "attempt  started" in run.console
 
 
-def test_finished_run_directory_is_not_reused(runs) -> None:
-    run_dir = runs.new()
-    assert run_supervisor(run_dir, SCRIPTED).returncode == 0
-    again = run_supervisor(run_dir, SCRIPTED)
-    assert again.returncode == 2
-    assert "holds a finished run (done, exit 0)" in again.stderr
+def test_a_weight_sync_failure_is_restarted_from_the_newest_checkpoint_after_the_backoff(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [weight_sync_failure(saves=(2,)), success()], "restart.backoff_initial_s=1.5")
+    assert run.code is ExitCode.DONE
+    exited = run.events("attempt_exited")
+    assert [(e["exit_code"], e["rule"], e["action"]) for e in exited] == [
+        (75, "weight-sync-failure", "restart"),
+        (0, "success", "done"),
+    ]
+    assert exited[0]["record"]["phase"] == "update_weights"
+    assert run.clock.sleeps == [1.5]
+    resumed = run.backend.launched[1].argv
+    assert f"trainer.resume_from_path={tmp_path / 'run' / 'checkpoints' / 'global_step_2'}" in resumed
+    assert run.events("attempt_started")[1]["resume_step"] == 2
+    assert run.kinds().index("teardown") < run.kinds().index("backoff")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rule", "code"),
+    [
+        (Attempt(exit=ExitStatus(code=78)), "configuration-error", ExitCode.JOB_FAILED),
+        (Attempt(exit=ExitStatus(code=2)), "usage-error", ExitCode.JOB_FAILED),
+        (
+            Attempt(exit=ExitStatus(code=1), output="Could not override 'trainer.lr'"),
+            "hydra-error-in-output",
+            ExitCode.JOB_FAILED,
+        ),
+        (Attempt(exit=ExitStatus(signal=int(signal.SIGKILL))), "killed-by-signal", ExitCode.DONE),
+        (Attempt(exit=ExitStatus(code=75)), "weight-sync-exit-code", ExitCode.DONE),
+        (Attempt(exit=ExitStatus(code=1)), "default", ExitCode.DONE),
+    ],
+)
+def test_each_rule_decides_restart_or_fail(tmp_path: Path, attempt: Attempt, rule: str, code: ExitCode) -> None:
+    run = supervise(tmp_path, [attempt, success()])
+    assert run.code is code
+    assert run.events("attempt_exited")[0]["rule"] == rule
+    assert len(run.backend.launched) == (2 if code is ExitCode.DONE else 1)
+
+
+def test_the_restart_budget_is_spent_then_exit_4(tmp_path: Path) -> None:
+    attempts = [weight_sync_failure(saves=(2 * n,)) for n in range(1, 4)]
+    run = supervise(tmp_path, attempts, "restart.max_restarts=2", "restart.backoff_initial_s=1")
+    assert run.code is ExitCode.BUDGET_EXHAUSTED
+    assert len(run.backend.launched) == 3
+    assert run.clock.sleeps == [1.0, 1.0], "progress between failures resets the backoff"
+    assert "restart budget exhausted: 2 of 2 restarts used" in run.events("run_finished")[0]["reason"]
+
+
+def test_failures_without_progress_are_a_crash_loop_with_growing_backoff(tmp_path: Path) -> None:
+    attempts = [Attempt(exit=ExitStatus(code=1)) for _ in range(3)]
+    run = supervise(tmp_path, attempts, "restart.max_failures_without_progress=3", "restart.backoff_initial_s=1")
+    assert run.code is ExitCode.CRASH_LOOP
+    assert len(run.backend.launched) == 3
+    assert run.clock.sleeps == [1.0, 2.0]
+
+
+def test_a_run_that_lost_its_checkpoints_refuses_to_start_over(tmp_path: Path) -> None:
+    def damage(run_dir: RunDirectory, checkpoints: Path) -> None:
+        history = RunHistory(run_id="lost", newest_checkpoint_step=4)
+        run_dir.save_history(history)
+
+    run = supervise(tmp_path, [success()], prepare_run_dir=damage)
+    assert run.code is ExitCode.CRASH_LOOP
+    assert not run.backend.launched
+    assert "refusing to start over from step 0" in run.events("run_finished")[0]["reason"]
+
+
+def test_an_incomplete_newest_checkpoint_is_set_aside_and_the_complete_one_resumed(tmp_path: Path) -> None:
+    def two_steps(run_dir: RunDirectory, checkpoints: Path) -> None:
+        write_step(checkpoints, 2, world_size=1, payload=4)
+        broken = write_step(checkpoints, 4, world_size=1, payload=4)
+        (broken / "data.pt").unlink()
+
+    run = supervise(tmp_path, [success()], prepare_run_dir=two_steps)
+    assert run.code is ExitCode.DONE
+    assert run.events("checkpoint_set_aside")[0]["step"] == 4
+    assert run.events("attempt_started")[0]["resume_step"] == 2
+
+
+def sync_beats(steps: int, every_s: float = 1.0) -> tuple[tuple[float, HeartbeatKind, dict], ...]:
+    beats = []
+    for step in range(1, steps + 1):
+        at = step * every_s
+        beats += [
+            (at, HeartbeatKind.SYNC_BEGIN, {"step": step, "backend": "fake"}),
+            (at, HeartbeatKind.SYNC_END, {"step": step, "duration_s": 0.1}),
+        ]
+    return tuple(beats)
+
+
+STALL_LIMITS = ("watchdog.startup_timeout_s=30", "watchdog.step_timeout_s=8", "watchdog.adaptive=false")
+
+
+def test_a_stalled_job_is_captured_judged_recorded_then_torn_down(tmp_path: Path) -> None:
+    stalls = Attempt(exit=None, beats=sync_beats(3), saves=(2,))
+    run = supervise(tmp_path, [stalls, success()], *STALL_LIMITS)
+    assert run.code is ExitCode.DONE
+    stall = run.events("stall_detected")[0]
+    assert (stall["stall_kind"], stall["last_step"]) == ("job_stall", 3)
+    assert 8 < stall["silent_s"] <= 9, "detected on the first tick past the limit"
+    exited = run.events("attempt_exited")[0]
+    assert (exited["rule"], exited["exit_code"], exited["signal"]) == ("stalled", None, None)
+    assert exited["record"]["source"] == "supervisor-watchdog"
+    first = run.kinds()[: run.kinds().index("backoff")]
+    assert first[-4:] == ["stall_detected", "stacks_dumped", "attempt_exited", "teardown"]
+    assert run.backend.calls.index("dump_stacks") < run.backend.calls.index("teardown")
+    assert (tmp_path / "run" / "attempts" / "1" / "heartbeats.jsonl").read_text().count("\n") == 6
+
+
+def test_stalled_and_exited_attempts_are_recorded_in_the_same_order(tmp_path: Path) -> None:
+    stalled = supervise(tmp_path / "a", [Attempt(exit=None, beats=sync_beats(2)), success()], *STALL_LIMITS)
+    exited = supervise(tmp_path / "b", [Attempt(exit=ExitStatus(code=1)), success()], *STALL_LIMITS)
+
+    def per_attempt(run: Run) -> list[str]:
+        return [k for k in run.kinds() if k in ("attempt_started", "attempt_exited", "teardown", "backoff")]
+
+    assert per_attempt(stalled) == per_attempt(exited)
+    assert stalled.history().attempts[0].action is Action.restart
+
+
+@pytest.mark.parametrize("step", ["prepare", "launch", "wait", "teardown", "sleep"])
+def test_a_stop_signal_at_any_step_tears_down_what_runs_and_exits_143(tmp_path: Path, step: str) -> None:
+    sigterm = int(signal.SIGTERM)
+    run = supervise(
+        tmp_path,
+        [weight_sync_failure(), success()],
+        signal_at={step: sigterm} if step != "sleep" else None,
+        signal_on_sleep=sigterm if step == "sleep" else None,
+    )
+    assert run.code is ExitCode.INTERRUPTED_SIGTERM
+    assert len(run.backend.launched) == (0 if step == "prepare" else 1)
+    started, torn_down = len(run.events("attempt_started")), len(run.events("teardown"))
+    assert torn_down == started, "every attempt that started was torn down"
+    history = run.history()
+    assert (history.outcome, history.exit_code) == ("interrupted_sigterm", 143)
+    assert all(a.ended for a in history.attempts)
+    if step in ("launch", "wait"):
+        assert (history.attempts[0].rule, history.attempts[0].action) == ("interrupted", Action.fail)
+        assert run.events("signal_received")[0]["signal"] == "SIGTERM"
+    assert run.backend.calls[-1] == "close"
+
+
+def test_a_restarted_supervisor_counts_the_attempt_it_lost_and_continues_the_budget(tmp_path: Path) -> None:
+    def left_in_flight(run_dir: RunDirectory, checkpoints: Path) -> None:
+        history = RunHistory(run_id="continued", supervisor_starts=1, state=RunState.ATTEMPT_RUNNING)
+        history.attempts.append(AttemptRecord(1, 1.0, None, ended_at=2.0, exit_code=75, action=Action.restart))
+        history.attempts.append(AttemptRecord(2, 3.0, 2))
+        run_dir.save_history(history)
+        write_step(checkpoints, 2, world_size=1, payload=4)
+        write_step(checkpoints, 4, world_size=1, payload=4)
+
+    run = supervise(tmp_path, [success()], "restart.max_restarts=2", prepare_run_dir=left_in_flight)
+    assert run.code is ExitCode.DONE
+    history = run.history()
+    assert [a.number for a in history.attempts] == [1, 2, 3]
+    assert (history.attempts[1].rule, history.attempts[1].reached_step) == ("supervisor-restarted", 4)
+    assert history.supervisor_starts == 2
+    assert run.backend.calls[:2] == ["stale_processes", "prepare"]
+    assert run.events("attempt_started")[0]["resume_step"] == 4
+    assert not run.clock.sleeps, "the time the supervisor was gone counts as the backoff"
+
+
+def test_a_lost_attempt_that_spends_the_budget_stops_the_run(tmp_path: Path) -> None:
+    def left_in_flight(run_dir: RunDirectory, checkpoints: Path) -> None:
+        history = RunHistory(run_id="spent", supervisor_starts=1, state=RunState.ATTEMPT_RUNNING)
+        history.attempts.append(AttemptRecord(1, 1.0, None))
+        run_dir.save_history(history)
+
+    run = supervise(tmp_path, [], "restart.max_restarts=0", prepare_run_dir=left_in_flight)
+    assert run.code is ExitCode.BUDGET_EXHAUSTED
+    assert not run.backend.launched
+
+
+def test_an_attempt_that_cannot_be_fenced_stops_the_run_with_exit_6(tmp_path: Path) -> None:
+    stuck = Attempt(exit=ExitStatus(code=75), record=WEIGHT_SYNC, fence_problems=("actor Stubborn still alive",))
+    run = supervise(tmp_path, [stuck, success()])
+    assert run.code is ExitCode.ENVIRONMENT_FAILURE
+    assert len(run.backend.launched) == 1
+    assert run.events("teardown")[0]["fenced"] is False
+    assert run.events("run_finished")[0]["reason"] == "actor Stubborn still alive"
+
+
+def test_a_cluster_that_cannot_start_exits_6_before_any_attempt(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [success()], cluster_fails=True)
+    assert run.code is ExitCode.ENVIRONMENT_FAILURE
+    assert not run.backend.launched
+    assert "ports taken" in run.events("run_finished")[0]["reason"]
+
+
+def test_each_attempt_gets_the_contracts_variables(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [success()], "+job.env.MY_VAR=1")
+    env = run.backend.launched[0].env
+    assert env["MY_VAR"] == "1"
+    assert env["VERL_SUPERVISOR_ATTEMPT"] == "1"
+    assert env["VERL_SUPERVISOR_ERROR_FILE"].endswith("attempts/1/error.json")
+    assert env["VERL_SUPERVISOR_HEARTBEAT_TOKEN"] == "fake-token"
+    assert "fake-token" not in (tmp_path / "run" / "events.jsonl").read_text(), "the token is a secret"

@@ -1,0 +1,114 @@
+"""The trainer's workers: a verl ``Worker`` per data-parallel rank, driven through verl's ``RayWorkerGroup``.
+
+The weight-sync surface (``update_weights``, ``execute_checkpoint_engine``) has the dispatch modes and
+semantics of verl's ``ActorRolloutRefWorker`` in ``verl/workers/engine_workers.py``, so verl's
+``CheckpointEngineManager`` drives it exactly as it drives the real one. In the hybrid layout (backend
+"naive") each worker also serves a rollout replica from the same process, as verl's hybrid engine does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from verl.checkpoint_engine.base import CheckpointEngineRegistry
+from verl.single_controller.base import Worker
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.utils.distributed import initialize_global_process_group_ray
+from verl.utils.import_utils import import_external_libs
+
+from mini_ppo.checkpoint_io import MiniCheckpointManager
+from mini_ppo.model import PolicySpec, build_policy, named_weights, weights_digest
+from mini_ppo.rollout import RolloutEngine, RolloutServerMixin
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    seed: int = 1
+    lr: float = 0.01
+    clip_ratio: float = 0.2
+    backend: str = "naive"
+    bucket_megabytes: int = 1
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    custom_backend_module: str | None = None
+
+
+class MiniActorWorker(Worker, RolloutServerMixin):
+    def __init__(self, config: ActorConfig) -> None:
+        super().__init__()
+        # One thread per worker: two cores are shared by every worker, and thread count changes float sums.
+        torch.set_num_threads(1)
+        self.config = config
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self) -> None:
+        initialize_global_process_group_ray(backend="cpu:gloo")
+        self.policy = build_policy(self.config.policy, self.config.seed)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.config.lr)
+        import_external_libs(self.config.custom_backend_module)
+        self.checkpoint_engine = CheckpointEngineRegistry.new(
+            self.config.backend,
+            is_master=self.rank == 0,
+            bucket_size=self.config.bucket_megabytes << 20,
+            **self.config.engine_kwargs,
+        )
+        self.rollout_engine = RolloutEngine(self.config.policy)
+        self.checkpoint_manager = MiniCheckpointManager(self.policy, self.optimizer)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def update_actor(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One PPO-clip step on this rank's shard of the batch; gradients averaged over ranks with gloo."""
+        shard = {key: value[self.rank :: self.world_size] for key, value in batch.items()}
+        log_probs = torch.log_softmax(self.policy(shard["obs"]), dim=-1)
+        new_log_probs = log_probs.gather(-1, shard["actions"].unsqueeze(-1)).squeeze(-1)
+        ratio = torch.exp(new_log_probs - shard["old_log_probs"])
+        clipped = torch.clamp(ratio, 1 - self.config.clip_ratio, 1 + self.config.clip_ratio)
+        loss = -torch.min(ratio * shard["advantages"], clipped * shard["advantages"]).mean()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        grads = [p.grad for p in self.policy.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        self.optimizer.step()
+        return {"actor/loss": float(loss.detach()), "actor/ratio_mean": float(ratio.detach().mean())}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
+    async def update_weights(self, global_steps: int | None = None, mode: str = "auto") -> dict[str, Any]:
+        """As verl's worker: send through the checkpoint engine, or (naive) load the colocated rollout."""
+        effective_mode = mode if mode != "auto" else self.config.backend
+        if effective_mode != "naive":
+            metrics = await self.checkpoint_engine.send_weights(named_weights(self.policy), global_steps=global_steps)
+            return metrics or {}
+        self.rollout_engine.resume(["weights"])
+        self.rollout_engine.load_weights(named_weights(self.policy), global_steps)
+        self.rollout_engine.resume(["kv_cache"])
+        return {}
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)
+    def execute_checkpoint_engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.checkpoint_engine, method)(*args, **kwargs)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(
+        self, local_path: str, hdfs_path: str | None = None, global_step: int = 0, max_ckpt_to_keep: int | None = None
+    ) -> None:
+        """verl's worker API: every rank writes its own shard files into ``local_path`` (a step's ``actor/``)."""
+        self.checkpoint_manager.save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(
+        self, local_path: str, hdfs_path: str | None = None, del_local_after_load: bool = False
+    ) -> None:
+        self.checkpoint_manager.load_checkpoint(local_path, hdfs_path, del_local_after_load)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def weights_digest(self) -> str:
+        return weights_digest(self.policy)

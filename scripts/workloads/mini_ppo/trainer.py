@@ -1,0 +1,213 @@
+"""The mini-PPO training loop, run inside a ``TaskRunner`` Ray actor as verl's ``RayPPOTrainer.fit`` is.
+
+The loop has verl's shape and order, because that order is what the supervisor and the guard see: load the
+checkpoint, sync the weights once, then per step generate on the rollout replicas, (naive) put the replicas to
+sleep, update the actor, save when due, and sync the weights of the new step to the rollout. Every random choice is
+seeded from (seed, step, ...) and every reduction has a fixed order, so a run resumed from a checkpoint ends with
+the same bits as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from mini_ppo.actor import ActorConfig
+from mini_ppo.checkpoint_io import (
+    FinalReport,
+    ResumePoint,
+    load_data_state,
+    resume_point,
+    save_data_state,
+    write_tracker,
+)
+from mini_ppo.data import BatchIterator, derive_seed
+from mini_ppo.layout import ACTOR_DIR, FINAL_FILE, should_save, step_folder
+from mini_ppo.model import BanditTask, PolicySpec
+from mini_ppo.schema import MiniPPOConfig, SyncBackend
+from mini_ppo.topology import WeightSyncTopology, build_topology, with_backend
+
+
+class WeightsDivergedError(RuntimeError):
+    """The trainer's ranks, or the rollout and the trainer, hold different weights when they must not."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    reward_mean: float
+    loss: float
+
+    def line(self) -> str:
+        return f"step {self.step}: reward_mean={self.reward_mean:.4f} loss={self.loss:+.3e}"
+
+
+def actor_config(config: MiniPPOConfig) -> ActorConfig:
+    """The trainer workers' config (``mini_ppo.actor``) from the job's."""
+    model = config.model
+    actor = ActorConfig(
+        policy=PolicySpec(obs_dim=model.obs_dim, hidden_dim=model.hidden_dim, num_actions=model.num_actions),
+        seed=config.seed,
+        lr=config.actor.lr,
+        clip_ratio=config.actor.clip_ratio,
+        bucket_megabytes=config.rollout.bucket_megabytes,
+    )
+    return with_backend(actor, config.rollout.backend.value)
+
+
+def normalised(rewards: torch.Tensor) -> torch.Tensor:
+    """Advantages: rewards centred and scaled by their spread (GRPO-style, one group per batch)."""
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+
+
+class MiniPPOTrainer:
+    """verl's ``RayPPOTrainer`` in miniature: the driver-side dataflow over the workers, replicas and weight sync.
+
+    The data iterator, the task and the advantages live here; the policy and its optimizer live in the workers.
+    """
+
+    def __init__(self, config: MiniPPOConfig, topology: WeightSyncTopology) -> None:
+        self.config = config
+        self.topology = topology
+        spec = actor_config(config).policy
+        self.task = BanditTask(spec, config.data.dataset_size, config.seed)
+        self.data = BatchIterator(self.task.observations, config.data.batch_size, config.seed)
+        self.root = config.trainer.default_local_dir
+
+    @property
+    def hybrid(self) -> bool:
+        return self.config.rollout.backend is SyncBackend.naive
+
+    def fit(self) -> FinalReport:
+        # final.json says "this run finished": one left by an earlier run must not outlive a failure of this one.
+        (Path(self.root) / FINAL_FILE).unlink(missing_ok=True)
+        start = self.load_checkpoint()
+        self.progress("start", start.step, resumed_from_step=None if start.folder is None else start.step)
+        manager = self.topology.manager
+        if self.hybrid:
+            # verl's colocated trainer puts the replicas to sleep at init; the first sync wakes them.
+            manager.sleep_replicas()
+        manager.update_weights(start.step)
+        last: StepResult | None = None
+        total = self.config.trainer.total_training_steps
+        for step in range(start.step + 1, total + 1):
+            last = self.train_step(step)
+            self.progress("step", step)
+            print(last.line(), flush=True)
+            if self.config.trainer.extra_step_time_s:
+                time.sleep(self.config.trainer.extra_step_time_s)
+        report = FinalReport(
+            global_step=max(start.step, total),
+            weights_sha256=self.check_rollout_has_trainer_weights(),
+            reward_mean=None if last is None else last.reward_mean,
+            resumed_from_step=None if start.folder is None else start.step,
+            steps_run=max(0, total - start.step),
+        )
+        report.write(self.root)
+        self.progress("done", report.global_step)
+        return report
+
+    def progress(self, event: str, step: int, **fields: object) -> None:
+        path = self.config.trainer.progress_file
+        if path:
+            line = {"ts": time.time(), "event": event, "step": step, "pid": os.getpid(), **fields}
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def train_step(self, step: int) -> StepResult:
+        manager = self.topology.manager
+        obs = self.data.next_batch()
+        rollout = self.generate(obs, step)
+        if self.hybrid:
+            manager.sleep_replicas()
+        rewards = self.task.rewards(obs, rollout["actions"])
+        batch = {
+            "obs": obs,
+            "actions": rollout["actions"],
+            "old_log_probs": rollout["log_probs"],
+            "advantages": normalised(rewards),
+        }
+        metrics = self.topology.actor_wg.update_actor(batch)
+        self.check_ranks_agree()
+        trainer = self.config.trainer
+        if should_save(step, trainer.save_freq, trainer.total_training_steps):
+            self.save_checkpoint(step)
+        manager.update_weights(step)
+        loss = sum(rank_metrics["actor/loss"] for rank_metrics in metrics) / len(metrics)
+        return StepResult(step, float(rewards.mean()), loss)
+
+    def generate(self, obs: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Each replica samples a contiguous chunk with a seed of its own, so the result does not depend on
+        which replica answers first."""
+        replicas = self.topology.replicas
+        chunks = torch.tensor_split(obs, len(replicas))
+
+        async def generate_all() -> list[dict[str, torch.Tensor]]:
+            return await asyncio.gather(
+                *[
+                    replica.generate(chunk, derive_seed(self.config.seed, step, replica.replica_rank))
+                    for replica, chunk in zip(replicas, chunks, strict=True)
+                ]
+            )
+
+        outputs = asyncio.run(generate_all())
+        return {key: torch.cat([out[key] for out in outputs]) for key in ("actions", "log_probs")}
+
+    def save_checkpoint(self, step: int) -> None:
+        """verl's ``_save_checkpoint``: actor shards (with rotation), then data.pt, then the tracker, last."""
+        folder = step_folder(self.root, step)
+        self.topology.actor_wg.save_checkpoint(
+            str(folder / ACTOR_DIR), None, step, max_ckpt_to_keep=self.config.trainer.max_actor_ckpt_to_keep
+        )
+        save_data_state(folder, self.data.state_dict())
+        write_tracker(self.root, step)
+
+    def load_checkpoint(self) -> ResumePoint:
+        trainer = self.config.trainer
+        start = resume_point(trainer.resume_mode, self.root, trainer.resume_from_path)
+        if start.folder is None:
+            print("Training from scratch", flush=True)
+            return start
+        print(f"Resuming from {start.folder} (global step {start.step})", flush=True)
+        self.topology.actor_wg.load_checkpoint(str(start.folder / ACTOR_DIR))
+        data_state = load_data_state(start.folder)
+        if data_state is None:
+            print(f"Warning: no data state in {start.folder}, the data starts over", flush=True)
+        else:
+            self.data.load_state_dict(data_state)
+        return start
+
+    def check_ranks_agree(self) -> str:
+        digests = self.topology.actor_wg.weights_digest()
+        if len(set(digests)) != 1:
+            raise WeightsDivergedError(f"trainer ranks hold different weights: {digests}")
+        return digests[0]
+
+    def check_rollout_has_trainer_weights(self) -> str:
+        """The trained weights' digest, after checking that every replica serves exactly them."""
+        digest = self.check_ranks_agree()
+        served = ray.get([replica.servers[0].rollout_weights_digest.remote() for replica in self.topology.replicas])
+        if any(d != digest for d in served):
+            raise WeightsDivergedError(f"rollout replicas serve {served}, the trainer holds {digest}")
+        return digest
+
+
+def run_trainer(config: MiniPPOConfig) -> FinalReport:
+    """Build the workers, replicas and weight sync, then train: the body of the job's ``TaskRunner``."""
+    # One thread: the advantages are computed here, and a thread count change could change float sums.
+    torch.set_num_threads(1)
+    topology = build_topology(
+        actor_config(config),
+        world_size=config.trainer.n_workers,
+        num_replicas=config.num_replicas,
+        name_prefix=f"mini_ppo_{uuid.uuid4().hex[:8]}_",
+    )
+    return MiniPPOTrainer(config, topology).fit()

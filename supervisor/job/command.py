@@ -1,0 +1,41 @@
+"""The job's command line for an attempt: the preset's arguments, the user's, and the supervisor's own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from supervisor.config import JobConfig
+from supervisor.policy.restart import StartFrom
+
+
+def _key(override: str) -> str:
+    """The config key a Hydra override sets: ``++trainer.x=1`` -> ``trainer.x``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def supervisor_owned_keys(job: JobConfig) -> set[str]:
+    keys = {_key(arg) for arg in [*job.resume_args, *job.fresh_start_args]}
+    if job.checkpoint_dir_arg:
+        keys.add(job.checkpoint_dir_arg)
+    return keys
+
+
+def conflicting_args(job: JobConfig, user_args: Sequence[str]) -> list[str]:
+    """User arguments that set what the supervisor decides per attempt (where to save, where to resume)."""
+    owned = supervisor_owned_keys(job)
+    return [arg for arg in user_args if "=" in arg and _key(arg) in owned]
+
+
+def job_argv(
+    job: JobConfig, user_args: Sequence[str], checkpoint_dir: Path, start: StartFrom, python: str
+) -> list[str]:
+    command = [python if part == "{python}" else part for part in job.argv]
+    args = [*job.args, *user_args]
+    if job.checkpoint_dir_arg:
+        args.append(f"{job.checkpoint_dir_arg}={checkpoint_dir}")
+    if start.checkpoint is not None:
+        args += [arg.replace("{checkpoint}", start.checkpoint) for arg in job.resume_args]
+    else:
+        args += list(job.fresh_start_args)
+    return command + args

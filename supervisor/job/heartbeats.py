@@ -1,0 +1,119 @@
+"""The supervisor's end of the heartbeat channel: a small HTTP server that only takes beats from its own run.
+
+Why HTTP: the job's workers may run on other machines than the supervisor, and in the Jobs API mode the
+supervisor is not even a Ray driver; a POST to a known address reaches it from any node in every Ray mode.
+A bearer token generated per supervisor process keeps other users of a shared machine from feeding it beats.
+The server only queues what it receives; the supervisor's loop drains the queue, so all decisions stay in the
+one loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from verl_hooks.contract import HeartbeatKind, heartbeat_kind
+
+MAX_BODY_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    kind: HeartbeatKind | None
+    """None: a kind this supervisor does not know."""
+    attempt: int | None
+    received_at: float
+    """``time.monotonic()`` on the supervisor when the beat arrived (the watchdog's clock)."""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int | None:
+        return self.fields.get("step")
+
+    @property
+    def phase(self) -> str | None:
+        return self.fields.get("phase")
+
+
+class HeartbeatServer:
+    def __init__(self, listen_host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
+        self.token = secrets.token_hex(16)  # a secret: goes only into the job's environment
+        self._queue: queue.Queue[Heartbeat] = queue.Queue()
+        self._server = ThreadingHTTPServer((listen_host, 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._advertise_host = advertise_host or listen_host
+        self._thread = threading.Thread(target=self._server.serve_forever, name="heartbeat-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._advertise_host}:{self._server.server_address[1]}/heartbeat"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def drain(self) -> list[Heartbeat]:
+        """The beats received since the last call, in order."""
+        beats = []
+        while True:
+            try:
+                beats.append(self._queue.get_nowait())
+            except queue.Empty:
+                return beats
+
+    def _accept(self, payload: dict[str, Any]) -> None:
+        attempt = payload.get("attempt")
+        self._queue.put(
+            Heartbeat(
+                kind=heartbeat_kind(payload),
+                attempt=attempt if isinstance(attempt, int) else None,
+                received_at=time.monotonic(),
+                fields=payload,
+            )
+        )
+
+
+def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            if self.path != "/heartbeat":
+                self._reply(404)
+                return
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
+                self._reply(401)
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 < length <= MAX_BODY_BYTES:
+                self._reply(413 if length else 400)
+                return
+            try:
+                payload = json.loads(self.rfile.read(length))
+            except ValueError:
+                self._reply(400)
+                return
+            if not isinstance(payload, dict):
+                self._reply(400)
+                return
+            server._accept(payload)
+            self._reply(204)
+
+        def _reply(self, code: int) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per beat on the console would drown the events
+
+    return Handler

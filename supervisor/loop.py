@@ -1,0 +1,497 @@
+"""The supervisor's loop: launch an attempt, learn of its end at once, judge it, tear it down, decide.
+
+One loop, one place that waits (``JobBackend.wait``, which a stop signal interrupts). Every attempt ends the same
+way, whichever way it ended (an exit, a stall, a signal to the supervisor): its evidence is classified and
+recorded (``attempt_exited``, state.json), then it is torn down and fenced (``teardown``), then the policy
+decides. Decisions come from ``supervisor.policy``; processes and Ray from the backend; files from
+``supervisor.run`` and ``supervisor.checkpoints``. Time, sleep and randomness are injected (``Clock``, ``rng``)
+so that the loop can be driven by a fake backend in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Protocol, TextIO
+
+import verl_hooks.contract as contract
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob
+from supervisor.checkpoints import choose_resume_checkpoint, read_tracker, scan_checkpoints, set_aside
+from supervisor.config import SupervisorConfig
+from supervisor.job.command import job_argv
+from supervisor.job.heartbeats import Heartbeat
+from supervisor.mechanisms.processes import tail
+from supervisor.policy import restart as policy
+from supervisor.policy.outcomes import ExitCode, ExitStatus
+from supervisor.policy.restart import Decision, Restart, StartFrom, Stop
+from supervisor.policy.rules import AttemptEvidence, Classification, classify
+from supervisor.policy.watchdog import ProgressState, Stall, StallKind, check
+from supervisor.run.events import (
+    AttemptExited,
+    AttemptStarted,
+    Backoff,
+    CheckpointSetAside,
+    Event,
+    EventLog,
+    RunFinished,
+    RunStarted,
+    SignalReceived,
+    StacksDumped,
+    StaleProcessesSwept,
+    StallDetected,
+    Teardown,
+)
+from supervisor.run.history import AttemptRecord, RunHistory, RunState
+from supervisor.run.rundir import RunDirectory
+from supervisor.run.table import attempts_table
+from verl_hooks.contract import ErrorRecord, HeartbeatKind, RecordSource, read_record, record_from_payload, write_record
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where the loop gets the time and waits; tests substitute a fake one."""
+
+    now: Callable[[], float] = time.time
+    """Wall-clock seconds (records, events)."""
+    monotonic: Callable[[], float] = time.monotonic
+    """For durations and the watchdog."""
+    sleep: Callable[[float], None] = time.sleep
+
+
+class HeartbeatSource(Protocol):
+    """The supervisor's end of the heartbeat channel (``supervisor.job.heartbeats.HeartbeatServer``)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def token(self) -> str: ...
+
+    def drain(self) -> list[Heartbeat]: ...
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the supervisor waited."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunAlreadyFinished(RuntimeError):
+    pass
+
+
+def new_history(run_dir: RunDirectory) -> RunHistory:
+    """This run's history: continued from state.json when a supervisor is restarted on the run directory."""
+    history = run_dir.load_history()
+    if history is None:
+        return RunHistory(run_id=uuid.uuid4().hex[:16])
+    if history.finished:
+        raise RunAlreadyFinished(
+            f"run directory {run_dir.path} holds a finished run ({history.outcome}, exit {history.exit_code}); "
+            f"choose another run_dir to start a new run"
+        )
+    return history
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """How waiting for an attempt ended: its driver exited (``status``), or the watchdog saw it stall."""
+
+    status: ExitStatus | None = None
+    stall: Stall | None = None
+
+
+@dataclass
+class _InFlight:
+    """The attempt in flight, for the signal and error paths to end."""
+
+    job: RunningJob | None = None
+    record: AttemptRecord | None = None
+    torn_down: bool = field(default=False)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        user_args: Sequence[str],
+        run_dir: RunDirectory,
+        history: RunHistory,
+        backend: JobBackend,
+        events: EventLog,
+        *,
+        heartbeats: HeartbeatSource | None = None,
+        console: TextIO | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.user_args = list(user_args)
+        self.run_dir = run_dir
+        self.history = history
+        self.backend = backend
+        self.events = events
+        self.heartbeats = heartbeats
+        self.console = console if console is not None else sys.stderr
+        self.clock = clock or Clock()
+        self.rng = rng or random.Random()
+        self._in_flight = _InFlight()
+        self._stop_signal: int | None = None
+        self._interruptible = False
+
+    # --- the story ---
+
+    def run(self) -> ExitCode:
+        previous = {signum: signal.getsignal(signum) for signum in policy.STOP_SIGNALS}
+        for signum in policy.STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        try:
+            stop = self._supervise()
+        except Interrupted as interrupt:
+            self.events.emit(SignalReceived(signal.Signals(interrupt.signum).name))
+            stop = policy.after_interrupt(interrupt.signum)
+            self._end_in_flight(policy.interrupted_attempt())
+        except ClusterStartFailed as exc:
+            stop = policy.after_cluster_failure(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must still tear the job down and say so
+            traceback.print_exc(file=self.console)
+            stop = policy.after_internal_error(exc)
+            with contextlib.suppress(Exception):
+                self._end_in_flight(policy.failed_supervisor_attempt())
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        with self._signals_deferred():
+            self._emit_all(self.backend.close())
+        self._finish(stop)
+        return stop.exit_code
+
+    def _supervise(self) -> Stop:
+        lost = self._begin()
+        if lost is not None:
+            decision = policy.after_attempt(self.history, lost, self.config.restart, self.rng)
+            if isinstance(decision, Stop):
+                return decision
+        while True:
+            self._check_stop()
+            start = self._choose_start()
+            if isinstance(start, Stop):
+                return start
+            self._emit_all(self.backend.prepare())
+            self._check_stop()  # a stop signal while the cluster started: launch nothing
+            job, record = self._launch(start)
+            end = self._wait_for_end(job)
+            if end.stall is not None:
+                # A stalled job is still running: capture what it is doing before it is ended.
+                self._capture_stall(job, end.stall)
+            evidence = self._evidence(record.number, end)
+            classification = classify(evidence, self.config.rules, self.config.default_action)
+            decision = self._conclude(job, record, evidence, classification)
+            if isinstance(decision, Stop):
+                return decision
+            self._back_off(decision)
+
+    def _conclude(
+        self, job: RunningJob, record: AttemptRecord, evidence: AttemptEvidence, classification: Classification
+    ) -> Decision:
+        """The one way an attempt ends: record the verdict, tear the attempt down and fence it, decide."""
+        self._record_end(record, evidence, classification)
+        fenced, problems = self._teardown(job)
+        after_fence = policy.after_teardown(fenced, problems)
+        if after_fence is not None:
+            return after_fence
+        return policy.after_attempt(self.history, classification, self.config.restart, self.rng)
+
+    # --- steps ---
+
+    def _begin(self) -> Classification | None:
+        """Start (or continue) the run; returns how the attempt a dead supervisor left in flight is judged."""
+        history = self.history
+        history.supervisor_starts += 1
+        lost = None
+        for attempt in [a for a in history.attempts if not a.ended]:
+            lost = policy.lost_attempt()
+            attempt.judge(self.clock.now(), lost.action, lost.rule, lost.reason)
+        history.move_to(RunState.STARTING)
+        self.run_dir.save_history(history)
+        self.events.emit(
+            RunStarted(
+                run_dir=str(self.run_dir.path),
+                job=self.config.job.name,
+                ray_mode=self.config.ray.mode.value,
+                max_restarts=self.config.restart.max_restarts,
+                supervisor_start=history.supervisor_starts,
+                restarts_used=history.restarts_used,
+            )
+        )
+        if history.supervisor_starts > 1:
+            stale = self.backend.stale_processes()
+            if stale:
+                self.events.emit(StaleProcessesSwept([f"{p.name}[{p.pid}]" for p in stale]))
+            if lost is not None:
+                history.attempts[-1].reached_step = self._newest_complete_step()
+                self.run_dir.save_history(history)
+        return lost
+
+    def _choose_start(self) -> StartFrom | Stop:
+        root = Path(self.config.checkpoints.dir)
+        infos = scan_checkpoints(root, verify=self.config.checkpoints.verify)
+        choice = choose_resume_checkpoint(infos, read_tracker(root))
+        for info in choice.set_aside:
+            renamed = set_aside(info)
+            self.events.emit(CheckpointSetAside(info.step, str(info.path), str(renamed), list(info.problems)))
+        chosen = choice.checkpoint
+        self.history.saw_checkpoint(chosen.step if chosen else None)
+        return policy.choose_start(chosen.step if chosen else None, str(chosen.path) if chosen else None, self.history)
+
+    def _attempt_env(self, number: int, log_dir: Path) -> dict[str, str]:
+        env = {
+            **self.config.job.env,
+            contract.ENV_RUN_ID: self.history.run_id,
+            contract.ENV_ATTEMPT: str(number),
+            contract.ENV_ERROR_FILE: str(log_dir / "error.json"),
+            contract.ENV_RUN_DIR: str(self.run_dir.path),
+            contract.ENV_STACKS_DIR: str(log_dir / "stacks"),
+        }
+        if self.heartbeats is not None:
+            env[contract.ENV_HEARTBEAT_URL] = self.heartbeats.url
+            env[contract.ENV_HEARTBEAT_TOKEN] = self.heartbeats.token
+            env[contract.ENV_HEARTBEAT_INTERVAL_S] = str(self.config.watchdog.heartbeat_interval_s)
+        return env
+
+    def _launch(self, start: StartFrom) -> tuple[RunningJob, AttemptRecord]:
+        number = len(self.history.attempts) + 1
+        log_dir = self.run_dir.attempt_dir(number)
+        argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.backend.python)
+        env = self._attempt_env(number, log_dir)
+        spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json")
+        record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=argv)
+        self.history.attempts.append(record)
+        self.history.move_to(RunState.ATTEMPT_RUNNING)
+        self.run_dir.save_history(self.history)
+        with self._signals_deferred():
+            job = self.backend.launch(spec)
+            self._in_flight = _InFlight(job, record)
+        self.events.emit(AttemptStarted(number, job.pid or -1, argv, start.step, start.checkpoint, str(log_dir)))
+        return job, record
+
+    def _wait_for_end(self, job: RunningJob) -> AttemptEnd:
+        """Wait for the driver to end, looking at the heartbeats every tick: its exit, or a stall."""
+        progress = ProgressState(started_at=self.clock.monotonic())
+        beats_log = self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl"
+        dog = self.config.watchdog
+        tick = dog.tick_s if self.heartbeats is not None and dog.enabled else None
+        while True:
+            with self._signals_raise():
+                status = self.backend.wait(job, tick)
+            self._take_heartbeats(job.attempt, progress, beats_log)
+            if status is not None:
+                return AttemptEnd(status=status)
+            stall = check(progress, dog, self.clock.monotonic())
+            if stall is not None:
+                return AttemptEnd(stall=stall)
+
+    def _take_heartbeats(self, attempt: int, progress: ProgressState, beats_log: Path) -> None:
+        if self.heartbeats is None:
+            return
+        beats = [b for b in self.heartbeats.drain() if b.attempt == attempt]  # late beats of older attempts
+        if not beats:
+            return
+        with beats_log.open("a") as f:
+            for beat in beats:
+                if beat.kind is HeartbeatKind.ERROR_RECORD:
+                    # From a driver on another machine: the record file is written here, first one wins.
+                    record = record_from_payload(beat.fields.get("record"))
+                    if record is not None:
+                        write_record(beats_log.with_name("error.json"), record)
+                    continue
+                progress.observe(beat)
+                f.write(json.dumps({"received_at": self.clock.now(), **beat.fields}) + "\n")
+
+    def _capture_stall(self, job: RunningJob, stall: Stall) -> None:
+        self.events.emit(
+            StallDetected(
+                attempt=job.attempt,
+                stall_kind=stall.kind.value,
+                silent_s=round(stall.silent_s, 3),
+                limit_s=stall.limit_s,
+                last_step=stall.last_step,
+                phase=stall.phase,
+                heartbeat_ages_s=stall.heartbeat_ages_s,
+                reason=stall.reason,
+            )
+        )
+        log_dir = self.run_dir.attempt_dir(job.attempt)
+        started = self.clock.monotonic()
+        with self._signals_deferred():
+            dumps = self.backend.dump_stacks(job, log_dir / "stacks", self.config.watchdog.stack_dump_timeout_s)
+        self.events.emit(StacksDumped(job.attempt, self.clock.monotonic() - started, [asdict(d) for d in dumps]))
+        write_record(
+            log_dir / "error.json",
+            ErrorRecord(
+                error_type=f"supervisor.watchdog.{stall.kind.value}",
+                message=stall.reason,
+                source=RecordSource.SUPERVISOR_WATCHDOG.value,
+                phase=stall.phase if stall.kind is StallKind.WEIGHT_SYNC_HANG else None,
+                global_step=stall.last_step,
+                hang=True,
+                attempt=job.attempt,
+                timestamp=self.clock.now(),
+            ),
+        )
+
+    def _evidence(self, attempt: int, end: AttemptEnd) -> AttemptEvidence:
+        log_dir = self.run_dir.attempt_dir(attempt)
+        record = read_record(log_dir / "error.json")
+        half = self.config.log_tail_bytes // 2
+        log_tail = tail(log_dir / "stdout.log", half) + "\n" + tail(log_dir / "stderr.log", half)
+        return AttemptEvidence(end.status, record, log_tail, stalled=end.stall is not None)
+
+    def _record_end(self, record: AttemptRecord, evidence: AttemptEvidence, classification: Classification) -> None:
+        error, status = evidence.record, evidence.exit or ExitStatus()
+        record.judge(self.clock.now(), classification.action, classification.rule, classification.reason)
+        record.exit_code, record.signal = status.code, status.signal_name
+        record.error_type = error.error_type if error else None
+        record.phase = error.phase if error else None
+        self.history.move_to(RunState.TEARING_DOWN)
+        self.run_dir.save_history(self.history)
+        self.events.emit(
+            AttemptExited(
+                attempt=record.number,
+                exit_code=status.code,
+                signal=status.signal_name,
+                duration_s=(record.ended_at or record.started_at) - record.started_at,
+                action=classification.action.value,
+                rule=classification.rule,
+                reason=classification.reason,
+                error_type=record.error_type,
+                phase=record.phase,
+                global_step=error.global_step if error else None,
+                record=_record_summary(error),
+            )
+        )
+
+    def _teardown(self, job: RunningJob) -> tuple[bool, tuple[str, ...]]:
+        with self._signals_deferred():
+            result = self.backend.teardown(job)
+            self._in_flight.torn_down = True
+        reached = self._newest_complete_step()
+        attempt = self.history.attempts[-1]
+        attempt.reached_step = reached
+        self.history.saw_checkpoint(reached)
+        self.run_dir.save_history(self.history)
+        self.events.emit(
+            Teardown(
+                attempt=job.attempt,
+                duration_s=result.duration_s,
+                terminated=[f"{p.name}[{p.pid}]" for p in result.terminated],
+                killed=[f"{p.name}[{p.pid}]" for p in result.killed],
+                survivors=[f"{p.name}[{p.pid}]" for p in result.survivors],
+                actors_alive=result.actors_alive,
+                fenced=result.fenced,
+                actors_killed=list(result.actors_killed),
+                problems=list(result.problems),
+                ray_job_id=job.ray_job_id,
+                reached_step=reached,
+            )
+        )
+        return result.fenced, result.problems
+
+    def _back_off(self, decision: Restart) -> None:
+        self.history.move_to(RunState.BACKING_OFF)
+        self.run_dir.save_history(self.history)
+        self.events.emit(
+            Backoff(
+                next_attempt=len(self.history.attempts) + 1,
+                delay_s=decision.delay_s,
+                restarts_used=self.history.restarts_used,
+                max_restarts=self.config.restart.max_restarts,
+            )
+        )
+        with self._signals_raise():
+            self.clock.sleep(decision.delay_s)
+
+    def _end_in_flight(self, classification: Classification) -> None:
+        """An attempt still in flight when the run stops is judged, recorded and torn down like any other."""
+        in_flight = self._in_flight
+        if in_flight.job is None or in_flight.torn_down:
+            return
+        record = in_flight.record
+        if record is not None and not record.ended:
+            self._record_end(record, AttemptEvidence(exit=None), classification)
+        self._teardown(in_flight.job)
+
+    def _finish(self, stop: Stop) -> None:
+        code = stop.exit_code
+        if not self.history.finished:
+            self.history.finish(int(code), code.outcome)
+        self.run_dir.save_history(self.history)
+        self.events.emit(RunFinished(int(code), code.outcome, stop.reason, len(self.history.attempts)))
+        print(attempts_table(self.history), file=self.console, flush=True)
+
+    def _emit_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.events.emit(event)
+
+    def _newest_complete_step(self) -> int | None:
+        root, verify = Path(self.config.checkpoints.dir), self.config.checkpoints.verify
+        complete = [info.step for info in scan_checkpoints(root, verify=verify) if info.complete]
+        return max(complete) if complete else None
+
+    # --- signals: raised as an exception only while waiting; otherwise noted and acted on at the next step ---
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signum
+        if self._interruptible:
+            self._interruptible = False
+            raise Interrupted(signum)
+
+    def _check_stop(self) -> None:
+        if self._stop_signal is not None:
+            raise Interrupted(self._stop_signal)
+
+    @contextlib.contextmanager
+    def _signals_raise(self) -> Iterator[None]:
+        self._check_stop()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    @contextlib.contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        interruptible, self._interruptible = self._interruptible, False
+        try:
+            yield
+        finally:
+            self._interruptible = interruptible
+
+
+def _record_summary(record: ErrorRecord | None) -> dict | None:
+    if record is None:
+        return None
+    return {
+        "error_type": record.error_type,
+        "message": record.message[:500],
+        "phase": record.phase,
+        "global_step": record.global_step,
+        "backend": record.backend,
+        "hang": record.hang,
+        "cleanup": record.cleanup,
+        "source": record.source,
+        "timestamp": record.timestamp,
+    }

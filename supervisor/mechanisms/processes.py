@@ -1,0 +1,272 @@
+"""Process mechanics: children that die with the supervisor, exits learned without polling, marked sweeps.
+
+Everything the supervisor starts carries marker variables in its environment (the contract's ``ENV_RUN_ID`` and,
+for a job, ``ENV_ATTEMPT``). Ray workers are not descendants of the job's driver (the raylet
+starts them), but they inherit the marker through the job's runtime_env, which Ray puts into each worker's
+environment. So "every process of this run" is a question ``/proc`` can answer, and nothing without the
+marker is ever signalled: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from supervisor.policy.outcomes import ExitStatus
+
+_PR_SET_PDEATHSIG = 1
+REAP_TIMEOUT_S = 5.0
+"""Default wait, after SIGKILL, for the kernel to reap a process before it counts as a survivor."""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What the events log says about a process the supervisor signalled."""
+
+    pid: int
+    name: str
+    cmdline: str
+
+    @classmethod
+    def of(cls, process: psutil.Process) -> ProcessInfo:
+        try:
+            name = process.name()
+            cmdline = " ".join(process.cmdline())[:200]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            name, cmdline = "?", ""
+        return cls(process.pid, name, cmdline)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: fate sharing if the supervisor is killed outright."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class ChildProcess:
+    """A direct child in a session (and process group) of its own, whose exit is readable from a pidfd."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.pgid = popen.pid  # start_new_session makes the child its group's leader
+        self._pidfd: int | None = os.pidfd_open(popen.pid)
+        self._status: ExitStatus | None = None
+
+    def fileno(self) -> int:
+        """Becomes readable the moment the child exits (for selectors: no polling delay)."""
+        if self._pidfd is None:
+            raise ValueError("child already reaped")
+        return self._pidfd
+
+    def poll(self) -> ExitStatus | None:
+        if self._status is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self._status
+            if pid == self.pid:
+                self._status = ExitStatus.from_wait_status(status)
+                self.popen.returncode = status
+                self._close_pidfd()
+        return self._status
+
+    def wait(self, timeout_s: float | None = None) -> ExitStatus | None:
+        """Block until the child exits (or the timeout passes); returns None on timeout."""
+        import select
+
+        if self._status is not None:
+            return self._status
+        ready, _, _ = select.select([self.fileno()], [], [], timeout_s)
+        return self.poll() if ready else None
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the child's whole process group; False if it is already gone."""
+        try:
+            os.killpg(self.pgid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def start_child(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | os.PathLike[str] | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+) -> ChildProcess:
+    """Start ``argv`` (no shell) in a new session that is SIGKILLed if the supervisor dies."""
+    parent = os.getpid()
+    popen = subprocess.Popen(  # argv from the validated config, never a shell
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(parent),  # prctl must run in the child
+    )
+    return ChildProcess(popen)
+
+
+def find_marked_processes(
+    markers: Mapping[str, str | None], *, exclude_pids: Iterable[int] = ()
+) -> list[psutil.Process]:
+    """Live processes whose environment has every marker (with that value; None means any value).
+
+    Only processes whose environment this user may read are considered: other users' processes are never
+    matched, let alone signalled.
+    """
+    excluded = {os.getpid(), *exclude_pids}
+    found = []
+    for process in psutil.process_iter():
+        if process.pid in excluded:
+            continue
+        try:
+            environ = process.environ()
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+        if all(key in environ and (value is None or environ[key] == value) for key, value in markers.items()):
+            found.append(process)
+    return found
+
+
+@dataclass(frozen=True)
+class TerminationReport:
+    terminated: tuple[ProcessInfo, ...]
+    """Exited after SIGTERM within the grace period."""
+    killed: tuple[ProcessInfo, ...]
+    """Needed SIGKILL."""
+    survivors: tuple[ProcessInfo, ...]
+    """Still alive after SIGKILL (a process in uninterruptible sleep, or not ours to kill)."""
+
+
+def terminate_processes(
+    processes: Sequence[psutil.Process],
+    grace_s: float,
+    already_terminated: Collection[int] = (),
+    reap_timeout_s: float = REAP_TIMEOUT_S,
+) -> TerminationReport:
+    """The one escalation of the supervisor: SIGTERM, wait up to ``grace_s`` on one shared deadline, SIGKILL
+    the rest, wait up to ``reap_timeout_s`` for them to be reaped; already-gone processes are ignored.
+
+    ``already_terminated``: pids the caller has just sent SIGTERM (a process group), or that a signal to another
+    process ends (Ray's fate sharing): not signalled twice, since a second SIGTERM can cut short the graceful
+    shutdown the first one started.
+    """
+    infos = {p.pid: ProcessInfo.of(p) for p in processes}
+    for process in processes:
+        if process.pid in already_terminated:
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            process.kill()
+    _, survivors = psutil.wait_procs(alive, timeout=reap_timeout_s)
+    killed = [p for p in alive if p not in survivors]
+    terminated = [p for p in processes if p not in alive]
+    return TerminationReport(
+        terminated=tuple(infos[p.pid] for p in terminated),
+        killed=tuple(infos[p.pid] for p in killed),
+        survivors=tuple(infos[p.pid] for p in survivors),
+    )
+
+
+def merge_reports(*reports: TerminationReport) -> TerminationReport:
+    """Several escalations as one: survivors are what the last one could not end."""
+    return TerminationReport(
+        terminated=tuple(p for r in reports for p in r.terminated),
+        killed=tuple(p for r in reports for p in r.killed),
+        survivors=reports[-1].survivors if reports else (),
+    )
+
+
+def processes_in_group(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group ``pgid``."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return members
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` right now (another process may take it before it is used: callers retry)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def local_ip_towards(host: str) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent: a UDP socket only picks a route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, 9))
+        return str(sock.getsockname()[0])
+
+
+def wait_for(condition: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``condition()`` until true or the timeout; for waiting on other programs' start-up only."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+
+
+def tail(path: Path, max_bytes: int = 16384) -> str:
+    """The end of a log file, decoded leniently; empty when the file does not exist."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,276 @@
+"""A local Ray cluster owned by one process: its own temp dir, ports, loopback address and auth mode.
+
+On a shared machine a plain ``ray.init()`` may join someone else's cluster, Ray's default ports collide with
+other clusters (the dashboard agent's 52365 above all), and ``ray stop`` kills every cluster of every user.
+So the cluster is ``ray start --head --block`` as a child of its owner, every port chosen explicitly, and it is
+stopped by signalling exactly the processes that carry its marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.mechanisms.processes import (
+    ChildProcess,
+    TerminationReport,
+    find_marked_processes,
+    free_port,
+    merge_reports,
+    port_open,
+    start_child,
+    tail,
+    terminate_processes,
+    wait_for,
+)
+from verl_hooks.contract import ENV_CLUSTER_ID
+
+logger = logging.getLogger(__name__)
+
+# Ray puts unix sockets under the temp dir ("<temp>/session_<date>_<pid>/sockets/plasma_store"), and a socket
+# path may not exceed 107 bytes: a longer temp dir is replaced by a short one under /tmp.
+_MAX_TEMP_DIR_LEN = 40
+
+
+class ClusterStartError(RuntimeError):
+    """The local Ray cluster did not come up."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    temp_dir: Path
+    num_cpus: int | None = None
+    object_store_memory_mb: int | None = None
+    node_ip: str = "127.0.0.1"
+    dashboard: bool = True
+    auth_mode: str = "disabled"
+    start_timeout_s: float = 90.0
+    start_attempts: int = 3
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterPorts:
+    gcs: int
+    dashboard: int
+    dashboard_agent_listen: int
+    dashboard_agent_grpc: int
+    metrics_export: int
+    runtime_env_agent: int
+    client_server: int
+
+    @classmethod
+    def pick(cls, host: str) -> ClusterPorts:
+        ports: set[int] = set()
+        while len(ports) < 7:
+            ports.add(free_port(host))
+        return cls(*sorted(ports))
+
+
+class LocalRayCluster:
+    def __init__(self, spec: ClusterSpec, cluster_id: str | None = None) -> None:
+        self.spec = spec
+        self.cluster_id = cluster_id or uuid.uuid4().hex[:12]
+        self.ports: ClusterPorts | None = None
+        self.temp_dir: Path | None = None
+        self._process: ChildProcess | None = None
+        self._log_path: Path | None = None
+        self._nodes: list[ChildProcess] = []
+
+    @property
+    def address(self) -> str:
+        """The GCS address a job's driver connects to (``RAY_ADDRESS``)."""
+        if self.ports is None:
+            raise RuntimeError("cluster not started")
+        return f"{self.spec.node_ip}:{self.ports.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        if self.ports is None:
+            raise RuntimeError("cluster not started")
+        return f"http://127.0.0.1:{self.ports.dashboard}"
+
+    @property
+    def marker(self) -> dict[str, str]:
+        """The environment marker every process of this cluster (Ray workers included) inherits."""
+        return {ENV_CLUSTER_ID: self.cluster_id}
+
+    def env(self) -> dict[str, str]:
+        """Variables a client of this cluster needs (the job's driver gets these)."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": self.spec.auth_mode}
+
+    def start(self) -> None:
+        self.temp_dir = self._resolve_temp_dir()
+        errors = []
+        for attempt in range(1, self.spec.start_attempts + 1):
+            try:
+                self._start_once(attempt)
+                return
+            except ClusterStartError as exc:
+                # Most often a port taken between choosing it and binding it: choose again.
+                errors.append(str(exc))
+                self.stop(grace_s=5.0)
+        raise ClusterStartError(
+            f"local Ray cluster did not start after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
+        )
+
+    def _resolve_temp_dir(self) -> Path:
+        wanted = self.spec.temp_dir.resolve()
+        if len(str(wanted)) <= _MAX_TEMP_DIR_LEN:
+            wanted.mkdir(parents=True, exist_ok=True)
+            return wanted
+        short = Path(tempfile.mkdtemp(prefix="vsray-"))
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+        if not wanted.exists():
+            wanted.symlink_to(short, target_is_directory=True)
+        logger.info("Ray temp dir %s is too long for unix sockets; using %s (linked from it)", wanted, short)
+        return short
+
+    def _start_once(self, attempt: int) -> None:
+        assert self.temp_dir is not None
+        self.ports = ClusterPorts.pick(self.spec.node_ip)
+        self._log_path = self.temp_dir / f"ray-start-{attempt}.log"
+        env = self._env()
+        log = self._log_path.open("wb")
+        try:
+            self._process = start_child(self._command(), env=env, stdout=log, stderr=log)
+        finally:
+            log.close()
+
+        def ready() -> bool:
+            if self._process is not None and self._process.poll() is not None:
+                return True
+            started = "Ray runtime started" in tail(self._log_path, 65536)
+            return started and port_open(self.spec.node_ip, self.ports.gcs) and self._dashboard_ready()
+
+        ok = wait_for(ready, self.spec.start_timeout_s)
+        status = self._process.poll()
+        if status is not None or not ok:
+            what = f"`ray start` ended ({status.describe()})" if status else "timed out"
+            raise ClusterStartError(f"{what}; its output ends with:\n{tail(self._log_path, 4000)}")
+        logger.info("local Ray cluster %s up at %s (dashboard %s)", self.cluster_id, self.address, self.dashboard_url)
+
+    def _dashboard_ready(self) -> bool:
+        return not self.spec.dashboard or port_open("127.0.0.1", self.ports.dashboard)
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            **self.spec.extra_env,
+            **self.marker,
+            "RAY_AUTH_MODE": self.spec.auth_mode,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        env.pop("RAY_ADDRESS", None)  # never let `ray start` look for another cluster
+        return env
+
+    def _ray_start(self, temp_dir: Path, num_cpus: int | None, options: list[str]) -> list[str]:
+        """The one `ray start` command line: the options every node has, then ``options`` (head or worker)."""
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={self.spec.node_ip}",
+            f"--temp-dir={temp_dir}",
+            *options,
+        ]
+        if num_cpus is not None:
+            command.append(f"--num-cpus={num_cpus}")
+        if self.spec.object_store_memory_mb is not None:
+            command.append(f"--object-store-memory={self.spec.object_store_memory_mb << 20}")
+        return command
+
+    def _command(self) -> list[str]:
+        assert self.ports is not None
+        assert self.temp_dir is not None
+        ports = self.ports
+        return self._ray_start(
+            self.temp_dir,
+            self.spec.num_cpus,
+            [
+                "--head",
+                f"--port={ports.gcs}",
+                f"--include-dashboard={'true' if self.spec.dashboard else 'false'}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={ports.dashboard}",
+                f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+                f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+                f"--metrics-export-port={ports.metrics_export}",
+                f"--runtime-env-agent-port={ports.runtime_env_agent}",
+                f"--ray-client-server-port={ports.client_server}",
+            ],
+        )
+
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """Another raylet on this machine joining the cluster, with ports and a temp dir of its own: a
+        multi-node cluster on one machine (for tests). It carries the cluster's marker, so ``stop`` ends it."""
+        assert self.temp_dir is not None, "start() first"
+        index = len(self._nodes) + 1
+        temp_dir = Path(f"{self.temp_dir}-n{index}")
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        ports = [free_port(self.spec.node_ip) for _ in range(6)]
+        options = [
+            f"--address={self.address}",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--metrics-export-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}",
+        ]
+        if resources:
+            options.append(f"--resources={json.dumps(resources)}")
+        log_path = temp_dir / "ray-start.log"
+        with log_path.open("wb") as log:
+            node = start_child(self._ray_start(temp_dir, num_cpus, options), env=self._env(), stdout=log, stderr=log)
+        self._nodes.append(node)
+        timeout_s = self.spec.start_timeout_s
+        if not wait_for(lambda: node.poll() is not None or "Ray runtime started" in tail(log_path), timeout_s):
+            raise ClusterStartError(f"node {index} did not join in {timeout_s:g} s:\n{tail(log_path, 4000)}")
+        if node.poll() is not None:
+            raise ClusterStartError(f"node {index} did not join:\n{tail(log_path, 4000)}")
+
+    def is_healthy(self) -> bool:
+        """`ray start --block` exits as soon as one of its processes dies, and the GCS must answer."""
+        if self._process is None or self._process.poll() is not None or self.ports is None:
+            return False
+        return port_open(self.spec.node_ip, self.ports.gcs)
+
+    def processes(self) -> list:
+        return find_marked_processes(self.marker)
+
+    def stop(self, grace_s: float = 10.0, reap_timeout_s: float = 5.0) -> TerminationReport:
+        """Stop every process of this cluster (and only those), and reap the `ray start` children.
+
+        SIGTERM to `ray start --block` alone brings the cluster down in a second or two (Ray's own fate
+        sharing); SIGTERM to every process at once makes the raylet and GCS linger. So only the `ray start`
+        processes are signalled, and the one escalation gives the cluster's other processes ``grace_s`` to
+        follow before SIGKILL; processes that appear during the shutdown get the same.
+        """
+        marked = self.processes()
+        for node in [*self._nodes, self._process]:
+            if node is not None and node.poll() is None:
+                os.kill(node.pid, signal.SIGTERM)
+        reports = [terminate_processes(marked, grace_s, {p.pid for p in marked}, reap_timeout_s)]
+        late = self.processes()
+        if late:
+            reports.append(terminate_processes(late, grace_s, (), reap_timeout_s))
+        for node in [*self._nodes, self._process]:
+            if node is not None:
+                node.wait(timeout_s=reap_timeout_s)
+        self._process = None
+        self._nodes = []
+        report = merge_reports(*reports)
+        if report.survivors:
+            logger.error("processes of Ray cluster %s survived SIGKILL: %s", self.cluster_id, report.survivors)
+        return report

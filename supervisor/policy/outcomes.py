@@ -1,0 +1,87 @@
+"""The values decisions are made of and end in: how a job's process ended, what to do about an attempt, why the
+supervisor stopped. Plain values shared by policy, the loop and the mechanisms."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+
+class Action(str, Enum):
+    """What to do about an attempt that ended. (Members are lowercase: OmegaConf matches YAML by name.)"""
+
+    done = "done"
+    restart = "restart"
+    fail = "fail"
+
+
+class SupervisorRule(str, Enum):
+    """Why an attempt ended when no classification rule of ``conf/`` judged it: the supervisor's own verdicts
+    (recorded as the attempt's ``rule``, next to the names of the configured rules)."""
+
+    DEFAULT = "default"
+    """No configured rule matched: ``default_action``."""
+    SUPERVISOR_RESTARTED = "supervisor-restarted"
+    """The supervisor died while the attempt ran; a new one found it in state.json."""
+    INTERRUPTED = "interrupted"
+    """The supervisor was stopped (SIGINT, SIGTERM) while the attempt ran."""
+    SUPERVISOR_ERROR = "supervisor-error"
+    """A bug in the supervisor ended the run while the attempt ran."""
+
+
+class ExitCode(IntEnum):
+    """The supervisor's exit codes (documented in README.md)."""
+
+    DONE = 0
+    """The job finished successfully."""
+    INTERNAL_ERROR = 1
+    """A bug in the supervisor itself; the traceback is printed and the job torn down."""
+    USAGE = 2
+    """Bad command line or configuration, or the run directory is in use or already finished: nothing ran."""
+    JOB_FAILED = 3
+    """The job failed in a way its rules say a restart cannot fix (e.g. a configuration error)."""
+    BUDGET_EXHAUSTED = 4
+    """The job kept failing and the restart budget (restart.max_restarts) is spent."""
+    CRASH_LOOP = 5
+    """Failed attempts in a row without the checkpoint step advancing, or no valid checkpoint to resume."""
+    ENVIRONMENT_FAILURE = 6
+    """The Ray cluster could not be started, or an attempt's processes could not be fenced off."""
+    INTERRUPTED_SIGINT = 130
+    INTERRUPTED_SIGTERM = 143
+
+    @property
+    def outcome(self) -> str:
+        """The run's outcome as state.json and the run_finished event name it."""
+        return "done" if self is ExitCode.DONE else self.name.lower()
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a process ended: an exit code, or the signal that killed it."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            return cls(signal=os.WTERMSIG(status))
+        return cls(code=os.waitstatus_to_exitcode(status))
+
+    @property
+    def succeeded(self) -> bool:
+        return self.code == 0
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"SIG{self.signal}"
+
+    def describe(self) -> str:
+        return f"killed by {self.signal_name}" if self.signal is not None else f"exit {self.code}"

@@ -1,0 +1,151 @@
+"""Every decision on whether the run goes on: pure functions of data, returning values the loop carries out.
+
+- ``after_attempt``: restart after a backoff, or stop, from the run's history and the restart policy. Backoff
+  and the restart budget are tenacity's strategies (``wait_exponential``, ``stop_after_attempt``) applied to a
+  snapshot of the history, because the budget outlives one supervisor process: it is kept in state.json and
+  continues when a supervisor is restarted on the same run directory. The jitter's randomness is a parameter.
+- ``after_teardown``: an attempt that could not be fenced off stops the run.
+- ``choose_start``: resume from a checkpoint, start fresh, or refuse to silently start over.
+- ``after_interrupt``, ``after_cluster_failure``, ``after_internal_error``: the other ways a run ends.
+- ``lost_attempt``, ``interrupted_attempt``: how attempts that no rule judged are classified.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tenacity
+
+from supervisor.config import RestartConfig
+from supervisor.policy.outcomes import Action, ExitCode, SupervisorRule
+from supervisor.policy.rules import Classification
+from supervisor.run.history import RunHistory
+
+
+@dataclass(frozen=True)
+class Restart:
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    exit_code: ExitCode
+    reason: str
+
+
+Decision = Restart | Stop
+
+
+@dataclass(frozen=True)
+class StartFrom:
+    """Where the next attempt starts: a checkpoint folder, or from scratch (both None)."""
+
+    checkpoint: str | None
+    step: int | None
+
+
+def _retry_state(attempt_number: int) -> tenacity.RetryCallState:
+    """A tenacity call state standing for the run's history, for tenacity's strategies to read."""
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt_number
+    return state
+
+
+def backoff_s(failures_in_a_row: int, policy: RestartConfig, rng: random.Random) -> float:
+    """Exponential backoff on the failures since the job last made progress (at least one), plus a jitter drawn
+    from ``rng``, never above ``backoff_max_s``."""
+    exponential = tenacity.wait_exponential(
+        multiplier=policy.backoff_initial_s, max=policy.backoff_max_s, exp_base=policy.backoff_multiplier
+    )
+    base = float(exponential(_retry_state(max(1, failures_in_a_row))))
+    return min(policy.backoff_max_s, base + rng.uniform(0, policy.backoff_jitter_s))
+
+
+def after_attempt(
+    history: RunHistory, classification: Classification, policy: RestartConfig, rng: random.Random
+) -> Decision:
+    """After an attempt ended and was fenced off: stop (with the exit code that says why) or restart."""
+    if classification.action is Action.done:
+        return Stop(ExitCode.DONE, f"the job finished: {classification.reason}")
+    if classification.action is Action.fail:
+        return Stop(ExitCode.JOB_FAILED, f"not restarting: {classification.reason}")
+    streak = history.failures_without_progress()
+    if streak >= policy.max_failures_without_progress:
+        return Stop(
+            ExitCode.CRASH_LOOP,
+            f"crash loop: {streak} failed attempts in a row without the checkpoint step advancing "
+            f"(restart.max_failures_without_progress={policy.max_failures_without_progress}); last: "
+            f"{classification.reason}",
+        )
+    budget = tenacity.stop_after_attempt(policy.max_restarts + 1)
+    if budget(_retry_state(len(history.attempts))):
+        return Stop(
+            ExitCode.BUDGET_EXHAUSTED,
+            f"restart budget exhausted: {history.restarts_used} of {policy.max_restarts} restarts used "
+            f"(restart.max_restarts); last: {classification.reason}",
+        )
+    return Restart(backoff_s(streak, policy, rng), f"restarting: {classification.reason}")
+
+
+def after_teardown(fenced: bool, problems: Sequence[str]) -> Stop | None:
+    """Nothing may start next to what is left of an attempt: a fence that failed stops the run."""
+    if fenced:
+        return None
+    return Stop(ExitCode.ENVIRONMENT_FAILURE, "; ".join(problems) or "the attempt could not be fenced off")
+
+
+def choose_start(newest_valid_step: int | None, newest_valid_path: str | None, history: RunHistory) -> StartFrom | Stop:
+    """Resume from the newest valid checkpoint; start fresh only if this run never had one.
+
+    A run that saw a complete checkpoint and now finds none valid has lost its progress (deleted or corrupted
+    files): silently starting at step 0 would waste the compute and hide the problem.
+    """
+    if newest_valid_path is not None:
+        return StartFrom(newest_valid_path, newest_valid_step)
+    if history.newest_checkpoint_step is not None:
+        return Stop(
+            ExitCode.CRASH_LOOP,
+            f"no valid checkpoint to resume from, although this run had reached global_step_"
+            f"{history.newest_checkpoint_step}; refusing to start over from step 0 (see the set-aside folders "
+            f"and events.jsonl)",
+        )
+    return StartFrom(None, None)
+
+
+_INTERRUPTED = {signal.SIGINT: ExitCode.INTERRUPTED_SIGINT, signal.SIGTERM: ExitCode.INTERRUPTED_SIGTERM}
+STOP_SIGNALS = tuple(_INTERRUPTED)
+"""The signals that stop a supervisor (after tearing the job down)."""
+
+
+def after_interrupt(signum: int) -> Stop:
+    name = signal.Signals(signum).name
+    return Stop(_INTERRUPTED[signal.Signals(signum)], f"interrupted by {name}")
+
+
+def after_cluster_failure(message: str) -> Stop:
+    return Stop(ExitCode.ENVIRONMENT_FAILURE, f"the Ray cluster could not be started: {message}")
+
+
+def after_internal_error(exc: BaseException) -> Stop:
+    return Stop(ExitCode.INTERNAL_ERROR, f"supervisor error: {type(exc).__name__}: {exc}")
+
+
+def lost_attempt() -> Classification:
+    """How a supervisor restarted on the run judges the attempt a dead one left in flight: a failed attempt,
+    counted against the same budget (``after_attempt`` decides what follows, without a backoff: the time the
+    supervisor was gone has passed already)."""
+    return Classification(
+        Action.restart, SupervisorRule.SUPERVISOR_RESTARTED.value, "the supervisor stopped while this attempt ran"
+    )
+
+
+def interrupted_attempt() -> Classification:
+    return Classification(Action.fail, SupervisorRule.INTERRUPTED.value, "the supervisor was stopped")
+
+
+def failed_supervisor_attempt() -> Classification:
+    return Classification(Action.fail, SupervisorRule.SUPERVISOR_ERROR.value, "a supervisor error ended the run")

@@ -1,0 +1,265 @@
+"""Typed events: one JSON object per line in events.jsonl, and one line each on the console.
+
+Every event carries the wall-clock time (``ts``, Unix seconds) so that latencies can be computed from the log,
+and the run id. The writer is the only place that formats or writes events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar, TextIO
+
+
+class EventKind(str, Enum):
+    RUN_STARTED = "run_started"
+    CLUSTER_STARTED = "cluster_started"
+    CLUSTER_STOPPED = "cluster_stopped"
+    STALE_PROCESSES_SWEPT = "stale_processes_swept"
+    CHECKPOINT_SET_ASIDE = "checkpoint_set_aside"
+    ATTEMPT_STARTED = "attempt_started"
+    ATTEMPT_EXITED = "attempt_exited"
+    STALL_DETECTED = "stall_detected"
+    STACKS_DUMPED = "stacks_dumped"
+    TEARDOWN = "teardown"
+    BACKOFF = "backoff"
+    SIGNAL_RECEIVED = "signal_received"
+    RUN_FINISHED = "run_finished"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[EventKind]
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: ClassVar[EventKind] = EventKind.RUN_STARTED
+    run_dir: str
+    job: str
+    ray_mode: str
+    max_restarts: int
+    supervisor_start: int
+    """1 for a new run; more when a supervisor was restarted on this run directory."""
+    restarts_used: int = 0
+
+    def describe(self) -> str:
+        again = f" (supervisor start {self.supervisor_start}, {self.restarts_used} restarts used)"
+        return f"run started: job {self.job}, ray {self.ray_mode}, run dir {self.run_dir}" + (
+            again if self.supervisor_start > 1 else ""
+        )
+
+
+@dataclass(frozen=True)
+class ClusterStarted(Event):
+    kind: ClassVar[EventKind] = EventKind.CLUSTER_STARTED
+    address: str
+    dashboard: str | None
+    startup_s: float
+    reason: str
+
+    def describe(self) -> str:
+        return f"Ray cluster up at {self.address} in {self.startup_s:.1f} s ({self.reason})"
+
+
+@dataclass(frozen=True)
+class ClusterStopped(Event):
+    kind: ClassVar[EventKind] = EventKind.CLUSTER_STOPPED
+    duration_s: float
+    killed: int
+    survivors: list[str]
+    reason: str
+
+    def describe(self) -> str:
+        tail = f"; SURVIVORS: {', '.join(self.survivors)}" if self.survivors else ""
+        return f"Ray cluster stopped in {self.duration_s:.1f} s ({self.reason}){tail}"
+
+
+@dataclass(frozen=True)
+class StaleProcessesSwept(Event):
+    kind: ClassVar[EventKind] = EventKind.STALE_PROCESSES_SWEPT
+    processes: list[str]
+
+    def describe(self) -> str:
+        return f"ended {len(self.processes)} processes left from an earlier supervisor of this run"
+
+
+@dataclass(frozen=True)
+class CheckpointSetAside(Event):
+    kind: ClassVar[EventKind] = EventKind.CHECKPOINT_SET_ASIDE
+    step: int
+    path: str
+    renamed_to: str
+    problems: list[str]
+
+    def describe(self) -> str:
+        first = self.problems[0] if self.problems else "incomplete"
+        return f"checkpoint global_step_{self.step} is incomplete ({first}); set aside as {Path(self.renamed_to).name}"
+
+
+@dataclass(frozen=True)
+class AttemptStarted(Event):
+    kind: ClassVar[EventKind] = EventKind.ATTEMPT_STARTED
+    attempt: int
+    pid: int
+    argv: list[str]
+    resume_step: int | None
+    resume_path: str | None
+    log_dir: str
+
+    def describe(self) -> str:
+        start = f"resuming from global_step_{self.resume_step}" if self.resume_step is not None else "fresh start"
+        return f"attempt {self.attempt} started: {start} (pid {self.pid}, logs {self.log_dir})"
+
+
+@dataclass(frozen=True)
+class AttemptExited(Event):
+    kind: ClassVar[EventKind] = EventKind.ATTEMPT_EXITED
+    attempt: int
+    exit_code: int | None
+    signal: str | None
+    duration_s: float
+    action: str
+    rule: str
+    reason: str
+    error_type: str | None = None
+    phase: str | None = None
+    global_step: int | None = None
+    record: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        return f"attempt {self.attempt} ended after {self.duration_s:.1f} s: {self.reason} -> {self.action}"
+
+
+@dataclass(frozen=True)
+class StallDetected(Event):
+    kind: ClassVar[EventKind] = EventKind.STALL_DETECTED
+    attempt: int
+    stall_kind: str
+    silent_s: float
+    limit_s: float
+    last_step: int | None
+    phase: str | None
+    heartbeat_ages_s: dict[str, float]
+    reason: str
+
+    def describe(self) -> str:
+        return f"attempt {self.attempt} STALLED ({self.stall_kind}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class StacksDumped(Event):
+    kind: ClassVar[EventKind] = EventKind.STACKS_DUMPED
+    attempt: int
+    duration_s: float
+    dumps: list[dict[str, Any]]
+
+    def describe(self) -> str:
+        dumped = sum(1 for d in self.dumps if d["status"] == "dumped")
+        took = f"{self.duration_s:.1f} s"
+        return f"attempt {self.attempt}: stacks of {dumped} of {len(self.dumps)} processes saved in {took}"
+
+
+@dataclass(frozen=True)
+class Teardown(Event):
+    kind: ClassVar[EventKind] = EventKind.TEARDOWN
+    attempt: int
+    duration_s: float
+    terminated: list[str]
+    killed: list[str]
+    survivors: list[str]
+    actors_alive: int | None
+    """Ray actors of the attempt's job still alive at the fence (None: not checked)."""
+    fenced: bool
+    actors_killed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    ray_job_id: str | None = None
+    reached_step: int | None = None
+    """The newest complete checkpoint once the attempt is gone (what it may still have been writing included)."""
+
+    def describe(self) -> str:
+        parts = [f"{len(self.terminated)} ended on SIGTERM", f"{len(self.killed)} SIGKILLed"]
+        if self.actors_killed:
+            parts.append(f"{len(self.actors_killed)} stray actors killed")
+        if self.actors_alive is not None:
+            parts.append(f"{self.actors_alive} actors alive")
+        verdict = "fenced" if self.fenced else "FENCE FAILED: " + "; ".join(self.problems)
+        return f"attempt {self.attempt} torn down in {self.duration_s:.1f} s ({', '.join(parts)}): {verdict}"
+
+
+@dataclass(frozen=True)
+class Backoff(Event):
+    kind: ClassVar[EventKind] = EventKind.BACKOFF
+    next_attempt: int
+    delay_s: float
+    restarts_used: int
+    max_restarts: int
+
+    def describe(self) -> str:
+        return (
+            f"restart {self.restarts_used + 1} of {self.max_restarts}: attempt {self.next_attempt} "
+            f"in {self.delay_s:.1f} s"
+        )
+
+
+@dataclass(frozen=True)
+class SignalReceived(Event):
+    kind: ClassVar[EventKind] = EventKind.SIGNAL_RECEIVED
+    signal: str
+
+    def describe(self) -> str:
+        return f"received {self.signal}: tearing the job down"
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    kind: ClassVar[EventKind] = EventKind.RUN_FINISHED
+    exit_code: int
+    outcome: str
+    reason: str
+    attempts: int
+
+    def describe(self) -> str:
+        return f"run finished: {self.outcome} (exit {self.exit_code}) after {self.attempts} attempts: {self.reason}"
+
+
+@dataclass
+class EventLog:
+    """Appends events to events.jsonl (flushed per event) and prints them to the console."""
+
+    path: Path
+    run_id: str
+    console: TextIO | None = field(default_factory=lambda: sys.stderr)
+    now: Callable[[], float] = time.time
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def emit(self, event: Event) -> dict[str, Any]:
+        now = self.now()
+        entry = {"ts": now, "event": event.kind.value, "run_id": self.run_id, **asdict(event)}
+        line = json.dumps(entry, sort_keys=True, default=str)
+        with self._lock:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if self.console is not None:
+                stamp = time.strftime("%H:%M:%S", time.localtime(now))
+                print(f"[supervisor {stamp}] {event.describe()}", file=self.console, flush=True)
+        return entry
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every event of a run, in order (for tests, reports and the benchmark)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

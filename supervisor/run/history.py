@@ -1,0 +1,132 @@
+"""The run's history: its attempts, its checkpoint progress and its state, as kept in state.json.
+
+The restart budget and the crash-loop guard are functions of this history, so they survive a supervisor
+restart on the same run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from supervisor.policy.outcomes import Action
+
+SCHEMA_VERSION = 1
+
+
+class RunState(str, Enum):
+    """Where the run is. Transitions: STARTING -> ATTEMPT_RUNNING -> TEARING_DOWN -> (BACKING_OFF ->
+    ATTEMPT_RUNNING ...) -> FINISHED. FINISHED is terminal: a finished run directory is never reused."""
+
+    STARTING = "starting"
+    ATTEMPT_RUNNING = "attempt_running"
+    TEARING_DOWN = "tearing_down"
+    BACKING_OFF = "backing_off"
+    FINISHED = "finished"
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class AttemptRecord:
+    number: int
+    started_at: float
+    resumed_from_step: int | None
+    argv: list[str] = field(default_factory=list)
+    ended_at: float | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    error_type: str | None = None
+    phase: str | None = None
+    action: Action | None = None
+    rule: str | None = None
+    """The configured rule that classified the attempt, or a ``SupervisorRule`` value."""
+    reason: str | None = None
+    reached_step: int | None = None
+    """The newest complete checkpoint step once the attempt was over."""
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.ended and self.action is not Action.done
+
+    def judge(self, ended_at: float, action: Action, rule: str, reason: str) -> None:
+        """The attempt is over and classified (its fields set together: an ended attempt always has a verdict)."""
+        self.ended_at, self.action, self.rule, self.reason = ended_at, action, rule, reason
+
+    @property
+    def made_progress(self) -> bool:
+        if self.reached_step is None:
+            return False
+        return self.resumed_from_step is None or self.reached_step > self.resumed_from_step
+
+
+@dataclass
+class RunHistory:
+    run_id: str
+    state: RunState = RunState.STARTING
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    newest_checkpoint_step: int | None = None
+    """The newest complete checkpoint step this run has ever seen."""
+    exit_code: int | None = None
+    outcome: str | None = None
+    supervisor_starts: int = 0
+
+    @property
+    def restarts_used(self) -> int:
+        return max(0, len(self.attempts) - 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RunState.FINISHED
+
+    def failures_without_progress(self) -> int:
+        """Failed attempts at the end of the history, none of which advanced the checkpoint step."""
+        count = 0
+        for attempt in reversed(self.attempts):
+            if not attempt.failed or attempt.made_progress:
+                break
+            count += 1
+        return count
+
+    def move_to(self, state: RunState) -> None:
+        if self.state is RunState.FINISHED and state is not RunState.FINISHED:
+            raise IllegalTransition(f"run {self.run_id} is finished; it cannot move to {state.value}")
+        self.state = state
+
+    def finish(self, exit_code: int, outcome: str) -> None:
+        if self.state is RunState.FINISHED:
+            raise IllegalTransition(f"run {self.run_id} already finished ({self.outcome})")
+        self.state = RunState.FINISHED
+        self.exit_code = exit_code
+        self.outcome = outcome
+
+    def saw_checkpoint(self, step: int | None) -> None:
+        if step is not None and (self.newest_checkpoint_step is None or step > self.newest_checkpoint_step):
+            self.newest_checkpoint_step = step
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        for attempt in data["attempts"]:
+            attempt["action"] = attempt["action"].value if attempt["action"] is not None else None
+        data["schema_version"] = SCHEMA_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunHistory:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"state.json has schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        fields = {k: v for k, v in data.items() if k != "schema_version"}
+        fields["state"] = RunState(fields["state"])
+        fields["attempts"] = [
+            AttemptRecord(**{**a, "action": Action(a["action"]) if a.get("action") is not None else None})
+            for a in fields.get("attempts", [])
+        ]
+        return cls(**fields)

@@ -1,0 +1,108 @@
+"""The run directory: its lock, its state file, its attempt folders.
+
+Layout::
+
+    <run_dir>/supervisor.lock     held (flock) by the one supervisor working on this run
+    <run_dir>/state.json          RunHistory, replaced atomically after every change
+    <run_dir>/events.jsonl        one JSON object per event (supervisor.run.events)
+    <run_dir>/attempts/<n>/       stdout.log, stderr.log, error.json of attempt n
+    <run_dir>/ray/                the embedded Ray cluster's temp dir (or a link to it)
+    <run_dir>/checkpoints/        the job's checkpoints, unless configured elsewhere
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from supervisor.run.history import RunHistory
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another supervisor holds this run directory."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write, fsync, rename over the old file, fsync the directory: a reader sees the old or the new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class RunDirectory:
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        self._lock_fd: int | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "supervisor.lock"
+
+    def attempt_dir(self, number: int) -> Path:
+        folder = self.path / "attempts" / str(number)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def acquire(self) -> None:
+        """Take the run directory for this process; refuse if another live supervisor has it.
+
+        flock is released by the kernel when its holder dies, so a crashed supervisor never leaves the run
+        directory locked.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryInUse(
+                f"run directory {self.path} is in use by another supervisor (pid {holder}); "
+                f"wait for it to finish or choose another run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load_history(self) -> RunHistory | None:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        return RunHistory.from_dict(data)
+
+    def save_history(self, history: RunHistory) -> None:
+        write_json_atomic(self.state_path, history.to_dict())

@@ -1,0 +1,160 @@
+"""Running the real supervisor as a process, and checking what it leaves behind.
+
+After every test: no process of the test's runs is alive, and two bystanders the test session started outside
+any run (a plain sleeper and a separate Ray cluster) are still alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
+from supervisor.run.events import read_events
+from tests.conftest import REPO_ROOT
+from verl_hooks.contract import ENV_RUN_ID
+
+TEST_CONFIG_DIR = REPO_ROOT / "tests" / "supervisor" / "e2e" / "conf"
+
+# The mini-PPO job of the end-to-end tests (the reference digest depends on every one of these, the backend
+# aside: both backends carry the same weights), as small as it gets: each of its Ray processes imports verl.
+JOB_ARGS = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11", "trainer.n_workers=1")
+
+
+def supervisor_argv(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = ()) -> list[str]:
+    argv = [sys.executable, "-m", "supervisor", "--config-dir", str(TEST_CONFIG_DIR), f"run_dir={run_dir}"]
+    argv += list(overrides)
+    if job_args:
+        argv += ["--", *job_args]
+    return argv
+
+
+def supervisor_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_HOOKS_", "VERL_SUPERVISOR_", "RAY_"))}
+    return {**env, "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def run_supervisor(
+    run_dir: Path,
+    *overrides: str,
+    job_args: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+    timeout_s: float = 600,
+):
+    """The supervisor to its end. ``extra_env`` reaches the job too: it inherits the supervisor's environment."""
+    return subprocess.run(
+        supervisor_argv(run_dir, *overrides, job_args=job_args),
+        cwd=REPO_ROOT,
+        env=supervisor_env(**(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def start_supervisor(
+    run_dir: Path, *overrides: str, job_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    log = (run_dir.parent / f"{run_dir.name}.supervisor.log").open("w")
+    return subprocess.Popen(
+        supervisor_argv(run_dir, *overrides, job_args=job_args),
+        cwd=REPO_ROOT,
+        env=supervisor_env(**(extra_env or {})),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Wait for a real condition (a file, an event, a process gone), failing the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def events_of(run_dir: Path, kind: str | None = None) -> list[dict]:
+    events = read_events(run_dir / "events.jsonl")
+    return [e for e in events if kind is None or e["event"] == kind]
+
+
+def state_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference(ray_cluster, tmp_path_factory) -> dict:
+    """final.json of an uninterrupted run of JOB_ARGS, and its checkpoints as a template."""
+    from tests.mini_ppo.harness import run_job
+
+    ckpt = tmp_path_factory.mktemp("mini_reference") / "checkpoints"
+    run = run_job(ray_cluster, ckpt, *JOB_ARGS)
+    assert run.returncode == 0, run.output[-3000:]
+    return {"final": run.final(), "checkpoints": ckpt}
+
+
+def final_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "checkpoints" / "final.json").read_text())
+
+
+class RunTracker:
+    """The run directories a test used, to check afterwards that none of their processes survived."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.run_dirs: list[Path] = []
+
+    def new(self, name: str = "run") -> Path:
+        path = self.base / name
+        self.run_dirs.append(path)
+        return path
+
+    def leftovers(self) -> list:
+        found = []
+        for run_dir in self.run_dirs:
+            state = run_dir / "state.json"
+            if state.exists():
+                run_id = json.loads(state.read_text())["run_id"]
+                found += find_marked_processes({ENV_RUN_ID: run_id})
+        return found
+
+
+@pytest.fixture(scope="session")
+def bystander_sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(86400)"])
+    try:
+        yield sleeper
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.fixture
+def runs(tmp_path: Path, bystander_sleeper, ray_cluster) -> Iterator[RunTracker]:
+    tracker = RunTracker(tmp_path)
+    yield tracker
+    try:
+        wait_until(lambda: not tracker.leftovers(), 10, "the run's processes to be gone")
+    except AssertionError:
+        survivors = [ProcessInfo.of(p) for p in tracker.leftovers()]
+        raise AssertionError(f"processes of the run survived it: {survivors}") from None
+    for run_dir in tracker.run_dirs:
+        ray_dir = run_dir / "ray"
+        if ray_dir.is_symlink():  # long pytest paths put the cluster's temp dir under /tmp: the test's own
+            shutil.rmtree(ray_dir.resolve(), ignore_errors=True)
+    assert bystander_sleeper.poll() is None, "a process outside the run was killed"
+    assert ray_cluster.is_healthy(), "a Ray cluster outside the run was harmed"

@@ -1,0 +1,129 @@
+"""A job for the supervisor's loop tests: behaviour chosen per attempt on the command line.
+
+    python -m tests.supervisor.e2e.scripted_job [--fail-until N] [--exit-code C] [--ignore-sigterm]
+        [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A] [--unmarked-group-child-on A]
+        [--steps N --step-time S [--stall-on A --stall-at K] [--slow-after K --slow-step-time S]]
+
+With --steps it behaves like a verl job as the supervisor sees it: it sends the weight-sync guard's heartbeats
+(sync_begin, sync_phase, sync_end) once per step and the driver's alive beats, and on --stall-on attempts it
+stops at step --stall-at inside a function whose name the stack dump must show.
+
+It writes `ready` into its attempt's log folder once it is running (when the folder is on this machine), so
+that tests wait on that instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fail-until", type=int, default=0, help="attempts below this one fail")
+    parser.add_argument("--exit-code", type=int, default=1)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--run-forever-on", type=int, action="append", default=[])
+    parser.add_argument("--spawn-stubborn-child", action="store_true")
+    parser.add_argument("--leave-detached-actor-on", type=int, action="append", default=[])
+    parser.add_argument("--unmarked-group-child-on", type=int, action="append", default=[])
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--step-time", type=float, default=0.2)
+    parser.add_argument("--stall-on", type=int, action="append", default=[])
+    parser.add_argument("--stall-at", type=int, default=0)
+    parser.add_argument("--slow-after", type=int, default=0)
+    parser.add_argument("--slow-step-time", type=float, default=0.0)
+    args = parser.parse_args()
+    attempt = int(os.environ["VERL_SUPERVISOR_ATTEMPT"])
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.spawn_stubborn_child:
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+        subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    if "VERL_SUPERVISOR_ERROR_FILE" in os.environ:  # not with ray.mode=jobs: the driver may be elsewhere
+        Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("ready").write_text(str(os.getpid()))
+    print(f"scripted job: attempt {attempt}", flush=True)
+    if attempt in args.leave_detached_actor_on:
+        leave_a_detached_actor(attempt)
+    if attempt in args.unmarked_group_child_on:
+        leave_an_unmarked_child_in_the_group(Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("group-child"))
+    if attempt in args.run_forever_on:
+        while True:
+            time.sleep(1)
+    if args.steps:
+        train_with_heartbeats(args, attempt)
+    sys.exit(args.exit_code if attempt < args.fail_until else 0)
+
+
+def train_with_heartbeats(args: argparse.Namespace, attempt: int) -> None:
+    from verl_hooks import heartbeat
+
+    heartbeat.enable_stack_dumps()
+    heartbeat.start_alive_beats()
+    for step in range(1, args.steps + 1):
+        if attempt in args.stall_on and step == args.stall_at:
+            wait_for_a_reply_that_never_comes()
+        time.sleep(args.slow_step_time if args.slow_after and step > args.slow_after else args.step_time)
+        heartbeat.beat("sync_begin", step=step, backend="scripted")
+        heartbeat.beat("sync_phase", step=step, phase="update_weights")
+        heartbeat.beat("sync_end", step=step, duration_s=0.01)
+        print(f"scripted job: step {step}", flush=True)
+    time.sleep(0.5)  # let the last beats leave before the process exits
+
+
+class Stubborn:
+    """An actor that outlives its job: detached, unnamed (no handle and no name to kill it by once the job is
+    gone), and deaf to SIGTERM."""
+
+    def __init__(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def ping(self) -> str:
+        return f"pid {os.getpid()}, SUBMITTED_BY={os.environ.get('SUBMITTED_BY')}"
+
+
+def leave_a_detached_actor(attempt: int) -> None:
+    """Leave a Stubborn actor on a node with the `stray_ok` resource (the test cluster's non-head node).
+
+    Its process drops the run's marker: on a real cluster it would run on another machine, out of reach of the
+    supervisor's process sweep, and only the fence's kill by id through the GCS can end it.
+    """
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    elsewhere = {"env_vars": {"VERL_SUPERVISOR_RUN_ID": "", "VERL_SUPERVISOR_ATTEMPT": ""}}
+    remote = ray.remote(num_cpus=0, resources={"stray_ok": 0.01}, runtime_env=elsewhere)(Stubborn)
+    actor = remote.options(lifetime="detached").remote()
+    print(f"scripted job: detached actor in {ray.get(actor.ping.remote())}", flush=True)
+
+
+def leave_an_unmarked_child_in_the_group(report: Path) -> None:
+    """A child in the driver's process group without the run's marker (a tool that cleans its environment):
+    only a signal to the group reaches it. It writes which signal ended it."""
+    code = (
+        "import pathlib, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    pathlib.Path(sys.argv[1]).write_text(signal.Signals(signum).name)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_SUPERVISOR_")}
+    child = subprocess.Popen([sys.executable, "-c", code, str(report)], env=env, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    child.stdout.readline()  # its handler is in place
+
+
+def wait_for_a_reply_that_never_comes() -> None:
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()

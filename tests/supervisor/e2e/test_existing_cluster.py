@@ -1,0 +1,242 @@
+"""Supervising on an existing multi-node cluster: ``ray.mode=address`` and ``ray.mode=jobs``.
+
+The cluster has two nodes on this machine; the head has no CPUs, so every actor of the job runs on the second
+node. A bystander job that has nothing to do with the run keeps running on the same cluster throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ray.util.state import list_actors, list_jobs, list_nodes
+
+from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
+from supervisor.mechanisms.ray_kill import kill_actors
+from tests.conftest import REPO_ROOT
+from tests.supervisor.e2e.conftest import (
+    JOB_ARGS,
+    events_of,
+    final_of,
+    run_supervisor,
+    supervisor_argv,
+    wait_until,
+)
+
+pytestmark = pytest.mark.ray
+
+MODES = ["address", "jobs"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[LocalRayCluster]:
+    cluster = LocalRayCluster(
+        ClusterSpec(
+            temp_dir=Path(tempfile.mkdtemp(prefix="vst2-")),
+            num_cpus=0,
+            object_store_memory_mb=512,
+            dashboard=True,
+            extra_env={"PYTHONPATH": str(REPO_ROOT)},
+        )
+    )
+    try:
+        cluster.start()
+        cluster.add_node(num_cpus=8, resources={"stray_ok": 1})
+        yield cluster
+    finally:
+        report = cluster.stop(grace_s=5.0)
+        assert not report.survivors
+        assert not cluster.processes()
+
+
+@pytest.fixture(scope="module")
+def bystander(two_nodes: LocalRayCluster) -> Iterator[subprocess.Popen[str]]:
+    """Someone else's job on the same cluster: a driver with an actor, which must outlive every test here."""
+    code = (
+        "import os, time, ray\n"
+        "ray.init(address=os.environ['RAY_ADDRESS'], namespace='bystander', log_to_driver=False)\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Steady:\n"
+        "    def ping(self): return 'pong'\n"
+        "steady = Steady.options(name='steady').remote()\n"
+        "print(ray.get(steady.ping.remote()), flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, **two_nodes.env()},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "pong"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def steady_alive(two_nodes: LocalRayCluster) -> bool:
+    actors = list_actors(address=two_nodes.dashboard_url, filters=[("class_name", "=", "Steady")])
+    return [a.state for a in actors] == ["ALIVE"]
+
+
+def worker_node_id(two_nodes: LocalRayCluster) -> str:
+    (node,) = [n for n in list_nodes(address=two_nodes.dashboard_url) if not n.is_head_node and n.state == "ALIVE"]
+    return node.node_id
+
+
+def mode_overrides(mode: str, two_nodes: LocalRayCluster) -> tuple[str, ...]:
+    if mode == "address":
+        return ("ray.mode=address", f"ray.address={two_nodes.address}", f"ray.dashboard_url={two_nodes.dashboard_url}")
+    return (
+        "ray.mode=jobs",
+        f"ray.address={two_nodes.dashboard_url}",
+        f"ray.gcs_address={two_nodes.address}",
+        f"ray.python={sys.executable}",
+    )
+
+
+def actors_of_job(two_nodes: LocalRayCluster, ray_job_id: str, class_name: str | None = None) -> list:
+    filters = [("job_id", "=", ray_job_id)]
+    if class_name:
+        filters.append(("class_name", "=", class_name))
+    return list_actors(address=two_nodes.dashboard_url, filters=filters)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_sync_failure_on_an_existing_cluster_is_fenced_and_resumed(
+    runs, reference, two_nodes, bystander, mode: str
+) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        *mode_overrides(mode, two_nodes),
+        "restart.backoff_initial_s=0.2",
+        "restart.backoff_jitter_s=0",
+        job_args=JOB_ARGS,
+        extra_env={"VERL_HOOKS_FAULTS": "naive:raise@3#1", **two_nodes.env()},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exited = events_of(run_dir, "attempt_exited")
+    assert [(e["exit_code"], e["rule"]) for e in exited] == [(75, "weight-sync-failure"), (0, "success")]
+    # With ray.mode=jobs the driver is not told of a record file: the record came over the heartbeat channel.
+    record = json.loads((run_dir / "attempts" / "1" / "error.json").read_text())
+    assert (record["phase"], record["global_step"], record["attempt"]) == ("naive", 3, 1)
+    assert "step 1:" in (run_dir / "attempts" / "1" / "stdout.log").read_text(), "the job's output was kept"
+
+    first_teardown = events_of(run_dir, "teardown")[0]
+    assert first_teardown["fenced"] is True
+    assert first_teardown["actors_alive"] == 0
+    job_actors = actors_of_job(two_nodes, first_teardown["ray_job_id"])
+    assert job_actors, "the first attempt's job had actors"
+    assert {a.state for a in job_actors} == {"DEAD"}
+    assert {a.node_id for a in job_actors} == {worker_node_id(two_nodes)}, "they ran on the non-head node"
+
+    assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+    assert bystander.poll() is None
+    assert steady_alive(two_nodes), "an unrelated job on the same cluster kept running"
+    assert not (run_dir / "ray").exists(), "the supervisor started no cluster of its own"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_detached_actor_left_by_a_failed_attempt_is_killed_by_the_fence(runs, two_nodes, bystander, mode) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        "job=scripted",
+        *mode_overrides(mode, two_nodes),
+        job_args=("--fail-until", "2", "--leave-detached-actor-on", "1"),
+        extra_env=two_nodes.env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    teardown = events_of(run_dir, "teardown")[0]
+    assert teardown["fenced"] is True
+    (killed,) = teardown["actors_killed"]
+    assert killed.startswith("Stubborn ")
+    (stray,) = actors_of_job(two_nodes, teardown["ray_job_id"], "Stubborn")
+    assert stray.node_id == worker_node_id(two_nodes), "it lived on the other node"
+    assert stray.state == "DEAD", "the fence waited until it was dead before attempt 2"
+    assert events_of(run_dir, "attempt_started")[1]["ts"] >= teardown["ts"]
+    assert steady_alive(two_nodes)
+
+
+def test_an_actor_the_fence_may_not_kill_stops_the_run_before_a_second_attempt(runs, two_nodes, bystander) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        "job=scripted",
+        *mode_overrides("address", two_nodes),
+        "teardown.kill_stray_actors=false",
+        "teardown.fence_timeout_s=3",
+        job_args=("--fail-until", "2", "--leave-detached-actor-on", "1"),
+        extra_env=two_nodes.env(),
+    )
+    try:
+        assert proc.returncode == 6, proc.stderr[-4000:]
+        assert len(events_of(run_dir, "attempt_started")) == 1, "no attempt started next to the stray actor"
+        (teardown,) = events_of(run_dir, "teardown")
+        assert teardown["fenced"] is False
+        assert teardown["actors_alive"] == 1
+        (problem,) = teardown["problems"]
+        assert "actor Stubborn" in problem
+        assert "teardown.kill_stray_actors is off" in problem
+        finished = events_of(run_dir, "run_finished")[-1]
+        assert finished["exit_code"] == 6
+        assert "Stubborn" in finished["reason"]
+        assert "Stubborn" in proc.stderr, "the console says what is left"
+    finally:
+        # The stray actor is the test's to remove, so that it does not outlive the test.
+        teardown_events = events_of(run_dir, "teardown")
+        if teardown_events:
+            job_id = teardown_events[0]["ray_job_id"]
+            strays = [a.actor_id for a in actors_of_job(two_nodes, job_id, "Stubborn") if a.state != "DEAD"]
+            kill_actors(two_nodes.address, strays)
+            wait_until(
+                lambda: {a.state for a in actors_of_job(two_nodes, job_id, "Stubborn")} == {"DEAD"},
+                30,
+                "the stray actor to be dead",
+            )
+
+
+def test_supervisor_as_the_entrypoint_of_a_ray_job_runs_each_attempt_as_a_job_of_its_own(
+    runs, two_nodes, bystander
+) -> None:
+    """The KubeRay example's set-up: the supervisor is a Jobs API submission's entrypoint, ray.mode=address
+    with the cluster from the $RAY_ADDRESS the Jobs API gives it."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    run_dir = runs.new()
+    argv = supervisor_argv(
+        run_dir,
+        "job=scripted",
+        "ray.mode=address",
+        f"ray.dashboard_url={two_nodes.dashboard_url}",
+        job_args=("--fail-until", "2", "--leave-detached-actor-on", "1"),
+    )
+    client = JobSubmissionClient(two_nodes.dashboard_url)
+    submission = client.submit_job(
+        entrypoint=shlex.join(argv),
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "SUBMITTED_BY": "the-test"}},
+        entrypoint_num_cpus=0,
+    )
+    final = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    wait_until(lambda: client.get_job_status(submission) in final, 300, "the submission to end")
+    status = client.get_job_status(submission)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(submission)[-4000:]
+
+    exited = events_of(run_dir, "attempt_exited")
+    assert [e["exit_code"] for e in exited] == [1, 0]
+    teardown = events_of(run_dir, "teardown")[0]
+    assert teardown["fenced"] is True
+    assert [a.split()[0] for a in teardown["actors_killed"]] == ["Stubborn"]
+    (attempt_job,) = [j for j in list_jobs(address=two_nodes.dashboard_url) if j.job_id == teardown["ray_job_id"]]
+    assert attempt_job.submission_id != submission, "the attempt did not claim the supervisor's submission"
+    stdout = (run_dir / "attempts" / "1" / "stdout.log").read_text()
+    assert "SUBMITTED_BY=the-test" in stdout, "but kept its runtime_env, which reached the job's actors"
+    assert steady_alive(two_nodes)

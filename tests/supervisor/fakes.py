@@ -1,0 +1,193 @@
+"""A fake backend, clock and heartbeat channel, for driving the supervisor's real loop in milliseconds.
+
+The fakes behave like the real parts as the loop sees them: ``wait`` returns None when its timeout passes and the
+driver's exit status when it ends; the fake clock moves only when the loop waits or sleeps; heartbeats arrive
+with the clock's monotonic time; an attempt writes its error record and its checkpoints (real, complete verl
+folders, the supervisor's checkpoint code reads them) as a real job does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
+from supervisor.job.heartbeats import Heartbeat
+from supervisor.loop import Clock
+from supervisor.mechanisms.processes import ProcessInfo
+from supervisor.mechanisms.stacks import StackDump
+from supervisor.policy.outcomes import ExitStatus
+from supervisor.run.events import ClusterStarted, Event
+from tests.supervisor.checkpoint_files import write_step
+from verl_hooks.contract import ErrorRecord, HeartbeatKind, write_record
+
+
+class FakeClock:
+    """Starts at a fixed time; moves only when the loop waits (through the backend) or sleeps."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.wall = start
+        self.mono = 1000.0
+        self.sleeps: list[float] = []
+        self.signal_on_sleep: int | None = None
+        """A signal sent to this process when the loop next sleeps (a Ctrl-C during the backoff)."""
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.signal_on_sleep is not None:
+            signum, self.signal_on_sleep = self.signal_on_sleep, None
+            os.kill(os.getpid(), signum)
+        self.advance(seconds)
+
+    def clock(self) -> Clock:
+        return Clock(now=lambda: self.wall, monotonic=lambda: self.mono, sleep=self.sleep)
+
+
+@dataclass
+class FakeHeartbeats:
+    url: str = "http://127.0.0.1:9/heartbeat"
+    token: str = "fake-token"
+    queue: list[Heartbeat] = field(default_factory=list)
+
+    def drain(self) -> list[Heartbeat]:
+        beats, self.queue = self.queue, []
+        return beats
+
+
+@dataclass
+class Attempt:
+    """What one attempt of the fake job does."""
+
+    exit: ExitStatus | None = field(default_factory=lambda: ExitStatus(code=0))
+    """How the driver ends by itself; None: it runs until it is torn down."""
+    runs_s: float = 10.0
+    record: ErrorRecord | None = None
+    """Written to the attempt's error file when it ends (as the launcher does)."""
+    saves: tuple[int, ...] = ()
+    """Complete checkpoint steps the attempt has written by the time it ends."""
+    beats: tuple[tuple[float, HeartbeatKind, dict], ...] = ()
+    """(seconds after launch, kind, fields) of the heartbeats it sends."""
+    output: str = ""
+    fence_problems: tuple[str, ...] = ()
+    """What the fence finds left of it."""
+
+
+class FakeBackend(JobBackend):
+    def __init__(
+        self,
+        attempts: list[Attempt],
+        clock: FakeClock,
+        heartbeats: FakeHeartbeats,
+        checkpoint_dir: Path,
+        *,
+        signal_at: dict[str, int] | None = None,
+        cluster_fails: bool = False,
+        stale: list[ProcessInfo] | None = None,
+    ) -> None:
+        self.attempts = attempts
+        self.clock = clock
+        self.heartbeats = heartbeats
+        self.checkpoint_dir = checkpoint_dir
+        self.signal_at = dict(signal_at or {})
+        """Step name (``prepare``, ``launch``, ``wait``, ``teardown``, ``sleep``) -> a signal sent to this process
+        when the loop reaches it: a user's Ctrl-C at that moment."""
+        self.cluster_fails = cluster_fails
+        self.stale = stale or []
+        self.calls: list[str] = []
+        self.launched: list[LaunchSpec] = []
+        self._started_at: dict[int, float] = {}
+        self._sent: dict[int, int] = {}
+        self._finished: set[int] = set()
+        self._specs: dict[int, LaunchSpec] = {}
+        self._scripts: dict[int, Attempt] = {}
+        """The scripts in launch order: attempt numbers continue a run's history."""
+
+    def _step(self, name: str) -> None:
+        self.calls.append(name)
+        signum = self.signal_at.pop(name, None)
+        if signum is not None:
+            os.kill(os.getpid(), signum)
+
+    def prepare(self) -> list[Event]:
+        self._step("prepare")
+        if self.cluster_fails:
+            raise ClusterStartFailed("ports taken")
+        if self.calls.count("prepare") == 1:
+            return [ClusterStarted("127.0.0.1:1", None, 0.5, "first attempt")]
+        return []
+
+    def launch(self, spec: LaunchSpec) -> RunningJob:
+        self._step("launch")
+        assert len(self.launched) < len(self.attempts), f"the loop launched attempt {spec.attempt}, unscripted"
+        self.launched.append(spec)
+        self._specs[spec.attempt] = spec
+        self._scripts[spec.attempt] = self.attempts[len(self.launched) - 1]
+        self._started_at[spec.attempt] = self.clock.mono
+        (spec.log_dir / "stdout.log").write_text(self._script(spec.attempt).output)
+        return RunningJob(attempt=spec.attempt, started_at=self.clock.wall, pid=10_000 + spec.attempt)
+
+    def _script(self, attempt: int) -> Attempt:
+        return self._scripts[attempt]
+
+    def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
+        self._step("wait")
+        script = self._script(job.attempt)
+        elapsed = self.clock.mono - self._started_at[job.attempt]
+        ends_in = script.runs_s - elapsed if script.exit is not None else None
+        if timeout_s is None:
+            assert ends_in is not None, "the loop would wait forever for a job that never ends"
+            step = ends_in
+        else:
+            step = timeout_s if ends_in is None else min(timeout_s, ends_in)
+        self.clock.advance(max(0.0, step))
+        self._deliver_beats(job.attempt, script)
+        if ends_in is not None and step >= ends_in:
+            self._finish(job, script)
+            return script.exit
+        return None
+
+    def _deliver_beats(self, attempt: int, script: Attempt) -> None:
+        elapsed = self.clock.mono - self._started_at[attempt]
+        sent = self._sent.get(attempt, 0)
+        for at_s, kind, fields in script.beats[sent:]:
+            if at_s > elapsed:
+                break
+            received = self._started_at[attempt] + at_s
+            payload = {"kind": kind.value, "attempt": attempt, **fields}
+            self.heartbeats.queue.append(Heartbeat(kind, attempt, received, payload))
+            sent += 1
+        self._sent[attempt] = sent
+
+    def _finish(self, job: RunningJob, script: Attempt) -> None:
+        """What the job leaves when it is over: its checkpoints and its error record."""
+        if job.attempt in self._finished:
+            return
+        self._finished.add(job.attempt)
+        for step in script.saves:
+            if not (self.checkpoint_dir / f"global_step_{step}").exists():
+                write_step(self.checkpoint_dir, step, world_size=1, payload=4)
+        if script.record is not None:
+            write_record(self._specs[job.attempt].error_file, script.record)
+
+    def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
+        self._step("dump_stacks")
+        return [StackDump(job.pid or 0, "python", "dumped", str(stacks_dir / "fake.txt"))]
+
+    def teardown(self, job: RunningJob) -> TeardownResult:
+        self._step("teardown")
+        script = self._script(job.attempt)
+        self._finish(job, script)
+        return TeardownResult(duration_s=0.25, problems=script.fence_problems)
+
+    def stale_processes(self) -> list[ProcessInfo]:
+        self._step("stale_processes")
+        return list(self.stale)
+
+    def close(self) -> list[Event]:
+        self._step("close")
+        return []

@@ -1,0 +1,197 @@
+"""Configuration, history, run directory, events, job command and report: no processes, no Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from supervisor.cli import UsageError, compose_config, split_job_args, to_supervisor_config
+from supervisor.config import JobConfig
+from supervisor.job.command import conflicting_args, job_argv
+from supervisor.policy.outcomes import Action
+from supervisor.policy.restart import StartFrom
+from supervisor.run.events import AttemptStarted, EventLog, RunFinished, read_events
+from supervisor.run.history import AttemptRecord, IllegalTransition, RunHistory, RunState
+from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
+from supervisor.run.table import attempts_table
+
+# --- configuration ---
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        (["restart.max_restart=3"], "Key 'max_restart' not in 'RestartConfig'"),
+        (["restart.max_restarts=many"], "max_restarts"),
+        (["restart.max_restarts=-1"], "restart.max_restarts must be >= 0"),
+        (["job=nope"], "Could not find 'job/nope'"),
+        (["ray.mode=cloud"], "ray.mode"),
+        (["ray.auth_mode=maybe"], "ray.auth_mode must be disabled or token"),
+        (["teardown.fence_timeout_s=0"], "teardown.fence_timeout_s must be > 0"),
+        (["rules.0.log_regex='(unclosed'"], "is not a valid regex"),
+        (["+restart.bogus=1"], "Key 'bogus' not in 'RestartConfig'"),
+        (["+watchdog.tick=1"], "Key 'tick' not in 'WatchdogConfig'"),
+        (["teardown.reap_timeout_s=-1"], "teardown.reap_timeout_s must be >= 0"),
+    ],
+)
+def test_config_errors_are_one_line_usage_errors(overrides: list[str], complaint: str) -> None:
+    with pytest.raises(UsageError) as error:
+        to_supervisor_config(compose_config(["run_dir=/tmp/unused", *overrides]))
+    message = str(error.value)
+    assert complaint in message
+    assert "\n" not in message
+
+
+def test_default_config_is_the_mini_ppo_job_on_an_embedded_cluster(tmp_path: Path) -> None:
+    config = to_supervisor_config(compose_config([f"run_dir={tmp_path}/run"]))
+    assert config.job.name == "mini_ppo"
+    assert config.job.argv[2:] == ["verl_hooks.launch", "-m", "mini_ppo.main"]
+    assert config.ray.mode.value == "local"
+    assert config.checkpoints.dir == f"{tmp_path}/run/checkpoints"
+    assert [rule.name for rule in config.rules][:3] == ["stalled", "success", "weight-sync-failure"]
+
+
+def test_user_presets_come_from_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "mine.yaml").write_text(
+        "# @package _global_\njob:\n  name: mine\n  argv: [my-trainer]\n  checkpoint_dir_arg: null\n"
+    )
+    config = to_supervisor_config(compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path))
+    assert (config.job.name, config.job.argv) == ("mine", ["my-trainer"])
+
+
+def test_verl_ppo_preset_composes_against_verls_own_config(tmp_path: Path) -> None:
+    """Every override the preset and the supervisor give verl's main_ppo must be accepted by verl's Hydra config."""
+    import verl.trainer.main_ppo
+
+    config = to_supervisor_config(compose_config([f"run_dir={tmp_path}", "job=verl_ppo"]))
+    start = StartFrom(str(tmp_path / "checkpoints" / "global_step_4"), 4)
+    argv = job_argv(config.job, ["trainer.total_training_steps=10"], Path(config.checkpoints.dir), start, "python")
+    verl_overrides = argv[argv.index("verl.trainer.main_ppo") + 1 :]
+    verl_config_dir = Path(verl.trainer.main_ppo.__file__).parent / "config"
+    with initialize_config_dir(config_dir=str(verl_config_dir), version_base=None):
+        verl_cfg = compose("ppo_trainer", overrides=verl_overrides)
+    assert verl_cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == "verl_hooks.install"
+    assert verl_cfg.trainer.resume_mode == "resume_path"
+    assert verl_cfg.trainer.resume_from_path == start.checkpoint
+    assert verl_cfg.trainer.default_local_dir == config.checkpoints.dir
+    fresh = job_argv(config.job, [], Path(config.checkpoints.dir), StartFrom(None, None), "python")
+    with initialize_config_dir(config_dir=str(verl_config_dir), version_base=None):
+        assert (
+            compose("ppo_trainer", overrides=fresh[fresh.index("verl.trainer.main_ppo") + 1 :]).trainer.resume_mode
+            == "disable"
+        )
+
+
+# --- job command ---
+
+
+def test_job_argv_resumes_or_starts_fresh() -> None:
+    job = JobConfig(name="j", argv=["{python}", "-m", "trainer"], args=["a=1"])
+    resumed = job_argv(job, ["b=2"], Path("/ck"), StartFrom("/ck/global_step_4", 4), "/usr/bin/python3")
+    assert resumed == [
+        "/usr/bin/python3",
+        "-m",
+        "trainer",
+        "a=1",
+        "b=2",
+        "trainer.default_local_dir=/ck",
+        "trainer.resume_mode=resume_path",
+        "trainer.resume_from_path=/ck/global_step_4",
+    ]
+    fresh = job_argv(job, [], Path("/ck"), StartFrom(None, None), "py")
+    assert fresh[-1] == "trainer.resume_mode=disable"
+
+
+def test_job_args_that_the_supervisor_owns_are_refused() -> None:
+    job = JobConfig(name="j", argv=["x"])
+    user = ["trainer.total_training_steps=3", "trainer.resume_mode=auto", "++trainer.default_local_dir=/x"]
+    assert conflicting_args(job, user) == ["trainer.resume_mode=auto", "++trainer.default_local_dir=/x"]
+
+
+def test_job_args_follow_the_double_dash() -> None:
+    assert split_job_args(["a=1", "--", "b=2", "--", "c"]) == (["a=1"], ["b=2", "--", "c"])
+    assert split_job_args(["a=1"]) == (["a=1"], [])
+
+
+# --- history and run directory ---
+
+
+def test_history_round_trips_and_refuses_to_leave_finished() -> None:
+    history = RunHistory(run_id="abc")
+    history.attempts.append(AttemptRecord(1, 10.0, None, ["x"], ended_at=11.0, action=Action.restart, reached_step=2))
+    history.saw_checkpoint(2)
+    history.saw_checkpoint(None)
+    history.move_to(RunState.BACKING_OFF)
+    copy = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))
+    assert copy == history
+    history.finish(0, "done")
+    with pytest.raises(IllegalTransition):
+        history.move_to(RunState.ATTEMPT_RUNNING)
+    with pytest.raises(IllegalTransition):
+        history.finish(0, "done")
+
+
+def test_second_holder_of_a_run_directory_is_refused(tmp_path: Path) -> None:
+    first = RunDirectory(tmp_path / "run")
+    first.acquire()
+    try:
+        with pytest.raises(RunDirectoryInUse, match="in use by another supervisor"):
+            RunDirectory(tmp_path / "run").acquire()
+    finally:
+        first.release()
+    again = RunDirectory(tmp_path / "run")
+    again.acquire()
+    again.release()
+
+
+def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
+    run_dir = RunDirectory(tmp_path)
+    history = RunHistory(run_id="r")
+    run_dir.save_history(history)
+    history.attempts.append(AttemptRecord(1, 1.0, None))
+    run_dir.save_history(history)
+    assert run_dir.load_history() == history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"], "no temporary file is left behind"
+
+
+def test_events_are_json_lines_with_time_and_run_id(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "events.jsonl", "run-1", console=None)
+    log.emit(AttemptStarted(1, 42, ["a"], None, None, "/logs/1"))
+    log.emit(RunFinished(0, "done", "finished", 1))
+    events = read_events(tmp_path / "events.jsonl")
+    assert [e["event"] for e in events] == ["attempt_started", "run_finished"]
+    assert all(e["run_id"] == "run-1" and isinstance(e["ts"], float) for e in events)
+    assert events[0]["pid"] == 42
+
+
+def test_attempts_table_has_a_row_per_attempt() -> None:
+    history = RunHistory(run_id="r")
+    history.attempts.append(
+        AttemptRecord(
+            1,
+            0.0,
+            None,
+            ended_at=1.0,
+            exit_code=75,
+            action=Action.restart,
+            rule="weight-sync-failure",
+            error_type="verl_hooks.errors.WeightSyncFatalError",
+            phase="update_weights",
+            reached_step=2,
+        )
+    )
+    history.attempts.append(
+        AttemptRecord(2, 2.0, 2, ended_at=3.0, exit_code=0, action=Action.done, rule="success", reached_step=6)
+    )
+    history.finish(0, "done")
+    table = attempts_table(history).splitlines()
+    assert table[1].split() == ["attempt", "started", "ended", "exit", "classification", "resumed", "from", "reached"]
+    assert "restart (WeightSyncFatalError@update_weights)" in table[3]
+    assert " fresh " in table[3]
+    assert table[3].rstrip().endswith("step 2")
+    assert table[4].rstrip().endswith("step 6")
+    assert table[-1] == "outcome: done (exit 0)"

@@ -1,0 +1,213 @@
+"""Classification with the shipped rules, and restart decisions: pure functions, table-driven."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+
+from supervisor.cli import compose_config, to_supervisor_config
+from supervisor.config import RestartConfig
+from supervisor.policy.outcomes import Action, ExitCode, ExitStatus
+from supervisor.policy.restart import (
+    Restart,
+    StartFrom,
+    Stop,
+    after_attempt,
+    after_cluster_failure,
+    after_interrupt,
+    after_teardown,
+    backoff_s,
+    choose_start,
+    lost_attempt,
+)
+from supervisor.policy.rules import AttemptEvidence, Classification, classify
+from supervisor.run.history import AttemptRecord, RunHistory
+from verl_hooks.contract import ErrorRecord, JobExitCode
+
+
+class Extreme(random.Random):
+    """A random source that always draws the low or the high end of a range."""
+
+    def __init__(self, high: bool) -> None:
+        super().__init__(0)
+        self.high = high
+
+    def uniform(self, a: float, b: float) -> float:
+        return b if self.high else a
+
+
+NO_JITTER = Extreme(high=False)
+
+
+def decide(history: RunHistory, classification: Classification, policy: RestartConfig):
+    return after_attempt(history, classification, policy, NO_JITTER)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The rules and default action as conf/supervisor.yaml ships them."""
+    return to_supervisor_config(compose_config(["run_dir=/tmp/unused"]))
+
+
+def _record(error_type: str, phase: str | None = None) -> ErrorRecord:
+    return ErrorRecord(error_type=error_type, message="m", source="launcher", phase=phase, global_step=3)
+
+
+@pytest.mark.parametrize(
+    ("evidence", "action", "rule"),
+    [
+        (AttemptEvidence(ExitStatus(code=0)), Action.done, "success"),
+        (
+            AttemptEvidence(ExitStatus(code=75), _record("verl_hooks.errors.WeightSyncFatalError", "finalize")),
+            Action.restart,
+            "weight-sync-failure",
+        ),
+        (AttemptEvidence(ExitStatus(code=75)), Action.restart, "weight-sync-exit-code"),
+        (
+            # The guard's backstop wrote the record in a worker; the driver then died of the lost actor.
+            AttemptEvidence(ExitStatus(code=1), _record("verl_hooks.errors.WeightSyncFatalError", "update_weights")),
+            Action.restart,
+            "weight-sync-failure",
+        ),
+        (AttemptEvidence(ExitStatus(code=78), _record("hydra.errors.ConfigCompositionException")), Action.fail, None),
+        (AttemptEvidence(ExitStatus(code=1), _record("omegaconf.errors.ConfigKeyError")), Action.fail, None),
+        (AttemptEvidence(ExitStatus(code=2)), Action.fail, "usage-error"),
+        (AttemptEvidence(ExitStatus(signal=9)), Action.restart, "killed-by-signal"),
+        (AttemptEvidence(ExitStatus(signal=15)), Action.restart, "killed-by-signal"),
+        (
+            AttemptEvidence(
+                ExitStatus(code=1), None, "omegaconf.errors.ConfigAttributeError: Key 'lr' is not in struct"
+            ),
+            Action.fail,
+            "hydra-error-in-output",
+        ),
+        (AttemptEvidence(ExitStatus(code=1), _record("RuntimeError")), Action.restart, "default"),
+        (AttemptEvidence(ExitStatus(code=137)), Action.restart, "default"),
+    ],
+)
+def test_shipped_rules(shipped, evidence: AttemptEvidence, action: Action, rule: str | None) -> None:
+    result = classify(evidence, shipped.rules, shipped.default_action)
+    assert result.action is action
+    if rule is not None:
+        assert result.rule == rule
+
+
+def test_first_matching_rule_wins_and_all_criteria_must_hold(shipped) -> None:
+    from supervisor.config import RuleConfig
+
+    rules = [
+        RuleConfig(name="finalize-hang", action=Action.fail, error_type="WeightSyncFatalError", phases=["finalize"]),
+        *shipped.rules,
+    ]
+    in_finalize = AttemptEvidence(ExitStatus(code=75), _record("verl_hooks.errors.WeightSyncFatalError", "finalize"))
+    in_update = AttemptEvidence(ExitStatus(code=75), _record("verl_hooks.errors.WeightSyncFatalError", "abort"))
+    assert classify(in_finalize, rules, Action.restart).rule == "finalize-hang"
+    assert classify(in_update, rules, Action.restart).rule == "weight-sync-failure"
+
+
+def _history(*attempts: tuple[int | None, int | None, str]) -> RunHistory:
+    """Attempts as (resumed_from_step, reached_step, action)."""
+    history = RunHistory(run_id="r")
+    for number, (resumed, reached, action) in enumerate(attempts, start=1):
+        history.attempts.append(
+            AttemptRecord(number, 0.0, resumed, ended_at=1.0, action=Action(action), reached_step=reached)
+        )
+    return history
+
+
+RESTART = Classification(Action.restart, "default", "exit 1")
+POLICY = RestartConfig(max_restarts=3, max_failures_without_progress=3, backoff_jitter_s=0.0)
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        (_history((None, 2, "restart")), Restart),
+        (_history((None, 2, "restart"), (2, 4, "restart"), (4, 6, "restart")), Restart),
+        (
+            _history((None, 2, "restart"), (2, 4, "restart"), (4, 6, "restart"), (6, 8, "restart")),
+            ExitCode.BUDGET_EXHAUSTED,
+        ),
+        (_history((None, None, "restart"), (None, None, "restart"), (None, None, "restart")), ExitCode.CRASH_LOOP),
+        (_history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart")), Restart),
+        (_history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart"), (2, 2, "restart")), ExitCode.CRASH_LOOP),
+    ],
+)
+def test_restart_decisions(history: RunHistory, expected) -> None:
+    decision = decide(history, RESTART, POLICY)
+    if expected is Restart:
+        assert isinstance(decision, Restart)
+    else:
+        assert isinstance(decision, Stop)
+        assert decision.exit_code is expected
+
+
+def test_done_and_fail_stop_at_once() -> None:
+    history = _history((None, None, "done"))
+    assert decide(history, Classification(Action.done, "success", "exit 0"), POLICY) == Stop(
+        ExitCode.DONE, "the job finished: exit 0"
+    )
+    decision = decide(history, Classification(Action.fail, "configuration-error", "exit 78"), POLICY)
+    assert isinstance(decision, Stop)
+    assert decision.exit_code is ExitCode.JOB_FAILED
+
+
+def test_no_restarts_allowed() -> None:
+    decision = decide(_history((None, 2, "restart")), RESTART, RestartConfig(max_restarts=0))
+    assert isinstance(decision, Stop)
+    assert decision.exit_code is ExitCode.BUDGET_EXHAUSTED
+    assert "0 of 0 restarts used" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("failures", "low", "high"), [(0, 1.0, 1.5), (1, 1.0, 1.5), (2, 2.0, 2.5), (3, 4.0, 4.5), (9, 10.0, 10.0)]
+)
+def test_backoff_is_exponential_with_jitter_and_capped(failures: int, low: float, high: float) -> None:
+    policy = RestartConfig(backoff_initial_s=1.0, backoff_multiplier=2.0, backoff_max_s=10.0, backoff_jitter_s=0.5)
+    assert backoff_s(failures, policy, Extreme(high=False)) == low
+    assert backoff_s(failures, policy, Extreme(high=True)) == high
+
+
+def test_backoff_restarts_from_initial_after_progress() -> None:
+    policy = RestartConfig(backoff_initial_s=1.0, backoff_jitter_s=0.0, max_failures_without_progress=9)
+    stuck = decide(_history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart")), RESTART, policy)
+    progressing = decide(_history((None, 2, "restart"), (2, 2, "restart"), (2, 4, "restart")), RESTART, policy)
+    assert isinstance(stuck, Restart)
+    assert isinstance(progressing, Restart)
+    assert stuck.delay_s == 2.0
+    assert progressing.delay_s == 1.0
+
+
+def test_start_from_the_valid_checkpoint_or_fresh_or_refuse() -> None:
+    fresh = RunHistory(run_id="r")
+    assert choose_start(4, "/c/global_step_4", fresh) == StartFrom("/c/global_step_4", 4)
+    assert choose_start(None, None, fresh) == StartFrom(None, None)
+    had_one = RunHistory(run_id="r", newest_checkpoint_step=6)
+    refused = choose_start(None, None, had_one)
+    assert isinstance(refused, Stop)
+    assert refused.exit_code is ExitCode.CRASH_LOOP
+    assert "global_step_6" in refused.reason
+
+
+def test_the_other_ways_a_run_ends_are_decisions_too() -> None:
+    assert after_teardown(True, ()) is None
+    failed = after_teardown(False, ("actor Stubborn on node 1 still alive",))
+    assert failed == Stop(ExitCode.ENVIRONMENT_FAILURE, "actor Stubborn on node 1 still alive")
+    assert after_interrupt(signal.SIGINT).exit_code is ExitCode.INTERRUPTED_SIGINT
+    assert after_interrupt(signal.SIGTERM) == Stop(ExitCode.INTERRUPTED_SIGTERM, "interrupted by SIGTERM")
+    assert after_cluster_failure("port taken").exit_code is ExitCode.ENVIRONMENT_FAILURE
+    lost = lost_attempt()
+    assert (lost.action, lost.rule) == (Action.restart, "supervisor-restarted")
+
+
+def test_shipped_rules_name_the_launchers_exit_codes(shipped) -> None:
+    """conf/supervisor.yaml spells exit codes as numbers; they must be the contract's."""
+    codes = {rule.name: rule.exit_codes for rule in shipped.rules if rule.exit_codes}
+    assert codes == {
+        "success": [JobExitCode.SUCCESS],
+        "weight-sync-exit-code": [JobExitCode.WEIGHT_SYNC_FATAL],
+        "configuration-error": [JobExitCode.CONFIG_ERROR],
+        "usage-error": [JobExitCode.USAGE],
+    }

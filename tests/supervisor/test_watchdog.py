@@ -1,0 +1,140 @@
+"""Stall detection from heartbeats: a pure function of the beats and the time."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from supervisor.config import Action, WatchdogConfig
+from supervisor.job.heartbeats import Heartbeat, HeartbeatServer
+from supervisor.policy.outcomes import ExitStatus
+from supervisor.policy.rules import AttemptEvidence, classify
+from supervisor.policy.watchdog import ProgressState, StallKind, check, progress_limit_s
+from verl_hooks.contract import HeartbeatKind
+
+CONFIG = WatchdogConfig(
+    startup_timeout_s=100.0,
+    step_timeout_s=50.0,
+    adaptive=True,
+    adaptive_multiple=5.0,
+    adaptive_floor_s=10.0,
+    adaptive_min_steps=3,
+    driver_timeout_s=20.0,
+)
+
+
+def beat(kind: str, at: float, **fields) -> Heartbeat:
+    return Heartbeat(kind=HeartbeatKind(kind), attempt=1, received_at=at, fields={"kind": kind, **fields})
+
+
+def state_with(*beats: Heartbeat) -> ProgressState:
+    state = ProgressState(started_at=0.0)
+    for b in beats:
+        state.observe(b)
+    return state
+
+
+def steps(*ends: float) -> list[Heartbeat]:
+    """A completed sync at each time, steps numbered from 1."""
+    return [
+        b for n, t in enumerate(ends, 1) for b in (beat("sync_begin", t - 0.1, step=n), beat("sync_end", t, step=n))
+    ]
+
+
+def test_not_armed_until_the_first_heartbeat() -> None:
+    assert check(ProgressState(started_at=0.0), CONFIG, now=10_000.0) is None
+
+
+def test_startup_allowance_before_the_first_sync() -> None:
+    state = state_with(beat("alive", 1.0), beat("alive", 90.0))
+    assert check(state, CONFIG, now=99.0) is None
+    stall = check(state_with(beat("alive", 95.0)), CONFIG, now=101.0)
+    assert stall is not None
+    assert stall.kind is StallKind.JOB_STALL
+    assert "before its first weight sync" in stall.reason
+
+
+def test_fixed_step_limit_until_enough_steps_are_seen() -> None:
+    state = state_with(*steps(5.0, 6.0))
+    assert progress_limit_s(state, CONFIG) == 50.0
+    assert check(state, CONFIG, now=55.9) is None
+    assert check(state, CONFIG, now=56.1).kind is StallKind.JOB_STALL
+
+
+@pytest.mark.parametrize(
+    ("ends", "limit"),
+    [
+        ((5.0, 6.0, 7.0, 8.0), 10.0),  # 1 s steps: 5 s, raised to the floor
+        ((5.0, 9.0, 13.0, 17.0), 20.0),  # 4 s steps: 5 x 4 s
+        ((5.0, 6.0, 7.0, 19.0), 50.0),  # a 12 s step: 60 s, capped by the fixed limit
+    ],
+)
+def test_adaptive_limit_is_a_multiple_of_the_slowest_step_within_floor_and_cap(ends, limit) -> None:
+    assert progress_limit_s(state_with(*steps(*ends)), CONFIG) == limit
+
+
+def test_a_slow_but_progressing_job_is_not_a_stall() -> None:
+    fast = steps(5.0, 6.0, 7.0, 8.0)
+    slower = [beat("sync_end", t, step=n) for n, t in ((5, 16.0), (6, 24.0), (7, 32.0))]
+    state = state_with(*fast, *slower)
+    assert check(state, CONFIG, now=39.0) is None, "8 s steps stay under the adapted limit as they come"
+
+
+def test_silence_inside_a_weight_sync_is_a_weight_sync_hang_with_its_phase() -> None:
+    state = state_with(
+        *steps(5.0, 6.0, 7.0, 8.0), beat("sync_begin", 9.0, step=5), beat("sync_phase", 9.1, step=5, phase="finalize")
+    )
+    stall = check(state, CONFIG, now=19.2)
+    assert stall is not None
+    assert (stall.kind, stall.phase, stall.last_step) == (StallKind.WEIGHT_SYNC_HANG, "finalize", 5)
+    assert stall.heartbeat_ages_s["sync_phase"] == pytest.approx(10.1)
+
+
+def test_a_frozen_driver_is_told_apart() -> None:
+    state = state_with(beat("alive", 1.0), *steps(5.0, 6.0, 7.0, 8.0))
+    stall = check(state, CONFIG, now=21.5)
+    assert stall is not None
+    assert stall.kind is StallKind.DRIVER_FROZEN
+
+
+def test_disabled_watchdog_never_fires() -> None:
+    disabled = WatchdogConfig(enabled=False)
+    assert check(state_with(beat("alive", 0.0)), disabled, now=1e9) is None
+
+
+def test_stalls_are_restarted_by_the_shipped_rules() -> None:
+    from supervisor.cli import compose_config, to_supervisor_config
+
+    config = to_supervisor_config(compose_config(["run_dir=/tmp/unused"]))
+    evidence = AttemptEvidence(ExitStatus(signal=15), stalled=True)
+    result = classify(evidence, config.rules, config.default_action)
+    assert (result.action, result.rule) == (Action.restart, "stalled")
+
+
+def test_heartbeat_server_takes_only_beats_with_its_token() -> None:
+    server = HeartbeatServer()
+    server.start()
+    try:
+        body = json.dumps({"kind": "sync_end", "attempt": 2, "step": 7}).encode()
+
+        def post(token: str) -> int:
+            request = urllib.request.Request(
+                server.url, data=body, headers={"Authorization": f"Bearer {token}"}, method="POST"
+            )
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            try:
+                with opener.open(request, timeout=5) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert post("wrong") == 401
+        assert post(server.token) == 204
+        beats = server.drain()
+        assert [(b.kind, b.attempt, b.step) for b in beats] == [(HeartbeatKind.SYNC_END, 2, 7)]
+        assert server.drain() == []
+    finally:
+        server.stop()

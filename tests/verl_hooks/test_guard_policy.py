@@ -1,0 +1,239 @@
+"""The guard's decisions and data, without Ray: cleanup plans, fault specs, settings, errors and records."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from ray import cloudpickle
+
+from verl_hooks.contract import ErrorRecord, RecordSource, read_record, write_record
+from verl_hooks.errors import (
+    CleanupOutcome,
+    CleanupStatus,
+    HookSettingsError,
+    InjectedFault,
+    WeightSyncFatalError,
+    WeightSyncTimeout,
+    find_weight_sync_error,
+)
+from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, parse_fault_specs
+from verl_hooks.phases import MULTI_PHASE_ORDER, CleanupStep, SyncPhase, plan_cleanup
+from verl_hooks.record import record_for_exception
+from verl_hooks.settings import HookSettings
+
+P = SyncPhase
+C = CleanupStep
+
+
+def _failed_in(phase: SyncPhase) -> tuple[list[SyncPhase], set[SyncPhase]]:
+    """Phases entered and completed when a multi-phase sync fails inside ``phase``."""
+    index = MULTI_PHASE_ORDER.index(phase)
+    return list(MULTI_PHASE_ORDER[: index + 1]), set(MULTI_PHASE_ORDER[:index])
+
+
+@pytest.mark.parametrize(
+    ("failed", "expected"),
+    [
+        (P.ABORT, [C.RESUME_GENERATION]),
+        (P.RELEASE_KV_CACHE, [C.RESUME_KV_CACHE, C.RESUME_GENERATION]),
+        (P.BUILD_PROCESS_GROUP, [C.FINALIZE_ENGINES, C.RESUME_KV_CACHE, C.RESUME_GENERATION]),
+        (P.UPDATE_WEIGHTS, [C.FINALIZE_ENGINES, C.RESUME_KV_CACHE, C.RESUME_GENERATION]),
+        (P.FINALIZE, [C.FINALIZE_ENGINES, C.RESUME_KV_CACHE, C.RESUME_GENERATION]),
+        (P.RESUME_KV_CACHE, [C.RESUME_KV_CACHE, C.RESUME_GENERATION]),
+        (P.RESUME_GENERATION, [C.RESUME_GENERATION]),
+    ],
+)
+def test_cleanup_plan_for_each_multi_phase_failure(failed: SyncPhase, expected: list[CleanupStep]) -> None:
+    entered, completed = _failed_in(failed)
+    assert plan_cleanup(entered, completed) == expected
+
+
+def test_cleanup_plan_for_naive_failure_wakes_the_rollout() -> None:
+    assert plan_cleanup([P.NAIVE], set()) == [C.WAKE_UP]
+
+
+def test_nothing_to_clean_when_every_phase_completed() -> None:
+    assert plan_cleanup(list(MULTI_PHASE_ORDER), set(MULTI_PHASE_ORDER)) == []
+
+
+def test_an_abandoned_sync_starts_no_further_phase() -> None:
+    """A ray.get that returns after the guard gave up must not go on into the next phase (pushing weights into a
+    rollout the cleanup already resumed)."""
+    from verl_hooks.guard import PhaseTracker, _SyncContext
+
+    sync = _SyncContext(PhaseTracker(), FaultPlan((), attempt=1), global_step=3, backend="nccl")
+    sync.enter_blocking(P.BUILD_PROCESS_GROUP)
+    sync.abandoned.set()
+    with pytest.raises(WeightSyncTimeout, match="abandoned this weight sync; phase 'update_weights' not started"):
+        sync.enter_blocking(P.UPDATE_WEIGHTS)
+    assert sync.tracker.entered == [P.BUILD_PROCESS_GROUP]
+
+
+def test_fault_specs_parse_every_part() -> None:
+    specs = parse_fault_specs("update_weights:raise@3#1, abort:hang, naive:exit#2")
+    assert specs == (
+        FaultSpec(P.UPDATE_WEIGHTS, FaultAction.RAISE, step=3, attempt=1),
+        FaultSpec(P.ABORT, FaultAction.HANG),
+        FaultSpec(P.NAIVE, FaultAction.EXIT, attempt=2),
+    )
+    assert [str(s) for s in specs] == ["update_weights:raise@3#1", "abort:hang", "naive:exit#2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("update_weight:raise", "unknown phase 'update_weight'"),
+        ("update_weights:explode", "unknown action 'explode'"),
+        ("update_weights", "cannot parse 'update_weights'"),
+        ("update_weights:raise@x", "cannot parse"),
+        ("update_weights:raise#0", "numbered from 1"),
+        ("unknown:raise", "unknown phase"),
+    ],
+)
+def test_bad_fault_specs_are_clear_errors(text: str, complaint: str) -> None:
+    with pytest.raises(HookSettingsError, match=complaint):
+        parse_fault_specs(text)
+
+
+def test_empty_fault_spec_means_no_faults() -> None:
+    assert parse_fault_specs("") == ()
+    assert parse_fault_specs(None) == ()
+
+
+def test_fault_fires_once_on_its_step_and_attempt_only() -> None:
+    spec = FaultSpec(P.FINALIZE, FaultAction.RAISE, step=3, attempt=1)
+    on_attempt_2 = FaultPlan((spec,), attempt=2)
+    assert on_attempt_2.take(P.FINALIZE, 3) is None
+    plan = FaultPlan((spec,), attempt=1)
+    assert plan.take(P.FINALIZE, 2) is None
+    assert plan.take(P.ABORT, 3) is None
+    assert plan.take(P.FINALIZE, 3) == spec
+    assert plan.take(P.FINALIZE, 3) is None
+
+
+def test_settings_come_from_the_environment() -> None:
+    settings = HookSettings.from_env(
+        {
+            "VERL_HOOKS_SYNC_TIMEOUT_S": "12.5",
+            "VERL_HOOKS_CLEANUP_STEP_TIMEOUT_S": "3",
+            "VERL_HOOKS_FAULTS": "abort:raise#2",
+            "VERL_SUPERVISOR_ATTEMPT": "2",
+            "VERL_SUPERVISOR_ERROR_FILE": "/tmp/x.json",
+        }
+    )
+    assert settings.sync_timeout_s == 12.5
+    assert settings.cleanup_step_timeout_s == 3
+    assert settings.faults == (FaultSpec(P.ABORT, FaultAction.RAISE, attempt=2),)
+    assert settings.attempt == 2
+    assert settings.error_file == "/tmp/x.json"
+    assert HookSettings.from_env({}) == HookSettings()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"VERL_HOOKS_SYNC_TIMEOUT_S": "soon"},
+        {"VERL_HOOKS_SYNC_TIMEOUT_S": "0"},
+        {"VERL_SUPERVISOR_ATTEMPT": "first"},
+        {"VERL_SUPERVISOR_ATTEMPT": "0"},
+        {"VERL_HOOKS_FAULTS": "abort"},
+    ],
+)
+def test_bad_settings_are_refused(environ: dict[str, str]) -> None:
+    with pytest.raises(HookSettingsError):
+        HookSettings.from_env(environ)
+
+
+def _fatal() -> WeightSyncFatalError:
+    try:
+        try:
+            raise InjectedFault("boom in update")
+        except InjectedFault as cause:
+            raise WeightSyncFatalError.from_failure(
+                cause,
+                phase=P.UPDATE_WEIGHTS,
+                global_step=7,
+                backend="cpu_gloo",
+                elapsed_s=1.5,
+                cleanup=[
+                    CleanupOutcome("finalize_engines", CleanupStatus.OK, 0.1),
+                    CleanupOutcome("resume_kv_cache", CleanupStatus.TIMED_OUT, 3.0, "did not finish within 3 s"),
+                ],
+                hang=False,
+            ) from cause
+    except WeightSyncFatalError as fatal:
+        return fatal
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps])
+def test_fatal_error_keeps_every_field_through_pickling(dumps) -> None:
+    original = _fatal()
+    copy = pickle.loads(dumps(original))
+    assert type(copy) is WeightSyncFatalError
+    assert copy.to_dict() == original.to_dict()
+    assert copy.phase is P.UPDATE_WEIGHTS
+    assert copy.cleanup[1].status is CleanupStatus.TIMED_OUT
+    assert "InjectedFault: boom in update" in copy.cause_traceback
+    assert "resume_kv_cache" in str(copy)
+
+
+def test_fatal_error_is_found_through_wrappers_and_chains() -> None:
+    fatal = _fatal()
+
+    class Wrapper(RuntimeError):
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("wrapped")
+            self.cause = cause
+
+    with pytest.raises(RuntimeError) as outer:
+        raise RuntimeError("driver side") from Wrapper(fatal)
+    assert find_weight_sync_error(outer.value) is fatal
+    assert find_weight_sync_error(ValueError("unrelated")) is None
+
+
+def test_record_for_weight_sync_error_has_its_fields(tmp_path) -> None:
+    record = record_for_exception(_fatal(), exit_code=75, source=RecordSource.LAUNCHER, attempt=2)
+    assert record.error_type == "verl_hooks.errors.WeightSyncFatalError"
+    assert (record.phase, record.global_step, record.backend, record.hang) == ("update_weights", 7, "cpu_gloo", False)
+    assert [o["status"] for o in record.cleanup] == ["ok", "timed_out"]
+    assert "boom in update" in record.traceback
+    path = tmp_path / "error.json"
+    assert write_record(path, record)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1
+    assert data["exit_code"] == 75
+    assert read_record(path) == record
+
+
+def test_record_for_other_failures_names_the_root_cause() -> None:
+    try:
+        try:
+            raise KeyError("missing")
+        except KeyError as inner:
+            raise RuntimeError("outer") from inner
+    except RuntimeError as exc:
+        record = record_for_exception(exc, exit_code=1, source=RecordSource.LAUNCHER)
+    assert record.error_type == "KeyError"
+    assert record.phase is None
+    assert not record.is_weight_sync_failure
+
+
+def test_first_record_wins(tmp_path) -> None:
+    path = tmp_path / "error.json"
+    first = ErrorRecord(error_type="A", message="first", source="guard-backstop")
+    second = ErrorRecord(error_type="B", message="second", source="launcher")
+    assert write_record(path, first)
+    assert not write_record(path, second)
+    assert read_record(path).message == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"schema_version": 99, "error_type": "X"}), "[]"])
+def test_unreadable_records_are_ignored(tmp_path, content: str) -> None:
+    path = tmp_path / "error.json"
+    path.write_text(content)
+    assert read_record(path) is None
+    assert read_record(tmp_path / "absent.json") is None

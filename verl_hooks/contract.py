@@ -1,0 +1,300 @@
+"""The contract between a job and its supervisor, in one place: both sides import it.
+
+What crosses the boundary, and nothing else:
+- **environment variables** the supervisor sets for each attempt and the guard's settings (they reach every
+  Ray worker of the job through the runtime_env the launcher sets up);
+- **exit codes** of the job's launcher;
+- **heartbeats**: their kinds and the fields each kind carries;
+- **the error record**: a versioned JSON document, its reader and its writer;
+- **how a failure travels**: the chain of causes through Ray's wrappers.
+
+Light on imports on purpose (no verl, Ray or torch): the supervisor imports this module and nothing else of
+``verl_hooks``, and every Ray worker of a job imports it through the setup hook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum, IntEnum
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# --- environment variables -------------------------------------------------------------------------------------
+
+# Set by the supervisor for each attempt. RUN_ID and ATTEMPT also mark every process of the attempt, so that
+# teardown can find the job's Ray workers, which are not descendants of its driver.
+ENV_RUN_ID = "VERL_SUPERVISOR_RUN_ID"
+ENV_ATTEMPT = "VERL_SUPERVISOR_ATTEMPT"
+ENV_ERROR_FILE = "VERL_SUPERVISOR_ERROR_FILE"
+ENV_RUN_DIR = "VERL_SUPERVISOR_RUN_DIR"
+ENV_STACKS_DIR = "VERL_SUPERVISOR_STACKS_DIR"
+ENV_HEARTBEAT_URL = "VERL_SUPERVISOR_HEARTBEAT_URL"
+ENV_HEARTBEAT_TOKEN = "VERL_SUPERVISOR_HEARTBEAT_TOKEN"  # a secret: never logged, never in an event
+ENV_HEARTBEAT_INTERVAL_S = "VERL_SUPERVISOR_HEARTBEAT_INTERVAL_S"
+# Marks the processes of the supervisor's embedded Ray cluster (never a job's).
+ENV_CLUSTER_ID = "VERL_SUPERVISOR_CLUSTER_ID"
+
+# The guard's settings (verl_hooks.settings reads them).
+ENV_SYNC_TIMEOUT_S = "VERL_HOOKS_SYNC_TIMEOUT_S"
+ENV_CLEANUP_STEP_TIMEOUT_S = "VERL_HOOKS_CLEANUP_STEP_TIMEOUT_S"
+ENV_HARD_EXIT_GRACE_S = "VERL_HOOKS_HARD_EXIT_GRACE_S"
+ENV_FAULTS = "VERL_HOOKS_FAULTS"
+ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
+ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
+
+# Variables a job's Ray workers must see for the guard to behave as in the driver.
+FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
+# Variables that name paths on the supervisor's machine: no use to a driver that may run on another one.
+SUPERVISOR_LOCAL_ENV = (ENV_ERROR_FILE, ENV_STACKS_DIR)
+
+# The runtime_env hook that installs the guard in every worker process of a job.
+SETUP_HOOK = "verl_hooks.install"
+# Where Ray's Jobs API hands a submission's job config (runtime_env, metadata) to its driver.
+RAY_INJECTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` that the job's Ray workers need to see."""
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def injected_job_config(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """The job config Ray's Jobs API injected into this process's environment (None: not a submission's driver,
+    or one whose config cannot be read)."""
+    raw = environ.get(RAY_INJECTED_JOB_CONFIG)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def injected_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime_env of the injected job config (empty when there is none)."""
+    runtime_env = (injected_job_config(environ) or {}).get("runtime_env")
+    return dict(runtime_env) if isinstance(runtime_env, dict) else {}
+
+
+# --- exit codes ------------------------------------------------------------------------------------------------
+
+
+class JobExitCode(IntEnum):
+    """Exit codes of ``python -m verl_hooks.launch`` (documented in README.md), which the supervisor's rules
+    (``conf/supervisor.yaml``) classify."""
+
+    SUCCESS = 0
+    FAILURE = 1
+    """Any other failure (a job's own ``sys.exit(n)`` keeps its code)."""
+    USAGE = 2
+    """No ``-m MODULE``, or no such module."""
+    WEIGHT_SYNC_FATAL = 75
+    """The job died of a ``WeightSyncFatalError`` (EX_TEMPFAIL: restart it)."""
+    CONFIG_ERROR = 78
+    """A configuration error a restart cannot fix (EX_CONFIG): Hydra/OmegaConf, bad settings, unsupported verl."""
+    INTERRUPTED = 130
+
+
+# --- heartbeats ------------------------------------------------------------------------------------------------
+
+
+class HeartbeatKind(str, Enum):
+    """What a heartbeat says. Each kind carries the fields of ``HEARTBEAT_FIELDS`` besides the common ones
+    (``kind``, ``attempt``, ``pid``, ``host``, ``sent_at``)."""
+
+    ALIVE = "alive"
+    """From the driver, every interval: the process is not frozen."""
+    SYNC_BEGIN = "sync_begin"
+    """From the guard: a weight sync began."""
+    SYNC_PHASE = "sync_phase"
+    """From the guard: the sync entered a phase."""
+    SYNC_END = "sync_end"
+    """From the guard: the sync finished."""
+    SYNC_FAILED = "sync_failed"
+    """From the guard: the sync failed or hung; its cleanup has run."""
+    ERROR_RECORD = "error_record"
+    """From the launcher, synchronously before the driver exits: its error record (``fields["record"]``)."""
+
+
+HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
+    HeartbeatKind.ALIVE: (),
+    HeartbeatKind.SYNC_BEGIN: ("step", "backend"),
+    HeartbeatKind.SYNC_PHASE: ("step", "phase"),
+    HeartbeatKind.SYNC_END: ("step", "duration_s"),
+    HeartbeatKind.SYNC_FAILED: ("step", "phase", "hang"),
+    HeartbeatKind.ERROR_RECORD: ("record",),
+}
+
+PROGRESS_KINDS = frozenset(
+    {HeartbeatKind.SYNC_BEGIN, HeartbeatKind.SYNC_PHASE, HeartbeatKind.SYNC_END, HeartbeatKind.SYNC_FAILED}
+)
+"""Beats that prove the training loop moves: verl syncs weights every step."""
+
+
+def heartbeat_payload(kind: HeartbeatKind, attempt: int, **fields: Any) -> dict[str, Any]:
+    """The JSON body of one heartbeat; refuses fields its kind does not carry (a typo would go unnoticed)."""
+    unknown = set(fields) - set(HEARTBEAT_FIELDS[kind])
+    if unknown:
+        raise ValueError(f"heartbeat {kind.value} carries no {', '.join(sorted(unknown))}")
+    return {
+        "kind": kind.value,
+        "attempt": attempt,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "sent_at": time.time(),
+        **fields,
+    }
+
+
+def heartbeat_kind(payload: Mapping[str, Any]) -> HeartbeatKind | None:
+    """The kind of a received heartbeat; None for a kind this side does not know."""
+    try:
+        return HeartbeatKind(payload.get("kind"))
+    except ValueError:
+        return None
+
+
+# --- the error record ------------------------------------------------------------------------------------------
+
+RECORD_SCHEMA_VERSION = 1
+
+
+class RecordSource(str, Enum):
+    """Who wrote an error record."""
+
+    LAUNCHER = "launcher"
+    """The job's driver (``verl_hooks.launch``)."""
+    GUARD_BACKSTOP = "guard-backstop"
+    """The guard's last-resort exit, in the process whose weight sync hung."""
+    SUPERVISOR_WATCHDOG = "supervisor-watchdog"
+    """The supervisor, for an attempt it ended because it stalled."""
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """One versioned JSON document per failed attempt (``$VERL_SUPERVISOR_ERROR_FILE``). Written atomically and
+    never overwritten: the first failure recorded in an attempt is its root cause, as in TorchElastic's
+    error-file protocol."""
+
+    error_type: str
+    """Qualified class name of the root failure, e.g. ``verl_hooks.errors.WeightSyncFatalError``."""
+    message: str
+    source: str
+    """A ``RecordSource`` value."""
+    exit_code: int | None = None
+    signal: str | None = None
+    phase: str | None = None
+    global_step: int | None = None
+    backend: str | None = None
+    elapsed_s: float | None = None
+    hang: bool | None = None
+    cleanup: list[dict[str, Any]] = field(default_factory=list)
+    cause_type: str | None = None
+    traceback: str | None = None
+    attempt: int | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    timestamp: float = field(default_factory=time.time)
+    schema_version: int = RECORD_SCHEMA_VERSION
+
+    @property
+    def is_weight_sync_failure(self) -> bool:
+        return self.phase is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorRecord:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_record(path: str | os.PathLike[str], record: ErrorRecord) -> bool:
+    """Write ``record`` to ``path`` unless a record is already there. Returns whether this one was written.
+
+    The link into place is atomic and fails when the file exists, so two writers (the guard's backstop in a
+    worker and the driver) cannot interleave, and the earlier failure is kept.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(record.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            logger.info("error record %s already exists; keeping the earlier failure", target)
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def read_record(path: str | os.PathLike[str]) -> ErrorRecord | None:
+    """The record at ``path``, or None when there is none or it cannot be understood (the reader then falls
+    back to the exit status)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable error record %s: %s", path, exc)
+        return None
+    return record_from_payload(data, str(path))
+
+
+def record_from_payload(data: Any, where: str = "heartbeat") -> ErrorRecord | None:
+    """A record from its JSON form (a file's content or a heartbeat's ``record`` field); None if it is not one."""
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != RECORD_SCHEMA_VERSION:
+        logger.warning("ignoring error record from %s with unknown schema_version %r", where, version)
+        return None
+    try:
+        return ErrorRecord.from_dict(data)
+    except TypeError as exc:
+        logger.warning("ignoring malformed error record from %s: %s", where, exc)
+        return None
+
+
+# --- how a failure travels -------------------------------------------------------------------------------------
+
+
+def exception_chain(exc: BaseException, *, with_context: bool = False, limit: int = 64) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it, outermost first: Ray's ``RayTaskError.cause`` (the original
+    exception, unpickled at the driver) and Python's ``__cause__`` (and ``__context__`` when asked); each
+    exception once, cycles not followed."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending and len(seen) < limit:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        links = [getattr(current, "cause", None), current.__cause__]
+        if with_context:
+            links.append(current.__context__)
+        pending += [link for link in links if isinstance(link, BaseException)]
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception behind ``exc``."""
+    *_, innermost = exception_chain(exc)
+    return innermost
