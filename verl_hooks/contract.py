@@ -143,6 +143,7 @@ PROGRESS_KINDS = frozenset(
 
 def heartbeat_payload(kind: HeartbeatKind, attempt: int, **fields: Any) -> dict[str, Any]:
     """The JSON body of one heartbeat; refuses fields its kind does not carry (a typo would go unnoticed)."""
+    kind = HeartbeatKind(kind)
     unknown = set(fields) - set(HEARTBEAT_FIELDS[kind])
     if unknown:
         raise ValueError(f"heartbeat {kind.value} carries no {', '.join(sorted(unknown))}")

@@ -62,6 +62,7 @@ def main() -> None:
 
 def train_with_heartbeats(args: argparse.Namespace, attempt: int) -> None:
     from verl_hooks import heartbeat
+    from verl_hooks.contract import HeartbeatKind
 
     heartbeat.enable_stack_dumps()
     heartbeat.start_alive_beats()
@@ -69,9 +70,9 @@ def train_with_heartbeats(args: argparse.Namespace, attempt: int) -> None:
         if attempt in args.stall_on and step == args.stall_at:
             wait_for_a_reply_that_never_comes()
         time.sleep(args.slow_step_time if args.slow_after and step > args.slow_after else args.step_time)
-        heartbeat.beat("sync_begin", step=step, backend="scripted")
-        heartbeat.beat("sync_phase", step=step, phase="update_weights")
-        heartbeat.beat("sync_end", step=step, duration_s=0.01)
+        heartbeat.beat(HeartbeatKind.SYNC_BEGIN, step=step, backend="scripted")
+        heartbeat.beat(HeartbeatKind.SYNC_PHASE, step=step, phase="update_weights")
+        heartbeat.beat(HeartbeatKind.SYNC_END, step=step, duration_s=0.01)
         print(f"scripted job: step {step}", flush=True)
     time.sleep(0.5)  # let the last beats leave before the process exits
 

@@ -48,7 +48,7 @@ def test_stalled_job_is_detected_dumped_and_restarted(runs) -> None:
 
     exited = events_of(run_dir, "attempt_exited")
     assert [(e["attempt"], e["rule"]) for e in exited] == [(1, "stalled"), (2, "success")]
-    assert state_of(run_dir)["attempts"][0]["error_type"] == "supervisor.policy.watchdog.job_stall"
+    assert state_of(run_dir)["attempts"][0]["error_type"] == "supervisor.watchdog.job_stall"
 
 
 @pytest.mark.slow  # the watchdog's limits are tested as pure functions in tests/supervisor/test_watchdog.py
