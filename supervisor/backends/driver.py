@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from supervisor.mechanisms.processes import (
     ChildProcess,
+    ProcessInfo,
     TerminationReport,
     find_marked_processes,
     processes_in_group,
@@ -89,6 +90,9 @@ class DriverProcess:
         the attempt's marker (the Ray workers, which the raylet started), wait one shared grace period,
         SIGKILL the rest; then SIGKILL whatever is left in the group."""
         group = processes_in_group(self.child.pgid)
+        for process in group:
+            # Read (and let psutil cache) each name now: a member that exits on SIGTERM is still named in the report.
+            ProcessInfo.of(process)
         self.child.signal_group(signal.SIGTERM)
         members = {p.pid for p in group}
         everything = group + [p for p in self.attempt_processes() if p.pid not in members]
