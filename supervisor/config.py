@@ -119,6 +119,12 @@ class CheckpointConfig:
     """Where the job writes its ``global_step_N`` folders (its trainer.default_local_dir)."""
     verify: VerifyLevel = VerifyLevel.structure
     """``structure``: archives readable and complete in shape; ``crc``: also read every byte (slow for big models)."""
+    verify_resume: bool = True
+    """Stop a relaunched attempt at once (exit 8) when its weight syncs show it did not resume from the chosen
+    step. Turn off for verl's fully-async trainer, which numbers its syncs by parameter version."""
+    rotate: bool = True
+    """Apply the job's own ``trainer.max_actor_ckpt_to_keep`` / ``max_critic_ckpt_to_keep`` across attempts
+    (verl applies them only within one process); without those limits nothing is ever removed."""
 
 
 @dataclass

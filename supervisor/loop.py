@@ -26,7 +26,17 @@ from typing import Protocol, TextIO
 
 import verl_hooks.contract as contract
 from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob
-from supervisor.checkpoints import choose_resume_checkpoint, read_tracker, scan_checkpoints, set_aside
+from supervisor.checkpoints import (
+    CheckpointInfo,
+    choose_resume_checkpoint,
+    facts_from_overrides,
+    plan_rotation,
+    read_tracker,
+    remove,
+    run_facts,
+    scan_checkpoints,
+    set_aside,
+)
 from supervisor.config import SupervisorConfig
 from supervisor.job.command import job_argv
 from supervisor.job.heartbeats import Heartbeat
@@ -34,15 +44,20 @@ from supervisor.mechanisms.processes import tail
 from supervisor.policy import restart as policy
 from supervisor.policy.outcomes import ExitCode, ExitStatus
 from supervisor.policy.restart import Decision, Restart, StartFrom, Stop
+from supervisor.policy.resume import MismatchedResume, ResumeCheck, VerifiedResume
 from supervisor.policy.rules import AttemptEvidence, Classification, classify
 from supervisor.policy.watchdog import ProgressState, Stall, StallKind, check
 from supervisor.run.events import (
     AttemptExited,
     AttemptStarted,
     Backoff,
+    CheckpointRotated,
     CheckpointSetAside,
+    CheckpointsUnjudgeable,
     Event,
     EventLog,
+    ResumeMismatch,
+    ResumeVerified,
     RunFinished,
     RunStarted,
     SignalReceived,
@@ -107,10 +122,12 @@ def new_history(run_dir: RunDirectory) -> RunHistory:
 
 @dataclass(frozen=True)
 class AttemptEnd:
-    """How waiting for an attempt ended: its driver exited (``status``), or the watchdog saw it stall."""
+    """How waiting for an attempt ended: its driver exited (``status``), the watchdog saw it stall, or its weight
+    syncs showed that it did not resume from the chosen checkpoint (``mismatch``)."""
 
     status: ExitStatus | None = None
     stall: Stall | None = None
+    mismatch: MismatchedResume | None = None
 
 
 @dataclass
@@ -147,6 +164,8 @@ class Supervisor:
         self.console = console if console is not None else sys.stderr
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
+        # What the user's overrides say the job's checkpoints hold; the job's own markers, when it writes them, win.
+        self._checkpoint_facts = facts_from_overrides([*config.job.args, *self.user_args])
         self._in_flight = _InFlight()
         self._stop_signal: int | None = None
         self._interruptible = False
@@ -192,12 +211,17 @@ class Supervisor:
             self._emit_all(self.backend.prepare())
             self._check_stop()  # a stop signal while the cluster started: launch nothing
             job, record = self._launch(start)
-            end = self._wait_for_end(job)
+            end = self._wait_for_end(job, start.step)
             if end.stall is not None:
                 # A stalled job is still running: capture what it is doing before it is ended.
                 self._capture_stall(job, end.stall)
+            if end.mismatch is not None:
+                self._record_mismatch(job, end.mismatch)
             evidence = self._evidence(record.number, end)
-            classification = classify(evidence, self.config.rules, self.config.default_action)
+            if end.mismatch is not None:
+                classification = policy.resume_not_honoured(end.mismatch.reason)
+            else:
+                classification = classify(evidence, self.config.rules, self.config.default_action)
             decision = self._conclude(job, record, evidence, classification)
             if isinstance(decision, Stop):
                 return decision
@@ -245,16 +269,39 @@ class Supervisor:
                 self.run_dir.save_history(history)
         return lost
 
+    def _scan(self) -> list[CheckpointInfo]:
+        root = Path(self.config.checkpoints.dir)
+        return scan_checkpoints(root, verify=self.config.checkpoints.verify, facts=self._checkpoint_facts)
+
     def _choose_start(self) -> StartFrom | Stop:
         root = Path(self.config.checkpoints.dir)
-        infos = scan_checkpoints(root, verify=self.config.checkpoints.verify)
+        infos = self._scan()
         choice = choose_resume_checkpoint(infos, read_tracker(root))
+        if choice.unjudgeable:
+            problems = [info.problems[0] for info in choice.unjudgeable]
+            self.events.emit(CheckpointsUnjudgeable([str(info.path) for info in choice.unjudgeable], problems))
+            return policy.unknown_checkpoint_layout([info.path.name for info in choice.unjudgeable], problems[0])
         for info in choice.set_aside:
             renamed = set_aside(info)
             self.events.emit(CheckpointSetAside(info.step, str(info.path), str(renamed), list(info.problems)))
         chosen = choice.checkpoint
         self.history.saw_checkpoint(chosen.step if chosen else None)
+        if chosen is not None and self.config.checkpoints.rotate:
+            self._rotate(infos, chosen.step)
         return policy.choose_start(chosen.step if chosen else None, str(chosen.path) if chosen else None, self.history)
+
+    def _rotate(self, infos: Sequence[CheckpointInfo], resume_step: int) -> None:
+        facts = run_facts(Path(self.config.checkpoints.dir), self._checkpoint_facts)
+        for removal in plan_rotation(infos, facts, resume_step):
+            try:
+                remove(removal)
+            except OSError as e:
+                problem = f"{type(e).__name__}: {e}"
+                self.events.emit(
+                    CheckpointRotated(removal.step, removal.role, str(removal.path), removal.limit, False, problem)
+                )
+            else:
+                self.events.emit(CheckpointRotated(removal.step, removal.role, str(removal.path), removal.limit, True))
 
     def _attempt_env(self, number: int, log_dir: Path) -> dict[str, str]:
         env = {
@@ -287,28 +334,37 @@ class Supervisor:
         self.events.emit(AttemptStarted(number, job.pid or -1, argv, start.step, start.checkpoint, str(log_dir)))
         return job, record
 
-    def _wait_for_end(self, job: RunningJob) -> AttemptEnd:
-        """Wait for the driver to end, looking at the heartbeats every tick: its exit, or a stall."""
+    def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:
+        """Wait for the driver to end, looking at the heartbeats every tick: its exit, a stall, or a resume that
+        was not honoured."""
         progress = ProgressState(started_at=self.clock.monotonic())
+        resume = (
+            ResumeCheck(resumed_step) if resumed_step is not None and self.config.checkpoints.verify_resume else None
+        )
         beats_log = self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl"
         dog = self.config.watchdog
-        tick = dog.tick_s if self.heartbeats is not None and dog.enabled else None
+        tick = dog.tick_s if self.heartbeats is not None and (dog.enabled or resume is not None) else None
         while True:
             with self._signals_raise():
                 status = self.backend.wait(job, tick)
-            self._take_heartbeats(job.attempt, progress, beats_log)
+            mismatch = self._take_heartbeats(job.attempt, progress, beats_log, resume)
+            if mismatch is not None:
+                return AttemptEnd(status=status, mismatch=mismatch)
             if status is not None:
                 return AttemptEnd(status=status)
-            stall = check(progress, dog, self.clock.monotonic())
+            stall = check(progress, dog, self.clock.monotonic()) if dog.enabled else None
             if stall is not None:
                 return AttemptEnd(stall=stall)
 
-    def _take_heartbeats(self, attempt: int, progress: ProgressState, beats_log: Path) -> None:
+    def _take_heartbeats(
+        self, attempt: int, progress: ProgressState, beats_log: Path, resume: ResumeCheck | None
+    ) -> MismatchedResume | None:
         if self.heartbeats is None:
-            return
+            return None
         beats = [b for b in self.heartbeats.drain() if b.attempt == attempt]  # late beats of older attempts
         if not beats:
-            return
+            return None
+        mismatch = None
         with beats_log.open("a") as f:
             for beat in beats:
                 if beat.kind is HeartbeatKind.ERROR_RECORD:
@@ -319,6 +375,31 @@ class Supervisor:
                     continue
                 progress.observe(beat)
                 f.write(json.dumps({"received_at": self.clock.now(), **beat.fields}) + "\n")
+                if resume is not None and beat.kind is HeartbeatKind.SYNC_BEGIN:
+                    mismatch = mismatch or self._check_resume(attempt, resume, beat.step)
+        return mismatch
+
+    def _check_resume(self, attempt: int, resume: ResumeCheck, step: int | None) -> MismatchedResume | None:
+        verdict = resume.observe(step)
+        if isinstance(verdict, VerifiedResume):
+            self.events.emit(ResumeVerified(attempt, verdict.resumed_step, verdict.first_step))
+        elif isinstance(verdict, MismatchedResume):
+            self.events.emit(ResumeMismatch(attempt, verdict.resumed_step, verdict.seen_step, verdict.reason))
+            return verdict
+        return None
+
+    def _record_mismatch(self, job: RunningJob, mismatch: MismatchedResume) -> None:
+        write_record(
+            self.run_dir.attempt_dir(job.attempt) / "error.json",
+            ErrorRecord(
+                error_type="supervisor.resume_mismatch",
+                message=mismatch.reason,
+                source=RecordSource.SUPERVISOR_RESUME_CHECK.value,
+                global_step=mismatch.seen_step,
+                attempt=job.attempt,
+                timestamp=self.clock.now(),
+            ),
+        )
 
     def _capture_stall(self, job: RunningJob, stall: Stall) -> None:
         self.events.emit(
@@ -446,8 +527,7 @@ class Supervisor:
             self.events.emit(event)
 
     def _newest_complete_step(self) -> int | None:
-        root, verify = Path(self.config.checkpoints.dir), self.config.checkpoints.verify
-        complete = [info.step for info in scan_checkpoints(root, verify=verify) if info.complete]
+        complete = [info.step for info in self._scan() if info.complete]
         return max(complete) if complete else None
 
     # --- signals: raised as an exception only while waiting; otherwise noted and acted on at the next step ---

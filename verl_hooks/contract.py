@@ -6,6 +6,7 @@ What crosses the boundary, and nothing else:
 - **exit codes** of the job's launcher;
 - **heartbeats**: their kinds and the fields each kind carries;
 - **the error record**: a versioned JSON document, its reader and its writer;
+- **the checkpoint marker**: what the job's checkpoint callback says about each step it saved;
 - **how a failure travels**: the chain of causes through Ray's wrappers.
 
 Light on imports on purpose (no verl, Ray or torch): the supervisor imports this module and nothing else of
@@ -50,6 +51,8 @@ ENV_HARD_EXIT_GRACE_S = "VERL_HOOKS_HARD_EXIT_GRACE_S"
 ENV_FAULTS = "VERL_HOOKS_FAULTS"
 ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
 ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
+# The user's own trainer.checkpoint_callback_class, which the launcher replaced by ours; ours runs it first.
+ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"
 
 # Variables a job's Ray workers must see for the guard to behave as in the driver.
 FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
@@ -58,6 +61,9 @@ SUPERVISOR_LOCAL_ENV = (ENV_ERROR_FILE, ENV_STACKS_DIR)
 
 # The runtime_env hook that installs the guard in every worker process of a job.
 SETUP_HOOK = "verl_hooks.install"
+# verl's trainer.checkpoint_callback_class that writes the checkpoint marker (below). Spelled here because the
+# launcher, which must not import verl, recognises it in the job's arguments.
+CHECKPOINT_CALLBACK_CLASS = "verl_hooks.checkpoint_callback.SupervisorCheckpointCallback"
 # Where Ray's Jobs API hands a submission's job config (runtime_env, metadata) to its driver.
 RAY_INJECTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -179,6 +185,8 @@ class RecordSource(str, Enum):
     """The guard's last-resort exit, in the process whose weight sync hung."""
     SUPERVISOR_WATCHDOG = "supervisor-watchdog"
     """The supervisor, for an attempt it ended because it stalled."""
+    SUPERVISOR_RESUME_CHECK = "supervisor-resume-check"
+    """The supervisor, for an attempt it ended because it did not resume from the chosen checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,114 @@ def record_from_payload(data: Any, where: str = "heartbeat") -> ErrorRecord | No
     except TypeError as exc:
         logger.warning("ignoring malformed error record from %s: %s", where, exc)
         return None
+
+
+# --- the checkpoint marker -------------------------------------------------------------------------------------
+
+CHECKPOINT_MARKER = "verl_supervisor_checkpoint.json"
+"""Written inside each ``global_step_N`` folder by ``verl_hooks.checkpoint_callback`` after verl saved the step."""
+
+MARKER_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a step of this run must contain, from the job's own verl configuration (not guessed from files).
+
+    ``None`` means unknown: the supervisor then decides from the files themselves.
+    """
+
+    actor_strategy: str | None = None
+    """``actor_rollout_ref.actor.strategy``: ``fsdp``, ``fsdp2`` or ``megatron`` (others are not judged)."""
+    actor_save_contents: tuple[str, ...] | None = None
+    """``actor_rollout_ref.actor.checkpoint.save_contents``."""
+    critic: bool | None = None
+    """Whether the trainer uses a critic (``trainer.use_critic``), so that every step must hold ``critic/``."""
+    critic_strategy: str | None = None
+    critic_save_contents: tuple[str, ...] | None = None
+    async_save: bool | None = None
+    """``actor_rollout_ref.actor.checkpoint.async_save`` (Megatron only)."""
+    transfer_queue: bool | None = None
+    """Whether the trainer saves ``transfer_queue/`` (verl's V1 trainer in a mode other than ``sync``)."""
+    max_actor_ckpt_to_keep: int | None = None
+    max_critic_ckpt_to_keep: int | None = None
+
+    def merged_over(self, other: CheckpointFacts) -> CheckpointFacts:
+        """These facts, with the ones this side does not know taken from ``other``."""
+        mine = asdict(self)
+        return CheckpointFacts(**{k: (v if v is not None else getattr(other, k)) for k, v in mine.items()})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointFacts:
+        values = {k: data.get(k) for k in cls.__dataclass_fields__}
+        for key in ("actor_save_contents", "critic_save_contents"):
+            if values[key] is not None:
+                values[key] = tuple(str(item) for item in values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class CheckpointMarker:
+    """The job's word that verl finished saving step ``step``: every file of the step folder with its size.
+
+    ``durable`` is False for an asynchronous save (Megatron ``async_save``): verl calls the callback while its
+    writes may still be in flight, so the files listed are those present then, and completeness must also wait
+    for the layout's own completion point.
+    """
+
+    step: int
+    files: dict[str, int]
+    """Path relative to the step folder (``/``-separated) → size in bytes."""
+    durable: bool
+    facts: CheckpointFacts
+    written_at: float = field(default_factory=time.time)
+    schema_version: int = MARKER_SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def write_checkpoint_marker(step_dir: str | os.PathLike[str], marker: CheckpointMarker) -> Path:
+    """Write ``marker`` into ``step_dir`` atomically (a reader sees the whole marker or none)."""
+    target = Path(step_dir) / CHECKPOINT_MARKER
+    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_MARKER}.", dir=step_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(marker.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_checkpoint_marker(step_dir: str | os.PathLike[str]) -> CheckpointMarker | None:
+    """The marker in ``step_dir``; None when there is none. Raises ``ValueError`` for one that cannot be read
+    (the caller treats the step as damaged rather than as a step without a marker)."""
+    path = Path(step_dir) / CHECKPOINT_MARKER
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("schema_version") != MARKER_SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: unknown schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"
+        )
+    try:
+        files = {str(name): int(size) for name, size in dict(data["files"]).items()}
+        return CheckpointMarker(
+            step=int(data["step"]),
+            files=files,
+            durable=bool(data["durable"]),
+            facts=CheckpointFacts.from_dict(data.get("facts") or {}),
+            written_at=float(data.get("written_at", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: malformed marker ({type(exc).__name__}: {exc})") from exc
 
 
 # --- how a failure travels -------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class SupervisorRule(str, Enum):
     """The supervisor was stopped (SIGINT, SIGTERM) while the attempt ran."""
     SUPERVISOR_ERROR = "supervisor-error"
     """A bug in the supervisor ended the run while the attempt ran."""
+    RESUME_MISMATCH = "resume-mismatch"
+    """The attempt did not resume from the checkpoint the supervisor chose (its weight syncs said so)."""
 
 
 class ExitCode(IntEnum):
@@ -48,6 +50,11 @@ class ExitCode(IntEnum):
     """Failed attempts in a row without the checkpoint step advancing, or no valid checkpoint to resume."""
     ENVIRONMENT_FAILURE = 6
     """The Ray cluster could not be started, or an attempt's processes could not be fenced off."""
+    UNKNOWN_CHECKPOINT_LAYOUT = 7
+    """A checkpoint newer than any complete one is in a layout the supervisor cannot judge: nothing was resumed
+    from, set aside or removed."""
+    RESUME_NOT_HONOURED = 8
+    """A relaunched attempt did not resume from the checkpoint the supervisor chose; it was stopped at once."""
     INTERRUPTED_SIGINT = 130
     INTERRUPTED_SIGTERM = 143
 

@@ -71,6 +71,8 @@ def after_attempt(
     """After an attempt ended and was fenced off: stop (with the exit code that says why) or restart."""
     if classification.action is Action.done:
         return Stop(ExitCode.DONE, f"the job finished: {classification.reason}")
+    if classification.rule == SupervisorRule.RESUME_MISMATCH.value:
+        return Stop(ExitCode.RESUME_NOT_HONOURED, f"not restarting: {classification.reason}")
     if classification.action is Action.fail:
         return Stop(ExitCode.JOB_FAILED, f"not restarting: {classification.reason}")
     streak = history.failures_without_progress()
@@ -140,6 +142,21 @@ def lost_attempt() -> Classification:
     supervisor was gone has passed already)."""
     return Classification(
         Action.restart, SupervisorRule.SUPERVISOR_RESTARTED.value, "the supervisor stopped while this attempt ran"
+    )
+
+
+def resume_not_honoured(reason: str) -> Classification:
+    """A relaunch that trained from another step than the one chosen would train on silently, wrongly: stop.
+    (A restart would meet the same configuration and do the same.)"""
+    return Classification(Action.fail, SupervisorRule.RESUME_MISMATCH.value, reason)
+
+
+def unknown_checkpoint_layout(folders: Sequence[str], first_problem: str) -> Stop:
+    return Stop(
+        ExitCode.UNKNOWN_CHECKPOINT_LAYOUT,
+        f"cannot judge checkpoint folder(s) {', '.join(folders)} ({first_problem}); nothing was resumed from, set "
+        f"aside or removed. Move them out of the checkpoint directory, or use a layout the supervisor knows "
+        f"(README: checkpoint layouts)",
     )
 
 

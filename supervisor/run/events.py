@@ -24,6 +24,10 @@ class EventKind(str, Enum):
     CLUSTER_STOPPED = "cluster_stopped"
     STALE_PROCESSES_SWEPT = "stale_processes_swept"
     CHECKPOINT_SET_ASIDE = "checkpoint_set_aside"
+    CHECKPOINT_ROTATED = "checkpoint_rotated"
+    CHECKPOINTS_UNJUDGEABLE = "checkpoints_unjudgeable"
+    RESUME_VERIFIED = "resume_verified"
+    RESUME_MISMATCH = "resume_mismatch"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
     STALL_DETECTED = "stall_detected"
@@ -105,6 +109,61 @@ class CheckpointSetAside(Event):
     def describe(self) -> str:
         first = self.problems[0] if self.problems else "incomplete"
         return f"checkpoint global_step_{self.step} is incomplete ({first}); set aside as {Path(self.renamed_to).name}"
+
+
+@dataclass(frozen=True)
+class CheckpointRotated(Event):
+    """A role folder removed because the run's own ``max_*_ckpt_to_keep`` says so (``removed`` False: it could
+    not be, see ``problem``)."""
+
+    kind: ClassVar[EventKind] = EventKind.CHECKPOINT_ROTATED
+    step: int
+    role: str
+    path: str
+    limit: int
+    removed: bool
+    problem: str | None = None
+
+    def describe(self) -> str:
+        if self.removed:
+            return f"checkpoint global_step_{self.step}/{self.role} removed: the run keeps {self.limit}"
+        return f"checkpoint global_step_{self.step}/{self.role} could not be removed: {self.problem}"
+
+
+@dataclass(frozen=True)
+class CheckpointsUnjudgeable(Event):
+    kind: ClassVar[EventKind] = EventKind.CHECKPOINTS_UNJUDGEABLE
+    folders: list[str]
+    problems: list[str]
+
+    def describe(self) -> str:
+        return f"checkpoint folder(s) in a layout the supervisor does not know: {', '.join(self.folders)}"
+
+
+@dataclass(frozen=True)
+class ResumeVerified(Event):
+    kind: ClassVar[EventKind] = EventKind.RESUME_VERIFIED
+    attempt: int
+    resume_step: int
+    first_step: int
+
+    def describe(self) -> str:
+        return (
+            f"attempt {self.attempt} resumed from global_step_{self.resume_step}: its first sync carried "
+            f"{self.resume_step}, its first step is {self.first_step}"
+        )
+
+
+@dataclass(frozen=True)
+class ResumeMismatch(Event):
+    kind: ClassVar[EventKind] = EventKind.RESUME_MISMATCH
+    attempt: int
+    resume_step: int
+    seen_step: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"attempt {self.attempt}: {self.reason}"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
-from mini_ppo.layout import ACTOR_DIR, DATA_FILE, shard_files, step_folder
+from mini_ppo.layout import ACTOR_DIR, DATA_FILE, FSDP_CONFIG_FILE, shard_files, step_folder
 from mini_ppo.model import PolicySpec, build_policy, weights_digest
 from tests.mini_ppo.harness import JobRun, run_job
 from verl_hooks.contract import read_record
@@ -70,7 +70,7 @@ def test_uninterrupted_run_writes_verls_layout(reference: JobRun) -> None:
             path.name
             for rank in range(WORLD_SIZE)
             for path in vars(shard_files(folder / ACTOR_DIR, WORLD_SIZE, rank)).values()
-        }
+        } | {FSDP_CONFIG_FILE}
         assert {p.name for p in (folder / ACTOR_DIR).iterdir()} == expected
     last = step_folder(root, 6) / ACTOR_DIR
     policy = build_policy(PolicySpec(), seed=0)

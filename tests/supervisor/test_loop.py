@@ -68,6 +68,7 @@ def supervise(
     signal_on_sleep: int | None = None,
     cluster_fails: bool = False,
     prepare_run_dir=None,
+    user_args: tuple[str, ...] = (),
 ) -> Run:
     run_path = tmp_path / "run"
     config = to_supervisor_config(
@@ -87,7 +88,7 @@ def supervise(
     events = EventLog(run_dir.events_path, history.run_id, console=console, now=lambda: clock.wall)
     supervisor = Supervisor(
         config,
-        [],
+        list(user_args),
         run_dir,
         history,
         backend,
@@ -314,3 +315,81 @@ def test_each_attempt_gets_the_contracts_variables(tmp_path: Path) -> None:
     assert env["VERL_SUPERVISOR_ERROR_FILE"].endswith("attempts/1/error.json")
     assert env["VERL_SUPERVISOR_HEARTBEAT_TOKEN"] == "fake-token"
     assert "fake-token" not in (tmp_path / "run" / "events.jsonl").read_text(), "the token is a secret"
+
+
+# --- checkpoints: layouts the supervisor cannot judge, rotation, resume verified -----------------------------------
+
+
+def test_a_checkpoint_in_an_unknown_layout_stops_the_run_before_anything_is_touched(tmp_path: Path) -> None:
+    def titan_newest(run_dir: RunDirectory, checkpoints: Path) -> None:
+        write_step(checkpoints, 2, world_size=1, payload=4)
+        (checkpoints / "global_step_4" / "step-4").mkdir(parents=True)
+
+    run = supervise(tmp_path, [success()], prepare_run_dir=titan_newest)
+    assert run.code is ExitCode.UNKNOWN_CHECKPOINT_LAYOUT
+    assert run.kinds() == ["run_started", "checkpoints_unjudgeable", "run_finished"]
+    assert "global_step_4" in run.events("run_finished")[0]["reason"]
+    checkpoints = run.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step_2", "global_step_4"]
+
+
+def test_the_runs_keep_limit_is_applied_across_attempts(tmp_path: Path) -> None:
+    run = supervise(
+        tmp_path,
+        [weight_sync_failure(saves=(1, 2, 3)), weight_sync_failure(saves=(4, 5)), success(saves=(6,))],
+        user_args=("trainer.max_actor_ckpt_to_keep=2",),
+    )
+    assert run.code is ExitCode.DONE
+    rotated = [(e["step"], e["role"], e["removed"]) for e in run.events("checkpoint_rotated")]
+    assert rotated == [(1, "actor", True), (2, "actor", True), (3, "actor", True)]
+    checkpoints = run.run_dir / "checkpoints"
+    assert sorted(p.parent.name for p in checkpoints.glob("global_step_*/actor")) == [
+        "global_step_4",
+        "global_step_5",
+        "global_step_6",
+    ]
+    assert (checkpoints / "global_step_1" / "data.pt").exists(), "verl removes the role folder, not the step"
+
+
+def test_without_a_keep_limit_nothing_is_removed(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [weight_sync_failure(saves=(1, 2, 3)), success()])
+    assert run.code is ExitCode.DONE
+    assert run.events("checkpoint_rotated") == []
+
+
+def resumed(first_steps: tuple[int, ...], then_exit: ExitStatus | None = None) -> Attempt:
+    beats = tuple(
+        (1.0 + i, HeartbeatKind.SYNC_BEGIN, {"step": s, "backend": "fake"}) for i, s in enumerate(first_steps)
+    )
+    return Attempt(exit=then_exit, beats=beats, runs_s=60.0)
+
+
+def test_a_resume_that_is_honoured_is_verified_from_the_first_syncs(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [weight_sync_failure(saves=(2,)), resumed((2, 3), then_exit=ExitStatus(code=0))])
+    assert run.code is ExitCode.DONE
+    assert [(e["resume_step"], e["first_step"]) for e in run.events("resume_verified")] == [(2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("syncs", "seen"),
+    [((0, 1), 0), ((2, 4), 4), ((5,), 5)],
+    ids=["started-over", "skipped-a-step", "loaded-another-folder"],
+)
+def test_a_resume_that_is_not_honoured_stops_the_attempt_at_once(tmp_path: Path, syncs: tuple, seen: int) -> None:
+    run = supervise(tmp_path, [weight_sync_failure(saves=(2,)), resumed(syncs)])
+    assert run.code is ExitCode.RESUME_NOT_HONOURED
+    mismatch = run.events("resume_mismatch")[0]
+    assert (mismatch["attempt"], mismatch["resume_step"], mismatch["seen_step"]) == (2, 2, seen)
+    exited = run.events("attempt_exited")[1]
+    assert (exited["rule"], exited["action"], exited["exit_code"]) == ("resume-mismatch", "fail", None)
+    assert exited["record"]["source"] == "supervisor-resume-check"
+    assert run.kinds()[-3:] == ["attempt_exited", "teardown", "run_finished"]
+    assert exited["duration_s"] <= len(syncs) + 1, "stopped at the mismatch, not when the job would have ended"
+    assert "global_step_2" in run.events("run_finished")[0]["reason"]
+
+
+def test_resume_verification_can_be_turned_off(tmp_path: Path) -> None:
+    attempts = [weight_sync_failure(saves=(2,)), resumed((0, 1), then_exit=ExitStatus(code=0))]
+    run = supervise(tmp_path, attempts, "checkpoints.verify_resume=false")
+    assert run.code is ExitCode.DONE
+    assert run.events("resume_mismatch") == []

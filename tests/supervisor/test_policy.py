@@ -211,3 +211,16 @@ def test_shipped_rules_name_the_launchers_exit_codes(shipped) -> None:
         "configuration-error": [JobExitCode.CONFIG_ERROR],
         "usage-error": [JobExitCode.USAGE],
     }
+
+
+def test_resume_check_answers_once_from_the_first_two_distinct_steps() -> None:
+    from supervisor.policy.resume import MismatchedResume, ResumeCheck, VerifiedResume
+
+    check = ResumeCheck(4)
+    assert [check.observe(s) for s in (None, 4, 4)] == [None, None, None], "repeats and unnumbered syncs wait"
+    assert check.observe(5) == VerifiedResume(4, 5)
+    assert check.observe(9) is None, "answered already"
+    wrong = ResumeCheck(4).observe(1)
+    assert isinstance(wrong, MismatchedResume)
+    assert wrong.seen_step == 1
+    assert "first weight sync" in wrong.reason

@@ -25,7 +25,7 @@ from verl.utils.checkpoint.checkpoint_manager import (
     get_checkpoint_tracker_filename,
 )
 
-from mini_ppo.layout import DATA_FILE, FINAL_FILE, check_resume_path, shard_files, step_of
+from mini_ppo.layout import DATA_FILE, FINAL_FILE, FSDP_CONFIG_FILE, check_resume_path, shard_files, step_of
 from mini_ppo.schema import ResumeMode
 
 
@@ -121,6 +121,9 @@ class MiniCheckpointManager(BaseCheckpointManager):
         torch.save(self.model.state_dict(), files.model)
         torch.save(self.optimizer.state_dict(), files.optim)
         torch.save({"lr_scheduler": None, "rng": self.get_rng_state()}, files.extra_state)
+        if self.rank == 0:
+            # verl's rank 0 writes fsdp_config.json after its shards (fsdp_checkpoint_manager.py lines 409-416).
+            write_json_atomic(Path(local_path) / FSDP_CONFIG_FILE, {"FSDP_version": 1, "world_size": self.world_size})
         dist.barrier()
         if self.rank == 0:
             self.register_checkpoint(local_path, max_ckpt_to_keep)

@@ -3,6 +3,7 @@
 {default_local_dir}/global_step_{N}/actor/model_world_size_{W}_rank_{R}.pt        policy state_dict
                                          optim_world_size_{W}_rank_{R}.pt         optimizer state_dict
                                          extra_state_world_size_{W}_rank_{R}.pt   {"lr_scheduler", "rng"}
+{default_local_dir}/global_step_{N}/actor/fsdp_config.json                        {"FSDP_version", "world_size"}
 {default_local_dir}/global_step_{N}/data.pt                                       data iterator state
 {default_local_dir}/latest_checkpointed_iteration.txt                             "N", written last
 {default_local_dir}/final.json                                                    this job's own: the result
@@ -16,6 +17,7 @@ from pathlib import Path
 
 STEP_PREFIX = "global_step_"
 ACTOR_DIR = "actor"
+FSDP_CONFIG_FILE = "fsdp_config.json"
 DATA_FILE = "data.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FINAL_FILE = "final.json"

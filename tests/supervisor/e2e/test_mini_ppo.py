@@ -59,10 +59,26 @@ def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical
         (0, "success", None, None),
     ]
     assert [e["resume_step"] for e in events_of(run_dir, "attempt_started")] == [None, 2]
+    verified = events_of(run_dir, "resume_verified")
+    assert [(e["attempt"], e["resume_step"], e["first_step"]) for e in verified] == [(2, 2, 3)]
     assert all(e["fenced"] for e in events_of(run_dir, "teardown"))
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
     record = json.loads((run_dir / "attempts" / "1" / "error.json").read_text())
     assert [(c["step"], c["status"]) for c in record["cleanup"]] == cleanup
+
+
+def test_a_relaunch_that_ignores_the_chosen_checkpoint_is_stopped_at_its_first_sync(runs) -> None:
+    """A job preset whose resume arguments verl does not honour (here: resume disabled, the path ignored)."""
+    run_dir = runs.new()
+    ignored = 'job.resume_args=["trainer.resume_mode=disable","trainer.resume_from_path={checkpoint}"]'
+    proc = run_supervisor_with_faults(run_dir, "naive:raise@3#1", ignored)
+    assert proc.returncode == 8, proc.stderr[-4000:]
+    mismatch = events_of(run_dir, "resume_mismatch")
+    assert [(e["attempt"], e["resume_step"], e["seen_step"]) for e in mismatch] == [(2, 2, 0)]
+    exited = events_of(run_dir, "attempt_exited")[1]
+    assert (exited["rule"], exited["record"]["error_type"]) == ("resume-mismatch", "supervisor.resume_mismatch")
+    assert events_of(run_dir, "teardown")[1]["fenced"]
+    assert "did not resume from the checkpoint the supervisor chose" in proc.stderr
 
 
 def run_supervisor_with_faults(
