@@ -5,6 +5,9 @@
 - installs the guard in this process, and puts ``verl_hooks.install`` into the runtime_env of the job's
   ``ray.init`` as its ``worker_process_setup_hook`` (chaining a hook the job already has), together with the
   ``VERL_HOOKS_*`` and ``VERL_SUPERVISOR_*`` variables, so the guard reaches the TaskRunner actor on any node;
+- when the job's arguments name ``SupervisorCheckpointCallback`` as ``trainer.checkpoint_callback_class`` (the
+  ``verl_ppo`` preset does) and the user named a callback of their own as well, keeps ours in verl's config and
+  hands theirs over in ``$VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK``: ours runs it first, then writes the marker;
 - runs the module as ``python -m`` would, with ``HYDRA_FULL_ERROR=1`` so that failures reach the launcher;
 - on failure prints the error with its original traceback, writes an error record to
   ``$VERL_SUPERVISOR_ERROR_FILE`` when set, and exits with a code that says what kind of failure it was.
@@ -30,6 +33,8 @@ from typing import Any, NoReturn
 
 from verl_hooks import heartbeat
 from verl_hooks.contract import (
+    CHECKPOINT_CALLBACK_CLASS,
+    ENV_CHAINED_CHECKPOINT_CALLBACK,
     ENV_CHAINED_SETUP_HOOK,
     ENV_ERROR_FILE,
     SETUP_HOOK,
@@ -52,6 +57,8 @@ EXIT_HANDLERS_BUDGET_S = 10.0
 _CONFIG_ERROR_MODULES = ("hydra.errors", "omegaconf.errors")
 
 USAGE = "usage: python -m verl_hooks.launch -m MODULE [ARGS...]"
+
+CHECKPOINT_CALLBACK_KEY = "trainer.checkpoint_callback_class"
 
 
 def with_guard(
@@ -109,6 +116,38 @@ def route_guard_into_ray_init(environ: Mapping[str, str]) -> None:
 
     init.__verl_hooks_routed__ = True  # type: ignore[attr-defined]
     ray.init = init
+
+
+def chain_checkpoint_callback(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """The job's Hydra overrides with every ``trainer.checkpoint_callback_class`` naming ours, and the class the
+    user named (the one Hydra would have picked had ours not been there), to be chained behind ours.
+
+    Only when ours is named at all: the launcher runs jobs that know nothing of it, and their callbacks are
+    theirs. A ``null`` of the user's chains nothing; a deletion (``~key``) is left as it is, and so is a prefix
+    (``+``/``++``): Hydra accepts or refuses it as it would have with the user's value.
+    """
+    args = list(args)
+    found = [(index, *parsed) for index, arg in enumerate(args) if (parsed := _callback_override(arg)) is not None]
+    if not any(value == CHECKPOINT_CALLBACK_CLASS for _, _, value in found):
+        return args, None
+    theirs = [value for _, _, value in found if value != CHECKPOINT_CALLBACK_CLASS]
+    chained = theirs[-1] if theirs and theirs[-1].lower() not in ("", "null") else None
+    for index, prefix, value in found:
+        if value != CHECKPOINT_CALLBACK_CLASS:
+            args[index] = f"{prefix}{CHECKPOINT_CALLBACK_KEY}={CHECKPOINT_CALLBACK_CLASS}"
+    return args, chained
+
+
+def _callback_override(arg: str) -> tuple[str, str] | None:
+    """(prefix, value) of a Hydra override that sets ``trainer.checkpoint_callback_class``; None for any other."""
+    key, sep, value = arg.partition("=")
+    prefix = key[: len(key) - len(key.lstrip("+"))]
+    if not sep or key[len(prefix) :].strip() != CHECKPOINT_CALLBACK_KEY:
+        return None
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return prefix, value
 
 
 def exit_code_for(exc: BaseException) -> JobExitCode:
@@ -233,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         message = f"no module named {module!r} (is it installed in this environment?)"
         print(f"verl_hooks.launch: {message}", file=sys.stderr)
         _exit_recorded(JobExitCode.USAGE, "UsageError", message, settings)
+    job_args, chained = chain_checkpoint_callback(job_args)
+    if chained is not None:
+        # Before the runtime_env is built: the callback runs in verl's TaskRunner actor, not here.
+        os.environ[ENV_CHAINED_CHECKPOINT_CALLBACK] = chained
+        note = f"{CHECKPOINT_CALLBACK_KEY}={chained} runs first, chained by {CHECKPOINT_CALLBACK_CLASS}"
+        print(f"verl_hooks.launch: {note}", file=sys.stderr)
     install(settings)
     heartbeat.start_alive_beats()
     route_guard_into_ray_init(os.environ)

@@ -2,11 +2,12 @@
 semantics, weight-sync faults that exit 75, and runs interrupted anywhere that end bit-identical to one that was not.
 
 Every run here is a real Ray job (15-25 s on two cores, most of it Ray workers importing verl): the default suite
-runs five, the rest are marked slow.
+runs six, the rest are marked slow.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 from mini_ppo.layout import ACTOR_DIR, DATA_FILE, FSDP_CONFIG_FILE, shard_files, step_folder
 from mini_ppo.model import PolicySpec, build_policy, weights_digest
 from tests.mini_ppo.harness import JobRun, run_job
-from verl_hooks.contract import read_record
+from tests.mini_ppo.user_callback import CALLS_FILE, RecordingCallback
+from verl_hooks.contract import CHECKPOINT_CALLBACK_CLASS, CHECKPOINT_MARKER, read_checkpoint_marker, read_record
 
 pytestmark = pytest.mark.ray
 
@@ -84,6 +86,51 @@ def test_uninterrupted_run_writes_verls_layout(reference: JobRun) -> None:
     optim = torch.load(shard_files(last, WORLD_SIZE, 0).optim, weights_only=False)
     assert int(optim["state"][0]["step"]) == 6, "Adam's state has seen every step"
     assert torch.load(step_folder(root, 6) / DATA_FILE, weights_only=False)["position"] == 6
+
+
+def test_every_save_carries_the_supervisors_checkpoint_marker(reference: JobRun) -> None:
+    """The job's config names verl_hooks' callback by default; the job calls it after the tracker, as verl does."""
+    for step in (2, 4, 6):
+        folder = step_folder(reference.ckpt_dir, step)
+        marker = read_checkpoint_marker(folder)
+        assert marker is not None, f"no marker in {folder}"
+        on_disk = {
+            p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != CHECKPOINT_MARKER
+        }
+        assert marker.files == on_disk
+        assert (marker.step, marker.durable) == (step, True)
+        facts = marker.facts
+        assert (facts.critic, facts.transfer_queue, facts.async_save) == (False, False, False)
+        # mini-PPO has no verl actor section: what its shards must be is left to the files.
+        assert (facts.actor_strategy, facts.actor_save_contents) == (None, None)
+
+
+def test_a_users_checkpoint_callback_runs_before_the_marker_in_the_jobs_actor(ray_cluster, tmp_path: Path) -> None:
+    """The launcher moves the user's callback aside; the environment carries it into the TaskRunner actor."""
+    ckpt = tmp_path / "ckpt"
+    theirs = f"{RecordingCallback.__module__}.{RecordingCallback.__qualname__}"
+    run = run_job(
+        ray_cluster,
+        ckpt,
+        "trainer.total_training_steps=2",
+        f"trainer.checkpoint_callback_class={CHECKPOINT_CALLBACK_CLASS}",
+        f"trainer.checkpoint_callback_class={theirs}",
+    )
+    assert run.returncode == 0, run.output[-4000:]
+    assert f"trainer.checkpoint_callback_class={theirs} runs first" in run.output
+    calls = [json.loads(line) for line in (ckpt / CALLS_FILE).read_text().splitlines()]
+    assert calls == [
+        {
+            "global_step": 2,
+            "checkpoint_dir": str(step_folder(ckpt, 2)),
+            "async_save": False,
+            "marker_there": False,
+            "has_config": True,
+        }
+    ]
+    assert read_checkpoint_marker(step_folder(ckpt, 2)) is not None
 
 
 def test_naive_sync_fault_between_saves_exits_75_and_resume_ends_bit_identical(

@@ -53,6 +53,10 @@ class TrainerConfig:
     resume_from_path: str | None = None
     max_actor_ckpt_to_keep: int | None = None
     """Keep at most this many step folders' ``actor/`` (null or 0: keep all), rotated as verl rotates them."""
+    # Named, not imported, as verl names it: the job imports nothing of verl_hooks.
+    checkpoint_callback_class: str | None = "verl_hooks.checkpoint_callback.SupervisorCheckpointCallback"
+    """verl's: a ``CheckpointCallback`` subclass whose ``on_save`` runs after each save (null: none). The default
+    writes the supervisor's checkpoint marker."""
     n_workers: int = 2
     """The trainer's data-parallel world size: Ray workers in verl's ``RayWorkerGroup``."""
     extra_step_time_s: float = 0.0

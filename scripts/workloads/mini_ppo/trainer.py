@@ -19,6 +19,8 @@ from pathlib import Path
 
 import ray
 import torch
+from omegaconf import DictConfig, OmegaConf
+from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
 
 from mini_ppo.actor import ActorConfig
 from mini_ppo.checkpoint_io import (
@@ -68,15 +70,28 @@ def normalised(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
 
 
+def callback_config(config: MiniPPOConfig) -> DictConfig:
+    """The job's config as verl hands it to its checkpoint callback: a DictConfig (verl's
+    ``build_checkpoint_callback`` reads ``config.trainer.get(...)``, which a dataclass has not)."""
+    return OmegaConf.structured(config)
+
+
 class MiniPPOTrainer:
     """verl's ``RayPPOTrainer`` in miniature: the driver-side dataflow over the workers, replicas and weight sync.
 
     The data iterator, the task and the advantages live here; the policy and its optimizer live in the workers.
     """
 
+    # What verl's V1 trainer knows of itself and a checkpoint callback may read (trainer_base.py:123 and :129):
+    # no critic, and no TransferQueue state in the checkpoints.
+    use_critic = False
+    trainer_mode = "sync"
+
     def __init__(self, config: MiniPPOConfig, topology: WeightSyncTopology) -> None:
         self.config = config
         self.topology = topology
+        # Built with the trainer, as verl's PPOTrainer.__init__ does: a bad class name fails before training.
+        self.checkpoint_callback = build_checkpoint_callback(callback_config(config))
         spec = actor_config(config).policy
         self.task = BanditTask(spec, config.data.dataset_size, config.seed)
         self.data = BatchIterator(self.task.observations, config.data.batch_size, config.seed)
@@ -162,13 +177,15 @@ class MiniPPOTrainer:
         return {key: torch.cat([out[key] for out in outputs]) for key in ("actions", "log_probs")}
 
     def save_checkpoint(self, step: int) -> None:
-        """verl's ``_save_checkpoint``: actor shards (with rotation), then data.pt, then the tracker, last."""
+        """verl's ``_save_checkpoint``: actor shards (with rotation), then data.pt, then the tracker, then the
+        checkpoint callback."""
         folder = step_folder(self.root, step)
         self.topology.actor_wg.save_checkpoint(
             str(folder / ACTOR_DIR), None, step, max_ckpt_to_keep=self.config.trainer.max_actor_ckpt_to_keep
         )
         save_data_state(folder, self.data.state_dict())
         write_tracker(self.root, step)
+        self.checkpoint_callback.on_save(trainer=self, global_step=step, checkpoint_dir=str(folder), async_save=False)
 
     def load_checkpoint(self) -> ResumePoint:
         trainer = self.config.trainer
