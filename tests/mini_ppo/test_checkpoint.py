@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,18 +13,25 @@ import torch
 import torch.distributed as dist
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
+import mini_ppo.checkpoint_io as checkpoint_io
 from mini_ppo.checkpoint_io import (
     FinalReport,
     MiniCheckpointManager,
+    MiniMegatronCheckpointManager,
     ResumePoint,
+    checkpoint_manager,
     load_data_state,
+    load_transfer_queue,
     resume_point,
     save_data_state,
+    save_transfer_queue,
     write_tracker,
 )
 from mini_ppo.layout import (
     ACTOR_DIR,
+    MEGATRON_MANIFEST,
     TRACKER_FILE,
+    TRANSFER_QUEUE_DIR,
     check_resume_path,
     shard_files,
     should_save,
@@ -31,7 +39,11 @@ from mini_ppo.layout import (
     step_of,
 )
 from mini_ppo.model import PolicySpec, build_policy, weights_digest
-from mini_ppo.schema import ResumeMode
+from mini_ppo.schema import CheckpointLayout, ResumeMode
+from supervisor.checkpoints import inspect_checkpoint
+from supervisor.checkpoints.layouts import inspect_role
+from tests.supervisor import megatron_files
+from verl_hooks.contract import CheckpointFacts
 
 # --- layout (pure) ---
 
@@ -130,6 +142,7 @@ def test_final_report_is_replaced_whole(tmp_path: Path) -> None:
         "reward_mean": None,
         "resumed_from_step": 4,
         "steps_run": 2,
+        "critic_sha256": None,
     }
     assert [p.name for p in tmp_path.iterdir()] == ["final.json"], "no temp file left behind"
 
@@ -158,15 +171,17 @@ def trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: ran
         optimizer.step()
 
 
-def manager_for(seed: int) -> MiniCheckpointManager:
+def manager_for(seed: int, layout: CheckpointLayout = CheckpointLayout.fsdp) -> MiniCheckpointManager:
     model = build_policy(SPEC, seed)
-    return MiniCheckpointManager(model, torch.optim.Adam(model.parameters(), lr=0.05))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    return checkpoint_manager(layout, model, optimizer, role=ACTOR_DIR, arch="MiniPPOPolicy", transformer_config={})
 
 
 @pytest.mark.usefixtures("one_rank_group")
-def test_save_then_load_continues_bit_identically(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", list(CheckpointLayout))
+def test_save_then_load_continues_bit_identically(tmp_path: Path, layout: CheckpointLayout) -> None:
     actor = str(step_folder(tmp_path, 3) / ACTOR_DIR)
-    first = manager_for(seed=1)
+    first = manager_for(seed=1, layout=layout)
     trained(first.model, first.optimizer, range(3))
     torch.manual_seed(123)
     random.seed(456)
@@ -174,14 +189,68 @@ def test_save_then_load_continues_bit_identically(tmp_path: Path) -> None:
     expected_draws = (torch.rand(3).tolist(), random.random())
     trained(first.model, first.optimizer, range(3, 6))
 
-    second = manager_for(seed=2)
+    second = manager_for(seed=2, layout=layout)
     torch.manual_seed(0)
     second.load_checkpoint(actor)
     assert (torch.rand(3).tolist(), random.random()) == expected_draws, "RNG states restored"
     trained(second.model, second.optimizer, range(3, 6))
     assert weights_digest(second.model) == weights_digest(first.model), "model and Adam state restored exactly"
-    extra = torch.load(shard_files(actor, 1, 0).extra_state, weights_only=False)
-    assert extra["lr_scheduler"] is None
+    if layout is CheckpointLayout.fsdp:
+        extra = torch.load(shard_files(actor, 1, 0).extra_state, weights_only=False)
+        assert extra["lr_scheduler"] is None
+    verdict = inspect_role(Path(actor), tmp_path, step=3)
+    assert (verdict.layout.value, verdict.world_size, verdict.problems) == (layout.value, 1, ()), (
+        "the supervisor's own rules, told nothing, recognise the layout and find it complete"
+    )
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_the_megatron_manifest_is_verls_and_written_last(tmp_path: Path, monkeypatch) -> None:
+    """At the moment the manifest goes into place every other file of the role folder is already there, as
+    after verl's ``_finalize_save``; before it, the supervisor must read the folder as incomplete."""
+    actor = step_folder(tmp_path, 4) / ACTOR_DIR
+    manager = manager_for(seed=0, layout=CheckpointLayout.megatron)
+    assert isinstance(manager, MiniMegatronCheckpointManager)
+    seen: list[tuple[set[str], tuple[str, ...]]] = []
+    original = os.replace
+
+    def spying_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst).name == MEGATRON_MANIFEST:
+            files = {p.relative_to(actor).as_posix() for p in actor.rglob("*") if p.is_file()}
+            seen.append((files, inspect_role(actor, tmp_path, step=4, strategy="megatron").problems))
+        original(src, dst)
+
+    monkeypatch.setattr(checkpoint_io.os, "replace", spying_replace)
+    manager.save_checkpoint(str(actor), global_step=4)
+    [(before, problems)] = seen
+    expected = {"transformer_config.json", f"{MEGATRON_MANIFEST}.tmp"} | {
+        f"{content}/dist_ckpt/{name}"
+        for content in ("model", "optimizer", "extra")
+        for name in ("__0_0.distcp", ".metadata", "common.pt", "metadata.json")
+    }
+    assert before == expected
+    assert [p.split(":")[0] for p in problems] == ["missing_manifest"]
+
+    manifest = json.loads((actor / MEGATRON_MANIFEST).read_text())
+    fixture = megatron_files.manifest(4, 1)
+    assert manifest.keys() == fixture.keys()
+    assert manifest["directories"].keys() == fixture["directories"].keys()
+    assert (manifest["global_step"], manifest["world_size"], manifest["role"]) == (4, 1, "actor")
+    assert {name: entry["path"] for name, entry in manifest["contents"].items()} == {
+        "model": "model/dist_ckpt",
+        "optimizer": "optimizer/dist_ckpt",
+        "rng_state": "extra/dist_ckpt",
+        "transformer_config": "transformer_config.json",
+    }
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_a_megatron_folder_cut_before_a_dist_ckpt_finished_is_refused_on_load(tmp_path: Path) -> None:
+    actor = step_folder(tmp_path, 2) / ACTOR_DIR
+    manager_for(seed=0, layout=CheckpointLayout.megatron).save_checkpoint(str(actor), global_step=2)
+    (actor / "optimizer" / "dist_ckpt" / "metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="is not a distributed checkpoint"):
+        manager_for(seed=0, layout=CheckpointLayout.megatron).load_checkpoint(str(actor))
 
 
 def save_steps(manager: MiniCheckpointManager, root: Path, steps: range, keep: int | None) -> list[list[int]]:
@@ -194,6 +263,7 @@ def save_steps(manager: MiniCheckpointManager, root: Path, steps: range, keep: i
 
 
 @pytest.mark.usefixtures("one_rank_group")
+@pytest.mark.parametrize("layout", list(CheckpointLayout))
 @pytest.mark.parametrize(
     ("keep", "expected"),
     [
@@ -204,8 +274,10 @@ def save_steps(manager: MiniCheckpointManager, root: Path, steps: range, keep: i
         (3, [[1], [1, 2], [1, 2, 3], [2, 3, 4]]),
     ],
 )
-def test_rotation_is_verls(tmp_path: Path, keep: int | None, expected: list[list[int]]) -> None:
-    assert save_steps(manager_for(seed=0), tmp_path, range(1, 5), keep) == expected
+def test_rotation_is_verls(
+    tmp_path: Path, layout: CheckpointLayout, keep: int | None, expected: list[list[int]]
+) -> None:
+    assert save_steps(manager_for(seed=0, layout=layout), tmp_path, range(1, 5), keep) == expected
 
 
 @pytest.mark.usefixtures("one_rank_group")
@@ -229,3 +301,45 @@ def test_rotation_makes_room_before_the_save_with_a_keep_of_two_or_more(tmp_path
 def test_a_restarted_job_does_not_rotate_what_an_earlier_attempt_saved(tmp_path: Path) -> None:
     save_steps(manager_for(seed=0), tmp_path, range(1, 3), keep=1)
     assert save_steps(manager_for(seed=0), tmp_path, range(3, 5), keep=1) == [[2, 3], [2, 4]]
+
+
+# --- TransferQueue's checkpoint (async trainer modes) ---
+
+
+def test_transfer_queue_is_saved_as_transferqueue_saves_it_and_read_back(tmp_path: Path) -> None:
+    final = tmp_path / TRANSFER_QUEUE_DIR
+    (tmp_path / "transfer_queue.tmp").mkdir()  # a save cut before its rename: the next one starts over
+    save_transfer_queue(final, {"global_steps": 4})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "transfer_queue/controller_state.pkl",
+        "transfer_queue/metadata.json",
+        "transfer_queue/storage_units/su_0_mini_ppo_storage_0.pkl",
+        "transfer_queue/storage_units/su_info.json",
+    ]
+    assert json.loads((final / "metadata.json").read_text()) == {
+        "storage_saved": True,
+        "user_metadata": {"global_steps": 4},
+    }
+    assert load_transfer_queue(final, 4)["partitions"] == {}, "nothing is in flight at a save"
+    save_transfer_queue(final, {"global_steps": 6})  # an older one in place is replaced whole
+    with pytest.raises(ValueError, match="global step 6, not of step 4"):
+        load_transfer_queue(final, 4)
+
+
+@pytest.mark.parametrize("missing", ["metadata.json", "controller_state.pkl"])
+def test_a_transfer_queue_without_its_files_is_refused(tmp_path: Path, missing: str) -> None:
+    final = tmp_path / TRANSFER_QUEUE_DIR
+    save_transfer_queue(final, {"global_steps": 2})
+    (final / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_transfer_queue(final, 2)
+
+
+def test_the_supervisor_accepts_the_transfer_queue_the_job_writes(tmp_path: Path) -> None:
+    folder = step_folder(tmp_path, 2)
+    facts = CheckpointFacts(transfer_queue=True)
+    folder.mkdir()
+    assert "missing_transfer_queue" in {p.split(":")[0] for p in inspect_checkpoint(folder, facts=facts).problems}
+    save_transfer_queue(folder / TRANSFER_QUEUE_DIR, {"global_steps": 2})
+    problems = inspect_checkpoint(folder, facts=facts).problems
+    assert not [p for p in problems if "transfer_queue" in p], problems

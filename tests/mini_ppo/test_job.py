@@ -2,7 +2,7 @@
 semantics, weight-sync faults that exit 75, and runs interrupted anywhere that end bit-identical to one that was not.
 
 Every run here is a real Ray job (15-25 s on two cores, most of it Ray workers importing verl): the default suite
-runs six, the rest are marked slow.
+runs nine, the rest are marked slow.
 """
 
 from __future__ import annotations
@@ -15,11 +15,27 @@ import pytest
 import torch
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
-from mini_ppo.layout import ACTOR_DIR, DATA_FILE, FSDP_CONFIG_FILE, shard_files, step_folder
+from mini_ppo.layout import (
+    ACTOR_DIR,
+    CRITIC_DIR,
+    DATA_FILE,
+    FSDP_CONFIG_FILE,
+    MEGATRON_MANIFEST,
+    TRANSFER_QUEUE_DIR,
+    shard_files,
+    step_folder,
+)
 from mini_ppo.model import PolicySpec, build_policy, weights_digest
+from supervisor.checkpoints import CheckpointProblem, inspect_checkpoint, scan_checkpoints
 from tests.mini_ppo.harness import JobRun, run_job
 from tests.mini_ppo.user_callback import CALLS_FILE, RecordingCallback
-from verl_hooks.contract import CHECKPOINT_CALLBACK_CLASS, CHECKPOINT_MARKER, read_checkpoint_marker, read_record
+from verl_hooks.contract import (
+    CHECKPOINT_CALLBACK_CLASS,
+    CHECKPOINT_MARKER,
+    CheckpointFacts,
+    read_checkpoint_marker,
+    read_record,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -103,8 +119,9 @@ def test_every_save_carries_the_supervisors_checkpoint_marker(reference: JobRun)
         assert (marker.step, marker.durable) == (step, True)
         facts = marker.facts
         assert (facts.critic, facts.transfer_queue, facts.async_save) == (False, False, False)
-        # mini-PPO has no verl actor section: what its shards must be is left to the files.
-        assert (facts.actor_strategy, facts.actor_save_contents) == (None, None)
+        # What a verl config with the FSDP strategy and verl's default save_contents says; no critic to describe.
+        assert (facts.actor_strategy, facts.actor_save_contents) == ("fsdp", ("model", "optimizer", "extra"))
+        assert (facts.critic_strategy, facts.max_actor_ckpt_to_keep, facts.max_critic_ckpt_to_keep) == (None,) * 3
 
 
 def test_a_users_checkpoint_callback_runs_before_the_marker_in_the_jobs_actor(ray_cluster, tmp_path: Path) -> None:
@@ -173,6 +190,95 @@ def test_multi_phase_sync_fault_right_after_a_save_and_resume_path_end_bit_ident
     )
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert_same_end(resumed, reference, resumed_from=4)
+
+
+# --- the other layouts verl writes: Megatron, a critic, TransferQueue's state ---
+
+MEGATRON = "trainer.checkpoint_layout=megatron"
+CRITIC = "trainer.use_critic=true"
+ASYNC = "trainer.trainer_mode=separate_async"
+ALL_OPTIONS = (MEGATRON, CRITIC, ASYNC)
+
+
+@pytest.fixture(scope="module")
+def all_options(ray_cluster, tmp_path_factory) -> JobRun:
+    """An uninterrupted run in the Megatron layout, with a critic, in an async trainer mode."""
+    run = run_job(ray_cluster, tmp_path_factory.mktemp("all_options") / "ckpt", *ALL_OPTIONS)
+    assert run.returncode == 0, run.output[-4000:]
+    return run
+
+
+def test_megatron_critic_and_transfer_queue_are_written_as_verl_writes_them(
+    all_options: JobRun, reference: JobRun, tmp_path: Path
+) -> None:
+    root = all_options.ckpt_dir
+    infos = scan_checkpoints(root)
+    assert [(info.step, info.complete, info.layout, info.marker) for info in infos] == [
+        (step, True, "megatron", True) for step in (2, 4, 6)
+    ], [info.problems for info in infos]
+    for step in (2, 4, 6):
+        folder = step_folder(root, step)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [ACTOR_DIR, CRITIC_DIR, DATA_FILE, TRANSFER_QUEUE_DIR, CHECKPOINT_MARKER]
+        )
+        for role in (ACTOR_DIR, CRITIC_DIR):
+            manifest = json.loads((folder / role / MEGATRON_MANIFEST).read_text())
+            assert (manifest["role"], manifest["global_step"], manifest["world_size"]) == (role, step, WORLD_SIZE)
+        queue = json.loads((folder / TRANSFER_QUEUE_DIR / "metadata.json").read_text())
+        assert queue == {"storage_saved": True, "user_metadata": {"global_steps": step}}
+        facts = read_checkpoint_marker(folder).facts
+        assert (facts.actor_strategy, facts.critic, facts.critic_strategy, facts.transfer_queue) == (
+            "megatron",
+            True,
+            "megatron",
+            True,
+        )
+    # Without the marker (a step saved by verl's legacy trainer, say) the layout rules alone judge the files.
+    bare = tmp_path / "global_step_6"
+    shutil.copytree(step_folder(root, 6), bare)
+    (bare / CHECKPOINT_MARKER).unlink()
+    info = inspect_checkpoint(bare, facts=CheckpointFacts(critic=True, transfer_queue=True))
+    assert (info.complete, info.layout, info.world_size, info.marker) == (True, "megatron", WORLD_SIZE, False)
+    (bare / ACTOR_DIR / MEGATRON_MANIFEST).unlink()
+    assert CheckpointProblem.MISSING_MANIFEST in inspect_checkpoint(bare).problem_kinds
+
+    final = all_options.final()
+    assert final["weights_sha256"] == reference.final()["weights_sha256"], "the layout and the critic change no bit"
+    assert reference.final()["critic_sha256"] is None
+    assert final["critic_sha256"] is not None
+
+
+def fail_at_3_then_resume(ray_cluster, ckpt: Path, *options: str) -> JobRun:
+    """Attempt 1 fails in the weight sync of step 3 (step 2 saved); attempt 2 resumes from the tracker."""
+    faults = "naive:raise@3#1"
+    failed = run_job(ray_cluster, ckpt, *options, faults=faults, attempt=1)
+    assert_sync_failure(failed, phase="naive", step=3, backend="naive")
+    assert [(info.step, info.complete) for info in scan_checkpoints(ckpt)] == [(2, True)]
+    resumed = run_job(ray_cluster, ckpt, *options, faults=faults, attempt=2)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "Resuming from" in resumed.output
+    assert all(info.complete for info in scan_checkpoints(ckpt))
+    return resumed
+
+
+def test_every_layout_resumed_from_step_2_ends_bit_identical(
+    ray_cluster, tmp_path: Path, reference: JobRun, all_options: JobRun
+) -> None:
+    resumed = fail_at_3_then_resume(ray_cluster, tmp_path / "ckpt", *ALL_OPTIONS)
+    assert_same_end(resumed, reference, resumed_from=2)
+    assert resumed.final()["critic_sha256"] == all_options.final()["critic_sha256"], "the critic was restored"
+    assert "Restored TransferQueue state" in resumed.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", [MEGATRON, CRITIC, ASYNC], ids=["megatron", "critic", "separate_async"])
+def test_each_option_alone_resumes_bit_identical(
+    ray_cluster, tmp_path: Path, reference: JobRun, all_options: JobRun, option: str
+) -> None:
+    resumed = fail_at_3_then_resume(ray_cluster, tmp_path / "ckpt", option)
+    assert_same_end(resumed, reference, resumed_from=2)
+    expected_critic = all_options.final()["critic_sha256"] if option == CRITIC else None
+    assert resumed.final()["critic_sha256"] == expected_critic, "the critic trains the same bits in either layout"
 
 
 # --- slow: the other interruption points and resume modes ---

@@ -13,9 +13,11 @@ from omegaconf.errors import ValidationError
 
 import mini_ppo.main as job_main
 from mini_ppo.schema import (
+    CheckpointLayout,
     MiniPPOConfig,
     ResumeMode,
     SyncBackend,
+    TrainerMode,
     ray_init_kwargs,
     validate,
     with_absolute_paths,
@@ -54,6 +56,10 @@ def test_verls_trainer_keys_are_accepted() -> None:
         "trainer.resume_mode=resume_path",
         "trainer.resume_from_path=rel/global_step_3",
         "trainer.max_actor_ckpt_to_keep=1",
+        "trainer.max_critic_ckpt_to_keep=2",
+        "trainer.checkpoint_layout=megatron",
+        "trainer.use_critic=true",
+        "trainer.trainer_mode=separate_async",
         "rollout.backend=cpu_gloo",
         "rollout.num_replicas=3",
         # What the supervisor's verl preset adds: ray.init keywords are open, as in verl.
@@ -61,6 +67,8 @@ def test_verls_trainer_keys_are_accepted() -> None:
     )
     trainer = config.trainer
     assert (trainer.total_training_steps, trainer.save_freq, trainer.max_actor_ckpt_to_keep) == (9, 3, 1)
+    assert (trainer.max_critic_ckpt_to_keep, trainer.use_critic) == (2, True)
+    assert (trainer.checkpoint_layout, trainer.trainer_mode) == (CheckpointLayout.megatron, TrainerMode.separate_async)
     assert trainer.resume_mode is ResumeMode.resume_path
     assert trainer.default_local_dir == "/abs/ckpt", "absolute paths are kept"
     assert trainer.resume_from_path == "/work/dir/rel/global_step_3", "relative ones are the driver's cwd's"
@@ -70,7 +78,15 @@ def test_verls_trainer_keys_are_accepted() -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["trainer.total_trainin_steps=3", "trainer.resume_mode=sometimes", "data.batch_size=many", "model.obs_dim=null"],
+    [
+        "trainer.total_trainin_steps=3",
+        "trainer.resume_mode=sometimes",
+        "data.batch_size=many",
+        "model.obs_dim=null",
+        "trainer.checkpoint_layout=deepspeed",
+        "trainer.trainer_mode=fully_async",
+        "trainer.use_critic=sometimes",
+    ],
 )
 def test_typos_and_wrong_types_are_hydra_errors(override: str) -> None:
     with pytest.raises((ConfigCompositionException, ValidationError)):
@@ -90,6 +106,7 @@ def valid(**changes: dict) -> MiniPPOConfig:
         ({"trainer": {"total_training_steps": 0}}, "total_training_steps"),
         ({"trainer": {"n_workers": 0}}, "n_workers"),
         ({"trainer": {"max_actor_ckpt_to_keep": -1}}, "max_actor_ckpt_to_keep"),
+        ({"trainer": {"max_critic_ckpt_to_keep": -1}}, "max_critic_ckpt_to_keep"),
         ({"data": {"batch_size": 513}}, "batch_size"),
         ({"rollout": {"num_replicas": 3}}, "rollout.num_replicas must be null or equal to trainer.n_workers"),
         ({"trainer": {"resume_mode": ResumeMode.resume_path}}, "must name a global_step_N"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from supervisor.checkpoints import (
 )
 from tests.supervisor import megatron_files as megatron
 from tests.supervisor.checkpoint_files import write_step
+from tests.verl_fixtures import StepSpec, write_fsdp_steps
 from verl_hooks.contract import CheckpointFacts, CheckpointMarker, write_checkpoint_marker
 
 P = CheckpointProblem
@@ -238,3 +240,79 @@ def test_rotation_keeps_the_newest_complete_steps_up_to_the_resume_step(tmp_path
     assert [(r.step, r.role) for r in plan] == [(1, "actor"), (1, "critic"), (2, "actor"), (2, "critic"), (3, "critic")]
     assert plan_rotation(infos, CheckpointFacts(), 4) == [], "no limit: nothing is removed"
     assert plan_rotation(infos, CheckpointFacts(max_actor_ckpt_to_keep=1), None) == []
+
+
+# --- FSDP folders written by verl's own FSDPCheckpointManager ------------------------------------------------------
+
+FSDP_VARIANTS = {
+    "default": StepSpec(Path("default"), 3),
+    "model-extra": StepSpec(Path("model-extra"), 3, save_contents=("model", "extra")),
+    "hf-model-only": StepSpec(Path("hf-model-only"), 3, save_contents=("hf_model",)),
+    "all-and-hf-model": StepSpec(
+        Path("all-and-hf-model"), 3, save_contents=("model", "optimizer", "extra", "hf_model")
+    ),
+    "with-critic": StepSpec(Path("with-critic"), 3, critic=True),
+}
+
+
+@pytest.fixture(scope="module")
+def verl_fsdp_steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("verl-fsdp")
+    specs = [replace(spec, root=base / spec.root) for spec in FSDP_VARIANTS.values()]
+    return dict(zip(FSDP_VARIANTS, write_fsdp_steps(specs), strict=True))
+
+
+def fsdp_save_order(step_dir: Path) -> list[Path]:
+    """The step's files in the order verl writes them: per role (actor, then critic) every rank's shards
+    (``fsdp_checkpoint_manager.py`` lines 316-362), rank 0's ``huggingface/config.json`` then
+    ``fsdp_config.json`` (lines 364-417), the full HF model (lines 419-474); then the trainer's ``data.pt``."""
+
+    def stage(path: Path) -> tuple[int, int, str]:
+        rel = path.relative_to(step_dir)
+        role = {"actor": 0, "critic": 1}.get(rel.parts[0], 2)
+        name = rel.as_posix()
+        if role == 2:
+            return role, 0, name
+        inside = Path(*rel.parts[1:]).as_posix()
+        if inside.endswith(".pt"):
+            order = 0
+        elif inside == "huggingface/config.json":
+            order = 1
+        elif inside == "fsdp_config.json":
+            order = 2
+        else:
+            order = 3
+        return role, order, name
+
+    return sorted((p for p in step_dir.rglob("*") if p.is_file()), key=stage)
+
+
+@pytest.mark.parametrize("variant", list(FSDP_VARIANTS))
+def test_verls_fsdp_step_is_incomplete_after_each_file_until_its_last(
+    verl_fsdp_steps: dict[str, Path], tmp_path: Path, variant: str
+) -> None:
+    spec, written = FSDP_VARIANTS[variant], verl_fsdp_steps[variant]
+    facts = CheckpointFacts(
+        actor_strategy="fsdp2",
+        actor_save_contents=spec.save_contents,
+        critic=spec.critic,
+        critic_save_contents=spec.save_contents if spec.critic else None,
+    )
+    assert inspect_checkpoint(written, facts=facts).complete, inspect_checkpoint(written, facts=facts).problems
+    order = fsdp_save_order(written)
+    for cut in range(len(order)):
+        folder = tmp_path / f"cut{cut}" / written.name
+        for source in order[:cut]:
+            target = folder / source.relative_to(written)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        (folder / "actor").mkdir(parents=True, exist_ok=True)  # verl makes the folder before writing
+        info = inspect_checkpoint(folder, facts=facts)
+        assert not info.complete, f"a crash after {order[cut - 1].relative_to(written) if cut else 'mkdir'}"
+
+
+def test_verls_fsdp_step_is_judged_without_being_told_its_configuration(verl_fsdp_steps: dict[str, Path]) -> None:
+    for variant in FSDP_VARIANTS:
+        info = inspect_checkpoint(verl_fsdp_steps[variant])
+        assert info.complete, (variant, info.problems)
+        assert (info.layout, info.world_size) == ("fsdp", 1)

@@ -4,6 +4,11 @@ The weight-sync surface (``update_weights``, ``execute_checkpoint_engine``) has 
 semantics of verl's ``ActorRolloutRefWorker`` in ``verl/workers/engine_workers.py``, so verl's
 ``CheckpointEngineManager`` drives it exactly as it drives the real one. In the hybrid layout (backend
 "naive") each worker also serves a rollout replica from the same process, as verl's hybrid engine does.
+
+With a critic, the same processes hold the value model too: verl colocates the roles that share a resource pool
+in one process (``create_colocated_worker_cls``), names their methods ``<role>_<method>`` and hands the trainer
+one worker group per role through ``RayWorkerGroup.spawn``, which strips the prefix. The ``critic_*`` methods
+here are those names, so ``spawn({"critic"})`` gives the trainer verl's critic worker group API.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.utils.distributed import initialize_global_process_group_ray
 from verl.utils.import_utils import import_external_libs
 
-from mini_ppo.checkpoint_io import MiniCheckpointManager
-from mini_ppo.model import PolicySpec, build_policy, named_weights, weights_digest
+from mini_ppo.checkpoint_io import checkpoint_manager
+from mini_ppo.layout import ACTOR_DIR, CRITIC_DIR
+from mini_ppo.model import PolicySpec, build_policy, build_value_model, named_weights, weights_digest
 from mini_ppo.rollout import RolloutEngine, RolloutServerMixin
 
 
@@ -34,6 +40,14 @@ class ActorConfig:
     bucket_megabytes: int = 1
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     custom_backend_module: str | None = None
+    checkpoint_layout: str = "fsdp"
+    """``fsdp`` or ``megatron``: the layout of the role folders this worker writes and reads."""
+    use_critic: bool = False
+
+
+def transformer_config(spec: PolicySpec, out_dim: int) -> dict[str, Any]:
+    """What the Megatron layout's ``transformer_config.json`` says of a model here: its shape."""
+    return {"num_layers": 2, "hidden_size": spec.hidden_dim, "input_size": spec.obs_dim, "output_size": out_dim}
 
 
 class MiniActorWorker(Worker, RolloutServerMixin):
@@ -56,7 +70,38 @@ class MiniActorWorker(Worker, RolloutServerMixin):
             **self.config.engine_kwargs,
         )
         self.rollout_engine = RolloutEngine(self.config.policy)
-        self.checkpoint_manager = MiniCheckpointManager(self.policy, self.optimizer)
+        spec = self.config.policy
+        self.checkpoint_manager = checkpoint_manager(
+            self.config.checkpoint_layout,
+            self.policy,
+            self.optimizer,
+            role=ACTOR_DIR,
+            arch="MiniPPOPolicy",
+            transformer_config=transformer_config(spec, spec.num_actions),
+        )
+        if self.config.use_critic:
+            self.critic = build_value_model(spec, self.config.seed)
+            # The actor's learning rate: the critic is there for its checkpoints, it needs no knob of its own.
+            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.lr)
+            self.critic_checkpoint_manager = checkpoint_manager(
+                self.config.checkpoint_layout,
+                self.critic,
+                self.critic_optimizer,
+                role=CRITIC_DIR,
+                arch="MiniPPOValueModel",
+                transformer_config=transformer_config(spec, 1),
+            )
+
+    def _all_reduce_mean_grads(self, model: torch.nn.Module) -> None:
+        """Average the gradients over the data-parallel ranks: one flat all-reduce, a fixed order of sums."""
+        grads = [p.grad for p in model.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def update_actor(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -69,16 +114,22 @@ class MiniActorWorker(Worker, RolloutServerMixin):
         loss = -torch.min(ratio * shard["advantages"], clipped * shard["advantages"]).mean()
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        grads = [p.grad for p in self.policy.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        self._all_reduce_mean_grads(self.policy)
         self.optimizer.step()
         return {"actor/loss": float(loss.detach()), "actor/ratio_mean": float(ratio.detach().mean())}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def critic_update_critic(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One value-regression step towards the returns on this rank's shard. It draws no random number and
+        touches nothing of the policy: the policy's updates are the same with or without it."""
+        shard = {key: value[self.rank :: self.world_size] for key, value in batch.items()}
+        values = self.critic(shard["obs"]).squeeze(-1)
+        loss = torch.nn.functional.mse_loss(values, shard["returns"])
+        self.critic_optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self._all_reduce_mean_grads(self.critic)
+        self.critic_optimizer.step()
+        return {"critic/vf_loss": float(loss.detach())}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
     async def update_weights(self, global_steps: int | None = None, mode: str = "auto") -> dict[str, Any]:
@@ -112,3 +163,20 @@ class MiniActorWorker(Worker, RolloutServerMixin):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def weights_digest(self) -> str:
         return weights_digest(self.policy)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def critic_save_checkpoint(
+        self, local_path: str, hdfs_path: str | None = None, global_step: int = 0, max_ckpt_to_keep: int | None = None
+    ) -> None:
+        """verl's critic worker API (a step's ``critic/``); its own manager, so its own rotation list."""
+        self.critic_checkpoint_manager.save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def critic_load_checkpoint(
+        self, local_path: str, hdfs_path: str | None = None, del_local_after_load: bool = False
+    ) -> None:
+        self.critic_checkpoint_manager.load_checkpoint(local_path, hdfs_path, del_local_after_load)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def critic_weights_digest(self) -> str:
+        return weights_digest(self.critic)

@@ -38,6 +38,18 @@ def build_policy(spec: PolicySpec, seed: int) -> nn.Module:
     return model
 
 
+def build_value_model(spec: PolicySpec, seed: int) -> nn.Module:
+    """The critic: observation -> one value, initialised from a generator of its own (never torch's global RNG,
+    whose state the checkpoints carry), so that adding it leaves every other random draw as it was."""
+    generator = torch.Generator().manual_seed(seed + 104729)
+    model = nn.Sequential(nn.Linear(spec.obs_dim, spec.hidden_dim), nn.Tanh(), nn.Linear(spec.hidden_dim, 1))
+    with torch.no_grad():
+        for param in model.parameters():
+            scale = 1.0 / param.shape[-1] ** 0.5
+            param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * scale)
+    return model
+
+
 def named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Weights as verl's engines hand them to a checkpoint engine: (name, tensor) pairs, detached."""
     for name, param in model.named_parameters():

@@ -42,6 +42,26 @@ class SyncBackend(str, Enum):
     """verl's multi-phase path: standalone replicas, weights broadcast over a gloo group built per sync."""
 
 
+class CheckpointLayout(str, Enum):
+    """Which of verl's checkpoint managers the job imitates; each value is the verl strategy
+    (``actor_rollout_ref.actor.strategy``, ``critic.strategy``) whose manager writes that layout."""
+
+    fsdp = "fsdp"
+    """``FSDPCheckpointManager``: per-rank ``model_``/``optim_``/``extra_state_world_size_W_rank_R.pt``."""
+    megatron = "megatron"
+    """``MegatronCheckpointManager``, layout v2: ``model/``, ``optimizer/``, ``extra/`` dist checkpoints, then
+    ``transformer_config.json``, then the ``ckpt_contents.json`` manifest."""
+
+
+class TrainerMode(str, Enum):
+    """verl's ``trainer.v1.trainer_mode``. Here it only decides the checkpoint, as in verl's ``_save_checkpoint``:
+    every mode but ``sync`` also saves TransferQueue's state; mini-PPO's dataflow stays synchronous."""
+
+    sync = "sync"
+    colocate_async = "colocate_async"
+    separate_async = "separate_async"
+
+
 @dataclass
 class TrainerConfig:
     total_training_steps: int = 6
@@ -53,6 +73,16 @@ class TrainerConfig:
     resume_from_path: str | None = None
     max_actor_ckpt_to_keep: int | None = None
     """Keep at most this many step folders' ``actor/`` (null or 0: keep all), rotated as verl rotates them."""
+    max_critic_ckpt_to_keep: int | None = None
+    """The same for ``critic/``."""
+    checkpoint_layout: CheckpointLayout = CheckpointLayout.fsdp
+    """The layout of each role folder: verl's FSDP one or its Megatron one (the training is the same)."""
+    use_critic: bool = False
+    """Train a value model beside the policy (colocated in the trainer's workers, as verl colocates roles) and
+    checkpoint it in ``critic/``. Its values do not enter the policy's advantages, so the policy trains the
+    same bits with or without it."""
+    trainer_mode: TrainerMode = TrainerMode.sync
+    """verl's ``trainer.v1.trainer_mode``; any mode but ``sync`` saves ``transfer_queue/`` in each step."""
     # Named, not imported, as verl names it: the job imports nothing of verl_hooks.
     checkpoint_callback_class: str | None = "verl_hooks.checkpoint_callback.SupervisorCheckpointCallback"
     """verl's: a ``CheckpointCallback`` subclass whose ``on_save`` runs after each save (null: none). The default
@@ -140,6 +170,10 @@ def validate(config: MiniPPOConfig) -> None:
     require(
         trainer.max_actor_ckpt_to_keep is None or trainer.max_actor_ckpt_to_keep >= 0,
         "trainer.max_actor_ckpt_to_keep must be null or >= 0",
+    )
+    require(
+        trainer.max_critic_ckpt_to_keep is None or trainer.max_critic_ckpt_to_keep >= 0,
+        "trainer.max_critic_ckpt_to_keep must be null or >= 0",
     )
     require(data.dataset_size >= 1, "data.dataset_size must be >= 1")
     require(1 <= data.batch_size <= data.dataset_size, "data.batch_size must be in 1..data.dataset_size")

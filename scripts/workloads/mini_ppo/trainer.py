@@ -2,9 +2,9 @@
 
 The loop has verl's shape and order, because that order is what the supervisor and the guard see: load the
 checkpoint, sync the weights once, then per step generate on the rollout replicas, (naive) put the replicas to
-sleep, update the actor, save when due, and sync the weights of the new step to the rollout. Every random choice is
-seeded from (seed, step, ...) and every reduction has a fixed order, so a run resumed from a checkpoint ends with
-the same bits as a run that was never interrupted.
+sleep, update the critic (``trainer.use_critic``) and the actor, save when due, and sync the weights of the new
+step to the rollout. Every random choice is seeded from (seed, step, ...) and every reduction has a fixed order, so
+a run resumed from a checkpoint ends with the same bits as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
 
 from mini_ppo.actor import ActorConfig
@@ -27,14 +27,16 @@ from mini_ppo.checkpoint_io import (
     FinalReport,
     ResumePoint,
     load_data_state,
+    load_transfer_queue,
     resume_point,
     save_data_state,
+    save_transfer_queue,
     write_tracker,
 )
 from mini_ppo.data import BatchIterator, derive_seed
-from mini_ppo.layout import ACTOR_DIR, FINAL_FILE, should_save, step_folder
+from mini_ppo.layout import ACTOR_DIR, CRITIC_DIR, FINAL_FILE, TRANSFER_QUEUE_DIR, should_save, step_folder
 from mini_ppo.model import BanditTask, PolicySpec
-from mini_ppo.schema import MiniPPOConfig, SyncBackend
+from mini_ppo.schema import MiniPPOConfig, SyncBackend, TrainerMode
 from mini_ppo.topology import WeightSyncTopology, build_topology, with_backend
 
 
@@ -61,6 +63,8 @@ def actor_config(config: MiniPPOConfig) -> ActorConfig:
         lr=config.actor.lr,
         clip_ratio=config.actor.clip_ratio,
         bucket_megabytes=config.rollout.bucket_megabytes,
+        checkpoint_layout=config.trainer.checkpoint_layout.value,
+        use_critic=config.trainer.use_critic,
     )
     return with_backend(actor, config.rollout.backend.value)
 
@@ -72,8 +76,16 @@ def normalised(rewards: torch.Tensor) -> torch.Tensor:
 
 def callback_config(config: MiniPPOConfig) -> DictConfig:
     """The job's config as verl hands it to its checkpoint callback: a DictConfig (verl's
-    ``build_checkpoint_callback`` reads ``config.trainer.get(...)``, which a dataclass has not)."""
-    return OmegaConf.structured(config)
+    ``build_checkpoint_callback`` reads ``config.trainer.get(...)``, which a dataclass has not), with the verl
+    keys whose meaning the job imitates under verl's names: the strategy whose checkpoint manager writes the
+    layout, for the actor and the critic. (Whether there is a critic, and the trainer mode, verl's callback reads
+    from the trainer, as ``use_critic`` and ``trainer_mode``.)"""
+    cfg = OmegaConf.structured(config)
+    strategy = config.trainer.checkpoint_layout.value  # each layout is named after its verl strategy
+    with open_dict(cfg):
+        cfg.actor_rollout_ref = {"actor": {"strategy": strategy}}
+        cfg.critic = {"strategy": strategy}
+    return cfg
 
 
 class MiniPPOTrainer:
@@ -82,14 +94,15 @@ class MiniPPOTrainer:
     The data iterator, the task and the advantages live here; the policy and its optimizer live in the workers.
     """
 
-    # What verl's V1 trainer knows of itself and a checkpoint callback may read (trainer_base.py:123 and :129):
-    # no critic, and no TransferQueue state in the checkpoints.
-    use_critic = False
-    trainer_mode = "sync"
-
     def __init__(self, config: MiniPPOConfig, topology: WeightSyncTopology) -> None:
         self.config = config
         self.topology = topology
+        # What verl's V1 trainer knows of itself and a checkpoint callback may read (trainer_base.py:123 and :129):
+        # whether it trains a critic, and its mode (all but "sync" save TransferQueue's state in the checkpoints).
+        self.use_critic = config.trainer.use_critic
+        self.trainer_mode = config.trainer.trainer_mode.value
+        # The critic's worker group, as verl's trainer gets it from the colocated workers (see mini_ppo.actor).
+        self.critic_wg = topology.actor_wg.spawn({"critic"})["critic"] if self.use_critic else None
         # Built with the trainer, as verl's PPOTrainer.__init__ does: a bad class name fails before training.
         self.checkpoint_callback = build_checkpoint_callback(callback_config(config))
         spec = actor_config(config).policy
@@ -125,6 +138,7 @@ class MiniPPOTrainer:
             reward_mean=None if last is None else last.reward_mean,
             resumed_from_step=None if start.folder is None else start.step,
             steps_run=max(0, total - start.step),
+            critic_sha256=self.check_critic_ranks_agree() if self.critic_wg is not None else None,
         )
         report.write(self.root)
         self.progress("done", report.global_step)
@@ -144,6 +158,9 @@ class MiniPPOTrainer:
         if self.hybrid:
             manager.sleep_replicas()
         rewards = self.task.rewards(obs, rollout["actions"])
+        if self.critic_wg is not None:
+            # verl updates the critic before the actor; its values stay out of the advantages (GRPO-style here).
+            self.critic_wg.update_critic({"obs": obs, "returns": rewards})
         batch = {
             "obs": obs,
             "actions": rollout["actions"],
@@ -177,13 +194,20 @@ class MiniPPOTrainer:
         return {key: torch.cat([out[key] for out in outputs]) for key in ("actions", "log_probs")}
 
     def save_checkpoint(self, step: int) -> None:
-        """verl's ``_save_checkpoint``: actor shards (with rotation), then data.pt, then the tracker, then the
-        checkpoint callback."""
+        """verl's ``_save_checkpoint`` (``trainer_base.py`` lines 948-1030): the actor's folder (with rotation),
+        the critic's, data.pt, TransferQueue's state in every mode but sync, the tracker, the checkpoint callback."""
         folder = step_folder(self.root, step)
+        trainer = self.config.trainer
         self.topology.actor_wg.save_checkpoint(
-            str(folder / ACTOR_DIR), None, step, max_ckpt_to_keep=self.config.trainer.max_actor_ckpt_to_keep
+            str(folder / ACTOR_DIR), None, step, max_ckpt_to_keep=trainer.max_actor_ckpt_to_keep
         )
+        if self.critic_wg is not None:
+            self.critic_wg.save_checkpoint(
+                str(folder / CRITIC_DIR), None, step, max_ckpt_to_keep=trainer.max_critic_ckpt_to_keep
+            )
         save_data_state(folder, self.data.state_dict())
+        if trainer.trainer_mode is not TrainerMode.sync:
+            save_transfer_queue(folder / TRANSFER_QUEUE_DIR, {"global_steps": step})
         write_tracker(self.root, step)
         self.checkpoint_callback.on_save(trainer=self, global_step=step, checkpoint_dir=str(folder), async_save=False)
 
@@ -194,18 +218,34 @@ class MiniPPOTrainer:
             print("Training from scratch", flush=True)
             return start
         print(f"Resuming from {start.folder} (global step {start.step})", flush=True)
+        # verl's _load_checkpoint order (trainer_base.py lines 850-905): actor, critic, data.pt, TransferQueue.
         self.topology.actor_wg.load_checkpoint(str(start.folder / ACTOR_DIR))
+        if self.critic_wg is not None:
+            self.critic_wg.load_checkpoint(str(start.folder / CRITIC_DIR))
         data_state = load_data_state(start.folder)
         if data_state is None:
             print(f"Warning: no data state in {start.folder}, the data starts over", flush=True)
         else:
             self.data.load_state_dict(data_state)
+        queue = start.folder / TRANSFER_QUEUE_DIR
+        if trainer.trainer_mode is not TrainerMode.sync and queue.exists():
+            # verl restores it only when present; the step check is ours (a queue of another step would re-issue
+            # prompts that step's weights already trained on).
+            load_transfer_queue(queue, start.step)
+            print(f"Restored TransferQueue state from {queue}", flush=True)
         return start
 
     def check_ranks_agree(self) -> str:
         digests = self.topology.actor_wg.weights_digest()
         if len(set(digests)) != 1:
             raise WeightsDivergedError(f"trainer ranks hold different weights: {digests}")
+        return digests[0]
+
+    def check_critic_ranks_agree(self) -> str:
+        assert self.critic_wg is not None
+        digests = self.critic_wg.weights_digest()
+        if len(set(digests)) != 1:
+            raise WeightsDivergedError(f"critic ranks hold different weights: {digests}")
         return digests[0]
 
     def check_rollout_has_trainer_weights(self) -> str:

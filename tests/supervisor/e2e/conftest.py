@@ -27,6 +27,8 @@ TEST_CONFIG_DIR = REPO_ROOT / "tests" / "supervisor" / "e2e" / "conf"
 # The mini-PPO job of the end-to-end tests (the reference digest depends on every one of these, the backend
 # aside: both backends carry the same weights), as small as it gets: each of its Ray processes imports verl.
 JOB_ARGS = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11", "trainer.n_workers=1")
+# Quick restarts: the tests wait for real events, never for the backoff.
+FAST = ("restart.backoff_initial_s=0.2", "restart.backoff_jitter_s=0", "teardown.grace_s=3")
 
 
 def supervisor_argv(run_dir: Path, *overrides: str, job_args: tuple[str, ...] = ()) -> list[str]:
@@ -59,6 +61,14 @@ def run_supervisor(
         timeout=timeout_s,
         check=False,
     )
+
+
+def run_supervisor_with_faults(
+    run_dir: Path, faults: str, *overrides: str, job_args: tuple[str, ...] = JOB_ARGS, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """The supervisor with FAST restarts, the job with ``VERL_HOOKS_FAULTS`` (``PHASE:ACTION@STEP#ATTEMPT``)."""
+    extra_env = {"VERL_HOOKS_FAULTS": faults, **env}
+    return run_supervisor(run_dir, *FAST, *overrides, job_args=job_args, extra_env=extra_env)
 
 
 def start_supervisor(

@@ -15,10 +15,12 @@ import pytest
 
 from supervisor.mechanisms.processes import find_marked_processes
 from tests.supervisor.e2e.conftest import (
+    FAST,
     JOB_ARGS,
     events_of,
     final_of,
     run_supervisor,
+    run_supervisor_with_faults,
     start_supervisor,
     state_of,
     wait_until,
@@ -28,7 +30,6 @@ from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 pytestmark = pytest.mark.ray
 
 MULTI_PHASE = ("rollout.backend=cpu_gloo", "rollout.num_replicas=1")
-FAST = ("restart.backoff_initial_s=0.2", "restart.backoff_jitter_s=0", "teardown.grace_s=3")
 # A step limit the watchdog adapts to quickly: 3 x the slowest step once 2 are seen, never below 8 s.
 QUICK_WATCHDOG = ("watchdog.adaptive_min_steps=2", "watchdog.adaptive_floor_s=8", "watchdog.adaptive_multiple=3")
 
@@ -79,13 +80,6 @@ def test_a_relaunch_that_ignores_the_chosen_checkpoint_is_stopped_at_its_first_s
     assert (exited["rule"], exited["record"]["error_type"]) == ("resume-mismatch", "supervisor.resume_mismatch")
     assert events_of(run_dir, "teardown")[1]["fenced"]
     assert "did not resume from the checkpoint the supervisor chose" in proc.stderr
-
-
-def run_supervisor_with_faults(
-    run_dir: Path, faults: str, *overrides: str, job_args: tuple[str, ...] = JOB_ARGS, **env: str
-):
-    extra_env = {"VERL_HOOKS_FAULTS": faults, **env}
-    return run_supervisor(run_dir, *FAST, *overrides, job_args=job_args, extra_env=extra_env)
 
 
 EVERY_PHASE = (
