@@ -24,9 +24,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from supervisor.backends.base import JobBackend
-from supervisor.config import RayMode, SupervisorConfig, host_of, resolve_cluster, validate
+from supervisor.config import RUN_TOKEN_FILE, RayMode, SupervisorConfig, host_of, resolve_cluster, validate
 from supervisor.job.command import conflicting_args
 from supervisor.mechanisms.processes import local_ip_towards
+from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
 from supervisor.policy.outcomes import ExitCode
 from supervisor.run.events import EventLog
 from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
@@ -93,12 +94,12 @@ def to_supervisor_config(cfg) -> SupervisorConfig:
     except OmegaConfBaseException as exc:
         raise UsageError(_one_line(exc)) from None
     assert isinstance(config, SupervisorConfig)
+    config.run_dir = str(Path(config.run_dir).expanduser().resolve())
+    config.checkpoints.dir = str(Path(config.checkpoints.dir).expanduser().resolve())
     problems = validate(config) + resolve_cluster(config, os.environ)
     if problems:
         raise UsageError("; ".join(problems))
     config.watchdog.listen_host = heartbeat_listen_host(config)
-    config.run_dir = str(Path(config.run_dir).expanduser().resolve())
-    config.checkpoints.dir = str(Path(config.checkpoints.dir).expanduser().resolve())
     return config
 
 
@@ -165,19 +166,33 @@ def make_backend(config: SupervisorConfig, run_dir: RunDirectory, run_id: str) -
     return ChildDriverBackend(cluster, config.ray, config.teardown, run_id)
 
 
+def _prepare_token(config: SupervisorConfig, run_dir: RunDirectory) -> None:
+    """Draw the embedded cluster's token for the run; a token file the user names must exist."""
+    path = config.ray.auth_token_path
+    if config.ray.auth_mode != "token" or path is None:
+        return
+    own = run_dir.path / RUN_TOKEN_FILE
+    if config.ray.mode is RayMode.local and Path(path).resolve() == own.resolve():
+        ensure_run_token(own)
+    elif not Path(path).expanduser().is_file():
+        raise UsageError(f"ray.auth_token_path={path}: no such file (it must hold the cluster's token)")
+
+
 def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
     """Run the supervisor on a validated configuration; returns its exit code."""
     from supervisor.job.heartbeats import HeartbeatServer
     from supervisor.loop import RunAlreadyFinished, Supervisor, new_history
 
-    # The supervisor is a client of the cluster too (state API, GCS), and Ray reads the mode from the environment.
-    os.environ["RAY_AUTH_MODE"] = config.ray.auth_mode
     run_dir = RunDirectory(Path(config.run_dir))
     try:
         run_dir.acquire()
     except RunDirectoryInUse as exc:
         raise UsageError(str(exc)) from None
     try:
+        _prepare_token(config, run_dir)
+        # The supervisor is a client of the cluster too (state API, GCS), and the cluster's processes and the
+        # job inherit its environment: the auth mode and the token's path are set once, here.
+        apply_auth_env(config.ray.auth_mode or "disabled", config.ray.auth_token_path, os.environ)
         try:
             history = new_history(run_dir)
         except RunAlreadyFinished as exc:

@@ -68,8 +68,14 @@ class RayConfig:
     num_cpus: int | None = None
     """Logical CPUs of the embedded cluster; null lets Ray count the machine's."""
     object_store_memory_mb: int | None = None
-    auth_mode: str = "disabled"
-    """RAY_AUTH_MODE of the cluster, the job and the supervisor's own calls to it (disabled or token)."""
+    auth_mode: str | None = None
+    """RAY_AUTH_MODE of the cluster, the job and the supervisor's own calls to it (``disabled`` or ``token``).
+    Null: ``token`` for the embedded cluster (closed by default); for the cluster modes $RAY_AUTH_MODE, else
+    ``disabled``."""
+    auth_token_path: str | None = None
+    """The file holding the cluster's token (``token`` mode). Null: the embedded cluster gets a token drawn for
+    the run in ``<run_dir>/ray_auth_token`` (mode 0600); the cluster modes use $RAY_AUTH_TOKEN_PATH, else Ray's
+    own lookup ($RAY_AUTH_TOKEN, ~/.ray/auth_token)."""
     dashboard: bool = True
     """The embedded cluster's dashboard, on loopback: the fence asks its state API for the job's actors."""
     keep_cluster_between_attempts: bool = True
@@ -215,7 +221,7 @@ def validate(config: SupervisorConfig) -> list[str]:
         require(getattr(config.teardown, key) >= 0, f"teardown.{key} must be >= 0")
     require(config.ray.start_timeout_s > 0, "ray.start_timeout_s must be > 0")
     require(config.ray.api_timeout_s > 0, "ray.api_timeout_s must be > 0")
-    require(config.ray.auth_mode in ("disabled", "token"), "ray.auth_mode must be disabled or token")
+    require(config.ray.auth_mode in (None, "disabled", "token"), "ray.auth_mode must be disabled or token")
     require(config.ray.num_cpus is None or config.ray.num_cpus > 0, "ray.num_cpus must be > 0")
     require(config.log_tail_bytes > 0, "log_tail_bytes must be > 0")
     dog = config.watchdog
@@ -246,6 +252,9 @@ def validate(config: SupervisorConfig) -> list[str]:
     return problems
 
 
+RUN_TOKEN_FILE = "ray_auth_token"
+"""The embedded cluster's token, drawn for the run, in the run directory (mode 0600)."""
+
 RAY_DEFAULT_DASHBOARD_PORT = 8265
 RAY_DEFAULT_GCS_PORT = 6379
 
@@ -260,7 +269,15 @@ def resolve_cluster(config: SupervisorConfig, environ: Mapping[str, str]) -> lis
     problems, one line each. Resolved here, once: the backends get values, not environment lookups."""
     ray = config.ray
     if ray.mode is RayMode.local:
+        ray.auth_mode = ray.auth_mode or "token"
+        if ray.auth_mode == "token" and ray.auth_token_path is None:
+            ray.auth_token_path = f"{config.run_dir}/{RUN_TOKEN_FILE}"
         return []
+    ray.auth_mode = ray.auth_mode or environ.get("RAY_AUTH_MODE") or "disabled"
+    if ray.auth_mode == "token" and ray.auth_token_path is None:
+        ray.auth_token_path = environ.get("RAY_AUTH_TOKEN_PATH") or None
+    if ray.auth_mode not in ("disabled", "token"):
+        return [f"RAY_AUTH_MODE must be disabled or token, not {ray.auth_mode!r}"]
     if ray.address is None:
         ray.address = environ.get("RAY_ADDRESS") or None
     address = ray.address or ""

@@ -38,7 +38,7 @@ from supervisor.checkpoints import (
     set_aside,
 )
 from supervisor.config import SupervisorConfig
-from supervisor.job.command import job_argv
+from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
 from supervisor.mechanisms.processes import tail
 from supervisor.policy import restart as policy
@@ -324,14 +324,15 @@ class Supervisor:
         argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.backend.python)
         env = self._attempt_env(number, log_dir)
         spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json")
-        record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=argv)
+        shown = redact_argv(argv)
+        record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=shown)
         self.history.attempts.append(record)
         self.history.move_to(RunState.ATTEMPT_RUNNING)
         self.run_dir.save_history(self.history)
         with self._signals_deferred():
             job = self.backend.launch(spec)
             self._in_flight = _InFlight(job, record)
-        self.events.emit(AttemptStarted(number, job.pid or -1, argv, start.step, start.checkpoint, str(log_dir)))
+        self.events.emit(AttemptStarted(number, job.pid or -1, shown, start.step, start.checkpoint, str(log_dir)))
         return job, record
 
     def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:

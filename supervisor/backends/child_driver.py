@@ -21,6 +21,7 @@ from supervisor.backends.driver import DriverProcess
 from supervisor.backends.fence import RayFence
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes, terminate_processes
+from supervisor.mechanisms.ray_auth import auth_env
 from supervisor.mechanisms.stacks import StackDump, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import Event
@@ -49,7 +50,8 @@ class ChildDriverBackend(JobBackend):
         return self.cluster.close()
 
     def launch(self, spec: LaunchSpec) -> ChildJob:
-        env = {**os.environ, **spec.env, "RAY_ADDRESS": self.cluster.gcs_address, "RAY_AUTH_MODE": self._ray.auth_mode}
+        auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
+        env = {**os.environ, **spec.env, "RAY_ADDRESS": self.cluster.gcs_address, **auth}
         driver = DriverProcess(
             spec.argv, as_a_job_of_its_own(env), spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo
         )

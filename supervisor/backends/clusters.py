@@ -16,6 +16,7 @@ from pathlib import Path
 from supervisor.backends.base import ClusterStartFailed
 from supervisor.config import RayConfig
 from supervisor.mechanisms.processes import port_open
+from supervisor.mechanisms.ray_auth import refusal_hint
 from supervisor.mechanisms.ray_cluster import ClusterSpec, ClusterStartError, LocalRayCluster
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.run.events import ClusterStarted, ClusterStopped, Event
@@ -95,7 +96,8 @@ class EmbeddedCluster(Cluster):
             num_cpus=self._ray.num_cpus,
             object_store_memory_mb=self._ray.object_store_memory_mb,
             dashboard=self._ray.dashboard,
-            auth_mode=self._ray.auth_mode,
+            auth_mode=self._ray.auth_mode or "disabled",
+            auth_token_path=self._ray.auth_token_path,
             start_timeout_s=self._ray.start_timeout_s,
             # The run's marker on the cluster lets a restarted supervisor sweep what a dead one left.
             extra_env={ENV_RUN_ID: self._run_id},
@@ -129,6 +131,7 @@ class ExistingCluster(Cluster):
         assert ray.address is not None, "resolve_cluster() first"
         assert ray.dashboard_url is not None, "resolve_cluster() first"
         self._gcs = ray.address
+        self._auth_mode = ray.auth_mode
         self._state = RayStateClient(ray.dashboard_url, ray.api_timeout_s)
 
     @property
@@ -149,8 +152,8 @@ class ExistingCluster(Cluster):
             self._state.check()
         except Exception as exc:
             raise ClusterStartFailed(
-                f"the Ray dashboard at {self._state.dashboard_url} does not answer ({exc}); the fence needs its "
-                f"state API: set ray.dashboard_url"
+                f"the Ray dashboard at {self._state.dashboard_url} does not answer "
+                f"({refusal_hint(exc, self._auth_mode)}); the fence needs its state API (ray.dashboard_url)"
             ) from exc
         return []
 

@@ -24,6 +24,7 @@ from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec,
 from supervisor.backends.fence import RayFence
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
+from supervisor.mechanisms.ray_auth import refusal_hint
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
@@ -71,7 +72,8 @@ class JobsBackend(JobBackend):
         try:
             self._jobs().get_version()
         except Exception as exc:
-            raise ClusterStartFailed(f"the Ray Jobs API at {self._dashboard} does not answer: {exc}") from exc
+            hint = refusal_hint(exc, self._ray.auth_mode)
+            raise ClusterStartFailed(f"the Ray Jobs API at {self._dashboard} does not answer: {hint}") from exc
         return []
 
     def runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
@@ -83,7 +85,8 @@ class JobsBackend(JobBackend):
         inherited = forwarded_env(os.environ)
         env_vars = {k: v for k, v in {**inherited, **spec.env}.items() if k not in local_only}
         env: dict[str, Any] = {
-            "env_vars": {**env_vars, "RAY_AUTH_MODE": self._ray.auth_mode},
+            # The driver runs on the cluster, which has its own token: only the mode travels, never a path of ours.
+            "env_vars": {**env_vars, "RAY_AUTH_MODE": self._ray.auth_mode or "disabled"},
             "worker_process_setup_hook": SETUP_HOOK,
         }
         if self._ray.ship_verl_hooks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,3 +40,18 @@ def job_argv(
     else:
         args += list(job.fresh_start_args)
     return command + args
+
+
+_SECRET_KEY_RE = re.compile(r"(?i)(token|secret|passw|api_?key|access_?key|credential|private_?key)")
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """The command line as it may be shown and stored: the value of every ``KEY=VALUE`` whose key looks like a
+    secret's (``wandb_api_key=...``, ``+job.env.HF_TOKEN=...``) replaced, so that no secret reaches an event or
+    state.json. The process itself gets the real values."""
+    shown = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        shown.append(f"{key}={REDACTED}" if sep and _SECRET_KEY_RE.search(key) else arg)
+    return shown

@@ -2,7 +2,9 @@
 
 Why HTTP: the job's workers may run on other machines than the supervisor, and in the Jobs API mode the
 supervisor is not even a Ray driver; a POST to a known address reaches it from any node in every Ray mode.
-A bearer token generated per supervisor process keeps other users of a shared machine from feeding it beats.
+A bearer token generated per supervisor process keeps other users of a shared machine from feeding it beats;
+bodies are bounded in size and refused unless they are JSON objects; the beats accepted are bounded in rate and
+in number waiting, so that neither garbage nor a flood reaches the loop (each refusal is a 4xx, never a crash).
 The server only queues what it receives; the supervisor's loop drains the queue, so all decisions stay in the
 one loop.
 """
@@ -22,6 +24,28 @@ from typing import Any
 from verl_hooks.contract import HeartbeatKind, heartbeat_kind
 
 MAX_BODY_BYTES = 65536
+MAX_QUEUED = 10_000
+"""Beats waiting for the loop (it drains them every tick); beyond this a beat is refused with 429."""
+RATE_PER_S = 500.0
+BURST = 2_000
+"""The token bucket for accepted beats: a job sends a few per second; thousands are a bug or an attack."""
+
+
+class _TokenBucket:
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self._rate, self._burst = rate_per_s, float(burst)
+        self._tokens, self._at = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
 
 @dataclass(frozen=True)
@@ -45,7 +69,8 @@ class Heartbeat:
 class HeartbeatServer:
     def __init__(self, listen_host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
         self.token = secrets.token_hex(16)  # a secret: goes only into the job's environment
-        self._queue: queue.Queue[Heartbeat] = queue.Queue()
+        self._queue: queue.Queue[Heartbeat] = queue.Queue(maxsize=MAX_QUEUED)
+        self._bucket = _TokenBucket(RATE_PER_S, BURST)
         self._server = ThreadingHTTPServer((listen_host, 0), _handler_for(self))
         self._server.daemon_threads = True
         self._advertise_host = advertise_host or listen_host
@@ -71,16 +96,22 @@ class HeartbeatServer:
             except queue.Empty:
                 return beats
 
-    def _accept(self, payload: dict[str, Any]) -> None:
+    def _accept(self, payload: dict[str, Any]) -> bool:
+        """Queue one beat; False when the rate or the queue's bound refuses it."""
+        if not self._bucket.take():
+            return False
         attempt = payload.get("attempt")
-        self._queue.put(
-            Heartbeat(
-                kind=heartbeat_kind(payload),
-                attempt=attempt if isinstance(attempt, int) else None,
-                received_at=time.monotonic(),
-                fields=payload,
-            )
+        beat = Heartbeat(
+            kind=heartbeat_kind(payload),
+            attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+            received_at=time.monotonic(),
+            fields=payload,
         )
+        try:
+            self._queue.put_nowait(beat)
+        except queue.Full:
+            return False
+        return True
 
 
 def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
@@ -93,9 +124,12 @@ def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
             if not hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
                 self._reply(401)
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
             if not 0 < length <= MAX_BODY_BYTES:
-                self._reply(413 if length else 400)
+                self._reply(413 if length > MAX_BODY_BYTES else 400)
                 return
             try:
                 payload = json.loads(self.rfile.read(length))
@@ -105,8 +139,7 @@ def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
             if not isinstance(payload, dict):
                 self._reply(400)
                 return
-            server._accept(payload)
-            self._reply(204)
+            self._reply(204 if server._accept(payload) else 429)
 
         def _reply(self, code: int) -> None:
             self.send_response(code)

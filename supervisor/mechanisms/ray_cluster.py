@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from supervisor.mechanisms.processes import (
@@ -30,6 +30,7 @@ from supervisor.mechanisms.processes import (
     terminate_processes,
     wait_for,
 )
+from supervisor.mechanisms.ray_auth import auth_env
 from verl_hooks.contract import ENV_CLUSTER_ID
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ClusterSpec:
     node_ip: str = "127.0.0.1"
     dashboard: bool = True
     auth_mode: str = "disabled"
+    auth_token_path: str | None = None
+    """The token file of ``auth_mode=token`` (its path reaches every process; the token never leaves it)."""
     start_timeout_s: float = 90.0
     start_attempts: int = 3
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -65,11 +68,15 @@ class ClusterPorts:
     metrics_export: int
     runtime_env_agent: int
     client_server: int
+    dashboard_metrics: int
+    """The dashboard's Prometheus endpoint (Ray's fixed default, 44227, would collide on a shared machine)."""
+    autoscaler_metrics: int
+    """The autoscaler monitor's Prometheus endpoint (default 44217)."""
 
     @classmethod
     def pick(cls, host: str) -> ClusterPorts:
         ports: set[int] = set()
-        while len(ports) < 7:
+        while len(ports) < len(fields(cls)):
             ports.add(free_port(host))
         return cls(*sorted(ports))
 
@@ -104,7 +111,7 @@ class LocalRayCluster:
 
     def env(self) -> dict[str, str]:
         """Variables a client of this cluster needs (the job's driver gets these)."""
-        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": self.spec.auth_mode}
+        return {"RAY_ADDRESS": self.address, **auth_env(self.spec.auth_mode, self.spec.auth_token_path)}
 
     def start(self) -> None:
         self.temp_dir = self._resolve_temp_dir()
@@ -165,10 +172,15 @@ class LocalRayCluster:
             **os.environ,
             **self.spec.extra_env,
             **self.marker,
-            "RAY_AUTH_MODE": self.spec.auth_mode,
+            **auth_env(self.spec.auth_mode, self.spec.auth_token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         env.pop("RAY_ADDRESS", None)  # never let `ray start` look for another cluster
+        if self.ports is not None:
+            # Ray reads these two from the environment only (dashboard/consts.py, autoscaler/_private/constants.py)
+            # and binds them to every interface: read-only metrics, but on ports of this cluster's own.
+            env["DASHBOARD_METRIC_PORT"] = str(self.ports.dashboard_metrics)
+            env["AUTOSCALER_METRIC_PORT"] = str(self.ports.autoscaler_metrics)
         return env
 
     def _ray_start(self, temp_dir: Path, num_cpus: int | None, options: list[str]) -> list[str]:

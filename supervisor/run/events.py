@@ -307,7 +307,7 @@ class EventLog:
         entry = {"ts": now, "event": event.kind.value, "run_id": self.run_id, **asdict(event)}
         line = json.dumps(entry, sort_keys=True, default=str)
         with self._lock:
-            with self.path.open("a") as f:
+            with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())

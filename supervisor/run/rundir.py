@@ -76,8 +76,10 @@ class RunDirectory:
         flock is released by the kernel when its holder dies, so a crashed supervisor never leaves the run
         directory locked.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        if not self.path.exists():
+            # The run's records, logs and token are the user's alone; a directory the user made keeps its mode.
+            self.path.mkdir(parents=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

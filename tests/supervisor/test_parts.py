@@ -195,3 +195,61 @@ def test_attempts_table_has_a_row_per_attempt() -> None:
     assert table[3].rstrip().endswith("step 2")
     assert table[4].rstrip().endswith("step 6")
     assert table[-1] == "outcome: done (exit 0)"
+
+
+def test_the_embedded_cluster_is_closed_by_default_and_cluster_modes_follow_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    local = to_supervisor_config(compose_config([f"run_dir={tmp_path}/run"]))
+    assert (local.ray.auth_mode, local.ray.auth_token_path) == ("token", f"{tmp_path}/run/ray_auth_token")
+    opened = to_supervisor_config(compose_config([f"run_dir={tmp_path}/run", "ray.auth_mode=disabled"]))
+    assert (opened.ray.auth_mode, opened.ray.auth_token_path) == ("disabled", None), "the user's choice wins"
+    plain = to_supervisor_config(compose_config([f"run_dir={tmp_path}/run", "ray.mode=address"]))
+    assert (plain.ray.auth_mode, plain.ray.auth_token_path) == ("disabled", None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/etc/ray/token")
+    address = to_supervisor_config(compose_config([f"run_dir={tmp_path}/run", "ray.mode=address"]))
+    assert (address.ray.auth_mode, address.ray.auth_token_path) == ("token", "/etc/ray/token")
+
+
+def test_the_runs_token_is_drawn_once_and_readable_by_the_user_only(tmp_path: Path) -> None:
+    from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
+
+    token = tmp_path / "ray_auth_token"
+    assert ensure_run_token(token) is True
+    assert token.stat().st_mode & 0o777 == 0o600
+    first = token.read_text()
+    assert len(first) == 64
+    token.chmod(0o644)
+    assert ensure_run_token(token) is False, "a supervisor restarted on the run keeps the run's token"
+    assert (token.read_text(), token.stat().st_mode & 0o777) == (first, 0o600)
+    environ = {"RAY_AUTH_TOKEN": "someone-elses"}
+    apply_auth_env("token", str(token), environ)
+    assert environ == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}, "the path, never the token"
+
+
+def test_secret_looking_arguments_are_redacted_where_they_are_shown() -> None:
+    from supervisor.job.command import redact_argv
+
+    argv = ["python", "-m", "job", "trainer.wandb_api_key=abc", "+job.env.HF_TOKEN=hf_x", "db.password=p", "seed=1"]
+    assert redact_argv(argv) == [
+        "python",
+        "-m",
+        "job",
+        "trainer.wandb_api_key=<redacted>",
+        "+job.env.HF_TOKEN=<redacted>",
+        "db.password=<redacted>",
+        "seed=1",
+    ]
+
+
+def test_a_refused_call_says_what_to_set() -> None:
+    from supervisor.mechanisms.ray_auth import refusal_hint
+
+    refused = RuntimeError("HTTP 401 Unauthorized\nbody follows")
+    assert refusal_hint(refused, "disabled").endswith("set ray.auth_mode=token and ray.auth_token_path=FILE")
+    assert "refused the token" in refusal_hint(refused, "token")
+    assert refusal_hint(ConnectionError("connection refused"), "token") == "connection refused"

@@ -138,3 +138,57 @@ def test_heartbeat_server_takes_only_beats_with_its_token() -> None:
         assert server.drain() == []
     finally:
         server.stop()
+
+
+def raw_post(server: HeartbeatServer, body: bytes, headers: dict[str, str]) -> int:
+    """A POST with exactly these bytes and headers (no client library fixing them up)."""
+    import http.client
+
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.putrequest("POST", "/heartbeat", skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_heartbeat_server_refuses_garbage_without_affecting_the_beats() -> None:
+    server = HeartbeatServer()
+    server.start()
+    try:
+        auth = {"Authorization": f"Bearer {server.token}"}
+        good = json.dumps({"kind": "alive", "attempt": 1}).encode()
+        cases = [
+            (b"{not json", {**auth, "Content-Length": "9"}, 400),
+            (b"[1, 2]", {**auth, "Content-Length": "6"}, 400),
+            (b"x", {**auth, "Content-Length": "many"}, 400),
+            (b"", {**auth, "Content-Length": "0"}, 400),
+            (b"x" * 10, {**auth, "Content-Length": str(10**9)}, 413),
+            (good, {"Authorization": "Bearer " + "0" * 32, "Content-Length": str(len(good))}, 401),
+        ]
+        assert [raw_post(server, body, headers) for body, headers, _ in cases] == [code for *_, code in cases]
+        assert raw_post(server, good, {**auth, "Content-Length": str(len(good))}) == 204
+        assert [(b.kind, b.attempt) for b in server.drain()] == [(HeartbeatKind.ALIVE, 1)]
+    finally:
+        server.stop()
+
+
+def test_heartbeat_server_bounds_a_flood(monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.job import heartbeats
+
+    monkeypatch.setattr(heartbeats, "MAX_QUEUED", 5)
+    server = HeartbeatServer()
+    server.start()
+    try:
+        body = json.dumps({"kind": "alive", "attempt": 1}).encode()
+        headers = {"Authorization": f"Bearer {server.token}", "Content-Length": str(len(body))}
+        codes = [raw_post(server, body, headers) for _ in range(8)]
+        assert codes == [204] * 5 + [429] * 3, "beyond the bound, refused rather than queued"
+        assert len(server.drain()) == 5
+        assert raw_post(server, body, headers) == 204, "drained: accepted again"
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
     python -m tests.supervisor.e2e.scripted_job [--fail-until N] [--exit-code C] [--ignore-sigterm]
         [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A] [--unmarked-group-child-on A]
         [--steps N --step-time S [--stall-on A --stall-at K] [--slow-after K --slow-step-time S]]
+        [--until-file PATH] [--ping-ray]
 
 With --steps it behaves like a verl job as the supervisor sees it: it sends the weight-sync guard's heartbeats
 (sync_begin, sync_phase, sync_end) once per step and the driver's alive beats, and on --stall-on attempts it
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--stall-on", type=int, action="append", default=[])
     parser.add_argument("--stall-at", type=int, default=0)
     parser.add_argument("--slow-after", type=int, default=0)
+    parser.add_argument("--until-file", type=Path, help="run until this file exists, then exit 0")
+    parser.add_argument("--ping-ray", action="store_true", help="run one task on the cluster ($RAY_ADDRESS)")
     parser.add_argument("--slow-step-time", type=float, default=0.0)
     args = parser.parse_args()
     attempt = int(os.environ["VERL_SUPERVISOR_ATTEMPT"])
@@ -55,6 +58,14 @@ def main() -> None:
     if attempt in args.run_forever_on:
         while True:
             time.sleep(1)
+    if args.ping_ray:
+        import ray
+
+        ray.init(log_to_driver=False)  # RAY_ADDRESS, and the credentials the supervisor passed on
+        print(f"scripted job: ray says {ray.get(ray.remote(lambda: 'pong').remote())}", flush=True)
+    if args.until_file is not None:
+        while not args.until_file.exists():  # the test's own signal that it is done looking at the live run
+            time.sleep(0.1)
     if args.steps:
         train_with_heartbeats(args, attempt)
     sys.exit(args.exit_code if attempt < args.fail_until else 0)
