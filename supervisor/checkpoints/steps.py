@@ -122,35 +122,27 @@ def _layout_problems(
     folder: Path, base: Path, step: int, facts: CheckpointFacts, verify: VerifyLevel
 ) -> tuple[int | None, list[str], str | None]:
     problems: list[str] = []
-    actor = folder / ACTOR_DIR
-    world_size: int | None = None
-    layout: str | None = None
-    if actor.is_dir():
-        verdict = inspect_role(
-            actor,
-            base,
-            step=step,
-            strategy=facts.actor_strategy,
-            save_contents=facts.actor_save_contents,
-            verify=verify,
-        )
-        world_size, layout = verdict.world_size, verdict.layout.value
-        problems += verdict.problems
-    else:
+    roles = {
+        ACTOR_DIR: (facts.actor_strategy, facts.actor_save_contents),
+        CRITIC_DIR: (facts.critic_strategy, facts.critic_save_contents),
+    }
+    verdicts = {
+        role: inspect_role(folder / role, base, step=step, strategy=strategy, save_contents=contents, verify=verify)
+        for role, (strategy, contents) in roles.items()
+        # a critic/ that is not a folder is judged (unreadable); an actor/ that is not one counts as missing
+        if ((folder / role).is_dir() if role == ACTOR_DIR else (folder / role).exists())
+    }
+    actor = verdicts.get(ACTOR_DIR)
+    if actor is None:
         problems.append(_missing_actor(folder, base))
-    critic = folder / CRITIC_DIR
-    if critic.exists():
-        verdict = inspect_role(
-            critic,
-            base,
-            step=step,
-            strategy=facts.critic_strategy,
-            save_contents=facts.critic_save_contents,
-            verify=verify,
+    if CRITIC_DIR not in verdicts and facts.critic:
+        problems.append(
+            problem(CheckpointProblem.MISSING_CRITIC_DIR, folder / CRITIC_DIR, base, "the run uses a critic")
         )
+    for verdict in verdicts.values():
         problems += verdict.problems
-    elif facts.critic:
-        problems.append(problem(CheckpointProblem.MISSING_CRITIC_DIR, critic, base, "the run uses a critic"))
+    world_size = actor.world_size if actor else None
+    layout = actor.layout.value if actor else None
     problems += _data_problems(folder / DATA_FILE, base, verify)
     problems += _transfer_queue_problems(folder, base, facts)
     return world_size, problems, layout

@@ -17,6 +17,12 @@ JOB_MODULE = "mini_ppo.main"
 # Saves at 2, 4 and 6: room for a fault before the first save, between saves, right after one and at the end.
 BASE_OVERRIDES = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11")
 
+# The job options for the checkpoint layouts verl writes beyond plain FSDP.
+MEGATRON = "trainer.checkpoint_layout=megatron"
+CRITIC = "trainer.use_critic=true"
+ASYNC = "trainer.trainer_mode=separate_async"
+ALL_OPTIONS = (MEGATRON, CRITIC, ASYNC)
+
 
 @dataclass
 class JobRun:

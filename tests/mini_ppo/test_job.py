@@ -27,7 +27,7 @@ from mini_ppo.layout import (
 )
 from mini_ppo.model import PolicySpec, build_policy, weights_digest
 from supervisor.checkpoints import CheckpointProblem, inspect_checkpoint, scan_checkpoints
-from tests.mini_ppo.harness import JobRun, run_job
+from tests.mini_ppo.harness import ALL_OPTIONS, ASYNC, CRITIC, MEGATRON, JobRun, run_job
 from tests.mini_ppo.user_callback import CALLS_FILE, RecordingCallback
 from verl_hooks.contract import (
     CHECKPOINT_CALLBACK_CLASS,
@@ -150,6 +150,7 @@ def test_a_users_checkpoint_callback_runs_before_the_marker_in_the_jobs_actor(ra
     assert read_checkpoint_marker(step_folder(ckpt, 2)) is not None
 
 
+@pytest.mark.slow  # under the supervisor: tests/supervisor/e2e/test_mini_ppo*.py
 def test_naive_sync_fault_between_saves_exits_75_and_resume_ends_bit_identical(
     ray_cluster, tmp_path: Path, reference: JobRun
 ) -> None:
@@ -168,6 +169,7 @@ def test_naive_sync_fault_between_saves_exits_75_and_resume_ends_bit_identical(
     assert_same_end(resumed, reference, resumed_from=2)
 
 
+@pytest.mark.slow  # under the supervisor: tests/supervisor/e2e/test_mini_ppo*.py
 def test_multi_phase_sync_fault_right_after_a_save_and_resume_path_end_bit_identical(
     ray_cluster, tmp_path: Path, reference: JobRun
 ) -> None:
@@ -193,11 +195,6 @@ def test_multi_phase_sync_fault_right_after_a_save_and_resume_path_end_bit_ident
 
 
 # --- the other layouts verl writes: Megatron, a critic, TransferQueue's state ---
-
-MEGATRON = "trainer.checkpoint_layout=megatron"
-CRITIC = "trainer.use_critic=true"
-ASYNC = "trainer.trainer_mode=separate_async"
-ALL_OPTIONS = (MEGATRON, CRITIC, ASYNC)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +258,7 @@ def fail_at_3_then_resume(ray_cluster, ckpt: Path, *options: str) -> JobRun:
     return resumed
 
 
+@pytest.mark.slow  # under the supervisor: tests/supervisor/e2e/test_mini_ppo*.py
 def test_every_layout_resumed_from_step_2_ends_bit_identical(
     ray_cluster, tmp_path: Path, reference: JobRun, all_options: JobRun
 ) -> None:

@@ -109,7 +109,10 @@ def actors_of_job(two_nodes: LocalRayCluster, ray_job_id: str, class_name: str |
     return list_actors(address=two_nodes.dashboard_url, filters=filters)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",
+    ["address", pytest.param("jobs", marks=pytest.mark.slow)],  # jobs mode: also the two tests below
+)
 def test_weight_sync_failure_on_an_existing_cluster_is_fenced_and_resumed(
     runs, reference, two_nodes, bystander, mode: str
 ) -> None:

@@ -68,6 +68,7 @@ def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical
     assert [(c["step"], c["status"]) for c in record["cleanup"]] == cleanup
 
 
+@pytest.mark.slow  # in-process: tests/supervisor/test_loop.py (every mismatch)
 def test_a_relaunch_that_ignores_the_chosen_checkpoint_is_stopped_at_its_first_sync(runs) -> None:
     """A job preset whose resume arguments verl does not honour (here: resume disabled, the path ignored)."""
     run_dir = runs.new()
@@ -98,7 +99,10 @@ GUARD_DEADLINE_S = 5.0
     "hung_phases",
     [
         # One of each kind: an awaited phase before the group is built, a blocking one inside it, the last one.
-        pytest.param(("release_kv_cache", "update_weights", "resume_generation"), id="one-of-each-kind"),
+        pytest.param(("update_weights",), id="one-phase"),
+        pytest.param(
+            ("release_kv_cache", "update_weights", "resume_generation"), id="one-of-each-kind", marks=pytest.mark.slow
+        ),
         pytest.param(EVERY_PHASE, id="every-phase", marks=pytest.mark.slow),
     ],
 )
@@ -137,6 +141,7 @@ def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(
         assert GUARD_DEADLINE_S <= detected_after < GUARD_DEADLINE_S + 25, (event["phase"], detected_after)
 
 
+@pytest.mark.slow  # in-process: test_loop.py; end to end: test_stalls.py
 def test_hang_the_guard_would_wait_out_is_caught_by_the_watchdog_with_its_phase(runs, reference) -> None:
     run_dir = runs.new()
     proc = run_supervisor_with_faults(
@@ -170,6 +175,7 @@ def test_job_killed_mid_run_is_restarted_and_ends_bit_identical(runs, reference)
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
 
 
+@pytest.mark.slow  # in-process: test_loop.py; end to end: test_stalls.py
 def test_rollout_server_that_stops_answering_is_a_stall_and_restarted(runs, reference) -> None:
     """A rollout replica frozen (SIGSTOP) between syncs: generation waits on it forever, no sync comes."""
     run_dir = runs.new()

@@ -23,6 +23,7 @@ from mini_ppo.layout import (
     TRANSFER_QUEUE_DIR,
 )
 from supervisor.checkpoints import CheckpointProblem, scan_checkpoints
+from tests.mini_ppo.harness import ALL_OPTIONS, ASYNC, CRITIC, MEGATRON
 from tests.supervisor.e2e.conftest import (
     FAST,
     JOB_ARGS,
@@ -34,11 +35,6 @@ from tests.supervisor.e2e.conftest import (
 from verl_hooks.contract import CHECKPOINT_MARKER
 
 pytestmark = pytest.mark.ray
-
-MEGATRON = "trainer.checkpoint_layout=megatron"
-CRITIC = "trainer.use_critic=true"
-ASYNC = "trainer.trainer_mode=separate_async"
-ALL_OPTIONS = (MEGATRON, CRITIC, ASYNC)
 
 
 @pytest.fixture(scope="module")

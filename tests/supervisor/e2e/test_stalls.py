@@ -64,6 +64,7 @@ def test_slow_but_progressing_job_is_not_killed(runs) -> None:
     assert len(events_of(run_dir, "attempt_started")) == 1
 
 
+@pytest.mark.slow  # in-process: tests/supervisor/test_loop.py and test_watchdog.py
 def test_frozen_driver_is_detected_and_replaced(runs) -> None:
     run_dir = runs.new()
     supervisor = start_supervisor(
