@@ -96,6 +96,9 @@ class RestartConfig:
     backoff_jitter_s: float = 1.0
     max_failures_without_progress: int = 3
     """This many failed attempts in a row without the checkpoint step advancing is a crash loop: stop."""
+    backoff_after_progress: bool = False
+    """False: an attempt that advanced the checkpoint step is restarted at once (waiting would only lose time: the
+    failure is not repeating); the exponential backoff applies to failures that repeat without progress."""
 
 
 @dataclass

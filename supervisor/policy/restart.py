@@ -90,6 +90,8 @@ def after_attempt(
             f"restart budget exhausted: {history.restarts_used} of {policy.max_restarts} restarts used "
             f"(restart.max_restarts); last: {classification.reason}",
         )
+    if streak == 0 and not policy.backoff_after_progress:
+        return Restart(0.0, f"restarting at once (the attempt made progress): {classification.reason}")
     return Restart(backoff_s(streak, policy, rng), f"restarting: {classification.reason}")
 
 

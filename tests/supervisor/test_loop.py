@@ -119,8 +119,13 @@ def test_a_job_that_succeeds_is_run_once(tmp_path: Path) -> None:
     assert "attempt  started" in run.console
 
 
-def test_a_weight_sync_failure_is_restarted_from_the_newest_checkpoint_after_the_backoff(tmp_path: Path) -> None:
-    run = supervise(tmp_path, [weight_sync_failure(saves=(2,)), success()], "restart.backoff_initial_s=1.5")
+@pytest.mark.parametrize(("after_progress", "sleeps"), [("false", [0.0]), ("true", [1.5])])
+def test_a_weight_sync_failure_is_restarted_from_the_newest_checkpoint(
+    tmp_path: Path, after_progress: str, sleeps: list[float]
+) -> None:
+    """An attempt that made progress is restarted at once unless restart.backoff_after_progress says otherwise."""
+    overrides = ("restart.backoff_initial_s=1.5", f"restart.backoff_after_progress={after_progress}")
+    run = supervise(tmp_path, [weight_sync_failure(saves=(2,)), success()], *overrides)
     assert run.code is ExitCode.DONE
     exited = run.events("attempt_exited")
     assert [(e["exit_code"], e["rule"], e["action"]) for e in exited] == [
@@ -128,7 +133,7 @@ def test_a_weight_sync_failure_is_restarted_from_the_newest_checkpoint_after_the
         (0, "success", "done"),
     ]
     assert exited[0]["record"]["phase"] == "update_weights"
-    assert run.clock.sleeps == [1.5]
+    assert run.clock.sleeps == sleeps
     resumed = run.backend.launched[1].argv
     assert f"trainer.resume_from_path={tmp_path / 'run' / 'checkpoints' / 'global_step_2'}" in resumed
     assert run.events("attempt_started")[1]["resume_step"] == 2
@@ -162,7 +167,7 @@ def test_the_restart_budget_is_spent_then_exit_4(tmp_path: Path) -> None:
     run = supervise(tmp_path, attempts, "restart.max_restarts=2", "restart.backoff_initial_s=1")
     assert run.code is ExitCode.BUDGET_EXHAUSTED
     assert len(run.backend.launched) == 3
-    assert run.clock.sleeps == [1.0, 1.0], "progress between failures resets the backoff"
+    assert run.clock.sleeps == [0.0, 0.0], "an attempt that made progress is restarted at once"
     assert "restart budget exhausted: 2 of 2 restarts used" in run.events("run_finished")[0]["reason"]
 
 

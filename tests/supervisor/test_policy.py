@@ -170,14 +170,18 @@ def test_backoff_is_exponential_with_jitter_and_capped(failures: int, low: float
     assert backoff_s(failures, policy, Extreme(high=True)) == high
 
 
-def test_backoff_restarts_from_initial_after_progress() -> None:
+def test_no_backoff_right_after_progress_then_it_grows_again() -> None:
     policy = RestartConfig(backoff_initial_s=1.0, backoff_jitter_s=0.0, max_failures_without_progress=9)
     stuck = decide(_history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart")), RESTART, policy)
     progressing = decide(_history((None, 2, "restart"), (2, 2, "restart"), (2, 4, "restart")), RESTART, policy)
     assert isinstance(stuck, Restart)
     assert isinstance(progressing, Restart)
     assert stuck.delay_s == 2.0
-    assert progressing.delay_s == 1.0
+    assert progressing.delay_s == 0.0, "the last attempt advanced the checkpoint: restart at once"
+    waiting = RestartConfig(backoff_initial_s=1.0, backoff_jitter_s=0.0, backoff_after_progress=True)
+    again = decide(_history((None, 2, "restart"), (2, 2, "restart"), (2, 4, "restart")), RESTART, waiting)
+    assert isinstance(again, Restart)
+    assert again.delay_s == 1.0, "restart.backoff_after_progress=true: the backoff restarts from its initial value"
 
 
 def test_start_from_the_valid_checkpoint_or_fresh_or_refuse() -> None:
