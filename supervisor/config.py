@@ -118,6 +118,10 @@ class TeardownConfig:
     jobs_stop_timeout_s: float = 10.0
     """``ray.mode=jobs``: past ``grace_s``, how long Ray may take to stop a submission (``stop_job`` waits its own
     ``RAY_JOB_STOP_WAIT_TIME_S`` before SIGKILL) before the fence fails."""
+    record_grace_s: float = 2.0
+    """Once the job's error record has arrived (the launcher posts it before its driver exits), how long the driver
+    may take to exit by itself before the attempt is torn down: a driver with rollout engines can take tens of
+    seconds to die, and the failure is already known."""
     output_drain_s: float = 5.0
     """How long the attempt's output may take to reach its log files after its processes are gone."""
 
@@ -220,7 +224,7 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(config.restart.backoff_jitter_s >= 0, "restart.backoff_jitter_s must be >= 0")
     require(config.teardown.grace_s >= 0, "teardown.grace_s must be >= 0")
     require(config.teardown.fence_timeout_s > 0, "teardown.fence_timeout_s must be > 0")
-    for key in ("straggler_grace_s", "reap_timeout_s", "jobs_stop_timeout_s", "output_drain_s"):
+    for key in ("straggler_grace_s", "reap_timeout_s", "jobs_stop_timeout_s", "output_drain_s", "record_grace_s"):
         require(getattr(config.teardown, key) >= 0, f"teardown.{key} must be >= 0")
     require(config.ray.start_timeout_s > 0, "ray.start_timeout_s must be > 0")
     require(config.ray.api_timeout_s > 0, "ray.api_timeout_s must be > 0")

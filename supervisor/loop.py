@@ -54,6 +54,7 @@ from supervisor.run.events import (
     CheckpointRotated,
     CheckpointSetAside,
     CheckpointsUnjudgeable,
+    ErrorRecordReceived,
     Event,
     EventLog,
     ResumeMismatch,
@@ -128,6 +129,18 @@ class AttemptEnd:
     status: ExitStatus | None = None
     stall: Stall | None = None
     mismatch: MismatchedResume | None = None
+    record_grace_over: bool = False
+    """The job's error record arrived and its driver did not exit within ``teardown.record_grace_s``."""
+
+
+@dataclass
+class _Watch:
+    """What is followed while an attempt runs: its progress, its resume, when its error record arrived."""
+
+    progress: ProgressState
+    resume: ResumeCheck | None
+    beats_log: Path
+    record_at: float | None = None
 
 
 @dataclass
@@ -338,47 +351,60 @@ class Supervisor:
     def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:
         """Wait for the driver to end, looking at the heartbeats every tick: its exit, a stall, or a resume that
         was not honoured."""
-        progress = ProgressState(started_at=self.clock.monotonic())
-        resume = (
-            ResumeCheck(resumed_step) if resumed_step is not None and self.config.checkpoints.verify_resume else None
+        watch = _Watch(
+            progress=ProgressState(started_at=self.clock.monotonic()),
+            resume=ResumeCheck(resumed_step)
+            if resumed_step is not None and self.config.checkpoints.verify_resume
+            else None,
+            beats_log=self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl",
         )
-        beats_log = self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl"
-        dog = self.config.watchdog
-        tick = dog.tick_s if self.heartbeats is not None and (dog.enabled or resume is not None) else None
+        dog, grace_s = self.config.watchdog, self.config.teardown.record_grace_s
+        tick = dog.tick_s if self.heartbeats is not None else None
         while True:
+            waited = None if watch.record_at is None else self.clock.monotonic() - watch.record_at
+            timeout = tick if waited is None else max(0.0, min(tick or grace_s, grace_s - waited))
             with self._signals_raise():
-                status = self.backend.wait(job, tick)
-            mismatch = self._take_heartbeats(job.attempt, progress, beats_log, resume)
+                status = self.backend.wait(job, timeout)
+            mismatch = self._take_heartbeats(job.attempt, watch)
             if mismatch is not None:
                 return AttemptEnd(status=status, mismatch=mismatch)
             if status is not None:
                 return AttemptEnd(status=status)
-            stall = check(progress, dog, self.clock.monotonic()) if dog.enabled else None
+            if watch.record_at is not None and self.clock.monotonic() - watch.record_at >= grace_s:
+                # The job said why it failed; a driver that takes long to die (rollout engines) is not waited for.
+                return AttemptEnd(record_grace_over=True)
+            stall = check(watch.progress, dog, self.clock.monotonic()) if dog.enabled else None
             if stall is not None:
                 return AttemptEnd(stall=stall)
 
-    def _take_heartbeats(
-        self, attempt: int, progress: ProgressState, beats_log: Path, resume: ResumeCheck | None
-    ) -> MismatchedResume | None:
+    def _take_heartbeats(self, attempt: int, watch: _Watch) -> MismatchedResume | None:
         if self.heartbeats is None:
             return None
         beats = [b for b in self.heartbeats.drain() if b.attempt == attempt]  # late beats of older attempts
         if not beats:
             return None
         mismatch = None
-        with beats_log.open("a") as f:
+        with watch.beats_log.open("a") as f:
             for beat in beats:
                 if beat.kind is HeartbeatKind.ERROR_RECORD:
-                    # From a driver on another machine: the record file is written here, first one wins.
-                    record = record_from_payload(beat.fields.get("record"))
-                    if record is not None:
-                        write_record(beats_log.with_name("error.json"), record)
+                    self._take_record(attempt, watch, beat)
                     continue
-                progress.observe(beat)
+                watch.progress.observe(beat)
                 f.write(json.dumps({"received_at": self.clock.now(), **beat.fields}) + "\n")
-                if resume is not None and beat.kind is HeartbeatKind.SYNC_BEGIN:
-                    mismatch = mismatch or self._check_resume(attempt, resume, beat.step)
+                if watch.resume is not None and beat.kind is HeartbeatKind.SYNC_BEGIN:
+                    mismatch = mismatch or self._check_resume(attempt, watch.resume, beat.step)
         return mismatch
+
+    def _take_record(self, attempt: int, watch: _Watch, beat: Heartbeat) -> None:
+        """The job's error record, posted before its driver exits: written here (from a driver on another machine
+        the file is out of reach; the first record wins) and the clock of the driver's grace started."""
+        record = record_from_payload(beat.fields.get("record"))
+        if record is None or watch.record_at is not None:
+            return
+        write_record(watch.beats_log.with_name("error.json"), record)
+        watch.record_at = beat.received_at
+        grace_s = self.config.teardown.record_grace_s
+        self.events.emit(ErrorRecordReceived(attempt, record.error_type, record.phase, record.global_step, grace_s))
 
     def _check_resume(self, attempt: int, resume: ResumeCheck, step: int | None) -> MismatchedResume | None:
         verdict = resume.observe(step)

@@ -30,6 +30,7 @@ class EventKind(str, Enum):
     RESUME_MISMATCH = "resume_mismatch"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
+    ERROR_RECORD_RECEIVED = "error_record_received"
     STALL_DETECTED = "stall_detected"
     STACKS_DUMPED = "stacks_dumped"
     TEARDOWN = "teardown"
@@ -109,6 +110,25 @@ class CheckpointSetAside(Event):
     def describe(self) -> str:
         first = self.problems[0] if self.problems else "incomplete"
         return f"checkpoint global_step_{self.step} is incomplete ({first}); set aside as {Path(self.renamed_to).name}"
+
+
+@dataclass(frozen=True)
+class ErrorRecordReceived(Event):
+    """The job's error record arrived over the heartbeat channel: the failure is known before its driver exits."""
+
+    kind: ClassVar[EventKind] = EventKind.ERROR_RECORD_RECEIVED
+    attempt: int
+    error_type: str
+    phase: str | None
+    global_step: int | None
+    grace_s: float
+
+    def describe(self) -> str:
+        where = f" in phase {self.phase!r}" if self.phase else ""
+        return (
+            f"attempt {self.attempt} reported {self.error_type}{where}; its driver has {self.grace_s:g} s to exit "
+            f"before the teardown"
+        )
 
 
 @dataclass(frozen=True)

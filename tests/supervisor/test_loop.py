@@ -398,3 +398,27 @@ def test_resume_verification_can_be_turned_off(tmp_path: Path) -> None:
     run = supervise(tmp_path, attempts, "checkpoints.verify_resume=false")
     assert run.code is ExitCode.DONE
     assert run.events("resume_mismatch") == []
+
+
+def test_a_driver_slow_to_die_after_its_error_record_is_torn_down_after_the_grace(tmp_path: Path) -> None:
+    """The launcher posts the record before its driver exits; a driver that then takes long to die (rollout
+    engines) is not waited for: the attempt ends record_grace_s after the record, judged by it."""
+    record_beat = (3.0, HeartbeatKind.ERROR_RECORD, {"record": WEIGHT_SYNC.to_dict()})
+    dying = Attempt(exit=ExitStatus(code=75), runs_s=600.0, beats=(record_beat,), saves=(2,))
+    run = supervise(tmp_path, [dying, success()], "teardown.record_grace_s=2")
+    assert run.code is ExitCode.DONE
+    received = run.events("error_record_received")[0]
+    assert (received["attempt"], received["phase"], received["global_step"]) == (1, "update_weights", 3)
+    exited = run.events("attempt_exited")[0]
+    assert (exited["rule"], exited["action"], exited["exit_code"]) == ("weight-sync-failure", "restart", None)
+    assert exited["duration_s"] == pytest.approx(5.0, abs=1.0), "3 s to the record, then 2 s of grace"
+    assert exited["record"]["source"] == "launcher"
+
+
+def test_a_driver_that_exits_within_the_grace_is_judged_by_its_exit_and_record(tmp_path: Path) -> None:
+    record_beat = (3.0, HeartbeatKind.ERROR_RECORD, {"record": WEIGHT_SYNC.to_dict()})
+    exits = Attempt(exit=ExitStatus(code=75), runs_s=3.5, beats=(record_beat,), saves=(2,))
+    run = supervise(tmp_path, [exits, success()], "teardown.record_grace_s=2")
+    exited = run.events("attempt_exited")[0]
+    assert (exited["rule"], exited["exit_code"]) == ("weight-sync-failure", 75)
+    assert exited["duration_s"] == pytest.approx(3.5, abs=0.5)
