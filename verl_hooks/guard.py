@@ -19,12 +19,14 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from verl_hooks import heartbeat
 from verl_hooks.contract import HeartbeatKind, JobExitCode, RecordSource
+from verl_hooks.deadline import SyncDeadlines
 from verl_hooks.errors import (
     CleanupOutcome,
     CleanupStatus,
@@ -38,6 +40,24 @@ from verl_hooks.settings import HookSettings
 logger = logging.getLogger(__name__)
 
 GUARD_MARK = "__verl_hooks_guard__"
+
+# One history of sync durations per manager (verl's separate_async trainer has two); weakly held, so that a
+# manager's end ends its history.
+_deadlines: weakref.WeakKeyDictionary[Any, SyncDeadlines] = weakref.WeakKeyDictionary()
+
+
+def deadlines_for(manager: Any, settings: HookSettings) -> SyncDeadlines:
+    """The manager's deadlines; new ones (an empty history) when the settings that shape them changed."""
+    wanted = SyncDeadlines(
+        fixed_s=settings.sync_timeout_s,
+        adaptive=settings.sync_adaptive,
+        multiple=settings.sync_adaptive_multiple,
+        floor_s=settings.sync_adaptive_floor_s,
+    )
+    deadlines = _deadlines.get(manager)
+    if deadlines is None or deadlines.shape != wanted.shape:
+        _deadlines[manager] = deadlines = wanted
+    return deadlines
 
 
 @dataclass
@@ -341,6 +361,8 @@ async def run_guarded_sync(
 ) -> Any:
     """Run verl's ``update_weights`` body for ``manager`` under the deadline; on failure clean up and raise."""
     sync = _SyncContext(PhaseTracker(), faults, global_steps, str(manager.backend))
+    deadlines = deadlines_for(manager, settings)
+    deadline = deadlines.current()
     started = time.monotonic()
     runner = _SyncThread(original(_ManagerView(manager, sync), global_steps))
 
@@ -356,18 +378,20 @@ async def run_guarded_sync(
             stuck_stack=runner.stack(),
         )
 
-    backstop_delay = settings.sync_timeout_s + settings.cleanup_budget_s + settings.hard_exit_grace_s
+    backstop_delay = deadline.seconds + settings.cleanup_budget_s + settings.hard_exit_grace_s
     backstop = _Backstop(backstop_delay if settings.hard_exit_grace_s > 0 else 0, describe_hang, settings.error_file)
     waiter = asyncio.wrap_future(runner.future)
     backstop.start()
     heartbeat.beat(HeartbeatKind.SYNC_BEGIN, step=global_steps, backend=sync.backend)
     try:
         runner.start()
-        done, _ = await asyncio.wait({waiter}, timeout=settings.sync_timeout_s)
+        done, _ = await asyncio.wait({waiter}, timeout=deadline.seconds)
         stuck_stack = None
         if done and waiter.exception() is None:
             sync.tracker.complete_all()
-            heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=time.monotonic() - started)
+            duration_s = time.monotonic() - started
+            deadlines.record(duration_s)
+            heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=duration_s)
             return waiter.result()
         phase = sync.tracker.current
         if done:
@@ -384,8 +408,8 @@ async def run_guarded_sync(
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # retrieved so asyncio does not warn; the deadline is the failure
             primary = WeightSyncTimeout(
-                f"weight sync did not finish within {settings.sync_timeout_s:g} s "
-                f"(VERL_HOOKS_SYNC_TIMEOUT_S); stuck in phase '{phase.value}'"
+                f"weight sync did not finish within {deadline.seconds:.3g} s ({deadline.reason}); stuck in phase "
+                f"'{phase.value}'"
             )
         steps = plan_cleanup(sync.tracker.entered, sync.tracker.completed)
         outcomes = await run_cleanup(steps, manager, sync.tracker.rollout_wg, settings.cleanup_step_timeout_s)

@@ -18,6 +18,9 @@ from verl_hooks.contract import (
     ENV_FAULT_LOG,
     ENV_FAULTS,
     ENV_HARD_EXIT_GRACE_S,
+    ENV_SYNC_ADAPTIVE,
+    ENV_SYNC_ADAPTIVE_FLOOR_S,
+    ENV_SYNC_ADAPTIVE_MULTIPLE,
     ENV_SYNC_TIMEOUT_S,
 )
 from verl_hooks.errors import HookSettingsError
@@ -29,6 +32,11 @@ class HookSettings:
     sync_timeout_s: float = 600.0
     """Deadline on a whole weight sync; past it the sync counts as hung. Generous: a large model's sync over a
     slow fabric can take minutes, and a false alarm costs a restart."""
+    sync_adaptive: bool = True
+    """After the first syncs, the deadline becomes ``sync_adaptive_multiple`` x the slowest recent sync, at least
+    ``sync_adaptive_floor_s`` and at most ``sync_timeout_s`` (``verl_hooks.deadline``)."""
+    sync_adaptive_multiple: float = 5.0
+    sync_adaptive_floor_s: float = 60.0
     cleanup_step_timeout_s: float = 30.0
     """Bound on each best-effort cleanup step after a failure."""
     cancel_grace_s: float = 2.0
@@ -43,11 +51,15 @@ class HookSettings:
     """Append a JSON line (time, spec, pid) here when an injected fault fires: the failure's own timestamp."""
 
     def __post_init__(self) -> None:
-        for name in ("sync_timeout_s", "cleanup_step_timeout_s", "cancel_grace_s"):
+        for name in ("sync_timeout_s", "cleanup_step_timeout_s", "cancel_grace_s", "sync_adaptive_floor_s"):
             if getattr(self, name) <= 0:
                 raise HookSettingsError(f"verl_hooks setting {name} must be > 0, got {getattr(self, name)}")
         if self.hard_exit_grace_s < 0:
             raise HookSettingsError(f"verl_hooks setting hard_exit_grace_s must be >= 0, got {self.hard_exit_grace_s}")
+        if self.sync_adaptive_multiple < 1:
+            raise HookSettingsError(
+                f"verl_hooks setting sync_adaptive_multiple must be >= 1, got {self.sync_adaptive_multiple}"
+            )
         if self.attempt < 1:
             raise HookSettingsError(f"{ENV_ATTEMPT} must be >= 1, got {self.attempt}")
 
@@ -62,6 +74,9 @@ class HookSettings:
         defaults = cls()
         return cls(
             sync_timeout_s=_float(env, ENV_SYNC_TIMEOUT_S, defaults.sync_timeout_s),
+            sync_adaptive=env.get(ENV_SYNC_ADAPTIVE, "1").strip().lower() not in ("0", "false", "no", "off"),
+            sync_adaptive_multiple=_float(env, ENV_SYNC_ADAPTIVE_MULTIPLE, defaults.sync_adaptive_multiple),
+            sync_adaptive_floor_s=_float(env, ENV_SYNC_ADAPTIVE_FLOOR_S, defaults.sync_adaptive_floor_s),
             cleanup_step_timeout_s=_float(env, ENV_CLEANUP_STEP_TIMEOUT_S, defaults.cleanup_step_timeout_s),
             hard_exit_grace_s=_float(env, ENV_HARD_EXIT_GRACE_S, defaults.hard_exit_grace_s),
             faults=parse_fault_specs(env.get(ENV_FAULTS)),

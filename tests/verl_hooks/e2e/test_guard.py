@@ -133,6 +133,21 @@ def test_awaited_from_a_coroutine_as_the_fully_async_trainer_does(topology: Weig
         asyncio.run(trainer_step())
 
 
+def test_a_hang_after_fast_syncs_ends_at_a_deadline_learnt_from_them(topology: WeightSyncTopology) -> None:
+    """The fixed limit (60 s here) stays for the first syncs; then 5 x the slowest recent one, at least 1 s."""
+    arm(sync_adaptive_floor_s=1.0)
+    for _ in range(3):
+        sync(topology, next(_steps))
+    step = next(_steps)
+    arm(f"{'naive' if topology.hybrid else 'update_weights'}:hang@{step}", sync_adaptive_floor_s=1.0)
+    with pytest.raises(WeightSyncFatalError) as raised:
+        sync(topology, step)
+    assert raised.value.hang
+    assert 1.0 <= raised.value.elapsed_s < 10.0, "ended at the learnt deadline, not the fixed 60 s"
+    assert "the adaptive limit" in raised.value.message
+    assert can_generate(topology)
+
+
 CASES = [("naive", SyncPhase.NAIVE, action) for action in ("raise", "hang")] + [
     ("cpu_gloo", phase, action) for phase in MULTI_PHASE_ORDER for action in ("raise", "hang")
 ]
