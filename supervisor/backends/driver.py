@@ -90,13 +90,12 @@ class DriverProcess:
         the attempt's marker (the Ray workers, which the raylet started), wait one shared grace period,
         SIGKILL the rest; then SIGKILL whatever is left in the group."""
         group = processes_in_group(self.child.pgid)
-        for process in group:
-            # Read (and let psutil cache) each name now: a member that exits on SIGTERM is still named in the report.
-            ProcessInfo.of(process)
+        # Named now: a member that exits on the SIGTERM below can no longer be read, and must still be reported.
+        known = {process.pid: ProcessInfo.of(process) for process in group}
         self.child.signal_group(signal.SIGTERM)
         members = {p.pid for p in group}
         everything = group + [p for p in self.attempt_processes() if p.pid not in members]
-        report = terminate_processes(everything, grace_s, members, reap_timeout_s)
+        report = terminate_processes(everything, grace_s, members, reap_timeout_s, known)
         if self.child.group_alive():
             self.child.signal_group(signal.SIGKILL)
         self.child.wait(reap_timeout_s)

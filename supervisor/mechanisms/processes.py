@@ -178,15 +178,17 @@ def terminate_processes(
     grace_s: float,
     already_terminated: Collection[int] = (),
     reap_timeout_s: float = REAP_TIMEOUT_S,
+    known: Mapping[int, ProcessInfo] | None = None,
 ) -> TerminationReport:
     """The one escalation of the supervisor: SIGTERM, wait up to ``grace_s`` on one shared deadline, SIGKILL
     the rest, wait up to ``reap_timeout_s`` for them to be reaped; already-gone processes are ignored.
 
     ``already_terminated``: pids the caller has just sent SIGTERM (a process group), or that a signal to another
     process ends (Ray's fate sharing): not signalled twice, since a second SIGTERM can cut short the graceful
-    shutdown the first one started.
+    shutdown the first one started. ``known``: what the caller read of them before signalling them itself (a
+    process that exits on that signal can no longer be read here, and must still be named in the report).
     """
-    infos = {p.pid: ProcessInfo.of(p) for p in processes}
+    infos = {p.pid: (known or {}).get(p.pid) or ProcessInfo.of(p) for p in processes}
     for process in processes:
         if process.pid in already_terminated:
             continue
