@@ -28,10 +28,11 @@ from supervisor.config import RUN_TOKEN_FILE, RayMode, SupervisorConfig, host_of
 from supervisor.job.command import conflicting_args
 from supervisor.mechanisms.processes import local_ip_towards
 from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
+from supervisor.mechanisms.reaper import start_reaper
 from supervisor.policy.outcomes import ExitCode
 from supervisor.run.events import EventLog
 from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
-from verl_hooks.contract import exception_chain
+from verl_hooks.contract import ENV_RUN_ID, exception_chain
 
 SCHEMA_NAME = "supervisor_schema"
 
@@ -201,9 +202,12 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         backend = make_backend(config, run_dir, history.run_id)
         heartbeats = HeartbeatServer(config.watchdog.listen_host, config.watchdog.advertise_host)
         heartbeats.start()
+        # Should this process die outright, the reaper ends the run's processes at once (see its module).
+        reaper = start_reaper({ENV_RUN_ID: history.run_id})
         try:
             return Supervisor(config, job_args, run_dir, history, backend, events, heartbeats=heartbeats).run()
         finally:
+            reaper.disarm()
             heartbeats.stop()
     finally:
         run_dir.release()

@@ -1,0 +1,69 @@
+"""The reaper: when the supervisor dies outright, the processes carrying the run's marker die at once; after an
+orderly end, nothing is touched. Real processes, found by their marker, never by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import psutil
+import pytest
+
+from supervisor.mechanisms.processes import find_marked_processes
+from supervisor.mechanisms.reaper import start_reaper
+
+MARKER_KEY = "VERL_SUPERVISOR_RUN_ID"
+
+
+def sleepers(run_id: str, count: int = 2) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, MARKER_KEY: run_id}
+    code = "import time; time.sleep(120)"
+    # Popen returns once the child has exec'd: the marker is in its environment from then on.
+    return [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(count)]
+
+
+@pytest.fixture
+def run_id():
+    marker = f"reaper-test-{uuid.uuid4().hex}"
+    yield marker
+    for process in find_marked_processes({MARKER_KEY: marker}):
+        process.kill()
+
+
+def test_a_supervisor_that_dies_takes_the_runs_processes_with_it(run_id: str) -> None:
+    procs = sleepers(run_id)
+    bystander = sleepers(f"{run_id}-someone-else", count=1)[0]
+    reaper = start_reaper({MARKER_KEY: run_id})
+    os.close(reaper._write_fd)  # what the kernel does when the supervisor dies, however it dies
+    reaper._write_fd = None
+    for proc in procs:
+        proc.wait(timeout=10)
+        assert proc.returncode == -9
+    assert reaper._process.wait(timeout=10) == 0
+    assert bystander.poll() is None, "only processes with the run's marker"
+    bystander.kill()
+    bystander.wait()
+
+
+def test_an_orderly_end_disarms_the_reaper(run_id: str) -> None:
+    procs = sleepers(run_id, count=1)
+    reaper = start_reaper({MARKER_KEY: run_id})
+    reaper.disarm()
+    assert reaper._process.returncode == 0
+    assert procs[0].poll() is None, "an orderly end touches nothing"
+    procs[0].kill()
+    procs[0].wait()
+
+
+def test_the_reaper_carries_no_marker(run_id: str) -> None:
+    os.environ[MARKER_KEY] = run_id
+    try:
+        reaper = start_reaper({MARKER_KEY: run_id})
+    finally:
+        del os.environ[MARKER_KEY]
+    try:
+        assert MARKER_KEY not in psutil.Process(reaper.pid).environ()
+    finally:
+        reaper.disarm()
