@@ -111,3 +111,31 @@ def _required_count(func: Callable[..., Any]) -> int:
         for p in inspect.signature(func).parameters.values()
         if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     )
+
+
+def subclass_update_weights(cls: type) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """The body of a manager subclass's own ``update_weights``, as a coroutine function the guard can run.
+
+    Accepted: ``(self, global_steps=None, ...)`` with any further parameters optional, async (with or without
+    verl's ``auto_await``) or not. Anything else raises ``IncompatibleVerlError`` naming the class: a manager the
+    guard cannot wrap must never run unguarded.
+    """
+    member = cls.__dict__["update_weights"]
+    raw = getattr(member, "__wrapped__", member)
+    name = f"{cls.__module__}.{cls.__qualname__}.update_weights"
+    if not callable(raw):
+        raise IncompatibleVerlError(f"verl_hooks cannot guard {name}: it is not a function")
+    params = _positional_names(raw)
+    if params[:2] != ("self", "global_steps") or _required_count(raw) > 1:
+        raise IncompatibleVerlError(
+            f"verl_hooks cannot guard {name}{inspect.signature(raw)}: it must accept (self, global_steps=None) "
+            "as verl's CheckpointEngineManager.update_weights does; rename its parameters or drop the override"
+        )
+    if inspect.iscoroutinefunction(raw):
+        return raw
+
+    async def call_blocking(self: Any, global_steps: int | None = None) -> Any:
+        return raw(self, global_steps)  # runs on the guard's own thread, under the deadline
+
+    call_blocking.__qualname__, call_blocking.__doc__ = raw.__qualname__, raw.__doc__
+    return call_blocking

@@ -358,13 +358,19 @@ async def run_guarded_sync(
     global_steps: int | None,
     settings: HookSettings,
     faults: FaultPlan,
+    *,
+    through_view: bool = True,
 ) -> Any:
-    """Run verl's ``update_weights`` body for ``manager`` under the deadline; on failure clean up and raise."""
+    """Run verl's ``update_weights`` body for ``manager`` under the deadline; on failure clean up and raise.
+
+    ``through_view``: verl's own body gets a view of the manager that notes each phase it enters; a body of the
+    user's own (a subclass's override) gets the manager itself, so that ``super()`` and ``isinstance`` hold in it.
+    """
     sync = _SyncContext(PhaseTracker(), faults, global_steps, str(manager.backend))
     deadlines = deadlines_for(manager, settings)
     deadline = deadlines.current()
     started = time.monotonic()
-    runner = _SyncThread(original(_ManagerView(manager, sync), global_steps))
+    runner = _SyncThread(original(_ManagerView(manager, sync) if through_view else manager, global_steps))
 
     def describe_hang() -> WeightSyncFatalError:
         return WeightSyncFatalError.from_failure(
@@ -396,8 +402,8 @@ async def run_guarded_sync(
         phase = sync.tracker.current
         if done:
             primary: BaseException = waiter.exception()  # type: ignore[assignment]
-            if not isinstance(primary, Exception):
-                raise primary
+            if not isinstance(primary, Exception) or isinstance(primary, WeightSyncFatalError):
+                raise primary  # a guarded sync inside this one (a subclass calling super()) has cleaned up already
             hang = False
         else:
             hang = True

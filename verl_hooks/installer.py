@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Coroutine
 from types import ModuleType
 from typing import Any
 
 from verl_hooks import heartbeat
-from verl_hooks.compat import original_update_weights
+from verl_hooks.compat import original_update_weights, subclass_update_weights
 from verl_hooks.contract import ENV_CHAINED_SETUP_HOOK
 from verl_hooks.faults import FaultPlan
 from verl_hooks.guard import GUARD_MARK, run_guarded_sync
@@ -82,20 +83,17 @@ def is_guarded(manager_cls: type) -> bool:
     return bool(getattr(manager_cls.__dict__.get("update_weights"), GUARD_MARK, False))
 
 
-def _patch(module: ModuleType) -> None:
+def _guard(cls: type, original: Callable[..., Coroutine[Any, Any, Any]], *, verls_own: bool = True) -> None:
+    """Replace ``cls.update_weights`` with the guarded call of ``original``."""
     from verl.utils.ray_utils import auto_await
 
-    manager_cls = module.CheckpointEngineManager
-    if is_guarded(manager_cls):
-        return
-    original = original_update_weights(manager_cls)
-
     async def update_weights(self: Any, global_steps: int | None = None) -> Any:
-        return await run_guarded_sync(self, original, global_steps, _state.settings, _state.faults)
+        settings, faults = _state.settings, _state.faults
+        return await run_guarded_sync(self, original, global_steps, settings, faults, through_view=verls_own)
 
     update_weights.__doc__ = (
-        f"{original.__doc__ or ''}\n\nGuarded by verl_hooks: any failure, or a sync longer than "
-        "VERL_HOOKS_SYNC_TIMEOUT_S, runs a bounded best-effort rollout resume and raises WeightSyncFatalError."
+        f"{original.__doc__ or ''}\n\nGuarded by verl_hooks: any failure, or a sync longer than its deadline, "
+        "runs a bounded best-effort rollout resume and raises WeightSyncFatalError."
     )
     update_weights.__qualname__ = original.__qualname__
     update_weights.__module__ = original.__module__
@@ -103,8 +101,46 @@ def _patch(module: ModuleType) -> None:
     # coroutine (the fully-async trainer awaits it).
     guarded = auto_await(update_weights)
     setattr(guarded, GUARD_MARK, True)
-    guarded.__verl_hooks_original__ = manager_cls.__dict__["update_weights"]
-    manager_cls.update_weights = guarded
+    guarded.__verl_hooks_original__ = cls.__dict__["update_weights"]
+    cls.update_weights = guarded
+
+
+def _guard_subclass(cls: type) -> None:
+    """A manager of the user's own that overrides ``update_weights`` (verl's legacy trainer takes one through
+    ``actor_rollout_ref.rollout.checkpoint_manager_class``) is guarded as well: its body runs under the same
+    deadline, typed failure and cleanup (of the phases it enters through verl's methods)."""
+    if "update_weights" in cls.__dict__ and not is_guarded(cls):
+        _guard(cls, subclass_update_weights(cls), verls_own=False)
+        logger.info("verl_hooks: weight-sync guard installed on %s.%s", cls.__module__, cls.__qualname__)
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found, todo = [], list(cls.__subclasses__())
+    while todo:
+        sub = todo.pop()
+        found.append(sub)
+        todo.extend(sub.__subclasses__())
+    return found
+
+
+def _patch(module: ModuleType) -> None:
+    manager_cls = module.CheckpointEngineManager
+    if is_guarded(manager_cls):
+        return
+    original = original_update_weights(manager_cls)
+    subclasses = _all_subclasses(manager_cls)
+    for sub in subclasses:
+        if "update_weights" in sub.__dict__:
+            subclass_update_weights(sub)  # refuse before patching anything: nothing is left half-guarded
+    _guard(manager_cls, original)
+    for sub in subclasses:
+        _guard_subclass(sub)
+
+    def guard_new_subclasses(cls: type, **kwargs: Any) -> None:
+        super(manager_cls, cls).__init_subclass__(**kwargs)
+        _guard_subclass(cls)  # an override that cannot be guarded fails the class's definition, naming it
+
+    manager_cls.__init_subclass__ = classmethod(guard_new_subclasses)  # type: ignore[method-assign]
     logger.info(
         "verl_hooks: weight-sync guard installed (deadline %g s, faults: %s)",
         _state.settings.sync_timeout_s,
@@ -121,7 +157,11 @@ def uninstall() -> None:
         module = sys.modules.get(TARGET_MODULE)
         if module is not None and is_guarded(module.CheckpointEngineManager):
             cls = module.CheckpointEngineManager
-            cls.update_weights = cls.__dict__["update_weights"].__verl_hooks_original__
+            for guarded in [cls, *_all_subclasses(cls)]:
+                if is_guarded(guarded):
+                    guarded.update_weights = guarded.__dict__["update_weights"].__verl_hooks_original__
+            if "__init_subclass__" in cls.__dict__:
+                del cls.__init_subclass__
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
