@@ -124,6 +124,7 @@ def test_every_save_carries_the_supervisors_checkpoint_marker(reference: JobRun)
         assert (facts.critic_strategy, facts.max_actor_ckpt_to_keep, facts.max_critic_ckpt_to_keep) == (None,) * 3
 
 
+@pytest.mark.slow  # the chaining itself: tests/verl_hooks/test_checkpoint_callback.py, test_verl_entry.py
 def test_a_users_checkpoint_callback_runs_before_the_marker_in_the_jobs_actor(ray_cluster, tmp_path: Path) -> None:
     """The launcher moves the user's callback aside; the environment carries it into the TaskRunner actor."""
     ckpt = tmp_path / "ckpt"
