@@ -2,31 +2,37 @@
 
     .venv/bin/python scripts/bench_recovery.py --quick          # a few minutes: raise, supervisor vs shell loop
     .venv/bin/python scripts/bench_recovery.py --repeats 3      # every launcher, every failure kind
+    .venv/bin/python scripts/bench_recovery.py --fault-free-only --steps 3   # does every launcher run the job?
 
 Launchers:
   supervisor                the supervisor, its Ray cluster kept between attempts (the default)
   supervisor-fresh-cluster  the supervisor, a fresh Ray cluster for every attempt
   shell-loop                `until python -m verl_hooks.launch ... trainer.resume_mode=auto; do :; done`
   torchrun                  `torchrun --max-restarts=3` around the same command
+  kuberay-like              KubeRay's RayJob with backoffLimit=3: a new Ray cluster per try, the job submitted
+                            through the Ray Jobs API, its status read every 3 s (KubeRay's reconcile interval)
 Failures, injected into the job's weight sync at the same step on attempt 1 (VERL_HOOKS_FAULTS):
   raise  the sync raises;  kill  the trainer process is SIGKILLed;  hang  the sync never returns.
 
-The loops run the job as a user runs verl today: each attempt gets a Ray cluster of its own that ends with it
+The baselines run the job as a user runs verl today: each attempt gets a Ray cluster of its own that ends with it
 (started as the supervisor starts its own, with a private temp dir and ports, so that a shared machine's other
 clusters are left alone: see scripts/bench_entry.py), resumes with `trainer.resume_mode=auto`, and has no
-weight-sync deadline. Runs that do not finish within --limit-s are cut off and reported as such (a loop cannot
+weight-sync deadline. Runs that do not finish within --limit-s are cut off and reported as such (a baseline cannot
 recover from a hang).
 
-Per failure: detect = the fault firing to the launcher knowing the attempt is over (the job's own time to die
-included); teardown+fence = from there to ready to relaunch (the supervisor's teardown and fence; for a loop,
-its attempt's cluster going down and the relaunch); relaunch to 1st step = to the first training step of the
-next attempt, of which cluster start = a new Ray cluster's start-up; recover = fault to that first step; steps
-lost = steps trained before the fault (the fault's own step included: verl syncs at the end of a step) that
-the resumed attempt had to train again.
+A recovery (the fault firing to the relaunched attempt's first training step) is cut into consecutive parts at
+the boundaries the launchers and the job log, so that the parts add up to the whole (PARTS below):
+detect, driver exit, stack dump, teardown+fence, backoff, old cluster stop, relaunch, new cluster start,
+job start-up, 1st step.
+Every run checks that they do (every boundary logged, in order, each launcher's own measure of a part within that
+part); a run that fails the check is marked in results.md and the script exits with 1. Steps lost = steps
+trained before the fault (the fault's own step included: verl syncs at the end of a step) that the resumed
+attempt had to train again.
 
 Timestamps come from the job and the launchers, never from guesses: the fault injector logs when a fault fires
 (VERL_HOOKS_FAULT_LOG), the job logs its start and each step (trainer.progress_file), the supervisor its events
-(events.jsonl), the loops' attempts their launch and exit (scripts/bench_entry.py).
+(events.jsonl), the baselines' attempts their launch, cluster start and stop, and the job's start and exit
+(scripts/bench_entry.py).
 
 Outputs in --out: results.json (every figure), results.md (tables, ratios against the best baseline first),
 timeline.png (the attempts of each launcher).
@@ -53,7 +59,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORS = ("supervisor", "supervisor-fresh-cluster")
-LAUNCHERS = (*SUPERVISORS, "shell-loop", "torchrun")
+BASELINES = ("shell-loop", "torchrun", "kuberay-like")
+LAUNCHERS = (*SUPERVISORS, *BASELINES)
 FAILURES = {"raise": "naive:raise@{step}#1", "kill": "naive:exit@{step}#1", "hang": "naive:hang@{step}#1"}
 MARKER = "BENCH_RUN_ID"
 
@@ -128,6 +135,8 @@ def command_for(launcher: str, plan: Plan, workdir: Path) -> list[str]:
             f'BENCH_ATTEMPT=$attempt {quoted} && exit 0; [ "$attempt" -ge 4 ] && exit 1; done'
         )
         return ["bash", "-c", loop]
+    if launcher == "kuberay-like":
+        return [sys.executable, str(REPO / "scripts" / "bench_entry.py"), "--rayjob", *baseline_job]
     if launcher == "torchrun":
         return [
             sys.executable,
@@ -179,8 +188,10 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
             "VERL_HOOKS_FAULT_LOG": str(workdir / "faults.jsonl"),
             "BENCH_LAUNCH_LOG": str(workdir / "launches.jsonl"),
             "BENCH_RAY_DIR": str(workdir / "ray"),
-            # The loops' job has no guard deadline, as verl has none; the supervisor's job has the guard's.
+            # The baselines' job has no weight-sync deadline, as verl has none (the guard is there only to inject
+            # the faults): neither the fixed one nor the adaptive one; the supervisor's job has the guard's.
             "VERL_HOOKS_SYNC_TIMEOUT_S": str(plan.guard_deadline_s if launcher in SUPERVISORS else 86400),
+            "VERL_HOOKS_SYNC_ADAPTIVE": "1" if launcher in SUPERVISORS else "0",
         }
     )
     if failure is not None:
@@ -290,20 +301,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def attempt_launches(record: RunRecord) -> list[dict[str, Any]]:
     """[{launched_at, ended_at, detected_at}] per attempt, from the launcher's own log.
 
-    detected_at is when the launcher knew the attempt was over: the supervisor's attempt_exited (or
-    stall_detected) event; for the loops, the moment their attempt process saw the job exit (bench_entry).
+    detected_at is when the launcher knew the attempt failed: the supervisor's first error_record_received,
+    stall_detected or attempt_exited event; for the baselines, the moment their attempt process saw the job exit
+    (bench_entry).
     """
     workdir = Path(record.workdir)
     if record.launcher in SUPERVISORS:
         events = read_jsonl(workdir / "run" / "events.jsonl")
         started = [e for e in events if e["event"] == "attempt_started"]
         exited = [e for e in events if e["event"] == "attempt_exited"]
-        stalls = [e for e in events if e["event"] == "stall_detected"]
+        # The supervisor knows an attempt failed at the first of: its error record, a stall, its driver's exit.
+        known = [e for e in events if e["event"] in ("error_record_received", "stall_detected")]
         attempts = []
         for index, start in enumerate(started):
             end = exited[index]["ts"] if index < len(exited) else None
-            stall = next((s["ts"] for s in stalls if s["attempt"] == start["attempt"]), None)
-            attempts.append({"launched_at": start["ts"], "ended_at": end, "detected_at": stall or end})
+            first = min((e["ts"] for e in known if e["attempt"] == start["attempt"]), default=None)
+            detected = min(t for t in (first, end) if t is not None) if first or end else None
+            attempts.append({"launched_at": start["ts"], "ended_at": end, "detected_at": detected})
         return attempts
     launches = read_jsonl(workdir / "launches.jsonl")
     exits = {e["attempt"]: e["ts"] for e in launches if e["event"] == "exit"}
@@ -314,15 +328,216 @@ def attempt_launches(record: RunRecord) -> list[dict[str, Any]]:
     ]
 
 
-def relaunch_cluster_start_s(record: RunRecord) -> float:
-    """Seconds the relaunch (attempt 2) spent starting a Ray cluster: none when the cluster was kept."""
-    workdir = Path(record.workdir)
-    if record.launcher in SUPERVISORS:
-        events = read_jsonl(workdir / "run" / "events.jsonl")
-        starts = [e["startup_s"] for e in events if e["event"] == "cluster_started"]
-        return starts[1] if len(starts) > 1 else 0.0
-    ups = [e["startup_s"] for e in read_jsonl(workdir / "launches.jsonl") if e["event"] == "cluster_up"]
-    return ups[1] if len(ups) > 1 else 0.0
+# --- where a recovery's time goes (pure) ---
+
+# The parts of a recovery, in the order they happen: (key, title, meaning). Each is the interval between two
+# boundaries that a launcher or the job logs; a part that happens twice (relaunch) is the sum of its intervals.
+PARTS = (
+    (
+        "detect_s",
+        "detect",
+        "the fault firing to the launcher knowing the attempt failed: the supervisor's error_record_received, "
+        "stall_detected or attempt_exited, whichever comes first; for a baseline, the job's driver exit as its "
+        "attempt process sees it (the job's own time to die included; kuberay-like: at its next status poll)",
+    ),
+    (
+        "driver_exit_s",
+        "driver exit",
+        "the supervisor, told of the failure by the job's error record (over the heartbeat channel): its driver "
+        "exiting by itself, for at most teardown.record_grace_s",
+    ),
+    ("stack_dump_s", "stack dump", "the supervisor on a stall: the stalled job's stacks captured before it is ended"),
+    (
+        "teardown_fence_s",
+        "teardown+fence",
+        "the supervisor ending every process of the attempt and verifying that no actor of it is left "
+        "(then recording the newest complete checkpoint)",
+    ),
+    ("backoff_s", "backoff", "the supervisor's restart delay"),
+    ("old_cluster_stop_s", "old cluster stop", "the failed attempt's Ray cluster going down (a kept cluster: 0)"),
+    (
+        "relaunch_s",
+        "relaunch",
+        "the launcher's own work between the other parts: choosing the checkpoint, spawning the driver "
+        "(supervisor); the attempt process exiting, the launcher starting the next one, its Python start-up, "
+        "spawning the job's driver (shell loop, torchrun); submitting the job (kuberay-like)",
+    ),
+    ("new_cluster_start_s", "new cluster start", "a new Ray cluster's start-up (a kept cluster: 0)"),
+    (
+        "job_startup_s",
+        "job start-up",
+        "the job's driver spawned to its trainer ready: imports, Ray connection, TaskRunner, workers, "
+        "the checkpoint loaded",
+    ),
+    ("first_step_s", "1st step", "the relaunched attempt's first weight sync and training step"),
+)
+PART_KEYS = tuple(key for key, _, _ in PARTS)
+ADD_UP_TOLERANCE_S = 0.05
+"""How far the parts' sum may be from the recovery, and a part below zero."""
+CONTENT_TOLERANCE_S = 0.25
+"""How much longer a part may be than what its launcher measured for it (event writes, state files) before that
+excess counts as time the part's name does not account for."""
+
+
+@dataclass
+class Boundary:
+    part: str
+    """The part that ends at this boundary."""
+    ts: float | None
+    what: str
+    """Which log line it is, for the check's messages."""
+
+
+@dataclass
+class Breakdown:
+    parts: dict[str, float | None]
+    recover_s: float | None
+    """The fault firing to the relaunched attempt's first training step, taken from those two lines alone."""
+    measured: dict[str, float] = field(default_factory=dict)
+    """A part's duration as the launcher measured it itself (teardown, backoff, cluster stop and start)."""
+    problems: list[str] = field(default_factory=list)
+
+
+def _first(entries: list[dict[str, Any]], event: str, **match: Any) -> dict[str, Any] | None:
+    return next((e for e in entries if e["event"] == event and all(e.get(k) == v for k, v in match.items())), None)
+
+
+def _ts(entry: dict[str, Any] | None, plus: float = 0.0) -> float | None:
+    return None if entry is None else entry["ts"] + plus
+
+
+def _job_boundaries(progress: list[dict[str, Any]], since: float | None) -> list[Boundary]:
+    """The relaunched job's own boundaries: its trainer ready (progress "start"), its first step."""
+    start = next((p["ts"] for p in progress if since is not None and p["event"] == "start" and p["ts"] >= since), None)
+    step = next((p["ts"] for p in progress if since is not None and p["event"] == "step" and p["ts"] >= since), None)
+    return [
+        Boundary("job_startup_s", start, "the relaunched job's progress 'start'"),
+        Boundary("first_step_s", step, "the relaunched job's first progress 'step'"),
+    ]
+
+
+def supervisor_boundaries(
+    events: list[dict[str, Any]], progress: list[dict[str, Any]]
+) -> tuple[list[Boundary], dict[str, float]]:
+    """Attempt 1's end to attempt 2's first step, from events.jsonl (each event's ts is taken when it is written,
+    after what it reports)."""
+    exited = _first(events, "attempt_exited", attempt=1)
+    stall = _first(events, "stall_detected", attempt=1)
+    record = _first(events, "error_record_received", attempt=1)
+    stacks = _first(events, "stacks_dumped", attempt=1)
+    teardown = _first(events, "teardown", attempt=1)
+    backoff = _first(events, "backoff", next_attempt=2)
+    relaunch = _first(events, "attempt_started", attempt=2)
+    measured: dict[str, float] = {}
+    if teardown is not None:
+        measured["teardown_fence_s"] = teardown["duration_s"]
+    if backoff is not None:
+        measured["backoff_s"] = backoff["delay_s"]
+    if stacks is not None:
+        measured["stack_dump_s"] = stacks["duration_s"]
+    known = [e for e in (record, stall, exited) if e is not None]
+    known_at = min(e["ts"] for e in known) if known else None
+    # After the error record, the driver is given a grace to exit; after a stall, its stacks are dumped first.
+    waited_for = "stack_dump_s" if stall is not None and stall["ts"] == known_at else "driver_exit_s"
+    marks = [
+        Boundary("detect_s", known_at, "error_record_received, stall_detected or attempt_exited of attempt 1"),
+        Boundary(waited_for, _ts(exited), "attempt_exited of attempt 1"),
+        Boundary("teardown_fence_s", _ts(teardown), "teardown of attempt 1"),
+        # The sleep follows the backoff event at once and lasts delay_s; nothing is logged when it ends.
+        Boundary("backoff_s", _ts(backoff, backoff["delay_s"] if backoff else 0.0), "backoff before attempt 2"),
+    ]
+    # The cluster's stop and start happen in the backend's prepare(), whose events are written together once it
+    # returns: their intervals are the durations they carry, counted back from that moment. Before the stop:
+    # choosing the checkpoint (the relaunch's own work).
+    low, high = _ts(backoff), _ts(relaunch)
+    prepared = [
+        e
+        for e in events
+        if e["event"] in ("cluster_stopped", "cluster_started") and low is not None and high is not None
+        if low <= e["ts"] <= high
+    ]
+    if prepared:
+        done = prepared[0]["ts"]
+        start_s = sum(e["startup_s"] for e in prepared if e["event"] == "cluster_started")
+        stop_s = sum(e["duration_s"] for e in prepared if e["event"] == "cluster_stopped")
+        marks += [
+            Boundary("relaunch_s", done - start_s - stop_s, "the old cluster's stop beginning (cluster_stopped)"),
+            Boundary("old_cluster_stop_s", done - start_s, "the new cluster's start beginning (cluster_started)"),
+            Boundary("new_cluster_start_s", done, "cluster_started before attempt 2"),
+        ]
+    marks.append(Boundary("relaunch_s", high, "attempt_started of attempt 2"))
+    marks += _job_boundaries(progress, high)
+    return marks, measured
+
+
+def baseline_boundaries(
+    launches: list[dict[str, Any]], progress: list[dict[str, Any]]
+) -> tuple[list[Boundary], dict[str, float]]:
+    """Attempt 1's end to attempt 2's first step, from bench_entry's launch log."""
+    exited = _first(launches, "exit", attempt=1)
+    down = _first(launches, "cluster_down", attempt=1)
+    launch = _first(launches, "launch", attempt=2)
+    up = _first(launches, "cluster_up", attempt=2)
+    started = _first(launches, "job_started", attempt=2)
+    measured: dict[str, float] = {}
+    if down is not None:
+        measured["old_cluster_stop_s"] = down["duration_s"]
+    if up is not None:
+        measured["new_cluster_start_s"] = up["startup_s"]
+    marks = [
+        Boundary("detect_s", _ts(exited), "exit of attempt 1"),
+        Boundary("old_cluster_stop_s", _ts(down), "cluster_down of attempt 1"),
+        Boundary("relaunch_s", _ts(launch), "launch of attempt 2"),
+        Boundary("new_cluster_start_s", _ts(up), "cluster_up of attempt 2"),
+        Boundary("relaunch_s", _ts(started), "job_started of attempt 2"),
+        *_job_boundaries(progress, _ts(started)),
+    ]
+    return marks, measured
+
+
+def breakdown(fault_at: float, marks: list[Boundary], measured: dict[str, float], launcher: str) -> Breakdown:
+    """The parts between consecutive boundaries, and the check that they account for the whole recovery."""
+    parts: dict[str, float | None] = dict.fromkeys(PART_KEYS)
+    if launcher in SUPERVISORS:
+        # Parts a supervisor always has, even when they take no time (no stall, a kept cluster).
+        for key in ("driver_exit_s", "stack_dump_s", "old_cluster_stop_s", "new_cluster_start_s"):
+            parts[key] = 0.0
+    problems = []
+    previous = fault_at
+    for mark in marks:
+        if mark.ts is None:
+            problems.append(f"no boundary: {mark.what} is not in the logs")
+            break
+        if mark.ts < previous - ADD_UP_TOLERANCE_S:
+            # Checked per interval: a part made of two intervals could otherwise hide a negative one.
+            problems.append(f"{mark.what} comes {previous - mark.ts:.2f} s before the boundary preceding it")
+        parts[mark.part] = (parts[mark.part] or 0.0) + mark.ts - previous
+        previous = mark.ts
+    recover = marks[-1].ts - fault_at if marks and marks[-1].ts is not None else None
+    result = Breakdown(parts, recover, measured, problems)
+    result.problems += check_breakdown(result) if recover is not None else []
+    return result
+
+
+def check_breakdown(result: Breakdown) -> list[str]:
+    """Why the parts do not account for the recovery (empty: they do)."""
+    problems = []
+    total = sum(value for value in result.parts.values() if value is not None)
+    if result.recover_s is None or abs(total - result.recover_s) > ADD_UP_TOLERANCE_S:
+        problems.append(f"the parts add up to {total:.2f} s, the recovery took {result.recover_s} s")
+    titles = {key: title for key, title, _ in PARTS}
+    for key, value in result.parts.items():
+        if value is not None and value < -ADD_UP_TOLERANCE_S:
+            problems.append(f"{titles[key]} is {value:.2f} s: its boundaries are out of order")
+    for key, duration in result.measured.items():
+        value = result.parts.get(key)
+        if value is None or value < duration - ADD_UP_TOLERANCE_S:
+            problems.append(f"{titles[key]} is {value} s, shorter than the {duration:.2f} s its launcher measured")
+        elif value - duration > CONTENT_TOLERANCE_S:
+            problems.append(
+                f"{titles[key]} is {value:.2f} s, of which only {duration:.2f} s is what its launcher measured for it"
+            )
+    return problems
 
 
 def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
@@ -342,7 +557,6 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
     }
     if record.launcher in SUPERVISORS:
         events = read_jsonl(workdir / "run" / "events.jsonl")
-        teardowns = [e for e in events if e["event"] == "teardown"]
         cluster = [e for e in events if e["event"] == "cluster_started"]
         metrics["cluster_start_s"] = cluster[0]["startup_s"] if cluster else None
         metrics["time_to_first_attempt_s"] = attempts[0]["launched_at"] - record.started_at if attempts else None
@@ -350,23 +564,24 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
         return metrics
     fault_at = faults[0]["ts"]
     first = attempts[0] if attempts else None
-    metrics["detection_s"] = first["detected_at"] - fault_at if first and first["detected_at"] else None
+    metrics["detect_s"] = first["detected_at"] - fault_at if first and first["detected_at"] else None
+    if len(attempts) < 2:
+        return metrics  # no relaunch (cut off): nothing more to break down
     if record.launcher in SUPERVISORS:
-        metrics["teardown_to_fence_s"] = teardowns[0]["duration_s"] if teardowns else None
-    elif len(attempts) >= 2 and first and first["ended_at"]:
-        # What a loop does between seeing the exit and relaunching: its attempt's cluster going down.
-        metrics["teardown_to_fence_s"] = attempts[1]["launched_at"] - first["ended_at"]
-    if len(attempts) >= 2:
-        relaunch = attempts[1]["launched_at"]
-        first_step = _first_step_after(progress, relaunch, 0.0)
-        start_events = [p for p in progress if p["event"] == "start" and p["ts"] >= relaunch]
-        resumed_from = (start_events[0].get("resumed_from_step") or 0) if start_events else None
-        # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not.
-        trained_before_fault = faults[0]["step"]
-        metrics["relaunch_to_first_step_s"] = first_step
-        metrics["relaunch_cluster_start_s"] = relaunch_cluster_start_s(record)
-        metrics["recover_s"] = (relaunch + first_step - fault_at) if first_step is not None else None
-        metrics["steps_lost"] = None if resumed_from is None else trained_before_fault - resumed_from
+        marks, measured = supervisor_boundaries(read_jsonl(workdir / "run" / "events.jsonl"), progress)
+    else:
+        marks, measured = baseline_boundaries(read_jsonl(workdir / "launches.jsonl"), progress)
+    result = breakdown(fault_at, marks, measured, record.launcher)
+    metrics.update(result.parts)
+    metrics["recover_s"] = result.recover_s
+    metrics["measured_parts"] = result.measured
+    metrics["adds_up"] = not result.problems
+    metrics["breakdown_problems"] = result.problems
+    relaunch = attempts[1]["launched_at"]
+    start_events = [p for p in progress if p["event"] == "start" and p["ts"] >= relaunch]
+    resumed_from = (start_events[0].get("resumed_from_step") or 0) if start_events else None
+    # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not.
+    metrics["steps_lost"] = None if resumed_from is None else faults[0]["step"] - resumed_from
     return metrics
 
 
@@ -377,17 +592,14 @@ def _first_step_after(progress: list[dict[str, Any]], since: float, origin: floa
 
 # --- reporting ---
 
-COLUMNS = (
-    ("detection_s", "detect (s)"),
-    ("teardown_to_fence_s", "teardown+fence (s)"),
-    ("relaunch_to_first_step_s", "relaunch to 1st step (s)"),
-    ("relaunch_cluster_start_s", "of which cluster start (s)"),
+OUTCOME_COLUMNS = (
     ("recover_s", "recover (s)"),
     ("steps_lost", "steps lost"),
     ("leftover_processes", "left behind"),
     ("wall_s", "wall (s)"),
     ("goodput", "goodput"),
 )
+COLUMNS = (*((key, title) for key, title, _ in PARTS), *OUTCOME_COLUMNS)
 
 
 def aggregate(records: list[RunRecord]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -412,6 +624,7 @@ def aggregate(records: list[RunRecord]) -> dict[str, dict[str, dict[str, Any]]]:
         for cell in launchers.values():
             runs = cell["runs"]
             cell["cut_off"] = sum(1 for m in runs if m.get("cut_off"))
+            cell["not_adding_up"] = sum(1 for m in runs if m.get("adds_up") is False)
             for key, _ in COLUMNS:
                 values = [m[key] for m in runs if m.get(key) is not None]
                 if values:
@@ -449,33 +662,96 @@ def headline(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def to_markdown(table: dict[str, dict[str, dict[str, Any]]], plan: Plan, overhead: dict[str, Any]) -> str:
+def _cells(cell: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> list[str]:
+    values = []
+    for key, _ in columns:
+        stat = cell.get(key)
+        if stat is None:
+            values.append("-")
+        elif stat["n"] > 1 and stat["min"] != stat["max"]:
+            values.append(f"{stat['median']:.2f} [{stat['min']:.2f}-{stat['max']:.2f}]")
+        else:
+            values.append(f"{stat['median']:.2f}")
+    return values
+
+
+def fault_free_rows(records: list[RunRecord]) -> list[str]:
+    rows = [r for r in records if r.failure is None]
+    if not rows:
+        return []
+    lines = [
+        "## fault-free",
+        "",
+        "| launcher | finished | wall (s) | launch to 1st step (s) | cut off |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r.metrics
+        first = m.get("first_step_after_launch_s")
+        lines.append(
+            f"| {r.launcher} | {'yes' if m['finished'] else '**no**'} | {m['wall_s']:.2f} | "
+            f"{'-' if first is None else f'{first:.2f}'} | {'yes' if r.cut_off else 'no'} |"
+        )
+    return [*lines, ""]
+
+
+def to_markdown(
+    table: dict[str, dict[str, dict[str, Any]]],
+    plan: Plan,
+    overhead: dict[str, Any],
+    records: list[RunRecord],
+    problems: list[str],
+) -> str:
     lines = ["# Recovery benchmark", "", *headline(table), ""]
+    if problems:
+        lines += ["**This run is not a valid comparison:**", "", *(f"- {p}" for p in problems), ""]
     lines.append(
         f"Job: mini-PPO, {plan.steps} steps, checkpoint every {plan.save_freq}, fault at step {plan.fault_step} "
         f"on attempt 1, {plan.extra_step_time_s} s of extra step time; runs cut off after {plan.limit_s:.0f} s. "
-        "Medians, with [min-max] over the repeats. detect: the fault firing to the launcher knowing the attempt "
-        "is over; teardown+fence: from there to ready to relaunch; relaunch to 1st step: to the next attempt's "
-        "first training step (a new Ray cluster's start-up included); recover: fault to that step."
+        "Medians, with [min-max] over the repeats. A recovery is the fault firing to the relaunched attempt's "
+        "first training step; its parts are consecutive, so that they add up to it (checked on every run: the "
+        '"adds up" column), and a part a launcher does not have is "-":'
     )
+    lines += ["", *(f"- **{title}**: {meaning}" for _, title, meaning in PARTS), ""]
+    lines += fault_free_rows(records)
+    part_columns = tuple((key, title) for key, title, _ in PARTS)
     for failure, launchers in table.items():
-        lines += ["", f"## {failure}", "", "| launcher | " + " | ".join(title for _, title in COLUMNS) + " | cut off |"]
-        lines.append("|" + "---|" * (len(COLUMNS) + 2))
+        lines += ["", f"## {failure}", "", "Where the recovery's time goes (s):", ""]
+        lines.append("| launcher | " + " | ".join(title for _, title in part_columns) + " | = recover | adds up |")
+        lines.append("|" + "---|" * (len(part_columns) + 3))
         for launcher, cell in launchers.items():
-            values = []
-            for key, _ in COLUMNS:
-                stat = cell.get(key)
-                if stat is None:
-                    values.append("-")
-                elif stat["n"] > 1 and stat["min"] != stat["max"]:
-                    values.append(f"{stat['median']:.2f} [{stat['min']:.2f}-{stat['max']:.2f}]")
-                else:
-                    values.append(f"{stat['median']:.2f}")
+            recover = _cells(cell, (("recover_s", ""),))[0]
+            runs = len(cell["runs"])
+            if "recover_s" not in cell:
+                adds_up = "- (no recovery)"
+            elif cell["not_adding_up"]:
+                adds_up = f"**no** ({cell['not_adding_up']} of {runs})"
+            else:
+                adds_up = "yes"
+            lines.append(f"| {launcher} | " + " | ".join(_cells(cell, part_columns)) + f" | {recover} | {adds_up} |")
+        lines += ["", "| launcher | " + " | ".join(title for _, title in OUTCOME_COLUMNS) + " | cut off |"]
+        lines.append("|" + "---|" * (len(OUTCOME_COLUMNS) + 2))
+        for launcher, cell in launchers.items():
+            values = _cells(cell, OUTCOME_COLUMNS)
             lines.append(f"| {launcher} | " + " | ".join(values) + f" | {cell['cut_off']} of {len(cell['runs'])} |")
-    lines += ["", "## The supervisor's own cost", ""]
-    for key, value in overhead.items():
-        lines.append(f"- {key}: {value}")
+    if overhead:
+        lines += ["", "## The supervisor's own cost", ""]
+        lines += [f"- {key}: {value}" for key, value in overhead.items()]
     return "\n".join(lines) + "\n"
+
+
+def validity_problems(records: list[RunRecord]) -> list[str]:
+    """What makes this run no valid comparison: a launcher that cannot run the job without a fault, or a
+    recovery whose parts do not account for it."""
+    problems = []
+    for r in records:
+        name = f"{r.launcher} / {r.failure or 'fault-free'} / repeat {r.repeat}"
+        if r.failure is None and not r.metrics.get("finished"):
+            why = f"cut off after {r.metrics['wall_s']:.0f} s" if r.cut_off else f"exit {r.exit_code}"
+            problems.append(f"{name}: the fault-free run did not finish ({why}); see {r.workdir}")
+        for problem in r.metrics.get("breakdown_problems") or []:
+            problems.append(f"{name}: {problem}")
+    return problems
 
 
 def supervisor_overhead(records: list[RunRecord]) -> dict[str, Any]:
@@ -547,12 +823,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=Plan.steps)
     parser.add_argument("--limit-s", type=float, default=Plan.limit_s)
     parser.add_argument("--no-fault-free", action="store_true", help="skip the fault-free reference runs")
+    parser.add_argument(
+        "--fault-free-only", action="store_true", help="only the fault-free runs: does every launcher run the job?"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench_out")
     args = parser.parse_args(argv)
     if args.quick:
         args.launchers, args.failures, args.repeats = "supervisor,shell-loop", "raise", 1
+    if args.fault_free_only and args.no_fault_free:
+        parser.error("--fault-free-only and --no-fault-free leave nothing to run")
     launchers = [name for name in args.launchers.split(",") if name]
-    failures = [name for name in args.failures.split(",") if name]
+    failures = [] if args.fault_free_only else [name for name in args.failures.split(",") if name]
     unknown = [n for n in launchers if n not in LAUNCHERS] + [f for f in failures if f not in FAILURES]
     if unknown:
         parser.error(f"unknown launcher or failure: {', '.join(unknown)}")
@@ -572,18 +853,27 @@ def main(argv: list[str] | None = None) -> int:
     digests = {r.final["weights_sha256"] for r in records if r.final}
     table = aggregate(records)
     overhead = supervisor_overhead(records)
+    problems = validity_problems(records)
+    if len(digests) > 1:
+        problems.append(f"the finished runs do not end with the same weights ({len(digests)} digests)")
     result = {
         "plan": asdict(plan),
+        "valid": not problems,
+        "problems": problems,
         "all_finished_runs_have_the_same_weights": len(digests) <= 1,
         "table": table,
         "supervisor_overhead": overhead,
         "runs": [asdict(r) for r in records],
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / "results.md").write_text(to_markdown(table, plan, overhead))
+    (args.out / "results.md").write_text(to_markdown(table, plan, overhead, records, problems))
     plot_timeline(records, args.out / "timeline.png")
     print((args.out / "results.md").read_text())
     print(f"outputs: {args.out}/results.json, results.md, timeline.png")
+    if problems:
+        # Loudly: numbers from a launcher that never trains, or parts that do not add up, must not be quoted.
+        print("\nBENCHMARK NOT VALID:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
