@@ -29,6 +29,7 @@ def run_benchmark(out: Path, *args: str, timeout_s: float) -> tuple[subprocess.C
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # about 100 s: beyond the default suite's budget; the benchmark is a script, not a feature
 def test_benchmark_quick_mode_writes_its_outputs(tmp_path) -> None:
     """--quick's launchers and failure (the supervisor and a shell loop, raise), on a shorter job and without the
     fault-free references, to keep the suite fast."""
