@@ -57,6 +57,8 @@ from typing import Any
 
 import psutil
 
+from supervisor.run.timeline import Span, TimelineRow, draw_timeline
+
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORS = ("supervisor", "supervisor-fresh-cluster")
 BASELINES = ("shell-loop", "torchrun", "kuberay-like")
@@ -775,40 +777,32 @@ def supervisor_overhead(records: list[RunRecord]) -> dict[str, Any]:
 
 
 def plot_timeline(records: list[RunRecord], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [r for r in records if r.failure is not None and r.repeat == 0]
     if not shown:
         return
-    fig, ax = plt.subplots(figsize=(12, 0.7 * len(shown) + 1.5))
-    for row, record in enumerate(shown):
+    rows = []
+    for record in shown:
         workdir = Path(record.workdir)
         progress = read_jsonl(workdir / "progress.jsonl")
+        row = TimelineRow(f"{record.launcher} / {record.failure}")
         for attempt in attempt_launches(record):
             start = attempt["launched_at"] - record.started_at
             end = (attempt["ended_at"] or record.ended_at) - record.started_at
             first = _first_step_after(progress, attempt["launched_at"], record.started_at)
             training_from = min(first, end) if first is not None and first >= start else end
-            ax.barh(row, training_from - start, left=start, height=0.5, color="tab:gray", alpha=0.5)
-            ax.barh(row, end - training_from, left=training_from, height=0.5, color="tab:blue", alpha=0.7)
-        steps = [p["ts"] - record.started_at for p in progress if p["event"] == "step"]
-        ax.plot(steps, [row] * len(steps), "|", color="black", markersize=10)
+            row.spans += [Span(start, training_from, "start-up"), Span(training_from, end, "training")]
+        row.steps = [p["ts"] - record.started_at for p in progress if p["event"] == "step"]
         faults = read_jsonl(workdir / "faults.jsonl")
-        if faults:
-            ax.plot(faults[0]["ts"] - record.started_at, row, "x", color="red", markersize=12, mew=3)
+        row.failures = [faults[0]["ts"] - record.started_at] if faults else []
         if record.cut_off:
-            ax.text(record.ended_at - record.started_at, row, "  cut off", va="center", color="red")
-    ax.set_yticks(range(len(shown)), [f"{r.launcher} / {r.failure}" for r in shown])
-    ax.set_xlabel(
-        "seconds since the launcher started (grey: an attempt starting up; blue: training; ticks: steps; x: the fault)"
+            row.note, row.note_at = "cut off", record.ended_at - record.started_at
+        rows.append(row)
+    draw_timeline(
+        rows,
+        path,
+        "Recovery timelines",
+        "seconds since the launcher started (ticks: steps; x: the fault)",
     )
-    ax.set_title("Recovery timelines")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # --- main ---

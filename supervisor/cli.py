@@ -1,6 +1,8 @@
 """``verl-supervisor`` (also ``python -m supervisor``): compose the configuration, then run the loop.
 
     verl-supervisor [--config-dir DIR] [--config-name NAME] [--cfg] [OVERRIDE ...] [-- JOB ARG ...]
+    verl-supervisor status RUN_DIR [--json]
+    verl-supervisor report RUN_DIR [--out DIR]
 
 Configuration errors (an unknown key, a wrong type, a bad value) are one line on stderr and exit code 2,
 before anything is started. Hydra's compose API is used rather than ``@hydra.main`` so that the supervisor
@@ -10,6 +12,8 @@ decides its exit codes and its run directory itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -30,7 +34,8 @@ from supervisor.mechanisms.processes import local_ip_towards
 from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
 from supervisor.mechanisms.reaper import start_reaper
 from supervisor.policy.outcomes import ExitCode
-from supervisor.run.events import EventLog
+from supervisor.run.events import EventLog, MetricsServing
+from supervisor.run.history import RunHistory
 from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
 from verl_hooks.contract import ENV_RUN_ID, exception_chain
 
@@ -130,9 +135,44 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(parts) or type(exc).__name__
 
 
+def inspect_main(argv: Sequence[str]) -> ExitCode:
+    """``status`` and ``report``: read a run directory, live or finished; they change nothing in it."""
+    command, rest = argv[0], list(argv[1:])
+    parser = argparse.ArgumentParser(prog=f"verl-supervisor {command}")
+    parser.add_argument("run_dir", type=Path)
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    else:
+        parser.add_argument("--out", type=Path, help="folder for report.md and timeline.png (default: RUN_DIR/report)")
+    args = parser.parse_args(rest)
+    from supervisor.run.status import NotARunDirectory, StatusReader, render_status
+
+    try:
+        if command == "status":
+            status = StatusReader(args.run_dir.expanduser().resolve()).read()
+            print(json.dumps(status.to_dict(), indent=2, sort_keys=True) if args.json else render_status(status))
+            return ExitCode.DONE
+        from supervisor.run.report import write_report
+
+        run_dir = args.run_dir.expanduser().resolve()
+        report, picture = write_report(run_dir, (args.out or run_dir / "report").expanduser().resolve())
+    except NotARunDirectory as exc:
+        print(f"verl-supervisor {command}: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"report: {report}")
+    print(f"timeline: {picture}" if picture else "timeline: not drawn (matplotlib is not installed)")
+    return ExitCode.DONE
+
+
+INSPECT_COMMANDS = ("status", "report")
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    ours, job_args = split_job_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in INSPECT_COMMANDS:
+        sys.exit(int(inspect_main(argv)))
+    ours, job_args = split_job_args(argv)
     args = _parser().parse_args(ours)
     try:
         cfg = compose_config(args.overrides, args.config_dir, args.config_name)
@@ -179,6 +219,34 @@ def _prepare_token(config: SupervisorConfig, run_dir: RunDirectory) -> None:
         raise UsageError(f"ray.auth_token_path={path}: no such file (it must hold the cluster's token)")
 
 
+def _start_observers(
+    config: SupervisorConfig,
+    run_dir: RunDirectory,
+    history: RunHistory,
+    events: EventLog,
+    stack: contextlib.ExitStack,
+) -> None:
+    """The metrics endpoint and the webhook, when configured; ``stack`` stops them when the run ends."""
+    if config.metrics.port is not None:
+        from supervisor.run.metrics import serve_metrics
+
+        run_dir.save_history(history)  # scrapes read state.json: it exists from the first one
+        try:
+            server = serve_metrics(run_dir.path, config.metrics.host, config.metrics.port)
+        except OSError as exc:
+            raise UsageError(f"metrics.port={config.metrics.port}: cannot listen on {config.metrics.host} ({exc})")
+        stack.callback(server.stop)
+        events.emit(MetricsServing(server.url))
+    if config.notify.webhook_url:
+        from supervisor.run.notify import WebhookNotifier
+
+        notifier = WebhookNotifier(
+            config.notify.webhook_url, dict(config.notify.headers), config.notify.timeout_s, events.emit
+        )
+        events.listeners.append(notifier.on_event)
+        stack.callback(notifier.close)
+
+
 def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
     """Run the supervisor on a validated configuration; returns its exit code."""
     from supervisor.job.heartbeats import HeartbeatServer
@@ -205,7 +273,9 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         # Should this process die outright, the reaper ends the run's processes at once (see its module).
         reaper = start_reaper({ENV_RUN_ID: history.run_id})
         try:
-            return Supervisor(config, job_args, run_dir, history, backend, events, heartbeats=heartbeats).run()
+            with contextlib.ExitStack() as observers:
+                _start_observers(config, run_dir, history, events, observers)
+                return Supervisor(config, job_args, run_dir, history, backend, events, heartbeats=heartbeats).run()
         finally:
             reaper.disarm()
             heartbeats.stop()

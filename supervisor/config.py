@@ -191,6 +191,25 @@ class RuleConfig:
 
 
 @dataclass
+class MetricsConfig:
+    port: int | None = None
+    """Serve Prometheus metrics at http://host:port/metrics (null: off; 0: a free port, named in an event)."""
+    host: str = "127.0.0.1"
+    """Where the metrics listen: loopback by default; ``0.0.0.0`` (or the pod's address) for a PodMonitor."""
+
+
+@dataclass
+class NotifyConfig:
+    webhook_url: str | None = None
+    """A Slack-compatible incoming webhook (http or https), POSTed on each restart, a give-up and the end. A
+    secret: never logged."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra HTTP headers (e.g. ``+notify.headers.Authorization=...``); secrets too, never logged."""
+    timeout_s: float = 5.0
+    """Per POST; the last alert of a run may delay the supervisor's exit by at most twice this."""
+
+
+@dataclass
 class SupervisorConfig:
     run_dir: str = MISSING
     job: JobConfig = field(default_factory=JobConfig)
@@ -199,6 +218,8 @@ class SupervisorConfig:
     teardown: TeardownConfig = field(default_factory=TeardownConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     rules: list[RuleConfig] = field(default_factory=list)
     default_action: Action = Action.restart
     """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound."""
@@ -238,6 +259,12 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(dog.adaptive_min_steps >= 1, "watchdog.adaptive_min_steps must be >= 1")
     require(dog.heartbeat_interval_s < dog.driver_timeout_s, "watchdog.heartbeat_interval_s < driver_timeout_s")
     require(dog.stack_dump_timeout_s >= 0, "watchdog.stack_dump_timeout_s must be >= 0")
+    port = config.metrics.port
+    require(port is None or 0 <= port <= 65535, "metrics.port must be between 0 and 65535 (or null: off)")
+    url = config.notify.webhook_url
+    # The URL is a secret: the message names the key, never the value.
+    require(url is None or urlsplit(url).scheme in ("http", "https"), "notify.webhook_url must be an http(s) URL")
+    require(config.notify.timeout_s > 0, "notify.timeout_s must be > 0")
     for arg in config.job.resume_args:
         if "{checkpoint}" in arg:
             break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -271,6 +272,8 @@ class Supervisor:
                 max_restarts=self.config.restart.max_restarts,
                 supervisor_start=history.supervisor_starts,
                 restarts_used=history.restarts_used,
+                checkpoints_dir=self.config.checkpoints.dir,
+                pid=os.getpid(),
             )
         )
         if history.supervisor_starts > 1:

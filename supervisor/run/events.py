@@ -37,6 +37,8 @@ class EventKind(str, Enum):
     BACKOFF = "backoff"
     SIGNAL_RECEIVED = "signal_received"
     RUN_FINISHED = "run_finished"
+    METRICS_SERVING = "metrics_serving"
+    NOTIFICATION = "notification"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class RunStarted(Event):
     supervisor_start: int
     """1 for a new run; more when a supervisor was restarted on this run directory."""
     restarts_used: int = 0
+    checkpoints_dir: str | None = None
+    pid: int | None = None
+    """The supervisor's own process."""
 
     def describe(self) -> str:
         again = f" (supervisor start {self.supervisor_start}, {self.restarts_used} restarts used)"
@@ -312,14 +317,42 @@ class RunFinished(Event):
         return f"run finished: {self.outcome} (exit {self.exit_code}) after {self.attempts} attempts: {self.reason}"
 
 
+@dataclass(frozen=True)
+class MetricsServing(Event):
+    kind: ClassVar[EventKind] = EventKind.METRICS_SERVING
+    url: str
+
+    def describe(self) -> str:
+        return f"metrics at {self.url}"
+
+
+@dataclass(frozen=True)
+class Notification(Event):
+    """What became of one webhook alert (the webhook's URL and headers are never written)."""
+
+    kind: ClassVar[EventKind] = EventKind.NOTIFICATION
+    about: str
+    delivered: bool
+    status: int | None = None
+    problem: str | None = None
+    duration_s: float | None = None
+
+    def describe(self) -> str:
+        if self.delivered:
+            return f"webhook alert ({self.about}) delivered in {self.duration_s or 0:.2f} s"
+        return f"webhook alert ({self.about}) NOT delivered: {self.problem}"
+
+
 @dataclass
 class EventLog:
-    """Appends events to events.jsonl (flushed per event) and prints them to the console."""
+    """Appends events to events.jsonl (flushed per event), prints them to the console, tells the listeners."""
 
     path: Path
     run_id: str
     console: TextIO | None = field(default_factory=lambda: sys.stderr)
     now: Callable[[], float] = time.time
+    listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    """Called with each event as written (the webhook notifier); they must return at once and not raise."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def emit(self, event: Event) -> dict[str, Any]:
@@ -334,6 +367,12 @@ class EventLog:
             if self.console is not None:
                 stamp = time.strftime("%H:%M:%S", time.localtime(now))
                 print(f"[supervisor {stamp}] {event.describe()}", file=self.console, flush=True)
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception as exc:  # noqa: BLE001 - an observer's bug must not stop the run
+                if self.console is not None:
+                    print(f"[supervisor] event listener failed: {exc!r}", file=self.console, flush=True)
         return entry
 
 

@@ -69,6 +69,7 @@ def supervise(
     cluster_fails: bool = False,
     prepare_run_dir=None,
     user_args: tuple[str, ...] = (),
+    wire_events=None,
 ) -> Run:
     run_path = tmp_path / "run"
     config = to_supervisor_config(
@@ -86,6 +87,8 @@ def supervise(
     )
     console = io.StringIO()
     events = EventLog(run_dir.events_path, history.run_id, console=console, now=lambda: clock.wall)
+    if wire_events is not None:
+        wire_events(events)
     supervisor = Supervisor(
         config,
         list(user_args),

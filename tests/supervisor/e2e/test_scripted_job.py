@@ -5,8 +5,13 @@ processes (signals, process groups, a supervisor killed outright) or are kept as
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -16,12 +21,21 @@ from tests.supervisor.e2e.conftest import (
     run_supervisor,
     start_supervisor,
     state_of,
+    supervisor_env,
     wait_until,
 )
+from tests.supervisor.webhook import Webhook
 
 pytestmark = pytest.mark.ray
 
 SCRIPTED = "job=scripted"
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
 
 
 @pytest.mark.slow  # in-process: tests/supervisor/test_loop.py
@@ -90,12 +104,15 @@ def test_teardown_sends_sigterm_to_the_jobs_process_group_first(runs) -> None:
     assert not teardown["killed"]
 
 
-def test_sigterm_tears_everything_down_and_a_second_supervisor_is_refused(runs) -> None:
+def test_sigterm_tears_everything_down_and_a_second_supervisor_is_refused(runs, webhook) -> None:
+    """Also the operator's view of a live run: ``status``, the metrics endpoint and the webhook's last alert."""
     run_dir = runs.new()
     supervisor = start_supervisor(
         run_dir,
         SCRIPTED,
         "ray.dashboard=true",
+        "metrics.port=0",
+        f"notify.webhook_url={webhook.url}",
         job_args=("--run-forever-on", "1", "--ignore-sigterm", "--spawn-stubborn-child"),
     )
     ready = run_dir / "attempts" / "1" / "ready"
@@ -106,8 +123,30 @@ def test_sigterm_tears_everything_down_and_a_second_supervisor_is_refused(runs) 
     assert second.returncode == 2
     assert "is in use by another supervisor" in second.stderr
 
+    live = subprocess.run(
+        [sys.executable, "-m", "supervisor", "status", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=supervisor_env(),
+    )
+    status = json.loads(live.stdout)
+    assert (status["state"], status["supervisor_alive"], status["supervisor_pid"]) == (
+        "attempt_running",
+        True,
+        supervisor.pid,
+    )
+    assert status["in_flight"]["attempt"] == 1
+    (serving,) = events_of(run_dir, "metrics_serving")
+    with urllib.request.urlopen(serving["url"], timeout=10) as response:
+        metrics = response.read().decode()
+    assert f'verl_supervisor_attempt_running{{run_id="{status["run_id"]}"}} 1.0' in metrics
+    assert f'verl_supervisor_state{{run_id="{status["run_id"]}",state="attempt_running"}} 1.0' in metrics
+
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=120) == 143
+    assert [body["about"] for body, _ in webhook.posts] == ["interrupted"]
+    assert [(n["about"], n["delivered"]) for n in events_of(run_dir, "notification")] == [("interrupted", True)]
     assert not driver.is_running() or driver.status() == psutil.STATUS_ZOMBIE
     teardown = events_of(run_dir, "teardown")[-1]
     assert teardown["fenced"] is True
