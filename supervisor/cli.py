@@ -275,7 +275,10 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         try:
             with contextlib.ExitStack() as observers:
                 _start_observers(config, run_dir, history, events, observers)
-                return Supervisor(config, job_args, run_dir, history, backend, events, heartbeats=heartbeats).run()
+                supervisor = Supervisor(
+                    config, job_args, run_dir, history, backend, events, heartbeats=heartbeats, inherited_env=os.environ
+                )
+                return supervisor.run()
         finally:
             reaper.disarm()
             heartbeats.stop()

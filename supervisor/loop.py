@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -41,6 +41,7 @@ from supervisor.checkpoints import (
 from supervisor.config import SupervisorConfig
 from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
+from supervisor.job.trackers import tracker_env
 from supervisor.mechanisms.processes import tail
 from supervisor.policy import restart as policy
 from supervisor.policy.outcomes import ExitCode, ExitStatus
@@ -67,6 +68,7 @@ from supervisor.run.events import (
     StaleProcessesSwept,
     StallDetected,
     Teardown,
+    TrackerRun,
 )
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
@@ -167,6 +169,7 @@ class Supervisor:
         console: TextIO | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        inherited_env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.user_args = list(user_args)
@@ -178,6 +181,8 @@ class Supervisor:
         self.console = console if console is not None else sys.stderr
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
+        # The environment the job inherits: a tracker variable the user set there is left alone.
+        self.inherited_env = dict(inherited_env or {})
         # What the user's overrides say the job's checkpoints hold; the job's own markers, when it writes them, win.
         self._checkpoint_facts = facts_from_overrides([*config.job.args, *self.user_args])
         self._in_flight = _InFlight()
@@ -328,6 +333,8 @@ class Supervisor:
             contract.ENV_RUN_DIR: str(self.run_dir.path),
             contract.ENV_STACKS_DIR: str(log_dir / "stacks"),
         }
+        user_env = {**self.inherited_env, **self.config.job.env}
+        env.update(tracker_env(self.history.run_id, self.run_dir.path, user_env, self.history.trackers))
         if self.heartbeats is not None:
             env[contract.ENV_HEARTBEAT_URL] = self.heartbeats.url
             env[contract.ENV_HEARTBEAT_TOKEN] = self.heartbeats.token
@@ -392,11 +399,22 @@ class Supervisor:
                 if beat.kind is HeartbeatKind.ERROR_RECORD:
                     self._take_record(attempt, watch, beat)
                     continue
+                if beat.kind is HeartbeatKind.TRACKER:
+                    self._take_tracker(attempt, beat)
+                    continue
                 watch.progress.observe(beat)
                 f.write(json.dumps({"received_at": self.clock.now(), **beat.fields}) + "\n")
                 if watch.resume is not None and beat.kind is HeartbeatKind.SYNC_BEGIN:
                     mismatch = mismatch or self._check_resume(attempt, watch.resume, beat.step)
         return mismatch
+
+    def _take_tracker(self, attempt: int, beat: Heartbeat) -> None:
+        backend, run_id = beat.fields.get("backend"), beat.fields.get("run_id")
+        if not isinstance(backend, str) or not isinstance(run_id, str) or backend in self.history.trackers:
+            return  # the first attempt's run is the run's
+        self.history.trackers[backend] = run_id
+        self.run_dir.save_history(self.history)
+        self.events.emit(TrackerRun(attempt, backend, run_id))
 
     def _take_record(self, attempt: int, watch: _Watch, beat: Heartbeat) -> None:
         """The job's error record, posted before its driver exits: written here (from a driver on another machine

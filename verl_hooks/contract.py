@@ -59,6 +59,10 @@ ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"
 
 # Variables a job's Ray workers must see for the guard to behave as in the driver.
 FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
+# The experiment trackers' run identity, which verl's Tracking reads in the process that opens them (the
+# TaskRunner, a Ray worker): wandb's run id and resume mode, MLflow's run id (verl/utils/tracking.py:110), the
+# tensorboard folder (tracking.py:557). The supervisor sets them so that every attempt writes into one run.
+TRACKER_ENV = ("WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_RUN_ID", "TENSORBOARD_DIR")
 # Variables that name paths on the supervisor's machine: no use to a driver that may run on another one.
 SUPERVISOR_LOCAL_ENV = (ENV_ERROR_FILE, ENV_STACKS_DIR)
 
@@ -73,7 +77,7 @@ RAY_INJECTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of ``environ`` that the job's Ray workers need to see."""
-    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in TRACKER_ENV}
 
 
 def injected_job_config(environ: Mapping[str, str]) -> dict[str, Any] | None:
@@ -133,6 +137,9 @@ class HeartbeatKind(str, Enum):
     """From the guard: the sync failed or hung; its cleanup has run."""
     ERROR_RECORD = "error_record"
     """From the launcher, synchronously before the driver exits: its error record (``fields["record"]``)."""
+    TRACKER = "tracker"
+    """From the process that opened verl's experiment trackers: a tracker's run id that later attempts must
+    reuse (MLflow's, which only the first attempt can learn)."""
 
 
 HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
@@ -142,6 +149,7 @@ HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
     HeartbeatKind.SYNC_END: ("step", "duration_s"),
     HeartbeatKind.SYNC_FAILED: ("step", "phase", "hang"),
     HeartbeatKind.ERROR_RECORD: ("record",),
+    HeartbeatKind.TRACKER: ("backend", "run_id"),
 }
 
 PROGRESS_KINDS = frozenset(

@@ -121,6 +121,12 @@ def beat(kind: HeartbeatKind, **fields: Any) -> None:
         sender.send(kind, **fields)
 
 
+def send_now(kind: HeartbeatKind, **fields: Any) -> bool:
+    """Send one heartbeat and wait for the supervisor to take it (bounded); False if none took it."""
+    sender = _get_sender()
+    return sender is not None and sender.post_now(kind, **fields)
+
+
 def send_record(record: ErrorRecord) -> bool:
     """Post an error record to the supervisor and wait for it to arrive (bounded): the driver may be on a
     machine where the supervisor's record file cannot be written, and it is about to exit."""

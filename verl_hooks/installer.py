@@ -1,4 +1,5 @@
-"""Installing the guard into a process: now if verl's checkpoint engine is imported, else when it is.
+"""Installing the guard into a process: now if verl's checkpoint engine is imported, else when it is (and the
+trackers' continuation, ``verl_hooks.trackers``, the same way).
 
 Patching on import keeps ``install()`` cheap: it runs as Ray's ``worker_process_setup_hook`` in every worker
 process of a job, and most of them (rollout workers, reward workers) never import verl's checkpoint engine,
@@ -24,6 +25,7 @@ from verl_hooks.contract import ENV_CHAINED_SETUP_HOOK
 from verl_hooks.faults import FaultPlan
 from verl_hooks.guard import GUARD_MARK, run_guarded_sync
 from verl_hooks.settings import HookSettings
+from verl_hooks.trackers import TRACKING_MODULE, patch_tracking, unpatch_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class _HookState:
         self.settings = HookSettings()
         self.faults = FaultPlan((), 1)
         self.finder: _PatchOnImport | None = None
+        self.pending: set[str] = set()
+        """verl modules not imported yet, patched when they are."""
         self.chained_hook_done = False
 
     def configure(self, settings: HookSettings) -> None:
@@ -60,13 +64,21 @@ def install(settings: HookSettings | None = None) -> None:
     heartbeat.enable_stack_dumps()
     with _state.lock:
         _state.configure(resolved)
-        module = sys.modules.get(TARGET_MODULE)
-        if module is not None:
-            _patch(module)
-        elif _state.finder is None:
+        for name, patch in _patches().items():
+            module = sys.modules.get(name)
+            if module is not None:
+                patch(module)
+            else:
+                _state.pending.add(name)
+        if _state.pending and _state.finder is None:
             _state.finder = _PatchOnImport()
             sys.meta_path.insert(0, _state.finder)
     _run_chained_setup_hook()
+
+
+def _patches() -> dict[str, Callable[[ModuleType], None]]:
+    """What is patched in which verl module, as soon as the module is imported."""
+    return {TARGET_MODULE: _patch, TRACKING_MODULE: patch_tracking}
 
 
 def current_settings() -> HookSettings:
@@ -154,6 +166,8 @@ def uninstall() -> None:
         if _state.finder is not None:
             sys.meta_path.remove(_state.finder)
             _state.finder = None
+        _state.pending.clear()
+        unpatch_tracking(sys.modules.get(TRACKING_MODULE))
         module = sys.modules.get(TARGET_MODULE)
         if module is not None and is_guarded(module.CheckpointEngineManager):
             cls = module.CheckpointEngineManager
@@ -168,7 +182,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Patches the manager right after ``verl.checkpoint_engine.base`` executes, whoever imports it."""
 
     def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> Any:
-        if fullname != TARGET_MODULE:
+        if fullname not in _state.pending:
             return None
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None)
@@ -193,10 +207,12 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
         with _state.lock:
-            _patch(module)
-            if _state.finder is not None and _state.finder in sys.meta_path:
-                sys.meta_path.remove(_state.finder)
-            _state.finder = None
+            _patches()[module.__name__](module)
+            _state.pending.discard(module.__name__)
+            if not _state.pending:
+                if _state.finder is not None and _state.finder in sys.meta_path:
+                    sys.meta_path.remove(_state.finder)
+                _state.finder = None
 
 
 def _run_chained_setup_hook() -> None:

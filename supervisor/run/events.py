@@ -38,6 +38,7 @@ class EventKind(str, Enum):
     SIGNAL_RECEIVED = "signal_received"
     RUN_FINISHED = "run_finished"
     METRICS_SERVING = "metrics_serving"
+    TRACKER_RUN = "tracker_run"
     NOTIFICATION = "notification"
 
 
@@ -315,6 +316,19 @@ class RunFinished(Event):
 
     def describe(self) -> str:
         return f"run finished: {self.outcome} (exit {self.exit_code}) after {self.attempts} attempts: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TrackerRun(Event):
+    """The job reported an experiment tracker's run id: every later attempt writes into that run."""
+
+    kind: ClassVar[EventKind] = EventKind.TRACKER_RUN
+    attempt: int
+    backend: str
+    run_id: str
+
+    def describe(self) -> str:
+        return f"attempt {self.attempt} opened {self.backend} run {self.run_id}: later attempts continue it"
 
 
 @dataclass(frozen=True)

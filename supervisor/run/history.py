@@ -77,6 +77,8 @@ class RunHistory:
     exit_code: int | None = None
     outcome: str | None = None
     supervisor_starts: int = 0
+    trackers: dict[str, str] = field(default_factory=dict)
+    """Experiment-tracker run ids the job reported (backend -> id), given to every later attempt."""
 
     @property
     def restarts_used(self) -> int:

@@ -144,3 +144,35 @@ def test_slurm_example_is_valid_bash_and_its_supervisor_command_composes() -> No
     config = to_supervisor_config(compose_config(ours))
     assert (config.ray.mode.value, config.ray.address) == ("address", "10.1.2.3:6379")
     assert_composes_against_verl(config, job_args)
+
+
+def test_skypilot_example_leaves_the_job_to_the_supervisor_and_its_command_composes(tmp_path: Path) -> None:
+    task = yaml.safe_load((EXAMPLES / "skypilot-verl-supervisor.yaml").read_text())
+    recovery = task["resources"]["job_recovery"]
+    assert recovery["max_restarts_on_errors"] == 0, "a verdict of the supervisor is final; SkyPilot only replaces nodes"
+    assert "recover_on_exit_codes" not in recovery
+    assert "RAY_AUTH_TOKEN" in task["secrets"], "the job's Ray cluster is closed with a token SkyPilot keeps secret"
+    assert task["envs"]["RAY_AUTH_MODE"] == "token"
+    assert task["envs"]["RUN_DIR"].startswith("/mnt/shared/")
+    assert "/mnt/shared" in task["volumes"], "every node sees the run directory and the checkpoints"
+
+    run = tmp_path / "run.sh"
+    run.write_text(task["run"])
+    subprocess.run(["bash", "-n", str(run)], check=True)
+    assert "ray stop" not in task["run"]
+    command = re.search(r"^verl-supervisor .*?[^\\]$", task["run"], re.MULTILINE | re.DOTALL).group(0)
+    values = {
+        '"$RUN_DIR"': task["envs"]["RUN_DIR"],
+        '"$SKYPILOT_NUM_NODES"': "2",
+        '"$SKYPILOT_NUM_GPUS_PER_NODE"': "8",
+    }
+    command = command.replace("\\\n", " ")
+    for variable, value in values.items():
+        command = command.replace(variable, value)
+    assert "$" not in command, f"a variable the test does not know: {command}"
+    ours, job_args = supervisor_and_job_args(command)
+    config = to_supervisor_config(compose_config(ours))
+    assert (config.ray.mode.value, config.ray.address) == ("address", "127.0.0.1:6379")
+    assert config.metrics.port == 9464
+    assert config.run_dir == task["envs"]["RUN_DIR"]
+    assert_composes_against_verl(config, job_args)

@@ -92,6 +92,11 @@ class TrainerConfig:
     extra_step_time_s: float = 0.0
     """Sleep this long after each step, to emulate a larger model's step time in tests and demos; the training
     work is real either way."""
+    project_name: str = "mini_ppo"
+    experiment_name: str = "demo"
+    logger: list[str] = field(default_factory=list)
+    """verl's ``trainer.logger``: the experiment trackers (``console``, ``tensorboard``, ``mlflow``, ``wandb``...)
+    that verl's own ``Tracking`` opens, as verl's trainer does; empty: none."""
     progress_file: str | None = None
     """Append one JSON line per event (start, step, done) with a Unix timestamp: the job's own timestamps, for
     the recovery benchmark."""

@@ -117,6 +117,7 @@ class MiniPPOTrainer:
     def fit(self) -> FinalReport:
         # final.json says "this run finished": one left by an earlier run must not outlive a failure of this one.
         (Path(self.root) / FINAL_FILE).unlink(missing_ok=True)
+        tracking = self.open_tracking()
         start = self.load_checkpoint()
         self.progress("start", start.step, resumed_from_step=None if start.folder is None else start.step)
         manager = self.topology.manager
@@ -128,6 +129,9 @@ class MiniPPOTrainer:
         total = self.config.trainer.total_training_steps
         for step in range(start.step + 1, total + 1):
             last = self.train_step(step)
+            if tracking is not None:
+                # After the step's sync, as verl logs (ray_trainer.py:1802, after update_weights at :1716).
+                tracking.log(data={"reward_mean": last.reward_mean, "loss": last.loss}, step=step)
             self.progress("step", step)
             print(last.line(), flush=True)
             if self.config.trainer.extra_step_time_s:
@@ -141,8 +145,25 @@ class MiniPPOTrainer:
             critic_sha256=self.check_critic_ranks_agree() if self.critic_wg is not None else None,
         )
         report.write(self.root)
+        if tracking is not None:
+            tracking.finish()  # verl leaves it to Tracking.__del__ (tracking.py:222); here the run ends explicitly
         self.progress("done", report.global_step)
         return report
+
+    def open_tracking(self):
+        """verl's own experiment trackers, opened as ``RayPPOTrainer.fit`` opens them (ray_trainer.py:1419),
+        before the checkpoint is loaded."""
+        trainer = self.config.trainer
+        if not trainer.logger:
+            return None
+        from verl.utils.tracking import Tracking
+
+        return Tracking(
+            project_name=trainer.project_name,
+            experiment_name=trainer.experiment_name,
+            default_backend=list(trainer.logger),
+            config=OmegaConf.to_container(OmegaConf.structured(self.config), resolve=True, enum_to_str=True),
+        )
 
     def progress(self, event: str, step: int, **fields: object) -> None:
         path = self.config.trainer.progress_file

@@ -25,6 +25,7 @@ from tests.supervisor.e2e.conftest import (
     state_of,
     wait_until,
 )
+from tests.tracker_files import mlflow_runs, tensorboard_steps, wandb_offline_runs
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
 pytestmark = pytest.mark.ray
@@ -48,10 +49,19 @@ QUICK_WATCHDOG = ("watchdog.adaptive_min_steps=2", "watchdog.adaptive_floor_s=8"
     ],
 )
 def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical(
-    runs, reference, backend, fault: str, cleanup
+    runs, reference, tmp_path, backend, fault: str, cleanup
 ) -> None:
+    """Also: verl's own experiment trackers (offline) see one run across the two attempts."""
     run_dir = runs.new()
-    proc = run_supervisor_with_faults(run_dir, fault, job_args=(*JOB_ARGS, *backend))
+    trackers = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }
+    job_args = (*JOB_ARGS, *backend, "trainer.logger=[tensorboard,mlflow,wandb]")
+    proc = run_supervisor_with_faults(run_dir, fault, job_args=job_args, **trackers)
     assert proc.returncode == 0, proc.stderr[-4000:]
     phase = fault.split(":")[0]
     exited = events_of(run_dir, "attempt_exited")
@@ -66,6 +76,15 @@ def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
     record = json.loads((run_dir / "attempts" / "1" / "error.json").read_text())
     assert [(c["step"], c["status"]) for c in record["cleanup"]] == cleanup
+
+    (learnt,) = events_of(run_dir, "tracker_run")
+    (mlflow_run,), client = mlflow_runs(tmp_path / "mlruns")
+    assert (learnt["attempt"], learnt["backend"], learnt["run_id"]) == (1, "mlflow", mlflow_run.info.run_id)
+    steps = [1, 2, 3, 4, 5, 6]  # attempt 1 logged 1-2 (step 3's sync failed before its log), attempt 2 logged 3-6
+    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == steps
+    assert tensorboard_steps(run_dir / "tensorboard") == steps
+    run_id = state_of(run_dir)["run_id"]
+    assert [name.rsplit("-", 2)[-2:] for name in wandb_offline_runs(tmp_path)] == [["verl", run_id]] * 2
 
 
 @pytest.mark.slow  # in-process: tests/supervisor/test_loop.py (every mismatch)
