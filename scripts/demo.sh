@@ -24,8 +24,13 @@ code=$?
 set -e
 
 echo
+if [ -f "$run_dir/state.json" ]; then
+    .venv/bin/verl-supervisor status "$run_dir"
+fi
+echo
 echo "demo: the supervisor exited with code $code"
 echo "demo: events         $run_dir/events.jsonl"
 echo "demo: attempt logs   $run_dir/attempts/<n>/{stdout,stderr}.log, error record in attempts/1/error.json"
 echo "demo: final weights  $run_dir/checkpoints/final.json"
+echo "demo: a report       .venv/bin/verl-supervisor report $run_dir   (report.md and timeline.png)"
 exit "$code"

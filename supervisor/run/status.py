@@ -81,7 +81,7 @@ def error_line(record: dict[str, Any] | None, fallback: str | None = None) -> st
     cleanup = record.get("cleanup") or []
     if cleanup:
         failed = [f"{c.get('step')} {c.get('status')}" for c in cleanup if c.get("status") != "ok"]
-        parts.append(f"cleanup: {', '.join(failed)}" if failed else f"cleanup: {len(cleanup)} ok")
+        parts.append(f"(cleanup: {', '.join(failed)})" if failed else f"(cleanup: {len(cleanup)} steps ok)")
     return " ".join(parts)
 
 
@@ -244,7 +244,9 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
     if flight is not None:
         step = "no step yet" if flight.step is None else f"at step {flight.step}"
         lines.append(f"attempt {flight.attempt} running since {_ago(now - flight.since)}, {step}")
-        if status.seconds_since_progress is not None:
+        if flight.step is None:
+            lines.append("last progress: none yet (starting up)")
+        elif status.seconds_since_progress is not None:
             lines.append(f"last progress: {_ago(status.seconds_since_progress)}")
         if flight.heartbeat_ages_s:
             ages = ", ".join(f"{source} {age:.0f} s" for source, age in flight.heartbeat_ages_s.items())
