@@ -67,6 +67,10 @@ class RayConfig:
     """``ray.mode=jobs``: send this machine's verl_hooks to the cluster with each job (runtime_env py_modules)."""
     num_cpus: int | None = None
     """Logical CPUs of the embedded cluster; null lets Ray count the machine's."""
+    num_gpus: int | None = None
+    """Logical GPUs of the embedded cluster (``ray start --num-gpus``); null lets Ray count the machine's."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom logical resources of the embedded cluster (``ray start --resources``), e.g. ``+ray.resources.x=1``."""
     object_store_memory_mb: int | None = None
     auth_mode: str | None = None
     """RAY_AUTH_MODE of the cluster, the job and the supervisor's own calls to it (``disabled`` or ``token``).
@@ -110,6 +114,12 @@ class TeardownConfig:
     kill_stray_actors: bool = True
     """Kill (by id, through the GCS) actors of the attempt's Ray job that outlive its driver: detached ones.
     Off: they are waited for until ``fence_timeout_s``, then the supervisor stops (exit code 6)."""
+    remove_stray_placement_groups: bool = True
+    """Remove (by id) placement groups of the attempt's Ray job that outlive its driver (detached ones): they keep
+    their bundles' GPUs reserved and the next attempt's workers would wait for them forever."""
+    wait_for_resources: bool = True
+    """Before a relaunch, wait (within ``fence_timeout_s``) until the cluster's GPUs and custom resources are as
+    available as before the attempt. Off for a cluster whose other jobs take GPUs while the run is torn down."""
     straggler_grace_s: float = 2.0
     """Between SIGTERM and SIGKILL for a process of the attempt that the fence finds after the first sweep (it
     appeared late, or outlived its group): capped by ``grace_s``."""
@@ -251,6 +261,8 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(config.ray.api_timeout_s > 0, "ray.api_timeout_s must be > 0")
     require(config.ray.auth_mode in (None, "disabled", "token"), "ray.auth_mode must be disabled or token")
     require(config.ray.num_cpus is None or config.ray.num_cpus > 0, "ray.num_cpus must be > 0")
+    require(config.ray.num_gpus is None or config.ray.num_gpus >= 0, "ray.num_gpus must be >= 0")
+    require(all(v >= 0 for v in config.ray.resources.values()), "ray.resources values must be >= 0")
     require(config.log_tail_bytes > 0, "log_tail_bytes must be > 0")
     dog = config.watchdog
     for key in ("startup_timeout_s", "step_timeout_s", "adaptive_floor_s", "driver_timeout_s", "tick_s"):

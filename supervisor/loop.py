@@ -532,6 +532,9 @@ class Supervisor:
                 fenced=result.fenced,
                 actors_killed=list(result.actors_killed),
                 problems=list(result.problems),
+                placement_groups_removed=list(result.placement_groups_removed),
+                placement_groups_alive=result.placement_groups_alive,
+                resources_held=dict(result.resources_held),
                 ray_job_id=job.ray_job_id,
                 reached_step=reached,
             )

@@ -37,6 +37,9 @@ class RunningJob:
     started_at: float
     pid: int | None = None
     ray_job_id: str | None = None
+    resources_before: dict[str, float] | None = None
+    """The cluster's GPUs and custom resources available when the attempt was launched (None: unknown); the
+    fence waits for them to be available again."""
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,16 @@ class TeardownResult:
     survivors: tuple[ProcessInfo, ...] = ()
     actors_alive: int | None = None
     actors_killed: tuple[str, ...] = ()
+    placement_groups_removed: tuple[str, ...] = ()
+    placement_groups_alive: int | None = None
+    resources_held: dict[str, float] = field(default_factory=dict)
     problems: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def fenced(self) -> bool:
         """Nothing of the attempt is left: the next attempt may start."""
-        return not self.survivors and not self.actors_alive and not self.problems
+        left = self.survivors or self.actors_alive or self.placement_groups_alive or self.resources_held
+        return not left and not self.problems
 
 
 class ClusterStartFailed(RuntimeError):

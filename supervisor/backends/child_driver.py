@@ -18,7 +18,7 @@ from pathlib import Path
 from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, TeardownResult
 from supervisor.backends.clusters import Cluster
 from supervisor.backends.driver import DriverProcess
-from supervisor.backends.fence import RayFence
+from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes, terminate_processes
 from supervisor.mechanisms.ray_auth import auth_env
@@ -52,11 +52,14 @@ class ChildDriverBackend(JobBackend):
     def launch(self, spec: LaunchSpec) -> ChildJob:
         auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
         env = {**os.environ, **spec.env, "RAY_ADDRESS": self.cluster.gcs_address, **auth}
+        before = resources_now(self.cluster.gcs_address, self._ray.api_timeout_s)
         driver = DriverProcess(
             spec.argv, as_a_job_of_its_own(env), spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo
         )
         self.cluster.attempt_launched()
-        return ChildJob(attempt=spec.attempt, started_at=time.time(), pid=driver.pid, driver=driver)
+        return ChildJob(
+            attempt=spec.attempt, started_at=time.time(), pid=driver.pid, resources_before=before, driver=driver
+        )
 
     def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
         return _driver(job).wait(timeout_s)
@@ -76,7 +79,7 @@ class ChildDriverBackend(JobBackend):
                 job.ray_job_id = None
         stopped = driver.stop_everything(config.grace_s, config.reap_timeout_s)
         fence = RayFence(state, self.cluster.gcs_address, config, self._ray.api_timeout_s)
-        result = fence.fence(job.ray_job_id, driver.attempt_processes, self.cluster.is_down)
+        result = fence.fence(job.ray_job_id, driver.attempt_processes, self.cluster.is_down, job.resources_before)
         driver.join_output(config.output_drain_s)
         return result.teardown_result(started, stopped)
 

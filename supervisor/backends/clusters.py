@@ -94,6 +94,8 @@ class EmbeddedCluster(Cluster):
         spec = ClusterSpec(
             temp_dir=self._ray_dir,
             num_cpus=self._ray.num_cpus,
+            num_gpus=self._ray.num_gpus,
+            resources=dict(self._ray.resources),
             object_store_memory_mb=self._ray.object_store_memory_mb,
             dashboard=self._ray.dashboard,
             auth_mode=self._ray.auth_mode or "disabled",

@@ -1,17 +1,19 @@
 """The fence: the next attempt may start only when nothing of the last one is alive, on any node.
 
-Local processes are found by the attempt's marker; Ray actors, on every node, by the state API for the
-attempt's Ray job. A driver's ordinary actors die with it (Ray's ownership); the ones that outlive it are
-detached actors, or actors whose worker does not die. Those are killed by id through the GCS
-(``supervisor.mechanisms.ray_kill``) unless ``teardown.kill_stray_actors`` is off. Whatever is still alive at the
-deadline is reported, and the supervisor does not relaunch next to it.
+Local processes are found by the attempt's marker; Ray actors and placement groups, on every node, by the state
+API for the attempt's Ray job. A driver's ordinary actors and placement groups die with it (Ray's ownership); the
+ones that outlive it are detached, or actors whose worker does not die. Actors are killed by id through the GCS
+(``supervisor.mechanisms.ray_kill``) unless ``teardown.kill_stray_actors`` is off; placement groups are removed
+by id unless ``teardown.remove_stray_placement_groups`` is off: a leaked group keeps its bundles' GPUs reserved
+and the next attempt's workers would wait for them forever. Whatever is still alive at the deadline is reported,
+and the supervisor does not relaunch next to it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -19,8 +21,9 @@ import psutil
 from supervisor.backends.base import TeardownResult
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, TerminationReport, terminate_processes
-from supervisor.mechanisms.ray_kill import KillResult, kill_actors
-from supervisor.mechanisms.ray_state import LiveActor, RayStateClient
+from supervisor.mechanisms.ray_kill import KillResult, kill_actors, remove_placement_groups
+from supervisor.mechanisms.ray_resources import cluster_resources, still_held
+from supervisor.mechanisms.ray_state import LiveActor, LivePlacementGroup, RayStateClient
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ class FenceResult:
     survivors: list[ProcessInfo] = field(default_factory=list)
     actors_killed: list[str] = field(default_factory=list)
     actors_alive: int | None = None
+    placement_groups_removed: list[str] = field(default_factory=list)
+    placement_groups_alive: int | None = None
+    resources_held: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def teardown_result(
@@ -48,6 +54,9 @@ class FenceResult:
             survivors=tuple(self.survivors),
             actors_alive=self.actors_alive,
             actors_killed=tuple(self.actors_killed),
+            placement_groups_removed=tuple(self.placement_groups_removed),
+            placement_groups_alive=self.placement_groups_alive,
+            resources_held=dict(self.resources_held),
             problems=(*problems, *self.problems),
         )
 
@@ -73,9 +82,11 @@ class RayFence:
         job_id: str | None,
         leftovers: Callable[[], list[psutil.Process]],
         cluster_down: Callable[[], bool] = lambda: False,
+        resources_before: Mapping[str, float] | None = None,
     ) -> FenceResult:
-        """Wait (up to ``teardown.fence_timeout_s``) until neither ``leftovers()`` nor a live actor of ``job_id``
-        remains, terminating the first and killing the second on the way."""
+        """Wait (up to ``teardown.fence_timeout_s``) until neither ``leftovers()`` nor a live actor or placement
+        group of ``job_id`` remains, terminating, killing and removing them on the way; then until the cluster's
+        GPUs and custom resources are as available as ``resources_before`` (what they were before the attempt)."""
         result = FenceResult()
         timeout_s = self.config.fence_timeout_s
         grace_s = min(self.config.grace_s, self.config.straggler_grace_s)
@@ -85,14 +96,23 @@ class RayFence:
         while True:
             processes = leftovers()
             actors = self._live_actors(job_id, cluster_down)
+            groups = self._live_groups(job_id, cluster_down)
             result.actors_alive = None if actors is None else len(actors)
-            known = actors is not None or self.state is None or job_id is None
-            if not processes and known and not actors:
+            result.placement_groups_alive = None if groups is None else len(groups)
+            unasked = self.state is None or job_id is None
+            known = unasked or (actors is not None and groups is not None)
+            gone = not processes and known and not actors and not groups
+            if gone:
                 result.survivors = []
-                return result
+                result.resources_held = self._held(resources_before, cluster_down)
+                if not result.resources_held:
+                    return result
             if time.monotonic() >= deadline:
-                why_not = self._why_not_killed()
-                result.problems.append(_still_alive(timeout_s, processes, actors, kill_failures, why_not))
+                if gone:
+                    result.problems.append(self._not_back(timeout_s, result.resources_held))
+                else:
+                    left = _Left(processes, actors, groups)
+                    result.problems.append(_still_alive(timeout_s, left, kill_failures, self._why_not()))
                 return result
             if processes:
                 report = terminate_processes(processes, grace_s, reap_timeout_s=self.config.reap_timeout_s)
@@ -105,9 +125,18 @@ class RayFence:
                 by_id = {a.actor_id: a for a in fresh}
                 for outcome in kill_actors(self.gcs_address, list(by_id), self.kill_timeout_s):
                     if outcome.result is KillResult.FAILED:
-                        kill_failures[outcome.actor_id] = outcome.message
+                        kill_failures[outcome.target_id] = outcome.message
                     else:
-                        result.actors_killed.append(_label(by_id[outcome.actor_id]))
+                        result.actors_killed.append(_label(by_id[outcome.target_id]))
+            fresh_groups = [g for g in groups or [] if g.placement_group_id not in tried]
+            if fresh_groups and self.config.remove_stray_placement_groups and self.gcs_address:
+                tried.update(g.placement_group_id for g in fresh_groups)
+                by_group = {g.placement_group_id: g for g in fresh_groups}
+                for outcome in remove_placement_groups(self.gcs_address, list(by_group), self.kill_timeout_s):
+                    if outcome.result is KillResult.FAILED:
+                        kill_failures[outcome.target_id] = outcome.message
+                    else:
+                        result.placement_groups_removed.append(_group_label(by_group[outcome.target_id]))
             time.sleep(POLL_S)
 
     def _live_actors(self, job_id: str | None, cluster_down: Callable[[], bool]) -> list[LiveActor] | None:
@@ -121,35 +150,100 @@ class RayFence:
             logger.warning("state API did not answer: %s", exc)
             return None
 
-    def _why_not_killed(self) -> str:
-        if not self.kill_stray_actors:
-            return "teardown.kill_stray_actors is off"
+    def _live_groups(self, job_id: str | None, cluster_down: Callable[[], bool]) -> list[LivePlacementGroup] | None:
+        if self.state is None or job_id is None:
+            return None
+        try:
+            return self.state.live_placement_groups(job_id)
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline, as for actors
+            if cluster_down():
+                return []
+            logger.warning("state API did not answer: %s", exc)
+            return None
+
+    def _held(self, before: Mapping[str, float] | None, cluster_down: Callable[[], bool]) -> dict[str, float]:
+        if not before or not self.config.wait_for_resources or not self.gcs_address or cluster_down():
+            return {}
+        try:
+            available, _ = cluster_resources(self.gcs_address, self.kill_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the GCS is asked again until the deadline
+            logger.warning("GCS did not say which resources are available: %s", exc)
+            return dict(before)
+        return still_held(before, available)
+
+    def _not_back(self, timeout_s: float, held: Mapping[str, float]) -> str:
+        amounts = ", ".join(f"{name} {amount:g}" for name, amount in sorted(held.items()))
+        holders = ""
+        if self.state is not None:
+            try:
+                groups = self.state.live_placement_groups()
+                named = [f"{_group_label(g)} of job {g.creator_job_id}" for g in groups]
+                holders = "; live placement groups: " + (", ".join(named) or "none")
+            except Exception:  # noqa: BLE001 - the message names what it can
+                holders = ""
+        return (
+            f"after {timeout_s:g} s, resources available before the attempt are still held: {amounts}{holders} "
+            f"(teardown.wait_for_resources=false skips this check on a cluster shared with other jobs)"
+        )
+
+    def _why_not(self) -> dict[str, str]:
+        """Why what is left was not ended, per kind ("" when it was tried)."""
         if not self.gcs_address:
-            return "no GCS address to kill them through"
-        return ""
+            return {"actors": "no GCS address to kill them through", "groups": "no GCS address to remove them through"}
+        return {
+            "actors": "" if self.kill_stray_actors else "teardown.kill_stray_actors is off",
+            "groups": ""
+            if self.config.remove_stray_placement_groups
+            else "teardown.remove_stray_placement_groups is off",
+        }
+
+
+@dataclass(frozen=True)
+class _Left:
+    processes: list[psutil.Process]
+    actors: list[LiveActor] | None
+    groups: list[LivePlacementGroup] | None
+
+
+def _group_label(group: LivePlacementGroup) -> str:
+    detached = " (detached)" if group.is_detached else ""
+    return f"placement group {group.name or group.placement_group_id[:12]}{detached}"
 
 
 def _label(actor: LiveActor) -> str:
     return f"{actor.class_name} {actor.name or actor.actor_id[:12]}"
 
 
-def _still_alive(
-    timeout_s: float,
-    processes: list[psutil.Process],
-    actors: list[LiveActor] | None,
-    kill_failures: dict[str, str],
-    why_not_killed: str,
-) -> str:
-    names = [f"{p.name}[{p.pid}]" for p in map(ProcessInfo.of, processes)]
-    for actor in actors or []:
+def _still_alive(timeout_s: float, left: _Left, kill_failures: dict[str, str], why_not: dict[str, str]) -> str:
+    names = [f"{p.name}[{p.pid}]" for p in map(ProcessInfo.of, left.processes)]
+    for actor in left.actors or []:
         failure = kill_failures.get(actor.actor_id)
         where = f"actor {_label(actor)} on node {(actor.node_id or '?')[:12]}"
         names.append(f"{where} (kill failed: {failure})" if failure else where)
-    count = "an unknown number of" if actors is None else str(len(actors))
+    for group in left.groups or []:
+        failure = kill_failures.get(group.placement_group_id)
+        where = f"{_group_label(group)} {group.state}"
+        names.append(f"{where} (removal failed: {failure})" if failure else where)
+    actors = "an unknown number of" if left.actors is None else str(len(left.actors))
+    groups = "an unknown number of" if left.groups is None else str(len(left.groups))
     message = (
-        f"after {timeout_s:g} s, {len(processes)} processes and {count} Ray actors of the attempt are still alive: "
-        f"{', '.join(names) or 'none identified (the state API did not answer)'}"
+        f"after {timeout_s:g} s, {len(left.processes)} processes, {actors} Ray actors and {groups} placement groups "
+        f"of the attempt are still alive: {', '.join(names) or 'none identified (the state API did not answer)'}"
     )
-    if actors and why_not_killed:
-        message += f"; they were not killed: {why_not_killed}"
+    if left.actors and why_not["actors"]:
+        message += f"; the actors were not killed: {why_not['actors']}"
+    if left.groups and why_not["groups"]:
+        message += f"; the placement groups were not removed: {why_not['groups']}"
     return message
+
+
+def resources_now(gcs_address: str | None, timeout_s: float) -> dict[str, float] | None:
+    """What is available now, for the fence after the attempt to compare against (None: the GCS did not say)."""
+    if not gcs_address:
+        return None
+    try:
+        available, _ = cluster_resources(gcs_address, timeout_s)
+    except Exception as exc:  # noqa: BLE001 - without it the fence checks processes, actors and groups only
+        logger.warning("GCS did not say which resources are available before the attempt: %s", exc)
+        return None
+    return available

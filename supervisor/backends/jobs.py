@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
-from supervisor.backends.fence import RayFence
+from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
 from supervisor.mechanisms.ray_auth import refusal_hint
@@ -99,13 +99,14 @@ class JobsBackend(JobBackend):
 
     def launch(self, spec: LaunchSpec) -> SubmittedJob:
         job_id = submission_id(self._run_id, spec.attempt)
+        before = resources_now(self._ray.gcs_address, self._ray.api_timeout_s)
         self._jobs().submit_job(
             entrypoint=shlex.join(spec.argv),
             submission_id=job_id,
             runtime_env=self.runtime_env(spec),
             entrypoint_num_cpus=0,
         )
-        job = SubmittedJob(attempt=spec.attempt, started_at=time.time(), submission_id=job_id)
+        job = SubmittedJob(attempt=spec.attempt, started_at=time.time(), submission_id=job_id, resources_before=before)
         job.tail = threading.Thread(
             target=self._tail_logs, args=(job_id, spec.log_dir / "stdout.log"), name=f"tail-{job_id}", daemon=True
         )
@@ -171,7 +172,9 @@ class JobsBackend(JobBackend):
         if submitted.ray_job_id is None:
             submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
         fence = RayFence(self._state, self._ray.gcs_address, config, self._ray.api_timeout_s)
-        result = fence.fence(submitted.ray_job_id, lambda: self._local_processes(job))
+        result = fence.fence(
+            submitted.ray_job_id, lambda: self._local_processes(job), resources_before=job.resources_before
+        )
         if submitted.tail is not None:
             submitted.tail.join(config.output_drain_s)
         return result.teardown_result(started, problems=problems)

@@ -48,6 +48,10 @@ class ClusterStartError(RuntimeError):
 class ClusterSpec:
     temp_dir: Path
     num_cpus: int | None = None
+    num_gpus: int | None = None
+    """Logical GPUs of the head node, as ``ray start --num-gpus`` (None: Ray counts the machine's)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom logical resources of the head node, as ``ray start --resources``."""
     object_store_memory_mb: int | None = None
     node_ip: str = "127.0.0.1"
     dashboard: bool = True
@@ -183,7 +187,14 @@ class LocalRayCluster:
             env["AUTOSCALER_METRIC_PORT"] = str(self.ports.autoscaler_metrics)
         return env
 
-    def _ray_start(self, temp_dir: Path, num_cpus: int | None, options: list[str]) -> list[str]:
+    def _ray_start(
+        self,
+        temp_dir: Path,
+        num_cpus: int | None,
+        options: list[str],
+        num_gpus: int | None = None,
+        resources: dict[str, float] | None = None,
+    ) -> list[str]:
         """The one `ray start` command line: the options every node has, then ``options`` (head or worker)."""
         command = [
             sys.executable,
@@ -198,6 +209,10 @@ class LocalRayCluster:
         ]
         if num_cpus is not None:
             command.append(f"--num-cpus={num_cpus}")
+        if num_gpus is not None:
+            command.append(f"--num-gpus={num_gpus}")
+        if resources:
+            command.append(f"--resources={json.dumps(resources)}")
         if self.spec.object_store_memory_mb is not None:
             command.append(f"--object-store-memory={self.spec.object_store_memory_mb << 20}")
         return command
@@ -221,9 +236,11 @@ class LocalRayCluster:
                 f"--runtime-env-agent-port={ports.runtime_env_agent}",
                 f"--ray-client-server-port={ports.client_server}",
             ],
+            num_gpus=self.spec.num_gpus,
+            resources=self.spec.resources,
         )
 
-    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, num_gpus: int | None = None) -> None:
         """Another raylet on this machine joining the cluster, with ports and a temp dir of its own: a
         multi-node cluster on one machine (for tests). It carries the cluster's marker, so ``stop`` ends it."""
         assert self.temp_dir is not None, "start() first"
@@ -240,11 +257,10 @@ class LocalRayCluster:
             f"--metrics-export-port={ports[4]}",
             f"--runtime-env-agent-port={ports[5]}",
         ]
-        if resources:
-            options.append(f"--resources={json.dumps(resources)}")
         log_path = temp_dir / "ray-start.log"
+        command = self._ray_start(temp_dir, num_cpus, options, num_gpus=num_gpus, resources=resources)
         with log_path.open("wb") as log:
-            node = start_child(self._ray_start(temp_dir, num_cpus, options), env=self._env(), stdout=log, stderr=log)
+            node = start_child(command, env=self._env(), stdout=log, stderr=log)
         self._nodes.append(node)
         timeout_s = self.spec.start_timeout_s
         if not wait_for(lambda: node.poll() is not None or "Ray runtime started" in tail(log_path), timeout_s):

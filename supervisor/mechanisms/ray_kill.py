@@ -1,4 +1,4 @@
-"""Kill Ray actors by id, on any node, without becoming a Ray driver.
+"""Kill Ray actors and remove placement groups by id, on any node, without becoming a Ray driver.
 
 Ray's public ways to kill an actor need its handle (``ray.kill``) or its name (``ray kill-actor``). An actor
 that outlives its attempt belongs to a driver that is gone, so its handle is gone too, and it may have no name
@@ -31,7 +31,8 @@ class KillResult(str, Enum):
 
 @dataclass(frozen=True)
 class KillOutcome:
-    actor_id: str
+    target_id: str
+    """The actor's or the placement group's id."""
     result: KillResult
     message: str = ""
 
@@ -64,5 +65,43 @@ def kill_actors(gcs_address: str, actor_ids: Sequence[str], timeout_s: float = 1
     finally:
         channel.close()
     for outcome in outcomes:
-        logger.info("actor %s via GCS %s: %s %s", outcome.actor_id, gcs_address, outcome.result.value, outcome.message)
+        logger.info("actor %s via GCS %s: %s %s", outcome.target_id, gcs_address, outcome.result.value, outcome.message)
+    return outcomes
+
+
+def remove_placement_groups(gcs_address: str, group_ids: Sequence[str], timeout_s: float = 10.0) -> list[KillOutcome]:
+    """Remove each placement group through the GCS (``RemovePlacementGroup``, where
+    ``ray.util.remove_placement_group`` ends): its bundles' resources go back to the cluster. A group the GCS no
+    longer knows counts as gone."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    outcomes = []
+    channel = init_grpc_channel(gcs_address)
+    try:
+        stub = gcs_service_pb2_grpc.PlacementGroupInfoGcsServiceStub(channel)
+        for group_id in group_ids:
+            request = gcs_service_pb2.RemovePlacementGroupRequest(placement_group_id=bytes.fromhex(group_id))
+            try:
+                reply = stub.RemovePlacementGroup(request, timeout=timeout_s)
+            except grpc.RpcError as exc:
+                outcomes.append(KillOutcome(group_id, KillResult.FAILED, f"{exc.code().name}: {exc.details()}"))
+                continue
+            if reply.status.code == 0:
+                outcomes.append(KillOutcome(group_id, KillResult.KILLED))
+            elif "not exist" in reply.status.message or "not found" in reply.status.message.lower():
+                outcomes.append(KillOutcome(group_id, KillResult.GONE, reply.status.message))
+            else:
+                outcomes.append(KillOutcome(group_id, KillResult.FAILED, reply.status.message))
+    finally:
+        channel.close()
+    for outcome in outcomes:
+        logger.info(
+            "placement group %s via GCS %s: %s %s",
+            outcome.target_id,
+            gcs_address,
+            outcome.result.value,
+            outcome.message,
+        )
     return outcomes

@@ -1,4 +1,5 @@
-"""What Ray's state API says about an attempt's job: its id, and which of its actors are still alive."""
+"""What Ray's state API says about an attempt's job: its id, and which of its actors and placement groups are
+still alive."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ class LiveActor:
     pid: int | None
     node_id: str | None
     name: str | None = None
+
+
+@dataclass(frozen=True)
+class LivePlacementGroup:
+    placement_group_id: str
+    name: str | None
+    state: str
+    """PENDING, CREATED or RESCHEDULING: anything but REMOVED holds (or waits for) its bundles' resources."""
+    creator_job_id: str | None
+    is_detached: bool | None = None
 
 
 class RayStateClient:
@@ -49,6 +60,26 @@ class RayStateClient:
             address=self.dashboard_url, filters=filters, timeout=self.timeout_s, raise_on_missing_output=False
         )
         return [LiveActor(a.actor_id, a.class_name, a.state, a.pid, a.node_id, a.name or None) for a in actors]
+
+    def live_placement_groups(self, job_id: str | None = None) -> list[LivePlacementGroup]:
+        """Placement groups created by ``job_id`` (None: by any job) and not removed. A detached one outlives its
+        job and keeps its bundles' GPUs reserved: the next attempt's workers would wait for them forever."""
+        from ray.util.state import list_placement_groups
+
+        filters = [("state", "!=", "REMOVED")]
+        if job_id is not None:
+            filters.append(("creator_job_id", "=", job_id))
+        groups = list_placement_groups(
+            address=self.dashboard_url,
+            filters=filters,
+            timeout=self.timeout_s,
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        return [
+            LivePlacementGroup(g.placement_group_id, g.name or None, str(g.state), g.creator_job_id, g.is_detached)
+            for g in groups
+        ]
 
     def job_of_submission(self, submission_id: str) -> str | None:
         """The Ray job id of a Jobs API submission (None until its driver has connected)."""

@@ -268,6 +268,11 @@ class Teardown(Event):
     fenced: bool
     actors_killed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    placement_groups_removed: list[str] = field(default_factory=list)
+    placement_groups_alive: int | None = None
+    """Placement groups of the attempt's Ray job not removed at the fence (None: not checked)."""
+    resources_held: dict[str, float] = field(default_factory=dict)
+    """GPUs and custom resources available before the attempt and not available again at the fence's end."""
     ray_job_id: str | None = None
     reached_step: int | None = None
     """The newest complete checkpoint once the attempt is gone (what it may still have been writing included)."""
@@ -276,6 +281,8 @@ class Teardown(Event):
         parts = [f"{len(self.terminated)} ended on SIGTERM", f"{len(self.killed)} SIGKILLed"]
         if self.actors_killed:
             parts.append(f"{len(self.actors_killed)} stray actors killed")
+        if self.placement_groups_removed:
+            parts.append(f"{len(self.placement_groups_removed)} stray placement groups removed")
         if self.actors_alive is not None:
             parts.append(f"{self.actors_alive} actors alive")
         verdict = "fenced" if self.fenced else "FENCE FAILED: " + "; ".join(self.problems)

@@ -2,6 +2,7 @@
 
     python -m tests.supervisor.e2e.scripted_job [--fail-until N] [--exit-code C] [--ignore-sigterm]
         [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A] [--unmarked-group-child-on A]
+        [--leave-detached-placement-group-on A --gpus G] [--need-gpus G] [--hold-gpus-in-another-job-on A]
         [--steps N --step-time S [--stall-on A --stall-at K] [--slow-after K --slow-step-time S]]
         [--until-file PATH] [--ping-ray]
 
@@ -33,6 +34,10 @@ def main() -> None:
     parser.add_argument("--spawn-stubborn-child", action="store_true")
     parser.add_argument("--leave-detached-actor-on", type=int, action="append", default=[])
     parser.add_argument("--unmarked-group-child-on", type=int, action="append", default=[])
+    parser.add_argument("--leave-detached-placement-group-on", type=int, action="append", default=[])
+    parser.add_argument("--hold-gpus-in-another-job-on", type=int, action="append", default=[])
+    parser.add_argument("--gpus", type=float, default=1, help="the GPUs the detached placement group reserves")
+    parser.add_argument("--need-gpus", type=float, default=0, help="reserve these GPUs (30 s at most) or exit 3")
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--step-time", type=float, default=0.2)
     parser.add_argument("--stall-on", type=int, action="append", default=[])
@@ -53,6 +58,12 @@ def main() -> None:
     print(f"scripted job: attempt {attempt}", flush=True)
     if attempt in args.leave_detached_actor_on:
         leave_a_detached_actor(attempt)
+    if attempt in args.leave_detached_placement_group_on:
+        leave_a_detached_placement_group(attempt, args.gpus)
+    if attempt in args.hold_gpus_in_another_job_on:
+        hold_gpus_in_another_job(args.gpus)
+    if args.need_gpus and attempt not in args.leave_detached_placement_group_on:
+        reserve_gpus(args.need_gpus)
     if attempt in args.unmarked_group_child_on:
         leave_an_unmarked_child_in_the_group(Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("group-child"))
     if attempt in args.run_forever_on:
@@ -112,6 +123,49 @@ def leave_a_detached_actor(attempt: int) -> None:
     remote = ray.remote(num_cpus=0, resources={"stray_ok": 0.01}, runtime_env=elsewhere)(Stubborn)
     actor = remote.options(lifetime="detached").remote()
     print(f"scripted job: detached actor in {ray.get(actor.ping.remote())}", flush=True)
+
+
+def leave_a_detached_placement_group(attempt: int, gpus: float) -> None:
+    """Reserve ``gpus`` in a detached placement group and leave it behind, as a verl job whose resource pool
+    outlives its driver would: the GPUs stay reserved after the job is gone."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    group = placement_group([{"GPU": gpus}], name=f"leaked-by-attempt-{attempt}", lifetime="detached")
+    ray.get(group.ready(), timeout=60)
+    print(f"scripted job: detached placement group holding {gpus:g} GPUs", flush=True)
+
+
+def hold_gpus_in_another_job(gpus: float) -> None:
+    """A second Ray driver, started by the job but not marked as the run's (a tool of the job's own), reserves
+    ``gpus`` in a detached placement group and exits: the group belongs to another Ray job than the attempt's,
+    so only the fence's check of the cluster's free GPUs sees that they are still taken."""
+    code = (
+        "import os, ray\n"
+        "from ray.util.placement_group import placement_group\n"
+        "ray.init(address=os.environ['RAY_ADDRESS'], log_to_driver=False)\n"
+        f"group = placement_group([{{'GPU': {gpus}}}], name='held-by-another-job', lifetime='detached')\n"
+        "ray.get(group.ready(), timeout=60)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_SUPERVISOR_")}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    print(f"scripted job: another Ray job holds {gpus:g} GPUs", flush=True)
+
+
+def reserve_gpus(gpus: float) -> None:
+    """What the next attempt's workers do first: reserve their GPUs. If a leaked group still holds them, this
+    waits; after 30 s the job gives up with exit code 3."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    group = placement_group([{"GPU": gpus}])
+    ready, _ = ray.wait([group.ready()], timeout=30)
+    if not ready:
+        print(f"scripted job: {gpus:g} GPUs never became free", flush=True)
+        sys.exit(3)
+    print(f"scripted job: reserved {gpus:g} GPUs", flush=True)
 
 
 def leave_an_unmarked_child_in_the_group(report: Path) -> None:

@@ -19,7 +19,8 @@ import pytest
 from ray.util.state import list_actors, list_jobs, list_nodes
 
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
-from supervisor.mechanisms.ray_kill import kill_actors
+from supervisor.mechanisms.ray_kill import kill_actors, remove_placement_groups
+from supervisor.mechanisms.ray_state import RayStateClient
 from tests.conftest import REPO_ROOT
 from tests.supervisor.e2e.conftest import (
     JOB_ARGS,
@@ -48,7 +49,7 @@ def two_nodes() -> Iterator[LocalRayCluster]:
     )
     try:
         cluster.start()
-        cluster.add_node(num_cpus=8, resources={"stray_ok": 1})
+        cluster.add_node(num_cpus=8, resources={"stray_ok": 1}, num_gpus=2)  # logical GPUs
         yield cluster
     finally:
         report = cluster.stop(grace_s=5.0)
@@ -205,6 +206,93 @@ def test_an_actor_the_fence_may_not_kill_stops_the_run_before_a_second_attempt(r
                 30,
                 "the stray actor to be dead",
             )
+
+
+def test_detached_placement_group_left_by_a_failed_attempt_is_removed_before_the_next_one(
+    runs, two_nodes, bystander
+) -> None:
+    """Attempt 1 leaves a detached placement group holding both GPUs of the cluster; attempt 2 needs them."""
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        "job=scripted",
+        *mode_overrides("address", two_nodes),
+        job_args=("--fail-until", "2", "--leave-detached-placement-group-on", "1", "--gpus", "2", "--need-gpus", "2"),
+        extra_env=two_nodes.env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    teardown = events_of(run_dir, "teardown")[0]
+    assert teardown["fenced"] is True
+    assert teardown["placement_groups_removed"] == ["placement group leaked-by-attempt-1 (detached)"]
+    assert teardown["placement_groups_alive"] == 0
+    assert "reserved 2 GPUs" in (run_dir / "attempts" / "2" / "stdout.log").read_text()
+    assert steady_alive(two_nodes)
+
+
+def test_a_placement_group_the_fence_may_not_remove_stops_the_run(runs, two_nodes, bystander) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        "job=scripted",
+        *mode_overrides("address", two_nodes),
+        "teardown.remove_stray_placement_groups=false",
+        "teardown.fence_timeout_s=3",
+        job_args=("--fail-until", "2", "--leave-detached-placement-group-on", "1", "--gpus", "2"),
+        extra_env=two_nodes.env(),
+    )
+    try:
+        assert proc.returncode == 6, proc.stderr[-4000:]
+        assert len(events_of(run_dir, "attempt_started")) == 1, "no attempt started next to the leaked group"
+        (teardown,) = events_of(run_dir, "teardown")
+        assert (teardown["fenced"], teardown["placement_groups_alive"]) == (False, 1)
+        (problem,) = teardown["problems"]
+        assert "placement group leaked-by-attempt-1 (detached) CREATED" in problem
+        assert "teardown.remove_stray_placement_groups is off" in problem
+        assert "leaked-by-attempt-1" in proc.stderr, "the console says what is left"
+    finally:
+        # The leaked group is the test's to remove, so that it does not outlive the test.
+        teardown_events = events_of(run_dir, "teardown")
+        if teardown_events:
+            state = RayStateClient(two_nodes.dashboard_url)
+            left = state.live_placement_groups(teardown_events[0]["ray_job_id"])
+            remove_placement_groups(two_nodes.address, [g.placement_group_id for g in left])
+            wait_until(
+                lambda: not state.live_placement_groups(teardown_events[0]["ray_job_id"]),
+                30,
+                "the leaked placement group to be removed",
+            )
+
+
+def test_gpus_not_free_again_after_the_attempt_stop_the_run_naming_who_holds_them(runs, two_nodes, bystander) -> None:
+    """What the attempt's job id cannot find: a group of another Ray job that the attempt started still holds the
+    GPUs. The fence compares the cluster's free GPUs with those before the attempt and relaunches nothing."""
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        "job=scripted",
+        *mode_overrides("address", two_nodes),
+        "teardown.fence_timeout_s=3",
+        job_args=("--fail-until", "2", "--hold-gpus-in-another-job-on", "1", "--gpus", "2", "--ping-ray"),
+        extra_env=two_nodes.env(),
+    )
+    state = RayStateClient(two_nodes.dashboard_url)
+    try:
+        assert proc.returncode == 6, proc.stderr[-4000:]
+        assert len(events_of(run_dir, "attempt_started")) == 1
+        (teardown,) = events_of(run_dir, "teardown")
+        assert (teardown["fenced"], teardown["resources_held"]) == (False, {"GPU": 2})
+        assert (teardown["actors_alive"], teardown["placement_groups_alive"]) == (0, 0), "none of the attempt's"
+        (problem,) = teardown["problems"]
+        assert "resources available before the attempt are still held: GPU 2" in problem
+        assert "placement group held-by-another-job (detached) of job" in problem
+    finally:
+        held = [g.placement_group_id for g in state.live_placement_groups() if g.name == "held-by-another-job"]
+        remove_placement_groups(two_nodes.address, held)
+        wait_until(
+            lambda: not [g for g in state.live_placement_groups() if g.name == "held-by-another-job"],
+            30,
+            "the other job's placement group to be removed",
+        )
 
 
 def test_supervisor_as_the_entrypoint_of_a_ray_job_runs_each_attempt_as_a_job_of_its_own(

@@ -184,8 +184,13 @@ def test_supervisor_killed_outright_takes_the_job_with_it_and_a_new_one_continue
 
 
 def test_finished_run_directory_is_not_reused(runs) -> None:
+    """Also: the embedded cluster declares the GPUs and custom resources the configuration gives it (logical)."""
     run_dir = runs.new()
-    assert run_supervisor(run_dir, SCRIPTED).returncode == 0
+    first = run_supervisor(
+        run_dir, SCRIPTED, "ray.num_gpus=2", "+ray.resources.rollout_slot=4", job_args=("--need-gpus", "2")
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "reserved 2 GPUs" in (run_dir / "attempts" / "1" / "stdout.log").read_text()
     again = run_supervisor(run_dir, SCRIPTED)
     assert again.returncode == 2
     assert "holds a finished run (done, exit 0)" in again.stderr
