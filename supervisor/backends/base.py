@@ -55,6 +55,7 @@ class TeardownResult:
     placement_groups_removed: tuple[str, ...] = ()
     placement_groups_alive: int | None = None
     resources_held: dict[str, float] = field(default_factory=dict)
+    gpu_memory: str | None = None
     problems: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -79,7 +79,10 @@ class ChildDriverBackend(JobBackend):
                 job.ray_job_id = None
         stopped = driver.stop_everything(config.grace_s, config.reap_timeout_s)
         fence = RayFence(state, self.cluster.gcs_address, config, self._ray.api_timeout_s)
-        result = fence.fence(job.ray_job_id, driver.attempt_processes, self.cluster.is_down, job.resources_before)
+        ended = [p.pid for p in (*stopped.terminated, *stopped.killed, *stopped.survivors)]
+        result = fence.fence(
+            job.ray_job_id, driver.attempt_processes, self.cluster.is_down, job.resources_before, attempt_pids=ended
+        )
         driver.join_output(config.output_drain_s)
         return result.teardown_result(started, stopped)
 

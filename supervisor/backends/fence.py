@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psutil
 
 from supervisor.backends.base import TeardownResult
 from supervisor.config import TeardownConfig
+from supervisor.mechanisms.gpu_memory import GpuMemoryCheck, gpu_memory_holders
 from supervisor.mechanisms.processes import ProcessInfo, TerminationReport, terminate_processes
 from supervisor.mechanisms.ray_kill import KillResult, kill_actors, remove_placement_groups
 from supervisor.mechanisms.ray_resources import cluster_resources, still_held
@@ -40,6 +41,8 @@ class FenceResult:
     placement_groups_removed: list[str] = field(default_factory=list)
     placement_groups_alive: int | None = None
     resources_held: dict[str, float] = field(default_factory=dict)
+    gpu_memory: str | None = None
+    """What NVML said of the attempt's processes on this machine's GPUs (``GpuMemoryCheck.summary``)."""
     problems: list[str] = field(default_factory=list)
 
     def teardown_result(
@@ -57,6 +60,7 @@ class FenceResult:
             placement_groups_removed=tuple(self.placement_groups_removed),
             placement_groups_alive=self.placement_groups_alive,
             resources_held=dict(self.resources_held),
+            gpu_memory=self.gpu_memory,
             problems=(*problems, *self.problems),
         )
 
@@ -72,6 +76,7 @@ class RayFence:
     config: TeardownConfig
     kill_timeout_s: float = 10.0
     """Bound on the kill-by-id RPC (``ray.api_timeout_s``)."""
+    gpu_check: Callable[[Collection[int]], GpuMemoryCheck] = gpu_memory_holders
 
     @property
     def kill_stray_actors(self) -> bool:
@@ -83,10 +88,13 @@ class RayFence:
         leftovers: Callable[[], list[psutil.Process]],
         cluster_down: Callable[[], bool] = lambda: False,
         resources_before: Mapping[str, float] | None = None,
+        attempt_pids: Collection[int] = (),
     ) -> FenceResult:
         """Wait (up to ``teardown.fence_timeout_s``) until neither ``leftovers()`` nor a live actor or placement
         group of ``job_id`` remains, terminating, killing and removing them on the way; then until the cluster's
-        GPUs and custom resources are as available as ``resources_before`` (what they were before the attempt)."""
+        GPUs and custom resources are as available as ``resources_before`` (what they were before the attempt),
+        and no process of the attempt (``attempt_pids`` and those the fence ended) holds memory on this machine's
+        GPUs."""
         result = FenceResult()
         timeout_s = self.config.fence_timeout_s
         grace_s = min(self.config.grace_s, self.config.straggler_grace_s)
@@ -102,17 +110,24 @@ class RayFence:
             unasked = self.state is None or job_id is None
             known = unasked or (actors is not None and groups is not None)
             gone = not processes and known and not actors and not groups
+            gpu: GpuMemoryCheck | None = None
             if gone:
                 result.survivors = []
                 result.resources_held = self._held(resources_before, cluster_down)
-                if not result.resources_held:
+                gpu = self.gpu_check({*attempt_pids, *(p.pid for p in result.terminated + result.killed)})
+                result.gpu_memory = gpu.summary()
+                if not result.resources_held and not gpu.holders:
                     return result
             if time.monotonic() >= deadline:
-                if gone:
-                    result.problems.append(self._not_back(timeout_s, result.resources_held))
-                else:
+                if not gone:
                     left = _Left(processes, actors, groups)
                     result.problems.append(_still_alive(timeout_s, left, kill_failures, self._why_not()))
+                if gpu is not None and gpu.holders:
+                    result.problems.append(
+                        f"after {timeout_s:g} s, processes of the attempt still hold GPU memory: {gpu.summary()}"
+                    )
+                if gone and result.resources_held:
+                    result.problems.append(self._not_back(timeout_s, result.resources_held))
                 return result
             if processes:
                 report = terminate_processes(processes, grace_s, reap_timeout_s=self.config.reap_timeout_s)

@@ -273,6 +273,8 @@ class Teardown(Event):
     """Placement groups of the attempt's Ray job not removed at the fence (None: not checked)."""
     resources_held: dict[str, float] = field(default_factory=dict)
     """GPUs and custom resources available before the attempt and not available again at the fence's end."""
+    gpu_memory: str | None = None
+    """What NVML said of the attempt's processes on this machine's GPUs: free, held (by which), or skipped."""
     ray_job_id: str | None = None
     reached_step: int | None = None
     """The newest complete checkpoint once the attempt is gone (what it may still have been writing included)."""
