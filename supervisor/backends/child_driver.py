@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes, terminate_processes
 from supervisor.mechanisms.ray_auth import auth_env
-from supervisor.mechanisms.stacks import StackDump, dump_stacks
+from supervisor.mechanisms.ray_state import RayStateClient
+from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import Event
 from verl_hooks.contract import ENV_RUN_ID, RAY_INJECTED_JOB_CONFIG, injected_job_config
@@ -65,18 +67,28 @@ class ChildDriverBackend(JobBackend):
         return _driver(job).wait(timeout_s)
 
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
-        return dump_stacks(_driver(job).attempt_processes(), stacks_dir, timeout_s)
+        """This machine's processes by signal and, at the same time, the attempt's actors on every node."""
+        state = self.cluster.state_client()
+        self._find_ray_job(job, state)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="remote-stacks") as pool:
+            remote = pool.submit(dump_remote_stacks, state, job.ray_job_id, stacks_dir, timeout_s)
+            local = dump_stacks(_driver(job).attempt_processes(), stacks_dir, timeout_s)
+            return local + remote.result()
+
+    @staticmethod
+    def _find_ray_job(job: RunningJob, state: RayStateClient | None) -> None:
+        if state is not None and job.ray_job_id is None and job.pid is not None:
+            try:
+                job.ray_job_id = state.job_id_of_driver(job.pid)
+            except Exception:  # noqa: BLE001 - without the job id the fence falls back to processes alone
+                job.ray_job_id = None
 
     def teardown(self, job: RunningJob) -> TeardownResult:
         started = time.monotonic()
         driver = _driver(job)
         config = self._teardown
         state = self.cluster.state_client()
-        if state is not None and job.ray_job_id is None and job.pid is not None:
-            try:
-                job.ray_job_id = state.job_id_of_driver(job.pid)
-            except Exception:  # noqa: BLE001 - without the job id the fence falls back to processes alone
-                job.ray_job_id = None
+        self._find_ray_job(job, state)
         stopped = driver.stop_everything(config.grace_s, config.reap_timeout_s)
         fence = RayFence(state, self.cluster.gcs_address, config, self._ray.api_timeout_s)
         ended = [p.pid for p in (*stopped.terminated, *stopped.killed, *stopped.survivors)]

@@ -26,7 +26,7 @@ from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
 from supervisor.mechanisms.ray_auth import refusal_hint
 from supervisor.mechanisms.ray_state import RayStateClient
-from supervisor.mechanisms.stacks import StackDump, dump_stacks
+from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import Event
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, SETUP_HOOK, SUPERVISOR_LOCAL_ENV, forwarded_env
@@ -152,8 +152,16 @@ class JobsBackend(JobBackend):
         return ExitStatus(code=code if code is not None else 1)
 
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
-        # Only what runs on this machine can be signalled; a driver on another node is out of reach.
-        return dump_stacks(self._local_processes(job), stacks_dir, timeout_s)
+        # What runs on this machine is signalled; the attempt's actors on every node are read through the
+        # dashboard (the driver itself, when it runs on another node, is not an actor: out of reach).
+        submitted = _submitted(job)
+        if submitted.ray_job_id is None:
+            try:
+                submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
+            except Exception:  # noqa: BLE001 - then only this machine's processes
+                submitted.ray_job_id = None
+        local = dump_stacks(self._local_processes(job), stacks_dir, timeout_s)
+        return local + dump_remote_stacks(self._state, submitted.ray_job_id, stacks_dir, timeout_s)
 
     def _local_processes(self, job: RunningJob) -> list:
         return find_marked_processes({ENV_RUN_ID: self._run_id, ENV_ATTEMPT: str(job.attempt)})

@@ -178,8 +178,15 @@ class LocalRayCluster:
             **self.marker,
             **auth_env(self.spec.auth_mode, self.spec.auth_token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # The dashboard serves a worker's stacks (py-spy on its node) only when profiling is on (off by default
+            # since Ray 2.5x for security): a stall's stacks need it. The dashboard is on loopback and, by default,
+            # behind the cluster's token.
+            "RAY_DASHBOARD_ENABLE_PROFILING": "1",
         }
         env.pop("RAY_ADDRESS", None)  # never let `ray start` look for another cluster
+        # The dashboard agent runs the py-spy found on PATH: the one installed with this interpreter's Ray comes
+        # first (a virtual environment's bin is not on PATH unless it was activated).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if self.ports is not None:
             # Ray reads these two from the environment only (dashboard/consts.py, autoscaler/_private/constants.py)
             # and binds them to every interface: read-only metrics, but on ports of this cluster's own.

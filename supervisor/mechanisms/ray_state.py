@@ -88,6 +88,21 @@ class RayStateClient:
                 return job.job_id
         return None
 
+    def worker_stack(self, node_id: str, pid: int, timeout_s: float) -> str:
+        """The Python stacks of a Ray worker process on any node: the dashboard asks that node's agent, which runs
+        py-spy on it (``/worker/traceback``, ray/dashboard/modules/reporter/reporter_head.py). Raises on failure."""
+        import urllib.parse
+        import urllib.request
+
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        query = urllib.parse.urlencode({"pid": pid, "node_id": node_id, "native": "0"})
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/worker/traceback?{query}", headers=get_auth_headers_if_auth_enabled({})
+        )
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # the cluster's own dashboard
+            return response.read().decode(errors="replace")
+
     def check(self) -> None:
         """Raises unless the state API answers (the fence cannot prove anything without it)."""
         from ray.util.state import list_nodes

@@ -34,6 +34,14 @@ from tests.supervisor.e2e.conftest import (
 pytestmark = pytest.mark.ray
 
 MODES = ["address", "jobs"]
+STALL_AT_5 = ("--stall-on", "1", "--stall-at", "5")
+# A stall is seen within seconds (as in test_stalls.py).
+STALL_WATCHDOG = (
+    "watchdog.adaptive_floor_s=4",
+    "watchdog.adaptive_min_steps=3",
+    "watchdog.heartbeat_interval_s=0.5",
+    "watchdog.tick_s=0.2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +301,32 @@ def test_gpus_not_free_again_after_the_attempt_stop_the_run_naming_who_holds_the
             30,
             "the other job's placement group to be removed",
         )
+
+
+def test_a_stall_collects_the_stacks_of_the_attempts_actors_on_the_other_node(runs, two_nodes, bystander) -> None:
+    """Attempt 1 leaves an actor on the non-head node, then stalls: its stack is read there, through the dashboard
+    (py-spy on that node), before the teardown; the driver's is read here, by signal."""
+    run_dir = runs.new()
+    proc = run_supervisor(
+        run_dir,
+        "job=scripted",
+        *mode_overrides("address", two_nodes),
+        *STALL_WATCHDOG,
+        job_args=(*("--leave-detached-actor-on", "1", "--steps", "6", "--step-time", "0.2"), *STALL_AT_5),
+        extra_env=two_nodes.env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (stall,) = events_of(run_dir, "stall_detected")
+    assert stall["attempt"] == 1
+    dumps = events_of(run_dir, "stacks_dumped")[0]["dumps"]
+    worker = worker_node_id(two_nodes)[:12]
+    (remote,) = [d for d in dumps if d["node"] == worker]
+    assert (remote["name"], remote["status"]) == ("Stubborn", "dumped"), dumps
+    assert Path(remote["file"]).parent == run_dir / "attempts" / "1" / "stacks" / worker
+    assert "Thread" in Path(remote["file"]).read_text(), "py-spy's dump of the actor's threads"
+    local = [d for d in dumps if d["node"] is None and d["status"] == "dumped"]
+    assert any("wait_for_a_reply_that_never_comes" in Path(d["file"]).read_text() for d in local)
+    assert steady_alive(two_nodes)
 
 
 def test_supervisor_as_the_entrypoint_of_a_ray_job_runs_each_attempt_as_a_job_of_its_own(
