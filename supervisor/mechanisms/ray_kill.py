@@ -11,9 +11,10 @@ throw-away driver (``ray.init``) takes seconds. Whether an actor really died is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -39,69 +40,69 @@ class KillOutcome:
 
 def kill_actors(gcs_address: str, actor_ids: Sequence[str], timeout_s: float = 10.0) -> list[KillOutcome]:
     """Force-kill each actor through the GCS at ``gcs_address`` (host:port), never restarting it."""
-    import grpc
-    from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    outcomes = []
-    channel = init_grpc_channel(gcs_address)
-    try:
-        stub = gcs_service_pb2_grpc.ActorInfoGcsServiceStub(channel)
-        for actor_id in actor_ids:
-            request = gcs_service_pb2.KillActorViaGcsRequest(
-                actor_id=bytes.fromhex(actor_id), force_kill=True, no_restart=True
-            )
-            try:
-                reply = stub.KillActorViaGcs(request, timeout=timeout_s)
-            except grpc.RpcError as exc:
-                outcomes.append(KillOutcome(actor_id, KillResult.FAILED, f"{exc.code().name}: {exc.details()}"))
-                continue
-            if reply.status.code == 0:
-                outcomes.append(KillOutcome(actor_id, KillResult.KILLED))
-            elif _NOT_FOUND in reply.status.message:
-                outcomes.append(KillOutcome(actor_id, KillResult.GONE, reply.status.message))
-            else:
-                outcomes.append(KillOutcome(actor_id, KillResult.FAILED, reply.status.message))
-    finally:
-        channel.close()
-    for outcome in outcomes:
-        logger.info("actor %s via GCS %s: %s %s", outcome.target_id, gcs_address, outcome.result.value, outcome.message)
-    return outcomes
+    def kill(stub: Any, actor_id: str) -> Any:
+        request = gcs_service_pb2.KillActorViaGcsRequest(
+            actor_id=bytes.fromhex(actor_id), force_kill=True, no_restart=True
+        )
+        return stub.KillActorViaGcs(request, timeout=timeout_s)
+
+    return _each_by_id(
+        gcs_address, gcs_service_pb2_grpc.ActorInfoGcsServiceStub, kill, actor_ids, lambda m: _NOT_FOUND in m, "actor"
+    )
 
 
 def remove_placement_groups(gcs_address: str, group_ids: Sequence[str], timeout_s: float = 10.0) -> list[KillOutcome]:
     """Remove each placement group through the GCS (``RemovePlacementGroup``, where
     ``ray.util.remove_placement_group`` ends): its bundles' resources go back to the cluster. A group the GCS no
     longer knows counts as gone."""
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    def remove(stub: Any, group_id: str) -> Any:
+        request = gcs_service_pb2.RemovePlacementGroupRequest(placement_group_id=bytes.fromhex(group_id))
+        return stub.RemovePlacementGroup(request, timeout=timeout_s)
+
+    def gone(message: str) -> bool:
+        return "not exist" in message or "not found" in message.lower()
+
+    return _each_by_id(
+        gcs_address, gcs_service_pb2_grpc.PlacementGroupInfoGcsServiceStub, remove, group_ids, gone, "placement group"
+    )
+
+
+def _each_by_id(
+    gcs_address: str,
+    stub_class: Callable[[Any], Any],
+    call: Callable[[Any, str], Any],
+    ids: Sequence[str],
+    gone: Callable[[str], bool],
+    what: str,
+) -> list[KillOutcome]:
+    """One GCS call per id on one channel; each reply's status (or the RPC's error) becomes an outcome."""
     import grpc
     from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
     outcomes = []
     channel = init_grpc_channel(gcs_address)
     try:
-        stub = gcs_service_pb2_grpc.PlacementGroupInfoGcsServiceStub(channel)
-        for group_id in group_ids:
-            request = gcs_service_pb2.RemovePlacementGroupRequest(placement_group_id=bytes.fromhex(group_id))
+        stub = stub_class(channel)
+        for target_id in ids:
             try:
-                reply = stub.RemovePlacementGroup(request, timeout=timeout_s)
+                reply = call(stub, target_id)
             except grpc.RpcError as exc:
-                outcomes.append(KillOutcome(group_id, KillResult.FAILED, f"{exc.code().name}: {exc.details()}"))
+                outcomes.append(KillOutcome(target_id, KillResult.FAILED, f"{exc.code().name}: {exc.details()}"))
                 continue
             if reply.status.code == 0:
-                outcomes.append(KillOutcome(group_id, KillResult.KILLED))
-            elif "not exist" in reply.status.message or "not found" in reply.status.message.lower():
-                outcomes.append(KillOutcome(group_id, KillResult.GONE, reply.status.message))
+                outcomes.append(KillOutcome(target_id, KillResult.KILLED))
+            elif gone(reply.status.message):
+                outcomes.append(KillOutcome(target_id, KillResult.GONE, reply.status.message))
             else:
-                outcomes.append(KillOutcome(group_id, KillResult.FAILED, reply.status.message))
+                outcomes.append(KillOutcome(target_id, KillResult.FAILED, reply.status.message))
     finally:
         channel.close()
     for outcome in outcomes:
         logger.info(
-            "placement group %s via GCS %s: %s %s",
-            outcome.target_id,
-            gcs_address,
-            outcome.result.value,
-            outcome.message,
+            "%s %s via GCS %s: %s %s", what, outcome.target_id, gcs_address, outcome.result.value, outcome.message
         )
     return outcomes

@@ -104,6 +104,16 @@ def assert_composes_against_verl(config: SupervisorConfig, job_args: list[str]) 
     assert verl_cfg.trainer.resume_from_path == start.checkpoint
 
 
+def supervisor_command(script: str, values: dict[str, str]) -> str:
+    """The script's ``verl-supervisor`` command on one line, its shell variables replaced by test values."""
+    command = re.search(r"^verl-supervisor .*?[^\\]$", script, re.MULTILINE | re.DOTALL).group(0)
+    command = command.replace("\\\n", " ")
+    for variable, value in values.items():
+        command = command.replace(variable, value)
+    assert "$" not in command, f"a variable the test does not know: {command}"
+    return command
+
+
 def test_kuberay_rayjob_example_runs_the_supervisor_on_the_cluster_it_makes(monkeypatch) -> None:
     manifest = yaml.safe_load((EXAMPLES / "kuberay-rayjob.yaml").read_text())
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
@@ -134,13 +144,8 @@ def test_slurm_example_is_valid_bash_and_its_supervisor_command_composes() -> No
     assert re.search(r"^#SBATCH --nodes=\d+$", text, re.MULTILINE)
     assert "ray stop" not in text, "the allocation's end stops the Ray nodes; nothing is stopped by name"
 
-    command = re.search(r"^verl-supervisor .*?[^\\]$", text, re.MULTILINE | re.DOTALL).group(0)
     values = {'"$ray_address"': "10.1.2.3:6379", '"$RUN_DIR"': "/shared/runs/x", '"$((expected_nodes - 1))"': "1"}
-    command = command.replace("\\\n", " ")
-    for variable, value in values.items():
-        command = command.replace(variable, value)
-    assert "$" not in command, f"a variable the test does not know: {command}"
-    ours, job_args = supervisor_and_job_args(command)
+    ours, job_args = supervisor_and_job_args(supervisor_command(text, values))
     config = to_supervisor_config(compose_config(ours))
     assert (config.ray.mode.value, config.ray.address) == ("address", "10.1.2.3:6379")
     assert_composes_against_verl(config, job_args)
@@ -160,17 +165,12 @@ def test_skypilot_example_leaves_the_job_to_the_supervisor_and_its_command_compo
     run.write_text(task["run"])
     subprocess.run(["bash", "-n", str(run)], check=True)
     assert "ray stop" not in task["run"]
-    command = re.search(r"^verl-supervisor .*?[^\\]$", task["run"], re.MULTILINE | re.DOTALL).group(0)
     values = {
         '"$RUN_DIR"': task["envs"]["RUN_DIR"],
         '"$SKYPILOT_NUM_NODES"': "2",
         '"$SKYPILOT_NUM_GPUS_PER_NODE"': "8",
     }
-    command = command.replace("\\\n", " ")
-    for variable, value in values.items():
-        command = command.replace(variable, value)
-    assert "$" not in command, f"a variable the test does not know: {command}"
-    ours, job_args = supervisor_and_job_args(command)
+    ours, job_args = supervisor_and_job_args(supervisor_command(task["run"], values))
     config = to_supervisor_config(compose_config(ours))
     assert (config.ray.mode.value, config.ray.address) == ("address", "127.0.0.1:6379")
     assert config.metrics.port == 9464
