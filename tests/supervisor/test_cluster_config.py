@@ -143,6 +143,8 @@ def test_slurm_example_is_valid_bash_and_its_supervisor_command_composes() -> No
     text = script.read_text()
     assert re.search(r"^#SBATCH --nodes=\d+$", text, re.MULTILINE)
     assert "ray stop" not in text, "the allocation's end stops the Ray nodes; nothing is stopped by name"
+    assert "export RAY_AUTH_MODE=token" in text, "the cluster over the allocation takes work only with its token"
+    assert "RAY_AUTH_MODE=disabled" not in text
 
     values = {'"$ray_address"': "10.1.2.3:6379", '"$RUN_DIR"': "/shared/runs/x", '"$((expected_nodes - 1))"': "1"}
     ours, job_args = supervisor_and_job_args(supervisor_command(text, values))
