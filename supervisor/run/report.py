@@ -1,8 +1,9 @@
 """``verl-supervisor report``: a run's story as markdown and a timeline picture, from its run directory.
 
-The picture is the benchmark's (``supervisor.run.timeline``): per attempt its start-up (launch to its first
-weight sync), its training, its teardown (the failure known to the fence proved) and the backoff; ticks are the
-finished weight syncs, one per step; a red cross is a failure known to the supervisor.
+The picture is the benchmark's (``supervisor.run.timeline``): the embedded Ray cluster's start, then per
+attempt its start-up (launch to its first weight sync), its training, its teardown (the failure known to the
+fence proved) and the backoff; ticks are the finished weight syncs, one per step; a red cross is a failure known
+to the supervisor.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def timeline_row(run_dir: Path, status: RunStatus, now: float) -> tuple[Timeline
     origin = next((e["ts"] for e in events if e["event"] == "run_started"), now)
     beats = BeatsReader(run_dir)
     row = TimelineRow(f"run {status.run_id}")
+    for cluster in [e for e in events if e["event"] == "cluster_started"]:
+        row.spans.append(Span(cluster["ts"] - cluster["startup_s"] - origin, cluster["ts"] - origin, "cluster start"))
     for attempt in status.attempts:
         number = attempt["number"]
         mine = _attempt_events(events, number)

@@ -253,8 +253,12 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
             lines.append(f"heartbeats: {ages}")
     if status.last_error:
         lines.append(f"last error: {status.last_error}")
-    resume = "a fresh start" if status.resume_step is None else f"global_step_{status.resume_step}"
-    lines.append(f"next resume from: {resume} (in {status.checkpoints_dir})")
+    if status.state == RunState.FINISHED.value:
+        newest = "none" if status.resume_step is None else f"global_step_{status.resume_step}"
+        lines.append(f"newest complete checkpoint: {newest} (in {status.checkpoints_dir})")
+    else:
+        resume = "a fresh start" if status.resume_step is None else f"global_step_{status.resume_step}"
+        lines.append(f"next resume from: {resume} (in {status.checkpoints_dir})")
     if status.max_restarts is not None:
         lines.append(f"restarts: {status.restarts_used} used, {status.restarts_left} left of {status.max_restarts}")
     lines.append(f"time lost to failures: {status.lost_s:.1f} s")

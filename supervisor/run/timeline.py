@@ -1,7 +1,8 @@
 """The attempts of one or more runs drawn on a time axis: the report's picture and the benchmark's, one code.
 
-A row is a run (or a launcher's run in the benchmark): coloured spans for what it was doing (starting up,
-training, being torn down, backing off), ticks for its steps, a red cross where a failure was known.
+A row is a run (or a launcher's run in the benchmark): coloured spans for what it was doing (starting its Ray
+cluster, starting up, training, being torn down, backing off), ticks for its steps, a red cross where a failure
+was known.
 matplotlib is imported only here, only when a picture is drawn.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SPAN_STYLES = {
+    "cluster start": {"color": "tab:purple", "alpha": 0.4},
     "start-up": {"color": "tab:gray", "alpha": 0.5},
     "training": {"color": "tab:blue", "alpha": 0.7},
     "teardown": {"color": "tab:orange", "alpha": 0.8},

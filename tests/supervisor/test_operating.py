@@ -67,7 +67,7 @@ def test_status_of_a_finished_run_names_its_error_its_resume_point_and_the_time_
     assert status.lost_s == pytest.approx(10 + 3 - 6)
     text = render_status(status, now=run.clock.wall)
     assert "finished: done (exit 0)" in text
-    assert "next resume from: global_step_6" in text
+    assert "newest complete checkpoint: global_step_6" in text, "a finished run resumes from nothing"
     assert "time lost to failures: 7.0 s" in text
 
 
@@ -95,6 +95,7 @@ def test_status_while_an_attempt_runs_shows_its_step_and_heartbeat_ages(tmp_path
     assert not status.supervisor_alive, "no supervisor holds this run directory"
     assert "NO LIVE SUPERVISOR" in render_status(status, now=now)
     assert "attempt 2 running since 7 s ago, at step 3" in render_status(status, now=now)
+    assert "next resume from: global_step_6" in render_status(status, now=now)
 
 
 def test_a_run_that_gave_up_counts_its_lost_time_until_its_end(tmp_path: Path) -> None:
@@ -144,8 +145,9 @@ def test_report_timeline_spans_follow_the_attempts(tmp_path: Path) -> None:
     row, origin = timeline_row(run.run_dir, status, run.clock.wall)
     starts = [a["started_at"] - origin for a in status.attempts]
     kinds = [(span.kind, round(span.start - starts[0], 1), round(span.end - starts[0], 1)) for span in row.spans]
-    assert kinds[:3] == [("start-up", 0, 2), ("training", 2, 10), ("teardown", 10, 10)]
-    assert [k for k, _, _ in kinds[3:]] == ["start-up", "training", "teardown"]
+    assert kinds[0] == ("cluster start", -0.5, 0), "the fake cluster's 0.5 s start-up, ending as attempt 1 starts"
+    assert kinds[1:4] == [("start-up", 0, 2), ("training", 2, 10), ("teardown", 10, 10)]
+    assert [k for k, _, _ in kinds[4:]] == ["start-up", "training", "teardown"]
     assert len(row.steps) == 3 + 5, "a tick per finished weight sync"
     assert row.failures == [pytest.approx(starts[0] + 10)]
 
