@@ -121,6 +121,7 @@ def new_history(run_dir: RunDirectory) -> RunHistory:
             f"run directory {run_dir.path} holds a finished run ({history.outcome}, exit {history.exit_code}); "
             f"choose another run_dir to start a new run"
         )
+    history.resume()
     return history
 
 
@@ -569,7 +570,7 @@ class Supervisor:
     def _finish(self, stop: Stop) -> None:
         code = stop.exit_code
         if not self.history.finished:
-            self.history.finish(int(code), code.outcome)
+            self.history.finish(int(code), code.outcome, resumable=code in policy.INTERRUPTED_EXIT_CODES)
         self.run_dir.save_history(self.history)
         self.events.emit(RunFinished(int(code), code.outcome, stop.reason, len(self.history.attempts)))
         print(attempts_table(self.history), file=self.console, flush=True)

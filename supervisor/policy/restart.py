@@ -84,7 +84,7 @@ def after_attempt(
             f"{classification.reason}",
         )
     budget = tenacity.stop_after_attempt(policy.max_restarts + 1)
-    if budget(_retry_state(len(history.attempts))):
+    if budget(_retry_state(history.counted_attempts)):
         return Stop(
             ExitCode.BUDGET_EXHAUSTED,
             f"restart budget exhausted: {history.restarts_used} of {policy.max_restarts} restarts used "
@@ -123,6 +123,8 @@ def choose_start(newest_valid_step: int | None, newest_valid_path: str | None, h
 _INTERRUPTED = {signal.SIGINT: ExitCode.INTERRUPTED_SIGINT, signal.SIGTERM: ExitCode.INTERRUPTED_SIGTERM}
 STOP_SIGNALS = tuple(_INTERRUPTED)
 """The signals that stop a supervisor (after tearing the job down)."""
+INTERRUPTED_EXIT_CODES = frozenset(_INTERRUPTED.values())
+"""A run that ended with one of these is stopped, not finished: started again, the supervisor continues it."""
 
 
 def after_interrupt(signum: int) -> Stop:

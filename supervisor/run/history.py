@@ -10,20 +10,23 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from supervisor.policy.outcomes import Action
+from supervisor.policy.outcomes import Action, SupervisorRule
 
 SCHEMA_VERSION = 1
 
 
 class RunState(str, Enum):
     """Where the run is. Transitions: STARTING -> ATTEMPT_RUNNING -> TEARING_DOWN -> (BACKING_OFF ->
-    ATTEMPT_RUNNING ...) -> FINISHED. FINISHED is terminal: a finished run directory is never reused."""
+    ATTEMPT_RUNNING ...) -> FINISHED or STOPPED. FINISHED is terminal: a finished run directory is never reused.
+    STOPPED is a run a SIGINT or SIGTERM ended (Ctrl-C, a preemption, a requeue): a supervisor started again on
+    its run directory continues it (STOPPED -> STARTING)."""
 
     STARTING = "starting"
     ATTEMPT_RUNNING = "attempt_running"
     TEARING_DOWN = "tearing_down"
     BACKING_OFF = "backing_off"
     FINISHED = "finished"
+    STOPPED = "stopped"
 
 
 class IllegalTransition(RuntimeError):
@@ -61,6 +64,11 @@ class AttemptRecord:
         self.ended_at, self.action, self.rule, self.reason = ended_at, action, rule, reason
 
     @property
+    def interrupted(self) -> bool:
+        """Ended because the supervisor was stopped by a signal: not the job's failure."""
+        return self.rule == SupervisorRule.INTERRUPTED.value
+
+    @property
     def made_progress(self) -> bool:
         if self.reached_step is None:
             return False
@@ -81,17 +89,25 @@ class RunHistory:
     """Experiment-tracker run ids the job reported (backend -> id), given to every later attempt."""
 
     @property
+    def counted_attempts(self) -> int:
+        """Attempts the restart budget counts: all but those a stop signal ended (a preemption is not a failure)."""
+        return sum(not a.interrupted for a in self.attempts)
+
+    @property
     def restarts_used(self) -> int:
-        return max(0, len(self.attempts) - 1)
+        return max(0, self.counted_attempts - 1)
 
     @property
     def finished(self) -> bool:
         return self.state is RunState.FINISHED
 
     def failures_without_progress(self) -> int:
-        """Failed attempts at the end of the history, none of which advanced the checkpoint step."""
+        """Failed attempts at the end of the history, none of which advanced the checkpoint step (attempts a stop
+        signal ended are passed over: neither failures nor progress)."""
         count = 0
         for attempt in reversed(self.attempts):
+            if attempt.interrupted:
+                continue
             if not attempt.failed or attempt.made_progress:
                 break
             count += 1
@@ -102,12 +118,18 @@ class RunHistory:
             raise IllegalTransition(f"run {self.run_id} is finished; it cannot move to {state.value}")
         self.state = state
 
-    def finish(self, exit_code: int, outcome: str) -> None:
+    def finish(self, exit_code: int, outcome: str, *, resumable: bool = False) -> None:
+        """The supervisor is done with the run: FINISHED, or STOPPED when ``resumable`` (a stop signal)."""
         if self.state is RunState.FINISHED:
             raise IllegalTransition(f"run {self.run_id} already finished ({self.outcome})")
-        self.state = RunState.FINISHED
+        self.state = RunState.STOPPED if resumable else RunState.FINISHED
         self.exit_code = exit_code
         self.outcome = outcome
+
+    def resume(self) -> None:
+        """A stopped run is continued: what ended it is history, no longer its outcome."""
+        if self.state is RunState.STOPPED:
+            self.exit_code = self.outcome = None
 
     def saw_checkpoint(self, step: int | None) -> None:
         if step is not None and (self.newest_checkpoint_step is None or step > self.newest_checkpoint_step):

@@ -193,7 +193,7 @@ class StatusReader:
         for index, attempt in enumerate(history.attempts):
             # A restart is a failed attempt followed by another one, or the last one while the run goes on.
             followed = index + 1 < len(history.attempts) or not history.finished
-            if attempt.failed and followed and attempt.rule:
+            if attempt.failed and followed and attempt.rule and not attempt.interrupted:
                 by_rule[attempt.rule] = by_rule.get(attempt.rule, 0) + 1
         return RunStatus(
             run_id=history.run_id,
@@ -236,6 +236,8 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
     now = time.time() if now is None else now
     if status.state == RunState.FINISHED.value:
         head = f"finished: {status.outcome} (exit {status.exit_code})"
+    elif status.state == RunState.STOPPED.value:
+        head = f"stopped: {status.outcome} (exit {status.exit_code}); verl-supervisor on this run_dir continues it"
     else:
         who = f"supervisor pid {status.supervisor_pid}" if status.supervisor_alive else "NO LIVE SUPERVISOR"
         head = f"{status.state} ({who})"

@@ -49,5 +49,6 @@ def attempts_table(history: RunHistory) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
-    outcome = f"outcome: {history.outcome} (exit {history.exit_code})" if history.finished else "run not finished"
+    ended = history.exit_code is not None  # finished, or stopped by a signal (then it can be continued)
+    outcome = f"outcome: {history.outcome} (exit {history.exit_code})" if ended else "run not finished"
     return "\n".join([f"attempts of run {history.run_id}:", *lines, outcome])

@@ -268,6 +268,28 @@ def test_a_stop_signal_at_any_step_tears_down_what_runs_and_exits_143(tmp_path: 
     assert run.backend.calls[-1] == "close"
 
 
+def test_a_run_stopped_by_a_signal_is_continued_without_spending_its_budget(tmp_path: Path) -> None:
+    """A preemption or a requeue sends SIGTERM: the supervisor started again on the run directory continues the
+    run, and the attempt the signal ended is neither a restart nor a crash-loop failure."""
+    sigterm = int(signal.SIGTERM)
+    stopped = supervise(tmp_path, [weight_sync_failure()], "restart.max_restarts=1", signal_at={"wait": sigterm})
+    assert stopped.code is ExitCode.INTERRUPTED_SIGTERM
+    history = stopped.history()
+    assert (history.state, history.outcome) == (RunState.STOPPED, "interrupted_sigterm")
+    assert "outcome: interrupted_sigterm (exit 143)" in stopped.console
+
+    continued = supervise(
+        tmp_path,
+        [weight_sync_failure(), success()],
+        "restart.max_restarts=1",
+    )
+    assert continued.code is ExitCode.DONE, continued.console
+    history = continued.history()
+    assert [a.rule for a in history.attempts] == ["interrupted", "weight-sync-failure", "success"]
+    assert (history.restarts_used, history.supervisor_starts) == (1, 2)
+    assert (history.state, history.outcome, history.exit_code) == (RunState.FINISHED, "done", 0)
+
+
 def test_a_restarted_supervisor_counts_the_attempt_it_lost_and_continues_the_budget(tmp_path: Path) -> None:
     def left_in_flight(run_dir: RunDirectory, checkpoints: Path) -> None:
         history = RunHistory(run_id="continued", supervisor_starts=1, state=RunState.ATTEMPT_RUNNING)

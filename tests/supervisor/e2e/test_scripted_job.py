@@ -153,7 +153,7 @@ def test_sigterm_tears_everything_down_and_a_second_supervisor_is_refused(runs, 
     assert len(teardown["killed"]) >= 2, "the driver and its stubborn child ignored SIGTERM and were SIGKILLed"
     assert events_of(run_dir, "signal_received")[0]["signal"] == "SIGTERM"
     state = state_of(run_dir)
-    assert (state["outcome"], state["exit_code"]) == ("interrupted_sigterm", 143)
+    assert (state["state"], state["outcome"], state["exit_code"]) == ("stopped", "interrupted_sigterm", 143)
     assert events_of(run_dir, "cluster_stopped")
 
 
