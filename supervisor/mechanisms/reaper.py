@@ -4,8 +4,8 @@ The supervisor's children die with it (``PR_SET_PDEATHSIG``), but not their chil
 workers notice a dead ``ray start`` only seconds later, and keep training meanwhile. The reaper is started with
 the read end of a pipe whose write end only the supervisor holds. The kernel closes it when the supervisor dies,
 however it dies (SIGKILL included): the reaper wakes at once and SIGKILLs the processes that carry the run's
-marker, the ones this run started and nothing else. A supervisor that ends normally first writes ``done``, and
-the reaper leaves quietly.
+marker and their descendants, the ones this run started and nothing else. A supervisor that ends normally first
+writes ``done``, and the reaper leaves quietly.
 
     python -m supervisor.mechanisms.reaper '{"VERL_SUPERVISOR_RUN_ID": "..."}'   (stdin: the pipe)
 """
@@ -74,7 +74,7 @@ def reap(marker: Mapping[str, str], died_at: float) -> int:
     """SIGKILL every process carrying ``marker`` that existed when the supervisor died; returns how many."""
     killed = 0
     for _ in range(_RESCANS):
-        found = [p for p in find_marked_processes(marker) if _created_before(p, died_at)]
+        found = [p for p in with_descendants(find_marked_processes(marker)) if _created_before(p, died_at)]
         for process in found:
             try:
                 process.send_signal(signal.SIGKILL)
@@ -85,6 +85,21 @@ def reap(marker: Mapping[str, str], died_at: float) -> int:
             break
         time.sleep(0.1)
     return killed
+
+
+def with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes and every descendant of theirs, collected before any is killed (a dead parent's children
+    are re-parented out of reach). A run's process may start children that carry no readable marker: Ray's
+    dashboard and runtime-env agents, children of the raylet, rewrite their process title over their environment,
+    and once their raylet and GCS are gone they wait forever."""
+    found = {p.pid: p for p in processes}
+    for process in processes:
+        try:
+            for child in process.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return list(found.values())
 
 
 def _created_before(process: psutil.Process, moment: float) -> bool:

@@ -3,6 +3,7 @@ orderly end, nothing is touched. Real processes, found by their marker, never by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,6 +46,32 @@ def test_a_supervisor_that_dies_takes_the_runs_processes_with_it(run_id: str) ->
     assert bystander.poll() is None, "only processes with the run's marker"
     bystander.kill()
     bystander.wait()
+
+
+def test_children_without_the_marker_die_with_their_marked_parent(run_id: str) -> None:
+    """Ray's agents, children of the raylet, show an empty environment (their title rewrite clobbers it): found
+    as descendants, not by marker. Once their raylet and GCS are dead they would wait forever."""
+    spawn_unmarked = (
+        "import subprocess, sys, time;"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], env={});"
+        "print(child.pid, flush=True); time.sleep(120)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", spawn_unmarked], env={**os.environ, MARKER_KEY: run_id}, stdout=subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert MARKER_KEY not in child.environ()
+    reaper = start_reaper({MARKER_KEY: run_id})
+    try:
+        os.close(reaper._write_fd)
+        reaper._write_fd = None
+        assert parent.wait(timeout=10) == -9
+        child.wait(timeout=10)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def test_an_orderly_end_disarms_the_reaper(run_id: str) -> None:
