@@ -163,6 +163,21 @@ def find_marked_processes(
     return found
 
 
+def with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes and every descendant of theirs, collected before any is killed (a dead parent's children
+    are re-parented out of reach). A run's process may start children that carry no readable marker: Ray's
+    dashboard and runtime-env agents, children of the raylet, rewrite their process title over their environment,
+    and once their raylet and GCS are gone they wait forever."""
+    found = {p.pid: p for p in processes}
+    for process in processes:
+        try:
+            for child in process.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return list(found.values())
+
+
 @dataclass(frozen=True)
 class TerminationReport:
     terminated: tuple[ProcessInfo, ...]

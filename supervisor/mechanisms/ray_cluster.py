@@ -29,6 +29,7 @@ from supervisor.mechanisms.processes import (
     tail,
     terminate_processes,
     wait_for,
+    with_descendants,
 )
 from supervisor.mechanisms.ray_auth import auth_env
 from verl_hooks.contract import ENV_CLUSTER_ID
@@ -282,7 +283,8 @@ class LocalRayCluster:
         return port_open(self.spec.node_ip, self.ports.gcs)
 
     def processes(self) -> list:
-        return find_marked_processes(self.marker)
+        """Its marked processes and their descendants (its agents carry no readable marker)."""
+        return with_descendants(find_marked_processes(self.marker))
 
     def stop(self, grace_s: float = 10.0, reap_timeout_s: float = 5.0) -> TerminationReport:
         """Stop every process of this cluster (and only those), and reap the `ray start` children.

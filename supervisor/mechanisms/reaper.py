@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import psutil
 
-from supervisor.mechanisms.processes import find_marked_processes
+from supervisor.mechanisms.processes import find_marked_processes, with_descendants
 
 DONE = b"done"
 _RESCANS = 3
@@ -85,21 +85,6 @@ def reap(marker: Mapping[str, str], died_at: float) -> int:
             break
         time.sleep(0.1)
     return killed
-
-
-def with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """The processes and every descendant of theirs, collected before any is killed (a dead parent's children
-    are re-parented out of reach). A run's process may start children that carry no readable marker: Ray's
-    dashboard and runtime-env agents, children of the raylet, rewrite their process title over their environment,
-    and once their raylet and GCS are gone they wait forever."""
-    found = {p.pid: p for p in processes}
-    for process in processes:
-        try:
-            for child in process.children(recursive=True):
-                found.setdefault(child.pid, child)
-        except psutil.Error:  # gone meanwhile
-            continue
-    return list(found.values())
 
 
 def _created_before(process: psutil.Process, moment: float) -> bool:

@@ -1,0 +1,45 @@
+"""The embedded Ray cluster's stop ends every process it started, those without a readable marker included."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
+
+
+def raylet_of(cluster: LocalRayCluster) -> psutil.Process:
+    found = [p for p in cluster.processes() if p.name() == "raylet"]
+    assert len(found) == 1, [p.cmdline()[:1] for p in cluster.processes()]
+    return found[0]
+
+
+@pytest.mark.ray
+def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> None:
+    """Ray's dashboard and runtime-env agents, children of the raylet, rewrite their title over their environment:
+    no marker can be read from them. With the GCS dead they would wait forever after the cluster's stop."""
+    cluster = LocalRayCluster(ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1))
+    cluster.start()
+    agents: list[psutil.Process] = []
+    try:
+        agents = [c for c in raylet_of(cluster).children() if cluster.marker.items() - c.environ().items()]
+        assert agents, "the raylet's agents carry no readable marker (else this test tests nothing)"
+        gcs = next(p for p in cluster.processes() if p.name() == "gcs_server")
+        gcs.send_signal(signal.SIGKILL)
+        gcs.wait(timeout=10)
+
+        report = cluster.stop(grace_s=2.0)
+
+        assert not report.survivors
+        assert not [a for a in agents if a.is_running() and a.status() != psutil.STATUS_ZOMBIE]
+        assert not cluster.processes()
+    finally:
+        for agent in agents:
+            with contextlib.suppress(psutil.Error):
+                agent.kill()
+        cluster.stop(grace_s=1.0)
