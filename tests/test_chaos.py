@@ -1,0 +1,130 @@
+"""The chaos campaign's own logic: its draws, its damage (judged by the supervisor's real checkpoint scan), its
+verdicts. The campaign itself runs under ``-m slow`` (``--quick``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from supervisor.checkpoints import choose_resume_checkpoint, read_tracker, scan_checkpoints, set_aside
+from tests.conftest import REPO_ROOT
+from tests.supervisor.checkpoint_files import write_step
+from verl_hooks.faults import parse_fault_specs
+
+CHAOS = REPO_ROOT / "scripts" / "chaos.py"
+
+
+def load_chaos() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chaos_script", CHAOS)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+chaos = load_chaos()
+
+
+def test_a_run_is_drawn_the_same_every_time_and_its_guard_faults_are_valid_specs() -> None:
+    plans = [chaos.draw_run(1, index) for index in range(1, 41)]
+    assert plans == [chaos.draw_run(1, index) for index in range(1, 41)]
+    assert plans != [chaos.draw_run(2, index) for index in range(1, 41)]
+    for plan in plans:
+        specs = parse_fault_specs(",".join(f.spec for f in plan.guard))
+        assert len(specs) == len(plan.guard)
+        assert all(spec.phase.value in chaos.PHASES[plan.backend] for spec in specs)
+        assert all(spec.attempt is not None and spec.step is not None for spec in specs)
+        assert not any(f.kind == "kill:rollout" for f in plan.schedule if plan.backend == "naive")
+    drawn = {f.kind.split(":")[0] for plan in plans for f in plan.faults}
+    assert drawn == {"guard", "kill", "stop", "supervisor", "damage", "heartbeat"}
+    assert sum(len(plan.faults) for plan in plans) >= 200, "the default campaign draws at least 200 faults"
+
+
+@pytest.mark.parametrize("kind", chaos.DAMAGES)
+def test_every_damage_is_passed_over_by_the_supervisor_and_set_aside_with_every_byte(tmp_path: Path, kind: str) -> None:
+    root, stash = tmp_path / "checkpoints", tmp_path / "stash"
+    write_step(root, 2, world_size=1, payload=2)
+    write_step(root, 4, world_size=1, payload=4)
+    (root / "latest_checkpointed_iteration.txt").write_text("4")
+
+    what = chaos.damage(kind, root, stash, random.Random(3))
+    assert what is not None
+    damaged = chaos.hash_tree(root)
+
+    choice = choose_resume_checkpoint(scan_checkpoints(root), read_tracker(root))
+    assert choice.checkpoint is not None, choice.notes
+    step_4_damaged = kind in ("truncated_shard", "empty_shard", "missing_data")
+    assert choice.checkpoint.step == (2 if step_4_damaged else 4), choice.notes
+    for info in choice.set_aside:
+        set_aside(info)
+    set_aside_steps = {"tracker_incomplete_step": [5], "step_is_file": [7]}.get(kind, [4] if step_4_damaged else [])
+    assert [info.step for info in choice.set_aside] == set_aside_steps
+    assert chaos.lost_files([damaged], chaos.hash_tree(root) | chaos.hash_tree(stash)) == []
+    assert chaos.lost_files([damaged], {}) != [], "the check can fail"
+
+
+def test_a_file_is_lost_only_when_its_content_is_nowhere_in_the_tree() -> None:
+    seen = {"global_step_4/actor/model.pt": "aa", "global_step_4/data.pt": "bb"}
+    renamed = {"global_step_4.incomplete-20261126T1900Z/actor/model.pt": "aa", "global_step_4/data.pt": "bb"}
+    assert chaos.lost_files([seen], renamed) == []
+    assert chaos.lost_files([seen], {"global_step_4/data.pt": "bb"}) == ["global_step_4/actor/model.pt"]
+    moved = {"global_step_2/actor/model.pt": "aa", "global_step_4/data.pt": "bb"}
+    assert chaos.lost_files([seen], moved) == ["global_step_4/actor/model.pt"], "the same bytes elsewhere are not it"
+    rewritten = {"global_step_4/actor/model.pt": "cc", "global_step_4/data.pt": "bb"}
+    assert chaos.lost_files([seen], rewritten) == ["global_step_4/actor/model.pt"]
+
+
+@pytest.mark.parametrize(
+    ("code", "finished", "weights", "ok"),
+    [
+        (0, {"exit_code": 0, "reason": "the job finished"}, "ref", True),
+        (0, {"exit_code": 0, "reason": "the job finished"}, "other", False),
+        (0, None, "ref", False),
+        (4, {"exit_code": 4, "reason": "restart budget exhausted: 10 of 10"}, None, True),
+        (5, {"exit_code": 5, "reason": "crash loop: 4 failed attempts"}, None, True),
+        (5, {"exit_code": 5, "reason": "no valid checkpoint to resume from"}, None, True),
+        (5, {"exit_code": 5, "reason": "something else"}, None, False),
+        (6, {"exit_code": 6, "reason": "could not be fenced"}, None, False),
+        (2, {"exit_code": 0, "reason": "the job finished"}, "ref", False),
+        (None, None, None, False),
+    ],
+)
+def test_an_outcome_passes_only_as_the_fault_free_weights_or_a_documented_give_up(code, finished, weights, ok) -> None:
+    assert chaos.judge_outcome(code, finished, weights, "ref")[0] is ok
+
+
+def test_the_roles_of_a_runs_processes_come_from_their_command_lines() -> None:
+    cluster = "/venv/lib/python3.11/site-packages/ray/core/src/ray"
+    assert chaos.role_of(f"{cluster}/raylet/raylet --raylet_socket_name=x") == "raylet"
+    assert chaos.role_of(f"{cluster}/gcs/gcs_server --log_dir=x") == "gcs"
+    assert chaos.role_of("python -m verl_hooks.launch -m mini_ppo.main seed=1") == "driver"
+    assert chaos.role_of("ray::MiniRolloutWorker") == "rollout"
+    assert chaos.role_of("ray::IDLE") is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # several minutes: three supervised runs with their faults, and a reference run
+def test_the_quick_campaign_runs_clean_and_writes_its_report(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(CHAOS), "--quick", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert proc.returncode == 0, (tmp_path / "results.md").read_text()
+    assert [run["index"] for run in results["runs"]] == [1, 2, 3]
+    assert all(run["passed"] for run in results["runs"])
+    assert results["meta"]["faults_fired"] >= 6
+    assert "| kind | fired | runs | runs passed |" in (tmp_path / "results.md").read_text()
