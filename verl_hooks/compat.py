@@ -7,8 +7,12 @@ them would make the guard attribute failures to the wrong phase; refusing loudly
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import inspect
 import logging
+import os
+import textwrap
 from collections.abc import Callable, Coroutine
 from importlib import metadata
 from typing import Any
@@ -18,6 +22,19 @@ from verl_hooks.errors import IncompatibleVerlError
 logger = logging.getLogger(__name__)
 
 TESTED_VERL_VERSIONS = ("0.9.1",)
+
+# The update_weights bodies the guard was verified against, by fingerprint (update_weights_fingerprint: the AST
+# of verl/checkpoint_engine/base.py's CheckpointEngineManager.update_weights, decorators and docstring left out).
+# A body that merely still uses the right names may have reordered or added phases, which the guard would then
+# mis-name or fail to undo: only these are guarded unless the user opts in (ENV_ALLOW_UNVERIFIED_VERL).
+VERIFIED_UPDATE_WEIGHTS = {
+    "03ee4c30596366805b4010950aec9af9b56a16dc909e57251e00336345e618dd": (
+        "verl 0.9.0, 0.9.1 and verl main at 1dda039 (2026-08-22): the same body"
+    ),
+}
+ENV_ALLOW_UNVERIFIED_VERL = "VERL_HOOKS_ALLOW_UNVERIFIED_VERL"
+""""1": guard an update_weights body whose fingerprint is not verified, at the user's risk (the structural
+checks still apply)."""
 
 # Manager methods the guard intercepts or calls during cleanup, with the parameters it passes them.
 _REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
@@ -79,6 +96,15 @@ def original_update_weights(manager_cls: type) -> Callable[..., Coroutine[Any, A
         got = _positional_names(target)
         if got[: len(expected)] != expected or _required_count(target) > len(expected):
             problems.append(f"CheckpointEngineManager.{name}{inspect.signature(target)} does not accept {expected}")
+    fingerprint = None
+    if not problems:
+        fingerprint = update_weights_fingerprint(raw)
+        if fingerprint not in VERIFIED_UPDATE_WEIGHTS and os.environ.get(ENV_ALLOW_UNVERIFIED_VERL) != "1":
+            problems.append(
+                f"its update_weights body (fingerprint {fingerprint or 'unavailable: no source'}) is not one the "
+                f"guard was verified against ({'; '.join(VERIFIED_UPDATE_WEIGHTS.values())}); to guard it anyway, "
+                f"at your own risk, set {ENV_ALLOW_UNVERIFIED_VERL}=1"
+            )
     if problems:
         raise IncompatibleVerlError(
             f"verl_hooks cannot guard the installed verl {installed_verl_version()} "
@@ -87,7 +113,15 @@ def original_update_weights(manager_cls: type) -> Callable[..., Coroutine[Any, A
             "supports, or run the job without the hook (python -m <module> instead of verl_hooks.launch)."
         )
     version = installed_verl_version()
-    if version not in TESTED_VERL_VERSIONS:
+    if fingerprint not in VERIFIED_UPDATE_WEIGHTS:
+        logger.warning(
+            "verl_hooks guards the unverified update_weights body of verl %s (fingerprint %s) because %s=1: "
+            "a phase it does not know would be misnamed and not undone",
+            version,
+            fingerprint,
+            ENV_ALLOW_UNVERIFIED_VERL,
+        )
+    elif version not in TESTED_VERL_VERSIONS:
         logger.warning(
             "verl_hooks was tested with verl %s; the installed verl %s has the same CheckpointEngineManager "
             "shape, so the guard is installed",
@@ -95,6 +129,22 @@ def original_update_weights(manager_cls: type) -> Callable[..., Coroutine[Any, A
             version,
         )
     return raw
+
+
+def update_weights_fingerprint(func: Callable[..., Any]) -> str | None:
+    """sha256 of the function's AST without decorators, docstring, line numbers or comments; None without source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError):
+        return None
+    tree = ast.parse(source).body[0]
+    if not isinstance(tree, ast.AsyncFunctionDef | ast.FunctionDef):
+        return None
+    tree.decorator_list = []
+    first = tree.body[0] if tree.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        tree.body = tree.body[1:]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
 
 def _positional_names(func: Callable[..., Any]) -> tuple[str, ...]:

@@ -6,7 +6,13 @@ import pytest
 from verl.checkpoint_engine.base import CheckpointEngineManager
 from verl.utils.ray_utils import auto_await
 
-from verl_hooks.compat import installed_verl_version, original_update_weights
+from verl_hooks.compat import (
+    ENV_ALLOW_UNVERIFIED_VERL,
+    VERIFIED_UPDATE_WEIGHTS,
+    installed_verl_version,
+    original_update_weights,
+    update_weights_fingerprint,
+)
 from verl_hooks.errors import IncompatibleVerlError
 
 
@@ -33,6 +39,43 @@ async def _extra_arg_update(self, global_steps=None, validate=False):
 
 def _plain_update(self, global_steps=None):
     return {}
+
+
+@auto_await
+async def _reordered_update(self, global_steps=None):
+    """Every name verl's body uses, with its signature, but the phases in another order: the shape checks pass."""
+    if self.backend == "naive":
+        return await self.actor_wg.update_weights(global_steps)
+    await self.resume_generation_replicas()
+    await self.resume_kv_cache_replicas()
+    await self.build_process_group(None)
+    await self.actor_wg.execute_checkpoint_engine(["finalize"])
+    await self.release_kv_cache_replicas()
+    await self.abort_replicas()
+
+
+def test_the_installed_verls_update_weights_body_is_a_verified_one() -> None:
+    fingerprint = update_weights_fingerprint(CheckpointEngineManager.update_weights.__wrapped__)
+    assert fingerprint in VERIFIED_UPDATE_WEIGHTS
+    assert "0.9.1" in VERIFIED_UPDATE_WEIGHTS[fingerprint]
+
+
+def test_a_body_of_the_right_shape_but_unverified_is_refused_unless_the_user_opts_in(monkeypatch, caplog) -> None:
+    changed = _manager_like(update_weights=_reordered_update)
+    monkeypatch.delenv(ENV_ALLOW_UNVERIFIED_VERL, raising=False)
+    with pytest.raises(IncompatibleVerlError) as error:
+        original_update_weights(changed)
+    fingerprint = update_weights_fingerprint(_reordered_update.__wrapped__)
+    assert fingerprint is not None
+    assert fingerprint not in VERIFIED_UPDATE_WEIGHTS
+    assert f"fingerprint {fingerprint}" in str(error.value)
+    assert f"{ENV_ALLOW_UNVERIFIED_VERL}=1" in str(error.value)
+    assert "installed verl 0.9.1" in str(error.value)
+
+    monkeypatch.setenv(ENV_ALLOW_UNVERIFIED_VERL, "1")
+    with caplog.at_level("WARNING", logger="verl_hooks.compat"):
+        assert original_update_weights(changed) is _reordered_update.__wrapped__
+    assert "unverified update_weights body" in caplog.text
 
 
 @pytest.mark.parametrize(
