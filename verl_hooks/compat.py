@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from importlib import metadata
 from typing import Any
 
+from verl_hooks.contract import ENV_ALLOW_UNVERIFIED_VERL
 from verl_hooks.errors import IncompatibleVerlError
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,6 @@ VERIFIED_UPDATE_WEIGHTS = {
         "verl 0.9.0, 0.9.1 and verl main at 1dda039 (2026-08-22): the same body"
     ),
 }
-ENV_ALLOW_UNVERIFIED_VERL = "VERL_HOOKS_ALLOW_UNVERIFIED_VERL"
-""""1": guard an update_weights body whose fingerprint is not verified, at the user's risk (the structural
-checks still apply)."""
 
 # Manager methods the guard intercepts or calls during cleanup, with the parameters it passes them.
 _REQUIRED_METHODS: dict[str, tuple[str, ...]] = {

@@ -52,6 +52,10 @@ ENV_SYNC_ADAPTIVE_FLOOR_S = "VERL_HOOKS_SYNC_ADAPTIVE_FLOOR_S"
 ENV_CLEANUP_STEP_TIMEOUT_S = "VERL_HOOKS_CLEANUP_STEP_TIMEOUT_S"
 ENV_HARD_EXIT_GRACE_S = "VERL_HOOKS_HARD_EXIT_GRACE_S"
 ENV_FAULTS = "VERL_HOOKS_FAULTS"
+# "1": guard an update_weights body whose fingerprint is not a verified one, at the user's risk (verl_hooks.compat).
+ENV_ALLOW_UNVERIFIED_VERL = "VERL_HOOKS_ALLOW_UNVERIFIED_VERL"
+# verl's own (PR #7045) limit on building the first checkpoint-engine process group; the guard reads it.
+ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S = "VERL_CKPT_ENGINE_INIT_TIMEOUT_S"
 ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
 ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
 # The user's own trainer.checkpoint_callback_class, which the launcher replaced by ours; ours runs it first.
@@ -63,6 +67,8 @@ FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
 # TaskRunner, a Ray worker): wandb's run id and resume mode, MLflow's run id (verl/utils/tracking.py:110), the
 # tensorboard folder (tracking.py:557). The supervisor sets them so that every attempt writes into one run.
 TRACKER_ENV = ("WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_RUN_ID", "TENSORBOARD_DIR")
+# Forwarded by name: the trackers' identity, and verl's own init timeout, read by the guard and by verl's workers.
+FORWARDED_ENV_NAMES = (*TRACKER_ENV, ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S)
 # Variables that name paths on the supervisor's machine: no use to a driver that may run on another one.
 SUPERVISOR_LOCAL_ENV = (ENV_ERROR_FILE, ENV_STACKS_DIR)
 
@@ -77,7 +83,7 @@ RAY_INJECTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of ``environ`` that the job's Ray workers need to see."""
-    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in TRACKER_ENV}
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_NAMES}
 
 
 def injected_job_config(environ: Mapping[str, str]) -> dict[str, Any] | None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+VERL_INIT_MARGIN_S = 30.0
+"""How much longer than verl's own process-group init timeout the guard's first sync waits."""
+
 
 @dataclass(frozen=True)
 class Deadline:
@@ -31,12 +34,24 @@ class SyncDeadlines:
     min_syncs: int = 2
     """Successful syncs after the first one before the deadline adapts."""
     window: int = 8
+    verl_init_timeout_s: float | None = None
+    """verl's own bound on building the first process group (``VERL_CKPT_ENGINE_INIT_TIMEOUT_S``, verl PR #7045):
+    the first sync then waits that long plus ``VERL_INIT_MARGIN_S``, so that verl's ``CheckpointEngineInitError``,
+    which names the hang, comes first."""
     _durations: deque[float] = field(default_factory=deque, repr=False)
     _syncs: int = 0
 
     @property
-    def shape(self) -> tuple[float, bool, float, float, int, int]:
-        return (self.fixed_s, self.adaptive, self.multiple, self.floor_s, self.min_syncs, self.window)
+    def shape(self) -> tuple[float, bool, float, float, int, int, float | None]:
+        return (
+            self.fixed_s,
+            self.adaptive,
+            self.multiple,
+            self.floor_s,
+            self.min_syncs,
+            self.window,
+            self.verl_init_timeout_s,
+        )
 
     def record(self, duration_s: float) -> None:
         self._syncs += 1
@@ -48,6 +63,14 @@ class SyncDeadlines:
 
     def current(self) -> Deadline:
         fixed = Deadline(self.fixed_s, False, f"the fixed limit VERL_HOOKS_SYNC_TIMEOUT_S={self.fixed_s:g} s")
+        if self._syncs == 0 and self.verl_init_timeout_s is not None:
+            first = self.verl_init_timeout_s + VERL_INIT_MARGIN_S
+            if first > self.fixed_s:
+                reason = (
+                    f"the first sync's limit: verl's VERL_CKPT_ENGINE_INIT_TIMEOUT_S={self.verl_init_timeout_s:g} s "
+                    f"+ {VERL_INIT_MARGIN_S:g} s, so that verl's own error comes first"
+                )
+                return Deadline(first, False, reason)
         if not self.adaptive or len(self._durations) < self.min_syncs:
             return fixed
         slowest = max(self._durations)

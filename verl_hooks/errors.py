@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
-from verl_hooks.contract import exception_chain
+from verl_hooks.contract import exception_chain, root_cause
 from verl_hooks.phases import SyncPhase
 
 
@@ -112,7 +112,8 @@ class WeightSyncFatalError(RuntimeError):
             elapsed_s=elapsed_s,
             cleanup=cleanup,
             hang=hang,
-            cause_type=qualified_name(type(cause)),
+            # Through Ray's wrapper: RayTaskError(CheckpointEngineInitError) is a CheckpointEngineInitError.
+            cause_type=qualified_name(type(root_cause(cause))),
             cause_message=str(cause),
             cause_traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
             stuck_stack=stuck_stack,

@@ -53,6 +53,7 @@ def deadlines_for(manager: Any, settings: HookSettings) -> SyncDeadlines:
         adaptive=settings.sync_adaptive,
         multiple=settings.sync_adaptive_multiple,
         floor_s=settings.sync_adaptive_floor_s,
+        verl_init_timeout_s=settings.verl_init_timeout_s,
     )
     deadlines = _deadlines.get(manager)
     if deadlines is None or deadlines.shape != wanted.shape:

@@ -22,6 +22,7 @@ from verl_hooks.contract import (
     ENV_SYNC_ADAPTIVE_FLOOR_S,
     ENV_SYNC_ADAPTIVE_MULTIPLE,
     ENV_SYNC_TIMEOUT_S,
+    ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S,
 )
 from verl_hooks.errors import HookSettingsError
 from verl_hooks.faults import FaultSpec, parse_fault_specs
@@ -44,6 +45,9 @@ class HookSettings:
     hard_exit_grace_s: float = 60.0
     """Backstop: if the guard itself has not raised this long after the deadline plus the cleanup budget, the
     process writes its error record and exits with code 75. 0 disables the backstop."""
+    verl_init_timeout_s: float | None = None
+    """verl's own limit on the first process-group init (``VERL_CKPT_ENGINE_INIT_TIMEOUT_S``, verl PR #7045), when
+    the environment sets it: the guard's first sync then outlasts it."""
     faults: tuple[FaultSpec, ...] = ()
     attempt: int = 1
     error_file: str | None = None
@@ -79,11 +83,16 @@ class HookSettings:
             sync_adaptive_floor_s=_float(env, ENV_SYNC_ADAPTIVE_FLOOR_S, defaults.sync_adaptive_floor_s),
             cleanup_step_timeout_s=_float(env, ENV_CLEANUP_STEP_TIMEOUT_S, defaults.cleanup_step_timeout_s),
             hard_exit_grace_s=_float(env, ENV_HARD_EXIT_GRACE_S, defaults.hard_exit_grace_s),
+            verl_init_timeout_s=_optional_float(env, ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S),
             faults=parse_fault_specs(env.get(ENV_FAULTS)),
             attempt=_int(env, ENV_ATTEMPT, 1),
             error_file=env.get(ENV_ERROR_FILE) or None,
             fault_log=env.get(ENV_FAULT_LOG) or None,
         )
+
+
+def _optional_float(env: Mapping[str, str], name: str) -> float | None:
+    return None if env.get(name) in (None, "") else _float(env, name, 0.0)
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

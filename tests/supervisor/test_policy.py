@@ -83,6 +83,21 @@ def _record(error_type: str, phase: str | None = None) -> ErrorRecord:
             Action.fail,
             "hydra-error-in-output",
         ),
+        (
+            AttemptEvidence(ExitStatus(code=1), _record("ray.exceptions.ActorDiedError")),
+            Action.restart,
+            "ray-worker-lost",
+        ),
+        (
+            AttemptEvidence(ExitStatus(code=1), _record("ray.exceptions.ActorUnavailableError")),
+            Action.restart,
+            "ray-worker-lost",
+        ),
+        (
+            AttemptEvidence(ExitStatus(code=1), _record("ray.exceptions.NodeDiedError")),
+            Action.restart,
+            "ray-worker-lost",
+        ),
         (AttemptEvidence(ExitStatus(code=1), _record("RuntimeError")), Action.restart, "default"),
         (AttemptEvidence(ExitStatus(code=137)), Action.restart, "default"),
     ],

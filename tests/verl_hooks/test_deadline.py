@@ -39,6 +39,21 @@ def test_only_recent_syncs_count_and_it_can_be_turned_off() -> None:
     assert off.current().seconds == 600.0
 
 
+@pytest.mark.parametrize(("verl_init_s", "first_s"), [(600.0, 630.0), (60.0, 600.0), (None, 600.0)])
+def test_the_first_sync_outlasts_verls_own_process_group_init_timeout(verl_init_s, first_s: float) -> None:
+    """verl PR #7045 bounds the first process-group init (VERL_CKPT_ENGINE_INIT_TIMEOUT_S) and raises
+    CheckpointEngineInitError, which names the hang: the guard's first sync waits for it; later syncs do not."""
+    deadlines = SyncDeadlines(fixed_s=600.0, floor_s=10.0, verl_init_timeout_s=verl_init_s)
+    first = deadlines.current()
+    assert first.seconds == first_s
+    if first_s > 600.0:
+        assert "VERL_CKPT_ENGINE_INIT_TIMEOUT_S=600 s + 30 s" in first.reason
+    deadlines.record(120.0)
+    assert deadlines.current().seconds == 600.0
+    env = {} if verl_init_s is None else {"VERL_CKPT_ENGINE_INIT_TIMEOUT_S": str(verl_init_s)}
+    assert HookSettings.from_env(env).verl_init_timeout_s == verl_init_s
+
+
 def test_settings_from_the_environment() -> None:
     env = {
         "VERL_HOOKS_SYNC_ADAPTIVE": "off",
@@ -52,3 +67,31 @@ def test_settings_from_the_environment() -> None:
         30.0,
     )
     assert HookSettings.from_env({}).sync_adaptive is True
+
+
+def test_a_cause_raised_in_a_ray_worker_is_typed_by_its_own_class() -> None:
+    """verl raises CheckpointEngineInitError (PR #7045) in the engine's init_process_group, on a Ray worker; the
+    manager sees RayTaskError(CheckpointEngineInitError). The error record names the class verl raised."""
+    from ray.exceptions import RayTaskError
+
+    from verl_hooks.errors import WeightSyncFatalError
+    from verl_hooks.phases import SyncPhase
+
+    class CheckpointEngineInitError(RuntimeError):
+        """Stands for verl's (verl/checkpoint_engine/_group_init.py in PR #7045, not in a verl release yet)."""
+
+    original = CheckpointEngineInitError("first process-group init did not finish in 600 s (see #6967)")
+    wrapped = RayTaskError("init_process_group", "Traceback ...", original).as_instanceof_cause()
+    fatal = WeightSyncFatalError.from_failure(
+        wrapped,
+        phase=SyncPhase.BUILD_PROCESS_GROUP,
+        global_step=0,
+        backend="nccl",
+        elapsed_s=600.0,
+        cleanup=[],
+        hang=False,
+    )
+    assert fatal.cause_type is not None
+    assert fatal.cause_type.endswith("CheckpointEngineInitError")
+    assert "RayTaskError" not in fatal.cause_type
+    assert fatal.phase is SyncPhase.BUILD_PROCESS_GROUP
