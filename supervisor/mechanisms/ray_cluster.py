@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import psutil
+
 from supervisor.mechanisms.processes import (
     ChildProcess,
     TerminationReport,
@@ -95,6 +97,7 @@ class LocalRayCluster:
         self._process: ChildProcess | None = None
         self._log_path: Path | None = None
         self._nodes: list[ChildProcess] = []
+        self._seen: dict[int, psutil.Process] = {}
 
     @property
     def address(self) -> str:
@@ -167,6 +170,7 @@ class LocalRayCluster:
         if status is not None or not ok:
             what = f"`ray start` ended ({status.describe()})" if status else "timed out"
             raise ClusterStartError(f"{what}; its output ends with:\n{tail(self._log_path, 4000)}")
+        self.processes()  # its agents are known from now on, whatever dies first
         logger.info("local Ray cluster %s up at %s (dashboard %s)", self.cluster_id, self.address, self.dashboard_url)
 
     def _dashboard_ready(self) -> bool:
@@ -275,6 +279,7 @@ class LocalRayCluster:
             raise ClusterStartError(f"node {index} did not join in {timeout_s:g} s:\n{tail(log_path, 4000)}")
         if node.poll() is not None:
             raise ClusterStartError(f"node {index} did not join:\n{tail(log_path, 4000)}")
+        self.processes()
 
     def is_healthy(self) -> bool:
         """`ray start --block` exits as soon as one of its processes dies, and the GCS must answer."""
@@ -282,9 +287,25 @@ class LocalRayCluster:
             return False
         return port_open(self.spec.node_ip, self.ports.gcs)
 
-    def processes(self) -> list:
-        """Its marked processes and their descendants (its agents carry no readable marker)."""
-        return with_descendants(find_marked_processes(self.marker))
+    def processes(self) -> list[psutil.Process]:
+        """Its marked processes, their descendants, and every one of those seen before and still running.
+
+        Ray's agents, children of the raylet, carry no readable marker (their title rewrite clobbers their
+        environment); when `ray start --block` sees a process of the cluster die it kills the raylet, and the
+        orphaned agents are no one's descendants any more: they are remembered from an earlier look."""
+        found = {p.pid: p for p in with_descendants(find_marked_processes(self.marker))}
+        for pid, process in list(self._seen.items()):
+            if pid in found:
+                continue
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    found[pid] = process
+                    continue
+            except psutil.Error:
+                pass
+            del self._seen[pid]
+        self._seen.update(found)
+        return list(found.values())
 
     def stop(self, grace_s: float = 10.0, reap_timeout_s: float = 5.0) -> TerminationReport:
         """Stop every process of this cluster (and only those), and reap the `ray start` children.

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.mechanisms.processes import wait_for
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 
 
@@ -22,16 +23,21 @@ def raylet_of(cluster: LocalRayCluster) -> psutil.Process:
 @pytest.mark.ray
 def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> None:
     """Ray's dashboard and runtime-env agents, children of the raylet, rewrite their title over their environment:
-    no marker can be read from them. With the GCS dead they would wait forever after the cluster's stop."""
+    no marker can be read from them. With the GCS dead `ray start` kills the raylet, and the orphaned agents would
+    wait forever after the cluster's stop."""
     cluster = LocalRayCluster(ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1))
     cluster.start()
     agents: list[psutil.Process] = []
     try:
-        agents = [c for c in raylet_of(cluster).children() if cluster.marker.items() - c.environ().items()]
+        raylet = raylet_of(cluster)
+        agents = [c for c in raylet.children() if cluster.marker.items() - c.environ().items()]
         assert agents, "the raylet's agents carry no readable marker (else this test tests nothing)"
         gcs = next(p for p in cluster.processes() if p.name() == "gcs_server")
         gcs.send_signal(signal.SIGKILL)
         gcs.wait(timeout=10)
+        # `ray start --block` sees it and kills the raylet: the agents are orphans, no one's descendants.
+        assert wait_for(lambda: cluster._process is not None and cluster._process.poll() is not None, 60)
+        assert wait_for(lambda: all(a.ppid() != raylet.pid for a in agents if a.is_running()), 60)
 
         report = cluster.stop(grace_s=2.0)
 
