@@ -32,7 +32,7 @@ from supervisor.config import RUN_TOKEN_FILE, RayMode, SupervisorConfig, host_of
 from supervisor.job.command import conflicting_args
 from supervisor.mechanisms.processes import local_ip_towards
 from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
-from supervisor.mechanisms.reaper import start_reaper
+from supervisor.mechanisms.reaper import Reaper, start_reaper
 from supervisor.policy.outcomes import ExitCode
 from supervisor.run.events import EventLog, MetricsServing
 from supervisor.run.history import RunHistory
@@ -193,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(int(code))
 
 
-def make_backend(config: SupervisorConfig, run_dir: RunDirectory, run_id: str) -> JobBackend:
+def make_backend(
+    config: SupervisorConfig, run_dir: RunDirectory, run_id: str, reaper: Reaper | None = None
+) -> JobBackend:
     from supervisor.backends.child_driver import ChildDriverBackend
     from supervisor.backends.clusters import EmbeddedCluster, ExistingCluster
     from supervisor.backends.jobs import JobsBackend
@@ -203,7 +205,8 @@ def make_backend(config: SupervisorConfig, run_dir: RunDirectory, run_id: str) -
     if config.ray.mode is RayMode.address:
         cluster = ExistingCluster(config.ray)
     else:
-        cluster = EmbeddedCluster(config.ray, run_dir.path / "ray", run_id, config.teardown.reap_timeout_s)
+        adopt = reaper.adopt if reaper is not None else None
+        cluster = EmbeddedCluster(config.ray, run_dir.path / "ray", run_id, config.teardown.reap_timeout_s, adopt)
     return ChildDriverBackend(cluster, config.ray, config.teardown, run_id)
 
 
@@ -267,12 +270,12 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         except RunAlreadyFinished as exc:
             raise UsageError(str(exc)) from None
         events = EventLog(run_dir.events_path, history.run_id)
-        backend = make_backend(config, run_dir, history.run_id)
+        # Should this process die outright, the reaper ends the run's processes at once (see its module).
         heartbeats = HeartbeatServer(config.watchdog.listen_host, config.watchdog.advertise_host)
         heartbeats.start()
-        # Should this process die outright, the reaper ends the run's processes at once (see its module).
         reaper = start_reaper({ENV_RUN_ID: history.run_id})
         try:
+            backend = make_backend(config, run_dir, history.run_id, reaper)
             with contextlib.ExitStack() as observers:
                 _start_observers(config, run_dir, history, events, observers)
                 supervisor = Supervisor(

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 from supervisor.backends.base import ClusterStartFailed
 from supervisor.config import RayConfig
@@ -49,7 +52,16 @@ class Cluster(ABC):
 
 
 class EmbeddedCluster(Cluster):
-    def __init__(self, ray: RayConfig, ray_dir: Path, run_id: str, reap_timeout_s: float) -> None:
+    def __init__(
+        self,
+        ray: RayConfig,
+        ray_dir: Path,
+        run_id: str,
+        reap_timeout_s: float,
+        on_unmarked: Callable[[list[psutil.Process]], None] | None = None,
+    ) -> None:
+        """``on_unmarked``: told of the cluster's processes that carry no readable marker (the reaper's adopt)."""
+        self._on_unmarked = on_unmarked
         self._ray = ray
         self._ray_dir = ray_dir
         self._run_id = run_id
@@ -104,7 +116,7 @@ class EmbeddedCluster(Cluster):
             # The run's marker on the cluster lets a restarted supervisor sweep what a dead one left.
             extra_env={ENV_RUN_ID: self._run_id},
         )
-        cluster = LocalRayCluster(spec)
+        cluster = LocalRayCluster(spec, on_unmarked=self._on_unmarked)
         started = time.monotonic()
         try:
             cluster.start()

@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -89,7 +90,13 @@ class ClusterPorts:
 
 
 class LocalRayCluster:
-    def __init__(self, spec: ClusterSpec, cluster_id: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        cluster_id: str | None = None,
+        on_unmarked: Callable[[list[psutil.Process]], None] | None = None,
+    ) -> None:
+        """``on_unmarked`` is told of each process of the cluster that carries no readable marker, once."""
         self.spec = spec
         self.cluster_id = cluster_id or uuid.uuid4().hex[:12]
         self.ports: ClusterPorts | None = None
@@ -98,6 +105,7 @@ class LocalRayCluster:
         self._log_path: Path | None = None
         self._nodes: list[ChildProcess] = []
         self._seen: dict[int, psutil.Process] = {}
+        self._on_unmarked = on_unmarked
 
     @property
     def address(self) -> str:
@@ -293,7 +301,11 @@ class LocalRayCluster:
         Ray's agents, children of the raylet, carry no readable marker (their title rewrite clobbers their
         environment); when `ray start --block` sees a process of the cluster die it kills the raylet, and the
         orphaned agents are no one's descendants any more: they are remembered from an earlier look."""
-        found = {p.pid: p for p in with_descendants(find_marked_processes(self.marker))}
+        marked = find_marked_processes(self.marker)
+        found = {p.pid: p for p in with_descendants(marked)}
+        unmarked = [p for pid, p in found.items() if pid not in self._seen and pid not in {m.pid for m in marked}]
+        if unmarked and self._on_unmarked is not None:
+            self._on_unmarked(unmarked)
         for pid, process in list(self._seen.items()):
             if pid in found:
                 continue

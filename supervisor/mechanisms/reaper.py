@@ -4,8 +4,10 @@ The supervisor's children die with it (``PR_SET_PDEATHSIG``), but not their chil
 workers notice a dead ``ray start`` only seconds later, and keep training meanwhile. The reaper is started with
 the read end of a pipe whose write end only the supervisor holds. The kernel closes it when the supervisor dies,
 however it dies (SIGKILL included): the reaper wakes at once and SIGKILLs the processes that carry the run's
-marker and their descendants, the ones this run started and nothing else. A supervisor that ends normally first
-writes ``done``, and the reaper leaves quietly.
+marker and their descendants, the ones this run started and nothing else. Processes of the run whose marker
+cannot be read (Ray's agents rewrite their title over their environment, and a dead raylet leaves them orphans)
+are announced over the same pipe while the supervisor lives (``adopt PID START_TIME``). A supervisor that ends
+normally first writes ``done``, and the reaper leaves quietly.
 
     python -m supervisor.mechanisms.reaper '{"VERL_SUPERVISOR_RUN_ID": "..."}'   (stdin: the pipe)
 """
@@ -18,13 +20,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import psutil
 
 from supervisor.mechanisms.processes import find_marked_processes, with_descendants
 
-DONE = b"done"
+DONE = "done"
+ADOPT = "adopt"
 _RESCANS = 3
 """A process being spawned while the run dies is found by a scan after the first one."""
 
@@ -40,11 +43,25 @@ class Reaper:
     def pid(self) -> int:
         return self._process.pid
 
+    def adopt(self, processes: Iterable[psutil.Process]) -> None:
+        """Processes of the run that carry no readable marker (Ray's agents): the reaper ends them too, found by
+        pid and start time (a reused pid is never taken for them)."""
+        if self._write_fd is None:
+            return
+        lines = []
+        for process in processes:
+            try:
+                lines.append(f"{ADOPT} {process.pid} {process.create_time()!r}\n")
+            except psutil.Error:  # gone already
+                continue
+        if lines:
+            os.write(self._write_fd, "".join(lines).encode())
+
     def disarm(self, timeout_s: float = 5.0) -> None:
         if self._write_fd is None:
             return
         try:
-            os.write(self._write_fd, DONE)
+            os.write(self._write_fd, f"{DONE}\n".encode())
         finally:
             os.close(self._write_fd)
             self._write_fd = None
@@ -70,11 +87,13 @@ def start_reaper(marker: Mapping[str, str]) -> Reaper:
     return Reaper(process, write_fd)
 
 
-def reap(marker: Mapping[str, str], died_at: float) -> int:
-    """SIGKILL every process carrying ``marker`` that existed when the supervisor died; returns how many."""
+def reap(marker: Mapping[str, str], died_at: float, adopted: Iterable[tuple[int, float]] = ()) -> int:
+    """SIGKILL every process carrying ``marker`` that existed when the supervisor died, their descendants and the
+    ``adopted`` (pid, start time) ones still running; returns how many."""
     killed = 0
     for _ in range(_RESCANS):
-        found = [p for p in with_descendants(find_marked_processes(marker)) if _created_before(p, died_at)]
+        found = with_descendants(find_marked_processes(marker) + _still_running(adopted))
+        found = [p for p in found if _created_before(p, died_at)]
         for process in found:
             try:
                 process.send_signal(signal.SIGKILL)
@@ -85,6 +104,18 @@ def reap(marker: Mapping[str, str], died_at: float) -> int:
             break
         time.sleep(0.1)
     return killed
+
+
+def _still_running(adopted: Iterable[tuple[int, float]]) -> list[psutil.Process]:
+    found = []
+    for pid, started in adopted:
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == started:
+                found.append(process)
+        except psutil.Error:  # gone
+            continue
+    return found
 
 
 def _created_before(process: psutil.Process, moment: float) -> bool:
@@ -100,10 +131,14 @@ def main(argv: list[str]) -> int:
     if not isinstance(marker, dict) or not marker:
         print("reaper: needs a non-empty JSON marker", file=sys.stderr)
         return 2
-    message = sys.stdin.buffer.read()  # returns at EOF: the supervisor closed the pipe, or died
-    if message.startswith(DONE):
-        return 0
-    killed = reap(marker, time.time())
+    adopted: list[tuple[int, float]] = []
+    for line in sys.stdin:  # ends at EOF: the supervisor closed the pipe, or died
+        word, *fields = line.split()
+        if word == DONE:
+            return 0
+        if word == ADOPT and len(fields) == 2:
+            adopted.append((int(fields[0]), float(fields[1])))
+    killed = reap(marker, time.time(), adopted)
     print(f"reaper: the supervisor died; SIGKILLed {killed} process(es) of its run", file=sys.stderr)
     return 0
 

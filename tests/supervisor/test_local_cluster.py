@@ -25,13 +25,17 @@ def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> 
     """Ray's dashboard and runtime-env agents, children of the raylet, rewrite their title over their environment:
     no marker can be read from them. With the GCS dead `ray start` kills the raylet, and the orphaned agents would
     wait forever after the cluster's stop."""
-    cluster = LocalRayCluster(ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1))
+    announced: list[psutil.Process] = []
+    cluster = LocalRayCluster(
+        ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1), on_unmarked=announced.extend
+    )
     cluster.start()
     agents: list[psutil.Process] = []
     try:
         raylet = raylet_of(cluster)
         agents = [c for c in raylet.children() if cluster.marker.items() - c.environ().items()]
         assert agents, "the raylet's agents carry no readable marker (else this test tests nothing)"
+        assert {a.pid for a in agents} <= {p.pid for p in announced}, "announced at start (to the reaper)"
         gcs = next(p for p in cluster.processes() if p.name() == "gcs_server")
         gcs.send_signal(signal.SIGKILL)
         gcs.wait(timeout=10)

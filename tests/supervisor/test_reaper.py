@@ -74,6 +74,28 @@ def test_children_without_the_marker_die_with_their_marked_parent(run_id: str) -
             child.kill()
 
 
+def test_adopted_processes_die_with_the_supervisor_and_a_reused_pid_is_not_taken_for_one(run_id: str) -> None:
+    """An orphaned agent of a dead raylet carries no readable marker and is nobody's descendant: the supervisor
+    announces it while alive. A process with the same pid but another start time is someone else's."""
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env={})
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env={})
+    reaper = start_reaper({MARKER_KEY: run_id})
+    try:
+        reaper.adopt([psutil.Process(orphan.pid)])
+        impostor = psutil.Process(stranger.pid)
+        created = impostor.create_time()
+        os.write(reaper._write_fd, f"adopt {stranger.pid} {created - 5.0!r}\n".encode())  # the pid, reused
+        os.close(reaper._write_fd)
+        reaper._write_fd = None
+        assert orphan.wait(timeout=10) == -9
+        assert reaper._process.wait(timeout=10) == 0
+        assert stranger.poll() is None, "a pid with another start time is not the adopted process"
+    finally:
+        for proc in (orphan, stranger):
+            proc.kill()
+            proc.wait()
+
+
 def test_an_orderly_end_disarms_the_reaper(run_id: str) -> None:
     procs = sleepers(run_id, count=1)
     reaper = start_reaper({MARKER_KEY: run_id})
