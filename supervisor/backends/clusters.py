@@ -90,7 +90,9 @@ class EmbeddedCluster(Cluster):
         if self._cluster is None:
             return [self._start("first attempt")]
         if not self._cluster.is_healthy():
-            return [self._stop("unhealthy: a Ray process died"), self._start("replacing the unhealthy cluster")]
+            dead = ", ".join(self._cluster.dead_core_processes()) or "`ray start` or the GCS"
+            why = f"unhealthy: {dead} gone or stopped"
+            return [self._stop(why), self._start("replacing the unhealthy cluster")]
         if not self._ray.keep_cluster_between_attempts and self._attempts_on_cluster > 0:
             why = "a fresh cluster for every attempt (ray.keep_cluster_between_attempts=false)"
             return [self._stop(why), self._start("a fresh cluster for every attempt")]

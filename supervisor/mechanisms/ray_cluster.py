@@ -89,6 +89,17 @@ class ClusterPorts:
         return cls(*sorted(ports))
 
 
+_NOT_RUNNING = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
+
+def _core_name(process: psutil.Process) -> str | None:
+    """ "gcs_server", "raylet" or "dashboard" for a core process of a cluster, else None (raises psutil.Error)."""
+    name = process.name()
+    if name in ("gcs_server", "raylet"):
+        return name
+    return "dashboard" if any(part.endswith("dashboard/dashboard.py") for part in process.cmdline()) else None
+
+
 class LocalRayCluster:
     def __init__(
         self,
@@ -106,6 +117,7 @@ class LocalRayCluster:
         self._nodes: list[ChildProcess] = []
         self._seen: dict[int, psutil.Process] = {}
         self._on_unmarked = on_unmarked
+        self._core: list[psutil.Process] = []
 
     @property
     def address(self) -> str:
@@ -178,7 +190,8 @@ class LocalRayCluster:
         if status is not None or not ok:
             what = f"`ray start` ended ({status.describe()})" if status else "timed out"
             raise ClusterStartError(f"{what}; its output ends with:\n{tail(self._log_path, 4000)}")
-        self.processes()  # its agents are known from now on, whatever dies first
+        self._core = []
+        self._remember_core()  # its agents and core processes are known from now on, whatever dies first
         logger.info("local Ray cluster %s up at %s (dashboard %s)", self.cluster_id, self.address, self.dashboard_url)
 
     def _dashboard_ready(self) -> bool:
@@ -287,13 +300,37 @@ class LocalRayCluster:
             raise ClusterStartError(f"node {index} did not join in {timeout_s:g} s:\n{tail(log_path, 4000)}")
         if node.poll() is not None:
             raise ClusterStartError(f"node {index} did not join:\n{tail(log_path, 4000)}")
-        self.processes()
+        self._remember_core()
 
     def is_healthy(self) -> bool:
-        """`ray start --block` exits as soon as one of its processes dies, and the GCS must answer."""
+        """`ray start --block` runs, the GCS answers, and its core processes (GCS, raylets, dashboard) run.
+
+        `ray start --block` does not notice every death: with its dashboard agent killed a raylet exits, and a
+        driver then finds no node to connect to, attempt after attempt. A core process that is stopped
+        (SIGSTOP) leaves the cluster as useless as a dead one."""
         if self._process is None or self._process.poll() is not None or self.ports is None:
             return False
-        return port_open(self.spec.node_ip, self.ports.gcs)
+        return port_open(self.spec.node_ip, self.ports.gcs) and not self.dead_core_processes()
+
+    def dead_core_processes(self) -> list[str]:
+        """Those of the GCS, the raylets and the dashboard that are gone or stopped, as ``name[pid]``."""
+        dead = []
+        for process in self._core:
+            try:
+                if process.is_running() and process.status() not in _NOT_RUNNING:
+                    continue
+            except psutil.Error:
+                pass
+            dead.append(f"{_core_name(process)}[{process.pid}]")
+        return dead
+
+    def _remember_core(self) -> None:
+        for process in self.processes():
+            try:
+                if _core_name(process) and process.pid not in {p.pid for p in self._core}:
+                    self._core.append(process)
+            except psutil.Error:
+                continue
 
     def processes(self) -> list[psutil.Process]:
         """Its marked processes, their descendants, and every one of those seen before and still running.

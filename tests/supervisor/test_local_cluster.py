@@ -53,3 +53,29 @@ def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> 
             with contextlib.suppress(psutil.Error):
                 agent.kill()
         cluster.stop(grace_s=1.0)
+
+
+@pytest.mark.ray
+def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_path: Path) -> None:
+    """`ray start --block` outlives a raylet that exited because its dashboard agent died, and the GCS port still
+    answers: a driver then finds no node, attempt after attempt (the chaos campaign's kill:agent). A stopped raylet
+    is as useless."""
+    cluster = LocalRayCluster(ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1))
+    cluster.start()
+    try:
+        assert cluster.is_healthy()
+        raylet = raylet_of(cluster)
+        raylet.send_signal(signal.SIGSTOP)
+        try:
+            assert not cluster.is_healthy()
+            assert cluster.dead_core_processes() == [f"raylet[{raylet.pid}]"]
+        finally:
+            raylet.send_signal(signal.SIGCONT)
+        assert cluster.is_healthy(), "running again"
+
+        agent = next(c for c in raylet.children() if c.name() == "ray::DashboardAgent")
+        agent.kill()
+        assert wait_for(lambda: not cluster.is_healthy(), 60), "the raylet follows its agent"
+        assert f"raylet[{raylet.pid}]" in cluster.dead_core_processes()
+    finally:
+        cluster.stop(grace_s=1.0)
