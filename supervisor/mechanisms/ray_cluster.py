@@ -93,9 +93,10 @@ _NOT_RUNNING = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED,
 
 
 def _core_name(process: psutil.Process) -> str | None:
-    """ "gcs_server", "raylet" or "dashboard" for a core process of a cluster, else None (raises psutil.Error)."""
+    """The name of a core process of a cluster (GCS, raylet, its agents, dashboard), else None (raises
+    psutil.Error). A stopped runtime-env agent leaves every new worker waiting for its environment."""
     name = process.name()
-    if name in ("gcs_server", "raylet"):
+    if name in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
         return name
     return "dashboard" if any(part.endswith("dashboard/dashboard.py") for part in process.cmdline()) else None
 
@@ -117,7 +118,7 @@ class LocalRayCluster:
         self._nodes: list[ChildProcess] = []
         self._seen: dict[int, psutil.Process] = {}
         self._on_unmarked = on_unmarked
-        self._core: list[psutil.Process] = []
+        self._core: list[tuple[psutil.Process, str]] = []
 
     @property
     def address(self) -> str:
@@ -303,7 +304,8 @@ class LocalRayCluster:
         self._remember_core()
 
     def is_healthy(self) -> bool:
-        """`ray start --block` runs, the GCS answers, and its core processes (GCS, raylets, dashboard) run.
+        """`ray start --block` runs, the GCS answers, and its core processes (GCS, raylets and their agents,
+        dashboard) run.
 
         `ray start --block` does not notice every death: with its dashboard agent killed a raylet exits, and a
         driver then finds no node to connect to, attempt after attempt. A core process that is stopped
@@ -313,24 +315,27 @@ class LocalRayCluster:
         return port_open(self.spec.node_ip, self.ports.gcs) and not self.dead_core_processes()
 
     def dead_core_processes(self) -> list[str]:
-        """Those of the GCS, the raylets and the dashboard that are gone or stopped, as ``name[pid]``."""
+        """Those of the GCS, the raylets, their agents and the dashboard that are gone or stopped, as
+        ``name[pid]``."""
         dead = []
-        for process in self._core:
+        for process, name in self._core:
             try:
                 if process.is_running() and process.status() not in _NOT_RUNNING:
                     continue
             except psutil.Error:
                 pass
-            dead.append(f"{_core_name(process)}[{process.pid}]")
+            dead.append(f"{name}[{process.pid}]")
         return dead
 
     def _remember_core(self) -> None:
+        known = {process.pid for process, _ in self._core}
         for process in self.processes():
             try:
-                if _core_name(process) and process.pid not in {p.pid for p in self._core}:
-                    self._core.append(process)
+                name = _core_name(process)
             except psutil.Error:
                 continue
+            if name and process.pid not in known:
+                self._core.append((process, name))
 
     def processes(self) -> list[psutil.Process]:
         """Its marked processes, their descendants, and every one of those seen before and still running.

@@ -74,6 +74,8 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
         assert cluster.is_healthy(), "running again"
 
         agent = next(c for c in raylet.children() if c.name() == "ray::DashboardAgent")
+        agent.suspend()
+        assert cluster.dead_core_processes() == [f"ray::DashboardAgent[{agent.pid}]"]
         agent.kill()
         assert wait_for(lambda: not cluster.is_healthy(), 60), "the raylet follows its agent"
         assert f"raylet[{raylet.pid}]" in cluster.dead_core_processes()
