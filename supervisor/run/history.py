@@ -69,6 +69,11 @@ class AttemptRecord:
         return self.rule == SupervisorRule.INTERRUPTED.value
 
     @property
+    def lost(self) -> bool:
+        """In flight when its supervisor died: judged by the next one, whatever the job was doing."""
+        return self.rule == SupervisorRule.SUPERVISOR_RESTARTED.value
+
+    @property
     def made_progress(self) -> bool:
         if self.reached_step is None:
             return False
@@ -102,11 +107,12 @@ class RunHistory:
         return self.state is RunState.FINISHED
 
     def failures_without_progress(self) -> int:
-        """Failed attempts at the end of the history, none of which advanced the checkpoint step (attempts a stop
-        signal ended are passed over: neither failures nor progress)."""
+        """Failed attempts at the end of the history, none of which advanced the checkpoint step. Attempts a stop
+        signal ended, or that were in flight when the supervisor died, are passed over: they say nothing of the
+        job (a lost attempt still counts against the restart budget)."""
         count = 0
         for attempt in reversed(self.attempts):
-            if attempt.interrupted:
+            if attempt.interrupted or attempt.lost:
                 continue
             if not attempt.failed or attempt.made_progress:
                 break

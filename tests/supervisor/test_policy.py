@@ -159,6 +159,16 @@ def test_restart_decisions(history: RunHistory, expected) -> None:
         assert decision.exit_code is expected
 
 
+@pytest.mark.parametrize("rule", ["supervisor-restarted", "interrupted"])
+def test_attempts_the_supervisors_death_or_a_stop_signal_ended_are_no_crash_loop(rule: str) -> None:
+    """They say nothing of the job: passed over by the crash-loop guard (a lost attempt still spends budget)."""
+    history = _history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart"), (2, 2, "restart"))
+    history.attempts[2].rule = rule
+    assert history.failures_without_progress() == 2
+    assert isinstance(decide(history, RESTART, RestartConfig(max_restarts=9, max_failures_without_progress=3)), Restart)
+    assert history.restarts_used == (3 if rule == "supervisor-restarted" else 2)
+
+
 def test_done_and_fail_stop_at_once() -> None:
     history = _history((None, None, "done"))
     assert decide(history, Classification(Action.done, "success", "exit 0"), POLICY) == Stop(
