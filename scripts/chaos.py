@@ -22,6 +22,8 @@ target existed); drawn faults whose moment never came are listed, not counted.
 Invariants checked after every run (a column each in results.md):
   outcome     exit 0 with final weights bit-identical to the fault-free run's, or the exit code the README gives
               for a give-up (4 budget, 5 crash loop or no valid checkpoint) with a run_finished event naming it
+  failures_explained  every attempt that failed had a fault fire while it ran (or shortly before it began): a
+              failure nobody injected is the supervisor's (e.g. relaunching onto a cluster it should have replaced)
   no_leftover no process of the run alive once the supervisor is gone (a process of the run: one carrying its
               marker, or a child of one, seen by the campaign's monitor while the run went on)
   one_attempt never two attempts of the run alive at once
@@ -88,8 +90,8 @@ SUPERVISOR_OVERRIDES = (
     "teardown.grace_s=3",
     "teardown.fence_timeout_s=30",
     # A SIGSTOPped process is a stall: caught within seconds rather than the hour a real job needs.
-    "watchdog.startup_timeout_s=90",
-    "watchdog.step_timeout_s=60",
+    "watchdog.startup_timeout_s=60",
+    "watchdog.step_timeout_s=30",
     "watchdog.adaptive_min_steps=2",
     "watchdog.adaptive_floor_s=10",
     "watchdog.adaptive_multiple=3",
@@ -97,7 +99,7 @@ SUPERVISOR_OVERRIDES = (
     "watchdog.heartbeat_interval_s=2",
 )
 GUARD_ENV = {
-    "VERL_HOOKS_SYNC_TIMEOUT_S": "30",
+    "VERL_HOOKS_SYNC_TIMEOUT_S": "15",
     "VERL_HOOKS_SYNC_ADAPTIVE": "1",
     "VERL_HOOKS_SYNC_ADAPTIVE_FLOOR_S": "3",
 }
@@ -235,6 +237,25 @@ def judge_outcome(
     if not any(name in reason for name in ((names,) if isinstance(names, str) else names)):
         return False, f"exit {exit_code} but the reason does not name it: {reason}"
     return True, f"gave up (exit {exit_code}): {reason.split(';')[0][:90]}"
+
+
+EXPLAIN_WINDOW_S = 15.0
+"""A fault explains a failed attempt when it fired while the attempt ran or this long before it began (a fault in
+the teardown before it, a supervisor stopped while no attempt ran)."""
+
+
+def unexplained_failures(attempts: Iterable[dict[str, Any]], fired_at: Iterable[float]) -> list[str]:
+    """The failed attempts (state.json's) during or shortly before which no fault fired: a failure the campaign
+    did not cause is the supervisor's, or something it should have repaired (a broken cluster kept)."""
+    times = sorted(fired_at)
+    out = []
+    for attempt in attempts:
+        if attempt.get("action") in (None, "done") or attempt.get("ended_at") is None:
+            continue
+        start, end = attempt["started_at"] - EXPLAIN_WINDOW_S, attempt["ended_at"] + 1.0
+        if not any(start <= t <= end for t in times):
+            out.append(f"attempt {attempt['number']} ({attempt.get('rule')}: {attempt.get('reason', '')[:80]})")
+    return out
 
 
 def original_path(path: str) -> str:
@@ -801,6 +822,8 @@ class Run:
             "no_file_lost": ", ".join(lost[:5]),
         }
         state = _json(self.run_dir / "state.json") or {}
+        unexplained = unexplained_failures(state.get("attempts", []), [d["at"] for d in deliveries if d["fired"]])
+        notes["failures_explained"] = "; ".join(unexplained)
         return RunResult(
             index=self.plan.index,
             seed=self.plan.seed,
@@ -817,6 +840,7 @@ class Run:
                 "no_leftover": not survivors,
                 "one_attempt": not self.monitor.overlaps,
                 "no_file_lost": not lost,
+                "failures_explained": not unexplained,
             },
             notes=notes,
             recoveries=recoveries(deliveries, events, self.progress()),
@@ -956,7 +980,7 @@ def summary(results: list[RunResult]) -> list[dict[str, Any]]:
 def write_report(out: Path, results: list[RunResult], meta: dict[str, Any]) -> None:
     payload = {"meta": meta, "summary": summary(results), "runs": [asdict(r) | {"passed": r.passed} for r in results]}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
-    columns = ["outcome", "no_leftover", "one_attempt", "no_file_lost", "bystanders"]
+    columns = ["outcome", "failures_explained", "no_leftover", "one_attempt", "no_file_lost", "bystanders"]
     lines = [
         f"# Chaos campaign: seed {meta['seed']}, {len(results)} runs",
         "",

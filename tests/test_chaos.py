@@ -83,6 +83,19 @@ def test_a_file_is_lost_only_when_its_content_is_nowhere_in_the_tree() -> None:
     assert chaos.lost_files([seen], rewritten) == ["global_step_4/actor/model.pt"]
 
 
+def test_a_failed_attempt_is_explained_only_by_a_fault_while_it_ran_or_just_before() -> None:
+    attempts = [
+        {"number": 1, "started_at": 100.0, "ended_at": 130.0, "action": "restart", "rule": "a", "reason": "x"},
+        {"number": 2, "started_at": 140.0, "ended_at": 200.0, "action": "restart", "rule": "b", "reason": "y"},
+        {"number": 3, "started_at": 260.0, "ended_at": 300.0, "action": "done", "rule": "success", "reason": "z"},
+        {"number": 4, "started_at": 300.0, "ended_at": None, "action": None},
+    ]
+    assert chaos.unexplained_failures(attempts, [120.0]) == ["attempt 2 (b: y)"]
+    assert chaos.unexplained_failures(attempts, [130.5, 199.0]) == []
+    assert chaos.unexplained_failures(attempts, [128.0]) == [], "a fault in the teardown before explains the next"
+    assert chaos.unexplained_failures(attempts, [250.0]) == ["attempt 1 (a: x)", "attempt 2 (b: y)"]
+
+
 @pytest.mark.parametrize(
     ("code", "finished", "weights", "ok"),
     [
