@@ -7,6 +7,7 @@ status is read from exactly what the supervisor writes; metrics are scraped and 
 from __future__ import annotations
 
 import json
+import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,17 @@ def test_status_of_a_finished_run_names_its_error_its_resume_point_and_the_time_
     assert "finished: done (exit 0)" in text
     assert "newest complete checkpoint: global_step_6" in text, "a finished run resumes from nothing"
     assert "time lost to failures: 7.0 s" in text
+
+
+def test_status_of_a_run_a_signal_stopped_says_it_can_be_continued(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [weight_sync_failure()], signal_at={"wait": int(signal.SIGTERM)})
+    assert run.code is ExitCode.INTERRUPTED_SIGTERM
+    status = read_status(run.run_dir, now=run.clock.wall)
+    assert (status.state, status.outcome, status.exit_code) == ("stopped", "interrupted_sigterm", 143)
+    assert status.restarts_by_rule == {}, "a stop signal is not a restart"
+    text = render_status(status, now=run.clock.wall)
+    assert "stopped: interrupted_sigterm (exit 143); verl-supervisor on this run_dir continues it" in text
+    assert "next resume from:" in text
 
 
 def test_status_while_an_attempt_runs_shows_its_step_and_heartbeat_ages(tmp_path: Path) -> None:
