@@ -70,6 +70,7 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts" / "workloads")]
 
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster  # noqa: E402
 from verl_hooks.contract import ENV_ATTEMPT, ENV_HEARTBEAT_TOKEN, ENV_HEARTBEAT_URL, ENV_RUN_ID  # noqa: E402
+from verl_hooks.phases import MULTI_PHASE_ORDER, SyncPhase  # noqa: E402
 
 STEPS = 8
 # A step of about a second (the training work is real; extra_step_time_s only sleeps): room for faults in training.
@@ -106,18 +107,7 @@ GUARD_ENV = {
 }
 GIVE_UPS = {4: "restart budget exhausted", 5: ("crash loop", "no valid checkpoint")}
 BACKENDS = ("naive", "cpu_gloo")
-PHASES = {
-    "naive": ("naive",),
-    "cpu_gloo": (
-        "abort",
-        "release_kv_cache",
-        "build_process_group",
-        "update_weights",
-        "finalize",
-        "resume_kv_cache",
-        "resume_generation",
-    ),
-}
+PHASES = {"naive": (SyncPhase.NAIVE.value,), "cpu_gloo": tuple(phase.value for phase in MULTI_PHASE_ORDER)}
 ROLES = ("driver", "taskrunner", "trainer", "rollout", "raylet", "gcs", "dashboard", "agent")
 MOMENTS = ("startup", "training", "save", "teardown")
 WITH_PREVIOUS = "with_previous"
@@ -509,6 +499,26 @@ def feed_heartbeats(kind: str, url: str, token: str, rng: random.Random) -> str:
 # --- one run (mechanism) ---
 
 
+class JsonlTail:
+    """The complete lines of a JSON-lines file another process appends to, read a little more at each call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[dict[str, Any]] = []
+        self._offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        if self.path.exists():
+            with open(self.path) as f:
+                f.seek(self._offset)
+                chunk = f.read()
+            complete, _, _ = chunk.rpartition("\n")  # a line being written waits for the next call
+            if complete:
+                self._offset += len(complete) + 1
+                self.lines += [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return self.lines
+
+
 @dataclass
 class Delivery:
     fault: str
@@ -559,10 +569,8 @@ class Run:
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._log = (workdir / "chaos.log").open("a")
-        self._events_read = 0
-        self._events: list[dict[str, Any]] = []
-        self._progress_read = 0
-        self._progress: list[dict[str, Any]] = []
+        self._events = JsonlTail(self.run_dir / "events.jsonl")
+        self._progress = JsonlTail(workdir / "progress.jsonl")
         self._saves_seen: set[str] = set()
         self._teardowns_hashed = 0
 
@@ -602,28 +610,10 @@ class Run:
         self.say(f"supervisor start {self.starts}: pid {self.supervisor.pid}")
 
     def events(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "events.jsonl"
-        if path.exists():
-            with open(path) as f:
-                f.seek(self._events_read)
-                chunk = f.read()
-            complete, _, _ = chunk.rpartition("\n")
-            if complete:
-                self._events_read += len(complete) + 1
-                self._events += [json.loads(line) for line in complete.splitlines() if line.strip()]
-        return self._events
+        return self._events.read()
 
     def progress(self) -> list[dict[str, Any]]:
-        path = self.workdir / "progress.jsonl"
-        if path.exists():
-            with open(path) as f:
-                f.seek(self._progress_read)
-                chunk = f.read()
-            complete, _, _ = chunk.rpartition("\n")
-            if complete:
-                self._progress_read += len(complete) + 1
-                self._progress += [json.loads(line) for line in complete.splitlines() if line.strip()]
-        return self._progress
+        return self._progress.read()
 
     def learn_run_id(self) -> None:
         if self.monitor.run_id is None and (self.run_dir / "state.json").exists():

@@ -141,3 +141,14 @@ def test_the_quick_campaign_runs_clean_and_writes_its_report(tmp_path: Path) -> 
     assert all(run["passed"] for run in results["runs"])
     assert results["meta"]["faults_fired"] >= 6
     assert "| kind | fired | runs | runs passed |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_jsonl_tail_reads_only_complete_lines_and_each_once(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    tail = chaos.JsonlTail(path)
+    assert tail.read() == [], "no file yet"
+    path.write_text('{"a": 1}\n{"b": ')
+    assert tail.read() == [{"a": 1}], "the line being written waits"
+    with path.open("a") as f:
+        f.write('2}\n{"c": 3}\n')
+    assert tail.read() == [{"a": 1}, {"b": 2}, {"c": 3}]
