@@ -77,7 +77,7 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
         agent.suspend()
         assert cluster.dead_core_processes() == [f"ray::DashboardAgent[{agent.pid}]"]
         agent.kill()
-        assert wait_for(lambda: not cluster.is_healthy(), 60), "the raylet follows its agent"
-        assert f"raylet[{raylet.pid}]" in cluster.dead_core_processes()
+        assert wait_for(lambda: not cluster.is_healthy(), 10)
+        assert wait_for(lambda: f"raylet[{raylet.pid}]" in cluster.dead_core_processes(), 60), "it follows its agent"
     finally:
         cluster.stop(grace_s=1.0)
