@@ -126,6 +126,7 @@ def test_the_roles_of_a_runs_processes_come_from_their_command_lines() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow  # several minutes: three supervised runs with their faults, and a reference run
+@pytest.mark.timeout(1800)
 def test_the_quick_campaign_runs_clean_and_writes_its_report(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(CHAOS), "--quick", "--out", str(tmp_path)],
