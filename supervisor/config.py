@@ -120,6 +120,10 @@ class TeardownConfig:
     wait_for_resources: bool = True
     """Before a relaunch, wait (within ``fence_timeout_s``) until the cluster's GPUs and custom resources are as
     available as before the attempt. Off for a cluster whose other jobs take GPUs while the run is torn down."""
+    sweep_nodes: bool = True
+    """``ray.mode=address`` or ``jobs``: after the attempt, a Ray task pinned to each of its nodes ends the
+    attempt's processes there that no actor of the state API accounts for (the engine workers a rollout server
+    starts), and waits until none of them holds GPU memory on that node (NVML)."""
     straggler_grace_s: float = 2.0
     """Between SIGTERM and SIGKILL for a process of the attempt that the fence finds after the first sweep (it
     appeared late, or outlived its group): capped by ``grace_s``."""

@@ -537,6 +537,7 @@ class Supervisor:
                 placement_groups_alive=result.placement_groups_alive,
                 resources_held=dict(result.resources_held),
                 gpu_memory=result.gpu_memory,
+                nodes=result.nodes,
                 ray_job_id=job.ray_job_id,
                 reached_step=reached,
             )

@@ -56,6 +56,8 @@ class TeardownResult:
     placement_groups_alive: int | None = None
     resources_held: dict[str, float] = field(default_factory=dict)
     gpu_memory: str | None = None
+    nodes: str | None = None
+    """What the sweep of the attempt's nodes found (cluster modes; None: one machine, not swept)."""
     problems: tuple[str, ...] = field(default_factory=tuple)
 
     @property

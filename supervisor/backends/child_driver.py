@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,9 @@ from supervisor.backends.clusters import Cluster
 from supervisor.backends.driver import DriverProcess
 from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
-from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes, terminate_processes
+from supervisor.mechanisms.marked import find_marked_processes
+from supervisor.mechanisms.node_probe import NodeSweep, attempt_sweeper
+from supervisor.mechanisms.processes import ProcessInfo, terminate_processes
 from supervisor.mechanisms.ray_auth import auth_env
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
@@ -90,13 +92,21 @@ class ChildDriverBackend(JobBackend):
         state = self.cluster.state_client()
         self._find_ray_job(job, state)
         stopped = driver.stop_everything(config.grace_s, config.reap_timeout_s)
-        fence = RayFence(state, self.cluster.gcs_address, config, self._ray.api_timeout_s)
+        fence = RayFence(state, self.cluster.gcs_address, config, self._ray.api_timeout_s, sweep=self._sweeper(job))
         ended = [p.pid for p in (*stopped.terminated, *stopped.killed, *stopped.survivors)]
         result = fence.fence(
             job.ray_job_id, driver.attempt_processes, self.cluster.is_down, job.resources_before, attempt_pids=ended
         )
         driver.join_output(config.output_drain_s)
         return result.teardown_result(started, stopped)
+
+    def _sweeper(self, job: RunningJob) -> Callable[[Mapping[str, list[int]], float], NodeSweep] | None:
+        if not (self.cluster.spans_machines and self._teardown.sweep_nodes):
+            return None  # every node is this machine: the marked sweep above saw them all
+        auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
+        return attempt_sweeper(
+            self.cluster.gcs_address, auth, self._run_id, job.attempt, self._teardown.straggler_grace_s
+        )
 
     def stale_processes(self) -> list[ProcessInfo]:
         """This run's processes on this machine that an earlier supervisor of the run left behind."""

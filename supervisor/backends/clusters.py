@@ -29,6 +29,9 @@ from verl_hooks.contract import ENV_RUN_ID
 class Cluster(ABC):
     """Where a child driver connects, how to ask about the attempt's actors, whether the cluster is up."""
 
+    spans_machines = False
+    """Whether its nodes may be other machines, which the fence sweeps by a task on each (``node_probe``)."""
+
     @property
     @abstractmethod
     def gcs_address(self) -> str: ...
@@ -143,6 +146,8 @@ class EmbeddedCluster(Cluster):
 
 
 class ExistingCluster(Cluster):
+    spans_machines = True
+
     def __init__(self, ray: RayConfig) -> None:
         assert ray.address is not None, "resolve_cluster() first"
         assert ray.dashboard_url is not None, "resolve_cluster() first"

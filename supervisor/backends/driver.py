@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import (
     ChildProcess,
     ProcessInfo,
     TerminationReport,
-    find_marked_processes,
     processes_in_group,
     start_child,
     terminate_processes,

@@ -5,7 +5,9 @@ API for the attempt's Ray job. A driver's ordinary actors and placement groups d
 ones that outlive it are detached, or actors whose worker does not die. Actors are killed by id through the GCS
 (``supervisor.mechanisms.ray_kill``) unless ``teardown.kill_stray_actors`` is off; placement groups are removed
 by id unless ``teardown.remove_stray_placement_groups`` is off: a leaked group keeps its bundles' GPUs reserved
-and the next attempt's workers would wait for them forever. Whatever is still alive at the deadline is reported,
+and the next attempt's workers would wait for them forever. On a cluster of several machines, a task pinned to
+each node of the attempt then ends the attempt's marked processes there and asks NVML whether any of them still
+holds GPU memory (``supervisor.mechanisms.node_probe``). Whatever is still alive at the deadline is reported,
 and the supervisor does not relaunch next to it.
 """
 
@@ -21,6 +23,7 @@ import psutil
 from supervisor.backends.base import TeardownResult
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import GpuMemoryCheck, gpu_memory_holders
+from supervisor.mechanisms.node_probe import NodeSweep
 from supervisor.mechanisms.processes import ProcessInfo, TerminationReport, terminate_processes
 from supervisor.mechanisms.ray_kill import KillResult, kill_actors, remove_placement_groups
 from supervisor.mechanisms.ray_resources import cluster_resources, still_held
@@ -43,6 +46,8 @@ class FenceResult:
     resources_held: dict[str, float] = field(default_factory=dict)
     gpu_memory: str | None = None
     """What NVML said of the attempt's processes on this machine's GPUs (``GpuMemoryCheck.summary``)."""
+    nodes: str | None = None
+    """What the sweep of the attempt's nodes found (``NodeSweep.summary``); None: not swept (one machine)."""
     problems: list[str] = field(default_factory=list)
 
     def teardown_result(
@@ -61,6 +66,7 @@ class FenceResult:
             placement_groups_alive=self.placement_groups_alive,
             resources_held=dict(self.resources_held),
             gpu_memory=self.gpu_memory,
+            nodes=self.nodes,
             problems=(*problems, *self.problems),
         )
 
@@ -77,6 +83,9 @@ class RayFence:
     kill_timeout_s: float = 10.0
     """Bound on the kill-by-id RPC (``ray.api_timeout_s``)."""
     gpu_check: Callable[[Collection[int]], GpuMemoryCheck] = gpu_memory_holders
+    sweep: Callable[[Mapping[str, list[int]], float], NodeSweep] | None = None
+    """Ends the attempt's processes, and reads NVML, on each node of the attempt (node id to the attempt's pids
+    there), within a time limit (``node_probe.sweep_nodes``); None when every node is this machine."""
 
     @property
     def kill_stray_actors(self) -> bool:
@@ -93,14 +102,15 @@ class RayFence:
         """Wait (up to ``teardown.fence_timeout_s``) until neither ``leftovers()`` nor a live actor or placement
         group of ``job_id`` remains, terminating, killing and removing them on the way; then until the cluster's
         GPUs and custom resources are as available as ``resources_before`` (what they were before the attempt),
-        and no process of the attempt (``attempt_pids`` and those the fence ended) holds memory on this machine's
-        GPUs."""
+        no process of the attempt (``attempt_pids`` and those the fence ended) holds memory on this machine's
+        GPUs, and, with ``sweep``, none is left or holds GPU memory on any node of the attempt."""
         result = FenceResult()
         timeout_s = self.config.fence_timeout_s
         grace_s = min(self.config.grace_s, self.config.straggler_grace_s)
         deadline = time.monotonic() + timeout_s
         kill_failures: dict[str, str] = {}
         tried: set[str] = set()
+        ended_on: dict[str, set[int]] = {}
         while True:
             processes = leftovers()
             actors = self._live_actors(job_id, cluster_down)
@@ -111,13 +121,17 @@ class RayFence:
             known = unasked or (actors is not None and groups is not None)
             gone = not processes and known and not actors and not groups
             gpu: GpuMemoryCheck | None = None
+            swept: NodeSweep | None = None
             if gone:
                 result.survivors = []
                 result.resources_held = self._held(resources_before, cluster_down)
                 gpu = self.gpu_check({*attempt_pids, *(p.pid for p in result.terminated + result.killed)})
                 result.gpu_memory = gpu.summary()
                 if not result.resources_held and not gpu.holders:
-                    return result
+                    swept = self._sweep(job_id, ended_on, deadline, cluster_down)
+                    result.nodes = None if swept is None else swept.summary()
+                    if swept is None or swept.clean:
+                        return result
             if time.monotonic() >= deadline:
                 if not gone:
                     left = _Left(processes, actors, groups)
@@ -128,6 +142,10 @@ class RayFence:
                     )
                 if gone and result.resources_held:
                     result.problems.append(self._not_back(timeout_s, result.resources_held))
+                if swept is not None and not swept.clean:
+                    result.problems.append(
+                        f"after {timeout_s:g} s, the sweep of the attempt's nodes found: {swept.summary()}"
+                    )
                 return result
             if processes:
                 report = terminate_processes(processes, grace_s, reap_timeout_s=self.config.reap_timeout_s)
@@ -153,6 +171,21 @@ class RayFence:
                     else:
                         result.placement_groups_removed.append(_group_label(by_group[outcome.target_id]))
             time.sleep(POLL_S)
+
+    def _sweep(
+        self, job_id: str | None, ended_on: dict[str, set[int]], deadline: float, cluster_down: Callable[[], bool]
+    ) -> NodeSweep | None:
+        if self.sweep is None or cluster_down():
+            return None
+        try:
+            nodes = self.state.attempt_nodes(job_id) if self.state is not None else {}
+        except Exception as exc:  # noqa: BLE001 - asked again until the deadline
+            return NodeSweep(unanswered={"?": f"the state API did not name the attempt's nodes: {exc}"})
+        known = {node: sorted({*pids, *ended_on.get(node, ())}) for node, pids in nodes.items()}
+        swept = self.sweep(known, max(5.0, deadline - time.monotonic()))
+        for scan in swept.scans:
+            ended_on.setdefault(scan.node_id, set()).update(pid for pid, _ in scan.terminated)
+        return swept
 
     def _live_actors(self, job_id: str | None, cluster_down: Callable[[], bool]) -> list[LiveActor] | None:
         if self.state is None or job_id is None:

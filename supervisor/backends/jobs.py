@@ -23,8 +23,10 @@ from typing import Any
 from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
 from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
-from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
-from supervisor.mechanisms.ray_auth import refusal_hint
+from supervisor.mechanisms.marked import find_marked_processes
+from supervisor.mechanisms.node_probe import attempt_sweeper
+from supervisor.mechanisms.processes import ProcessInfo
+from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
@@ -179,7 +181,11 @@ class JobsBackend(JobBackend):
                 problems.append(f"Ray job {submitted.submission_id} did not stop within {stop_timeout_s:g} s")
         if submitted.ray_job_id is None:
             submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
-        fence = RayFence(self._state, self._ray.gcs_address, config, self._ray.api_timeout_s)
+        sweep = None
+        if self._ray.gcs_address and config.sweep_nodes:
+            auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
+            sweep = attempt_sweeper(self._ray.gcs_address, auth, self._run_id, job.attempt, config.straggler_grace_s)
+        fence = RayFence(self._state, self._ray.gcs_address, config, self._ray.api_timeout_s, sweep=sweep)
         result = fence.fence(
             submitted.ray_job_id, lambda: self._local_processes(job), resources_before=job.resources_before
         )

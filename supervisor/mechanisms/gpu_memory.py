@@ -48,9 +48,12 @@ class GpuMemoryCheck:
 
 def _nvml() -> ModuleType | None:
     try:
-        import pynvml
+        import pynvml  # nvidia-ml-py
     except ImportError:
-        return None
+        try:  # on a Ray node without nvidia-ml-py: the copy Ray's own GPU metrics read NVML with
+            import ray._private.thirdparty.pynvml as pynvml
+        except ImportError:
+            return None
     return pynvml
 
 
@@ -58,7 +61,7 @@ def gpu_memory_holders(pids: Collection[int], nvml: ModuleType | None = None) ->
     """The processes among ``pids`` holding memory on this machine's NVIDIA GPUs."""
     nvml = nvml if nvml is not None else _nvml()
     if nvml is None:
-        return GpuMemoryCheck(skipped="nvidia-ml-py is not installed")
+        return GpuMemoryCheck(skipped="no NVML binding (nvidia-ml-py) is installed")
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:

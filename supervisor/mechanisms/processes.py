@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -137,30 +137,6 @@ def start_child(
         preexec_fn=lambda: _die_with_parent(parent),  # prctl must run in the child
     )
     return ChildProcess(popen)
-
-
-def find_marked_processes(
-    markers: Mapping[str, str | None], *, exclude_pids: Iterable[int] = ()
-) -> list[psutil.Process]:
-    """Live processes whose environment has every marker (with that value; None means any value).
-
-    Only processes whose environment this user may read are considered: other users' processes are never
-    matched, let alone signalled.
-    """
-    excluded = {os.getpid(), *exclude_pids}
-    found = []
-    for process in psutil.process_iter():
-        if process.pid in excluded:
-            continue
-        try:
-            environ = process.environ()
-            if process.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-        if all(key in environ and (value is None or environ[key] == value) for key, value in markers.items()):
-            found.append(process)
-    return found
 
 
 def with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import psutil
 
+from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import (
     ChildProcess,
     TerminationReport,
-    find_marked_processes,
     free_port,
     merge_reports,
     port_open,

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
+# The state API returns 100 entries unless told otherwise; a large verl job has more actors than that.
+_LIMIT = 10_000
+
 
 @dataclass(frozen=True)
 class LiveActor:
@@ -57,7 +60,11 @@ class RayStateClient:
         if job_id is not None:
             filters.append(("job_id", "=", job_id))
         actors = list_actors(
-            address=self.dashboard_url, filters=filters, timeout=self.timeout_s, raise_on_missing_output=False
+            address=self.dashboard_url,
+            filters=filters,
+            timeout=self.timeout_s,
+            limit=_LIMIT,
+            raise_on_missing_output=False,
         )
         return [LiveActor(a.actor_id, a.class_name, a.state, a.pid, a.node_id, a.name or None) for a in actors]
 
@@ -74,12 +81,47 @@ class RayStateClient:
             filters=filters,
             timeout=self.timeout_s,
             detail=True,
+            limit=_LIMIT,
             raise_on_missing_output=False,
         )
         return [
             LivePlacementGroup(g.placement_group_id, g.name or None, str(g.state), g.creator_job_id, g.is_detached)
             for g in groups
         ]
+
+    def attempt_nodes(self, job_id: str | None) -> dict[str, list[int]]:
+        """The live nodes where ``job_id`` ran, each with the pids of the job's actors there (dead ones too: a
+        process the kernel is still tearing down holds GPU memory), and the node of its driver. Every live node,
+        without pids, when the job is unknown."""
+        from ray.util.state import list_actors, list_nodes
+
+        alive = list_nodes(
+            address=self.dashboard_url,
+            filters=[("state", "=", "ALIVE")],
+            timeout=self.timeout_s,
+            limit=_LIMIT,
+            raise_on_missing_output=False,
+        )
+        live = {node.node_id for node in alive}
+        if job_id is None:
+            return {node: [] for node in sorted(live)}
+        actors = list_actors(
+            address=self.dashboard_url,
+            filters=[("job_id", "=", job_id)],
+            timeout=self.timeout_s,
+            limit=_LIMIT,
+            raise_on_missing_output=False,
+        )
+        nodes: dict[str, list[int]] = {}
+        for actor in actors:
+            if actor.node_id in live:
+                nodes.setdefault(actor.node_id, []).extend([actor.pid] if actor.pid else [])
+        for job in self._jobs():
+            if job.job_id == job_id and job.driver_info is not None:  # it names the driver's address, not node
+                for node in alive:
+                    if node.node_ip == job.driver_info.node_ip_address:
+                        nodes.setdefault(node.node_id, [])
+        return nodes
 
     def job_of_submission(self, submission_id: str) -> str | None:
         """The Ray job id of a Jobs API submission (None until its driver has connected)."""

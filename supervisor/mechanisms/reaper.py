@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 
 import psutil
 
-from supervisor.mechanisms.processes import find_marked_processes, with_descendants
+from supervisor.mechanisms.marked import find_marked_processes
+from supervisor.mechanisms.processes import with_descendants
 
 DONE = "done"
 ADOPT = "adopt"

@@ -275,6 +275,9 @@ class Teardown(Event):
     """GPUs and custom resources available before the attempt and not available again at the fence's end."""
     gpu_memory: str | None = None
     """What NVML said of the attempt's processes on this machine's GPUs: free, held (by which), or skipped."""
+    nodes: str | None = None
+    """Cluster modes: per node of the attempt, the processes of it that the sweep ended and what NVML said there
+    (None: one machine, nothing to sweep)."""
     ray_job_id: str | None = None
     reached_step: int | None = None
     """The newest complete checkpoint once the attempt is gone (what it may still have been writing included)."""

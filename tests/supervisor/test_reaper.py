@@ -12,7 +12,7 @@ import uuid
 import psutil
 import pytest
 
-from supervisor.mechanisms.processes import find_marked_processes
+from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.reaper import start_reaper
 
 MARKER_KEY = "VERL_SUPERVISOR_RUN_ID"

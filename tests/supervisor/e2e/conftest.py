@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.mechanisms.processes import ProcessInfo, find_marked_processes
+from supervisor.mechanisms.marked import find_marked_processes
+from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.run.events import read_events
 from tests.conftest import REPO_ROOT
 from verl_hooks.contract import ENV_RUN_ID

@@ -149,6 +149,8 @@ def test_weight_sync_failure_on_an_existing_cluster_is_fenced_and_resumed(
     assert job_actors, "the first attempt's job had actors"
     assert {a.state for a in job_actors} == {"DEAD"}
     assert {a.node_id for a in job_actors} == {worker_node_id(two_nodes)}, "they ran on the non-head node"
+    swept = first_teardown["nodes"]
+    assert f"/{worker_node_id(two_nodes)[:8]}: GPU skipped: no NVIDIA driver here" in swept, "a task swept it"
 
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
     assert bystander.poll() is None

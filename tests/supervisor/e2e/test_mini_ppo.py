@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.mechanisms.processes import find_marked_processes
+from supervisor.mechanisms.marked import find_marked_processes
 from tests.supervisor.e2e.conftest import (
     FAST,
     JOB_ARGS,

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.mechanisms.processes import find_marked_processes
+from supervisor.mechanisms.marked import find_marked_processes
 from tests.supervisor.e2e.conftest import events_of, start_supervisor, state_of, wait_until
 from verl_hooks.contract import ENV_RUN_ID
 
