@@ -19,9 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from supervisor.mechanisms.node_scan import NodeScan, scan_node
-
-# The probe's own environment must not carry the run's or an attempt's marker: its scan would find itself.
-_MARKER_PREFIXES = ("VERL_SUPERVISOR_", "VERL_HOOKS_")
+from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, FORWARDED_ENV_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,8 @@ class NodeSweep:
 
 def probe_env(environ: Mapping[str, str], auth: Mapping[str, str]) -> dict[str, str]:
     """The probe's environment: the supervisor's, without any marker, with the cluster's auth variables."""
-    env = {k: v for k, v in environ.items() if not k.startswith(_MARKER_PREFIXES)}
+    # Not the run's or an attempt's marker: its scan would find the probe itself.
+    env = {k: v for k, v in environ.items() if not k.startswith(FORWARDED_ENV_PREFIXES)}
     env.pop("RAY_ADDRESS", None)
     return {**env, **auth}
 
@@ -105,8 +104,6 @@ def attempt_sweeper(
     gcs_address: str, auth: Mapping[str, str], run_id: str, attempt: int, grace_s: float
 ) -> Callable[[Mapping[str, list[int]], float], NodeSweep]:
     """The fence's sweep of one attempt's nodes (``RayFence.sweep``)."""
-    from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
-
     markers = {ENV_RUN_ID: run_id, ENV_ATTEMPT: str(attempt)}
     env = probe_env(os.environ, auth)
     return lambda known, timeout_s: sweep_nodes(gcs_address, env, known, markers, timeout_s, grace_s)
