@@ -100,6 +100,11 @@ class RestartConfig:
     backoff_jitter_s: float = 1.0
     max_failures_without_progress: int = 3
     """This many failed attempts in a row without the checkpoint step advancing is a crash loop: stop."""
+    warm_standby: bool = True
+    """Once an attempt has finished its first weight sync, start the next attempt's driver ahead (``python -m
+    verl_hooks.standby``): it imports the launcher and what the job's module imports, then waits, connected to
+    nothing, and a relaunch hands it its command line instead of starting a cold driver. ``ray.mode=local`` and
+    ``address``, for a job run through ``verl_hooks.launch -m MODULE``."""
     backoff_after_progress: bool = False
     """False: an attempt that advanced the checkpoint step is restarted at once (waiting would only lose time: the
     failure is not repeating); the exponential backoff applies to failures that repeat without progress."""

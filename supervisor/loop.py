@@ -187,6 +187,7 @@ class Supervisor:
         # What the user's overrides say the job's checkpoints hold; the job's own markers, when it writes them, win.
         self._checkpoint_facts = facts_from_overrides([*config.job.args, *self.user_args])
         self._in_flight = _InFlight()
+        self._standby_for: tuple[int, list[str]] | None = None
         self._stop_signal: int | None = None
         self._interruptible = False
 
@@ -356,7 +357,10 @@ class Supervisor:
         with self._signals_deferred():
             job = self.backend.launch(spec)
             self._in_flight = _InFlight(job, record)
-        self.events.emit(AttemptStarted(number, job.pid or -1, shown, start.step, start.checkpoint, str(log_dir)))
+        self.events.emit(
+            AttemptStarted(number, job.pid or -1, shown, start.step, start.checkpoint, str(log_dir), warm=job.warm)
+        )
+        self._standby_for = (number + 1, argv)
         return job, record
 
     def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:
@@ -377,6 +381,8 @@ class Supervisor:
             with self._signals_raise():
                 status = self.backend.wait(job, timeout)
             mismatch = self._take_heartbeats(job.attempt, watch)
+            if watch.progress.last_sync_end_at is not None:
+                self._start_standby()
             if mismatch is not None:
                 return AttemptEnd(status=status, mismatch=mismatch)
             if status is not None:
@@ -387,6 +393,20 @@ class Supervisor:
             stall = check(watch.progress, dog, self.clock.monotonic()) if dog.enabled else None
             if stall is not None:
                 return AttemptEnd(stall=stall)
+
+    def _start_standby(self) -> None:
+        """Once the attempt is past its start-up (its first weight sync done), and a restart could still come,
+        start the next attempt's driver ahead: it does not compete with this attempt's start-up for CPUs."""
+        wanted, self._standby_for = self._standby_for, None
+        restarts_left = self.history.restarts_used < self.config.restart.max_restarts
+        if wanted is None or not self.config.restart.warm_standby or not restarts_left:
+            return
+        number, argv = wanted  # only argv's job module matters: the command line comes with the relaunch
+        log_dir = self.run_dir.path / "attempts" / str(number)  # made when (if) the attempt is launched
+        env = self._attempt_env(number, log_dir)  # now: the trackers the job reported are in it, as at relaunch
+        spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json")
+        with self._signals_deferred():
+            self._emit_all(self.backend.start_standby(spec))
 
     def _take_heartbeats(self, attempt: int, watch: _Watch) -> MismatchedResume | None:
         if self.heartbeats is None:

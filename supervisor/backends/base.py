@@ -37,6 +37,8 @@ class RunningJob:
     started_at: float
     pid: int | None = None
     ray_job_id: str | None = None
+    warm: bool = False
+    """Its driver was a standby started ahead (``JobBackend.start_standby``)."""
     resources_before: dict[str, float] | None = None
     """The cluster's GPUs and custom resources available when the attempt was launched (None: unknown); the
     fence waits for them to be available again."""
@@ -85,6 +87,11 @@ class JobBackend(ABC):
     @abstractmethod
     def launch(self, spec: LaunchSpec) -> RunningJob:
         """Start the attempt's driver; returns at once."""
+
+    def start_standby(self, spec: LaunchSpec) -> list[Event]:
+        """Start the driver of the attempt ``spec`` describes ahead of it, if this backend can; ``launch`` with a
+        spec of the same attempt, environment and working directory then uses it. Returns what it did."""
+        return []
 
     @abstractmethod
     def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:

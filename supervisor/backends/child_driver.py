@@ -18,7 +18,7 @@ from pathlib import Path
 
 from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, TeardownResult
 from supervisor.backends.clusters import Cluster
-from supervisor.backends.driver import DriverProcess
+from supervisor.backends.driver import DriverProcess, StandbyDriver, standby_module
 from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.marked import find_marked_processes
@@ -28,7 +28,7 @@ from supervisor.mechanisms.ray_auth import auth_env
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
-from supervisor.run.events import Event
+from supervisor.run.events import Event, StandbyStarted
 from verl_hooks.contract import ENV_RUN_ID, RAY_INJECTED_JOB_CONFIG, injected_job_config
 
 
@@ -46,23 +46,50 @@ class ChildDriverBackend(JobBackend):
         self._teardown = teardown
         self._run_id = run_id
         self._echo = echo_output
+        self._standby: StandbyDriver | None = None
 
     def prepare(self) -> list[Event]:
         return self.cluster.prepare()
 
     def close(self) -> list[Event]:
+        self._discard_standby()
         return self.cluster.close()
 
-    def launch(self, spec: LaunchSpec) -> ChildJob:
+    def _driver_env(self, spec: LaunchSpec) -> dict[str, str]:
         auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
-        env = {**os.environ, **spec.env, "RAY_ADDRESS": self.cluster.gcs_address, **auth}
+        return as_a_job_of_its_own({**os.environ, **spec.env, "RAY_ADDRESS": self.cluster.gcs_address, **auth})
+
+    def start_standby(self, spec: LaunchSpec) -> list[Event]:
+        module = standby_module(spec.argv)
+        if module is None or self._standby is not None or self.cluster.is_down():
+            return []
+        python = spec.argv[0]
+        self._standby = StandbyDriver(python, module, self._driver_env(spec), spec.cwd, self._run_id, spec.attempt)
+        return [StandbyStarted(spec.attempt, self._standby.pid, module)]
+
+    def _discard_standby(self) -> None:
+        if self._standby is not None:
+            self._standby.discard(self._teardown.straggler_grace_s, self._teardown.reap_timeout_s)
+            self._standby = None
+
+    def launch(self, spec: LaunchSpec) -> ChildJob:
+        env = self._driver_env(spec)
         before = resources_now(self.cluster.gcs_address, self._ray.api_timeout_s)
+        standby, self._standby = self._standby, None
+        if standby is not None and not standby.fits(spec.attempt, env, spec.cwd):
+            standby.discard(self._teardown.straggler_grace_s, self._teardown.reap_timeout_s)  # the cluster changed
+            standby = None
         driver = DriverProcess(
-            spec.argv, as_a_job_of_its_own(env), spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo
+            spec.argv, env, spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo, standby=standby
         )
         self.cluster.attempt_launched()
         return ChildJob(
-            attempt=spec.attempt, started_at=time.time(), pid=driver.pid, resources_before=before, driver=driver
+            attempt=spec.attempt,
+            started_at=time.time(),
+            pid=driver.pid,
+            warm=driver.warm,
+            resources_before=before,
+            driver=driver,
         )
 
     def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:

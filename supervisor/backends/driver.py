@@ -3,6 +3,7 @@ with escalation together with every process that carries the attempt's marker.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,28 @@ from supervisor.mechanisms.processes import (
 )
 from supervisor.policy.outcomes import ExitStatus
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
+
+LAUNCHER = ("-m", "verl_hooks.launch")
+
+
+def launcher_args(argv: list[str]) -> list[str]:
+    """What follows ``-m verl_hooks.launch`` in ``argv`` (``PYTHON -m verl_hooks.launch -m MODULE ...``)."""
+    assert tuple(argv[1:3]) == LAUNCHER, argv
+    return argv[3:]
+
+
+def standby_module(argv: list[str]) -> str | None:
+    """The job module a standby driver can preload for ``argv``: only a launcher's command has one."""
+    if len(argv) >= 5 and tuple(argv[1:3]) == LAUNCHER and argv[3] == "-m":
+        return argv[4]
+    return None
+
+
+def _send_command(standby: StandbyDriver, args: list[str], cwd: str | None) -> None:
+    stdin = standby.child.popen.stdin
+    assert stdin is not None
+    stdin.write((json.dumps({"argv": args, "cwd": cwd}) + "\n").encode())
+    stdin.close()  # the only line it reads
 
 
 class _Tee(threading.Thread):
@@ -48,6 +71,55 @@ class _Tee(threading.Thread):
         self._pipe.close()
 
 
+class StandbyDriver:
+    """The next attempt's driver, started ahead of it (``python -m verl_hooks.standby MODULE``): its imports done,
+    waiting on stdin for its command line. It carries the run's and the next attempt's markers from its start,
+    so the reaper, a later supervisor's sweep and the next attempt's fence all see it as the run's; the attempt
+    still running does not (another attempt number)."""
+
+    def __init__(self, python: str, module: str, env: dict[str, str], cwd: str | None, run_id: str, attempt: int):
+        self.attempt = attempt
+        self.env = dict(env)
+        self.cwd = cwd
+        self.markers = {ENV_RUN_ID: run_id, ENV_ATTEMPT: str(attempt)}
+        self.started_at = time.monotonic()
+        self.child: ChildProcess = start_child(
+            [python, "-m", "verl_hooks.standby", module],
+            env={**env, **self.markers},
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def fits(self, attempt: int, env: dict[str, str], cwd: str | None) -> bool:
+        """Whether it can be that attempt's driver: alive, and started with exactly that environment (a module
+        may read a variable when it is imported) and working directory."""
+        return self.child.poll() is None and (attempt, env, cwd) == (self.attempt, self.env, self.cwd)
+
+    def discard(self, grace_s: float = 2.0, reap_timeout_s: float = 5.0) -> None:
+        """End it unused: end of input first (it exits 0), then its whole group by signal."""
+        try:
+            assert self.child.popen.stdin is not None
+            self.child.popen.stdin.close()
+        except OSError:
+            pass
+        if self.child.wait(grace_s) is None:  # still importing, or stuck in an import
+            self.child.signal_group(signal.SIGTERM)
+            if self.child.wait(grace_s) is None:
+                self.child.signal_group(signal.SIGKILL)
+                self.child.wait(reap_timeout_s)
+        if self.child.group_alive():
+            self.child.signal_group(signal.SIGKILL)  # anything it started
+        for pipe in (self.child.popen.stdout, self.child.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 class DriverProcess:
     """One attempt's driver. Its environment carries the run and attempt markers, which the job's Ray workers
     inherit through the runtime_env the launcher sets up, so that teardown can find all of them."""
@@ -61,11 +133,18 @@ class DriverProcess:
         run_id: str,
         attempt: int,
         echo: bool = True,
+        standby: StandbyDriver | None = None,
     ) -> None:
+        """With ``standby`` (one that ``fits`` this attempt), that process becomes the driver: ``argv`` must be
+        the launcher's (``PYTHON -m verl_hooks.launch ...``), and what follows ``verl_hooks.launch`` is sent to it."""
         self.markers = {ENV_RUN_ID: run_id, ENV_ATTEMPT: str(attempt)}
-        self.child: ChildProcess = start_child(
-            argv, env={**env, **self.markers}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        self.warm = standby is not None
+        if standby is None:
+            self.child: ChildProcess = start_child(
+                argv, env={**env, **self.markers}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        else:
+            self.child = standby.child
         assert self.child.popen.stdout is not None
         assert self.child.popen.stderr is not None
         self._tees = [
@@ -74,6 +153,8 @@ class DriverProcess:
         ]
         for tee in self._tees:
             tee.start()
+        if standby is not None:
+            _send_command(standby, launcher_args(argv), cwd)
 
     @property
     def pid(self) -> int:

@@ -123,6 +123,7 @@ def start_child(
     cwd: str | os.PathLike[str] | None = None,
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
 ) -> ChildProcess:
     """Start ``argv`` (no shell) in a new session that is SIGKILLed if the supervisor dies."""
     parent = os.getpid()
@@ -130,7 +131,7 @@ def start_child(
         list(argv),
         env=dict(env),
         cwd=cwd,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,

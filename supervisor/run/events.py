@@ -28,6 +28,7 @@ class EventKind(str, Enum):
     CHECKPOINTS_UNJUDGEABLE = "checkpoints_unjudgeable"
     RESUME_VERIFIED = "resume_verified"
     RESUME_MISMATCH = "resume_mismatch"
+    STANDBY_STARTED = "standby_started"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
     ERROR_RECORD_RECEIVED = "error_record_received"
@@ -201,10 +202,26 @@ class AttemptStarted(Event):
     resume_step: int | None
     resume_path: str | None
     log_dir: str
+    warm: bool = False
+    """Its driver was the standby started during the attempt before (``restart.warm_standby``)."""
 
     def describe(self) -> str:
         start = f"resuming from global_step_{self.resume_step}" if self.resume_step is not None else "fresh start"
-        return f"attempt {self.attempt} started: {start} (pid {self.pid}, logs {self.log_dir})"
+        driver = "standby driver " if self.warm else ""
+        return f"attempt {self.attempt} started: {start} ({driver}pid {self.pid}, logs {self.log_dir})"
+
+
+@dataclass(frozen=True)
+class StandbyStarted(Event):
+    """The next attempt's driver was started ahead, with its imports; it waits, holding nothing, until needed."""
+
+    kind: ClassVar[EventKind] = EventKind.STANDBY_STARTED
+    attempt: int
+    pid: int
+    module: str
+
+    def describe(self) -> str:
+        return f"standby driver for attempt {self.attempt} started (pid {self.pid}, preloading {self.module})"
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,13 @@ def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical
         (75, "weight-sync-failure", phase, 3),
         (0, "success", None, None),
     ]
-    assert [e["resume_step"] for e in events_of(run_dir, "attempt_started")] == [None, 2]
+    started = events_of(run_dir, "attempt_started")
+    assert [e["resume_step"] for e in started] == [None, 2]
+    # The relaunch's driver was the standby started during attempt 1: same environment, trackers' included.
+    standby = events_of(run_dir, "standby_started")
+    assert [(e["attempt"], e["module"]) for e in standby][:1] == [(2, "mini_ppo.main")]
+    assert [e["warm"] for e in started] == [False, True]
+    assert started[1]["pid"] == standby[0]["pid"]
     verified = events_of(run_dir, "resume_verified")
     assert [(e["attempt"], e["resume_step"], e["first_step"]) for e in verified] == [(2, 2, 3)]
     assert all(e["fenced"] for e in events_of(run_dir, "teardown"))
@@ -182,7 +188,9 @@ def test_hang_the_guard_would_wait_out_is_caught_by_the_watchdog_with_its_phase(
 
 def test_job_killed_mid_run_is_restarted_and_ends_bit_identical(runs, reference) -> None:
     run_dir = runs.new()
-    supervisor = start_supervisor(run_dir, *FAST, job_args=(*JOB_ARGS, "trainer.extra_step_time_s=1.0"))
+    supervisor = start_supervisor(
+        run_dir, *FAST, "restart.warm_standby=false", job_args=(*JOB_ARGS, "trainer.extra_step_time_s=1.0")
+    )
     tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     wait_until(lambda: tracker.exists() and tracker.read_text().strip() in ("2", "4"), 240, "a first checkpoint")
     driver_pid = events_of(run_dir, "attempt_started")[0]["pid"]
@@ -190,7 +198,10 @@ def test_job_killed_mid_run_is_restarted_and_ends_bit_identical(runs, reference)
     assert supervisor.wait(timeout=600) == 0
     first = events_of(run_dir, "attempt_exited")[0]
     assert (first["signal"], first["rule"]) == ("SIGKILL", "killed-by-signal")
-    assert events_of(run_dir, "attempt_started")[1]["resume_step"] in (2, 4)
+    second = events_of(run_dir, "attempt_started")[1]
+    assert second["resume_step"] in (2, 4)
+    assert second["warm"] is False, "restart.warm_standby=false: a cold driver"
+    assert events_of(run_dir, "standby_started") == []
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
 
 
