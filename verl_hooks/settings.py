@@ -40,8 +40,10 @@ class HookSettings:
     sync_adaptive_floor_s: float = 60.0
     cleanup_step_timeout_s: float = 30.0
     """Bound on each best-effort cleanup step after a failure."""
-    cancel_grace_s: float = 2.0
-    """After the deadline, how long a hung sync gets to unwind from a cancellation before cleanup starts."""
+    cancel_grace_s: float = 0.5
+    """After the deadline, how long a hung sync gets to unwind from a cancellation before cleanup starts. A
+    cancellation takes effect at the sync's next ``await``, milliseconds in a live event loop; a sync stuck in a
+    collective never unwinds, and every second of this is added to the detection of each hang."""
     hard_exit_grace_s: float = 60.0
     """Backstop: if the guard itself has not raised this long after the deadline plus the cleanup budget, the
     process writes its error record and exits with code 75. 0 disables the backstop."""
