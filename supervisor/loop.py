@@ -98,6 +98,10 @@ class HeartbeatSource(Protocol):
 
     def drain(self) -> list[Heartbeat]: ...
 
+    def fileno(self) -> int:
+        """Readable when a beat that must be acted on at once (an error record) waits to be drained."""
+        ...
+
 
 class Interrupted(Exception):
     """A stop signal arrived while the supervisor waited."""
@@ -379,7 +383,7 @@ class Supervisor:
             waited = None if watch.record_at is None else self.clock.monotonic() - watch.record_at
             timeout = tick if waited is None else max(0.0, min(tick or grace_s, grace_s - waited))
             with self._signals_raise():
-                status = self.backend.wait(job, timeout)
+                status = self.backend.wait(job, timeout, wake=self.heartbeats)
             mismatch = self._take_heartbeats(job.attempt, watch)
             if watch.progress.last_sync_end_at is not None:
                 self._start_standby()

@@ -11,11 +11,19 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.stacks import StackDump
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import Event
+
+
+class Waker(Protocol):
+    """What else ends a backend's wait: a file descriptor that becomes readable (the heartbeat server's, when an
+    error record arrives)."""
+
+    def fileno(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,9 @@ class JobBackend(ABC):
         return []
 
     @abstractmethod
-    def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
-        """Block until the driver ends (returning how) or ``timeout_s`` passes (returning None)."""
+    def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
+        """Block until the driver ends (returning how), ``timeout_s`` passes or ``wake`` becomes readable
+        (returning None)."""
 
     @abstractmethod
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, TeardownResult
+from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, TeardownResult, Waker
 from supervisor.backends.clusters import Cluster
 from supervisor.backends.driver import DriverProcess, StandbyDriver, standby_module
 from supervisor.backends.fence import RayFence, resources_now
@@ -92,8 +92,8 @@ class ChildDriverBackend(JobBackend):
             driver=driver,
         )
 
-    def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
-        return _driver(job).wait(timeout_s)
+    def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
+        return _driver(job).wait(timeout_s, wake)
 
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
         """This machine's processes by signal and, at the same time, the attempt's actors on every node."""

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from supervisor.backends.base import Waker
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import (
     ChildProcess,
@@ -160,8 +161,8 @@ class DriverProcess:
     def pid(self) -> int:
         return self.child.pid
 
-    def wait(self, timeout_s: float | None) -> ExitStatus | None:
-        return self.child.wait(timeout_s)
+    def wait(self, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
+        return self.child.wait(timeout_s, wake)
 
     def attempt_processes(self) -> list:
         return find_marked_processes(self.markers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import select
 import shlex
 import signal
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult, Waker
 from supervisor.backends.fence import RayFence, resources_now
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.marked import find_marked_processes
@@ -131,7 +132,7 @@ class JobsBackend(JobBackend):
             with log_path.open("a") as log:
                 log.write(f"\n[verl-supervisor] log tail ended: {type(exc).__name__}: {exc}\n")
 
-    def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
+    def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
         submitted = _submitted(job)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -141,7 +142,9 @@ class JobsBackend(JobBackend):
                 return submitted.exit_status
             if deadline is not None and time.monotonic() >= deadline:
                 return None
-            time.sleep(POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic())))
+            pause = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+            if select.select([wake] if wake is not None else [], [], [], pause)[0]:
+                return None
 
     def _exit_status(self, job: SubmittedJob, status: str) -> ExitStatus:
         info = self._jobs().get_job_info(job.submission_id)

@@ -6,13 +6,15 @@ A bearer token generated per supervisor process keeps other users of a shared ma
 bodies are bounded in size and refused unless they are JSON objects; the beats accepted are bounded in rate and
 in number waiting, so that neither garbage nor a flood reaches the loop (each refusal is a 4xx, never a crash).
 The server only queues what it receives; the supervisor's loop drains the queue, so all decisions stay in the
-one loop.
+one loop. An error record also makes ``fileno()`` readable: the loop, waiting on the driver, wakes at once to act
+on it instead of at its next tick.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 import queue
 import secrets
 import threading
@@ -75,6 +77,7 @@ class HeartbeatServer:
         self._server.daemon_threads = True
         self._advertise_host = advertise_host or listen_host
         self._thread = threading.Thread(target=self._server.serve_forever, name="heartbeat-server", daemon=True)
+        self._urgent = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     @property
     def url(self) -> str:
@@ -86,9 +89,18 @@ class HeartbeatServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        os.close(self._urgent)
+
+    def fileno(self) -> int:
+        """Readable once an error record has arrived that ``drain`` has not returned yet."""
+        return self._urgent
 
     def drain(self) -> list[Heartbeat]:
         """The beats received since the last call, in order."""
+        try:
+            os.eventfd_read(self._urgent)
+        except BlockingIOError:
+            pass  # nothing urgent arrived
         beats = []
         while True:
             try:
@@ -111,6 +123,8 @@ class HeartbeatServer:
             self._queue.put_nowait(beat)
         except queue.Full:
             return False
+        if beat.kind is HeartbeatKind.ERROR_RECORD:
+            os.eventfd_write(self._urgent, 1)
         return True
 
 

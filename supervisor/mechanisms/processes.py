@@ -84,14 +84,16 @@ class ChildProcess:
                 self._close_pidfd()
         return self._status
 
-    def wait(self, timeout_s: float | None = None) -> ExitStatus | None:
-        """Block until the child exits (or the timeout passes); returns None on timeout."""
+    def wait(self, timeout_s: float | None = None, wake: Any = None) -> ExitStatus | None:
+        """Block until the child exits, the timeout passes, or ``wake`` (anything with a ``fileno``) becomes
+        readable; returns None unless the child exited."""
         import select
 
         if self._status is not None:
             return self._status
-        ready, _, _ = select.select([self.fileno()], [], [], timeout_s)
-        return self.poll() if ready else None
+        pidfd = self.fileno()
+        ready, _, _ = select.select([pidfd, *([wake] if wake is not None else [])], [], [], timeout_s)
+        return self.poll() if pidfd in ready else None
 
     def signal_group(self, sig: int) -> bool:
         """Signal the child's whole process group; False if it is already gone."""

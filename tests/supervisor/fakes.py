@@ -58,6 +58,9 @@ class FakeHeartbeats:
         beats, self.queue = self.queue, []
         return beats
 
+    def fileno(self) -> int:
+        raise AssertionError("the fake backend does not wait on file descriptors")
+
 
 @dataclass
 class Attempt:
@@ -134,7 +137,7 @@ class FakeBackend(JobBackend):
     def _script(self, attempt: int) -> Attempt:
         return self._scripts[attempt]
 
-    def wait(self, job: RunningJob, timeout_s: float | None) -> ExitStatus | None:
+    def wait(self, job: RunningJob, timeout_s: float | None, wake=None) -> ExitStatus | None:
         self._step("wait")
         script = self._script(job.attempt)
         elapsed = self.clock.mono - self._started_at[job.attempt]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -191,4 +192,36 @@ def test_heartbeat_server_bounds_a_flood(monkeypatch: pytest.MonkeyPatch) -> Non
         assert len(server.drain()) == 5
         assert raw_post(server, body, headers) == 204, "drained: accepted again"
     finally:
+        server.stop()
+
+
+def test_an_error_record_wakes_the_loop_waiting_on_the_driver() -> None:
+    """The loop waits on the driver's exit; an error record over the channel ends that wait at once, so the
+    supervisor acts on the failure without waiting for its next tick or for the driver to die."""
+    import select
+    import signal
+    import sys
+    import time
+
+    from supervisor.mechanisms.processes import start_child
+
+    server = HeartbeatServer()
+    server.start()
+    driver = start_child([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ))
+    try:
+        headers = {"Authorization": f"Bearer {server.token}"}
+        alive = json.dumps({"kind": "alive", "attempt": 1}).encode()
+        assert raw_post(server, alive, {**headers, "Content-Length": str(len(alive))}) == 204
+        assert select.select([server], [], [], 0)[0] == [], "an ordinary beat waits for the tick"
+        record = json.dumps({"kind": "error_record", "attempt": 1, "record": {"error_type": "X"}}).encode()
+        assert raw_post(server, record, {**headers, "Content-Length": str(len(record))}) == 204
+        started = time.monotonic()
+        assert driver.wait(30.0, wake=server) is None, "woken, not exited"
+        assert time.monotonic() - started < 5.0, "woken long before the 30 s timeout"
+        assert [b.kind for b in server.drain()] == [HeartbeatKind.ALIVE, HeartbeatKind.ERROR_RECORD]
+        assert select.select([server], [], [], 0)[0] == [], "drained: nothing urgent any more"
+        assert driver.poll() is None
+    finally:
+        driver.signal_group(signal.SIGKILL)
+        driver.wait(10)
         server.stop()
