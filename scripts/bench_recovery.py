@@ -5,8 +5,13 @@
     .venv/bin/python scripts/bench_recovery.py --fault-free-only --steps 3   # does every launcher run the job?
 
 Launchers:
-  supervisor                the supervisor, its Ray cluster kept between attempts (the default)
-  supervisor-fresh-cluster  the supervisor, a fresh Ray cluster for every attempt
+  supervisor                the supervisor as configured by default: its Ray cluster kept between attempts, the
+                            next attempt's driver started ahead (restart.warm_standby), the guard's deadline
+                            adapting to the run's own syncs
+  supervisor-fresh-cluster  the same, with a fresh Ray cluster for every attempt
+  supervisor-cold-driver    the same, without the standby driver (restart.warm_standby=false)
+  supervisor-fixed-deadline the same, with the guard's fixed deadline only (VERL_HOOKS_SYNC_ADAPTIVE=0): run for
+                            the hang alone, the one failure a deadline decides
   shell-loop                `until python -m verl_hooks.launch ... trainer.resume_mode=auto; do :; done`
   torchrun                  `torchrun --max-restarts=3` around the same command
   kuberay-like              KubeRay's RayJob with backoffLimit=3: a new Ray cluster per try, the job submitted
@@ -43,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -60,7 +66,10 @@ import psutil
 from supervisor.run.timeline import Span, TimelineRow, draw_timeline
 
 REPO = Path(__file__).resolve().parent.parent
-SUPERVISORS = ("supervisor", "supervisor-fresh-cluster")
+SUPERVISORS = ("supervisor", "supervisor-fresh-cluster", "supervisor-cold-driver", "supervisor-fixed-deadline")
+ADAPTIVE_GUARD = ("supervisor", "supervisor-fresh-cluster", "supervisor-cold-driver")
+ONLY_FAILURES = {"supervisor-fixed-deadline": ("hang",)}
+"""Variants that differ from ``supervisor`` only where one failure is concerned: no fault-free run of their own."""
 BASELINES = ("shell-loop", "torchrun", "kuberay-like")
 LAUNCHERS = (*SUPERVISORS, *BASELINES)
 FAILURES = {"raise": "naive:raise@{step}#1", "kill": "naive:exit@{step}#1", "hang": "naive:hang@{step}#1"}
@@ -76,6 +85,13 @@ class Plan:
     seed: int = 7
     limit_s: float = 420.0
     guard_deadline_s: float = 20.0
+    """The guard's fixed limit for the supervisors' jobs (VERL_HOOKS_SYNC_TIMEOUT_S; its default is 600 s)."""
+    guard_adaptive_floor_s: float = 2.0
+    """The guard's adaptive deadline is never below this (its default is 60 s): this job's syncs take
+    milliseconds, so its adaptive deadline is this floor."""
+    watchdog_floor_s: float = 30.0
+    """The watchdog's adaptive limit's floor: above the guard's fixed limit, so that a hang in a sync is ended by
+    the guard's deadline, adaptive or fixed, which is what the hang compares."""
 
     def job_args(self, workdir: Path) -> list[str]:
         return [
@@ -114,16 +130,18 @@ class RunRecord:
 def command_for(launcher: str, plan: Plan, workdir: Path) -> list[str]:
     job = plan.job_args(workdir)
     if launcher in SUPERVISORS:
-        keep = "true" if launcher == "supervisor" else "false"
+        keep = "false" if launcher == "supervisor-fresh-cluster" else "true"
+        warm = "false" if launcher == "supervisor-cold-driver" else "true"
         return [
             sys.executable,
             "-m",
             "supervisor",
             f"run_dir={workdir / 'run'}",
             f"ray.keep_cluster_between_attempts={keep}",
+            f"restart.warm_standby={warm}",
             "restart.max_restarts=3",
             "watchdog.adaptive_min_steps=2",
-            "watchdog.adaptive_floor_s=10",
+            f"watchdog.adaptive_floor_s={plan.watchdog_floor_s:g}",
             "watchdog.adaptive_multiple=3",
             "--",
             *job,
@@ -174,13 +192,7 @@ def kill_marked(run_id: str) -> None:
     psutil.wait_procs(processes, timeout=10)
 
 
-def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, out: Path) -> RunRecord:
-    name = f"{launcher}-{failure or 'fault-free'}-{repeat}"
-    workdir = out / "runs" / name
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    run_id = uuid.uuid4().hex
+def launcher_env(launcher: str, failure: str | None, plan: Plan, workdir: Path, run_id: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_HOOKS_", "VERL_SUPERVISOR_", "RAY_ADDRESS"))}
     env.update(
         {
@@ -193,11 +205,59 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
             # The baselines' job has no weight-sync deadline, as verl has none (the guard is there only to inject
             # the faults): neither the fixed one nor the adaptive one; the supervisor's job has the guard's.
             "VERL_HOOKS_SYNC_TIMEOUT_S": str(plan.guard_deadline_s if launcher in SUPERVISORS else 86400),
-            "VERL_HOOKS_SYNC_ADAPTIVE": "1" if launcher in SUPERVISORS else "0",
+            "VERL_HOOKS_SYNC_ADAPTIVE": "1" if launcher in ADAPTIVE_GUARD else "0",
+            "VERL_HOOKS_SYNC_ADAPTIVE_FLOOR_S": str(plan.guard_adaptive_floor_s),
         }
     )
     if failure is not None:
         env["VERL_HOOKS_FAULTS"] = FAILURES[failure].format(step=plan.fault_step)
+    return env
+
+
+def fate_sharing_lag(plan: Plan, out: Path, repeat: int) -> dict[str, Any]:
+    """The supervisor SIGKILLed while its job trains: how long until no process of the run is left. Nothing
+    tells the job; only the supervisor's fate sharing (children that die with it, the reaper) can end it."""
+    workdir = out / "runs" / f"fate-sharing-{repeat}"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    run_id = uuid.uuid4().hex
+    env = launcher_env("supervisor", None, plan, workdir, run_id)
+    with (workdir / "launcher.log").open("w") as log:
+        proc = subprocess.Popen(
+            command_for("supervisor", plan, workdir),
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    progress = workdir / "progress.jsonl"
+    deadline = time.monotonic() + plan.limit_s
+    while not any(p["event"] == "step" for p in read_jsonl(progress)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    running = len(marked_processes(run_id))
+    killed_at = time.monotonic()
+    proc.kill()
+    lag = None
+    while time.monotonic() - killed_at < 10.0:
+        if not marked_processes(run_id):
+            lag = time.monotonic() - killed_at
+            break
+    left = len(marked_processes(run_id))
+    proc.wait()
+    kill_marked(run_id)
+    return {"processes_running": running, "gone_after_s": None if lag is None else round(lag, 3), "left": left}
+
+
+def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, out: Path) -> RunRecord:
+    name = f"{launcher}-{failure or 'fault-free'}-{repeat}"
+    workdir = out / "runs" / name
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    run_id = uuid.uuid4().hex
+    env = launcher_env(launcher, failure, plan, workdir, run_id)
     log = (workdir / "launcher.log").open("w")
     started = time.time()
     proc = subprocess.Popen(
@@ -562,9 +622,14 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
         cluster = [e for e in events if e["event"] == "cluster_started"]
         metrics["cluster_start_s"] = cluster[0]["startup_s"] if cluster else None
         metrics["time_to_first_attempt_s"] = attempts[0]["launched_at"] - record.started_at if attempts else None
+    if attempts:
+        # A cold attempt: its launch (the cluster already up) to its first training step.
+        metrics["attempt_to_first_step_s"] = _first_step_after(progress, attempts[0]["launched_at"], 0.0)
     if not faults or record.failure is None:
         return metrics
     fault_at = faults[0]["ts"]
+    if record.launcher in SUPERVISORS:
+        metrics.update(_record_figures(workdir, read_jsonl(workdir / "run" / "events.jsonl")))
     first = attempts[0] if attempts else None
     metrics["detect_s"] = first["detected_at"] - fault_at if first and first["detected_at"] else None
     if len(attempts) < 2:
@@ -580,11 +645,32 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
     metrics["adds_up"] = not result.problems
     metrics["breakdown_problems"] = result.problems
     relaunch = attempts[1]["launched_at"]
+    metrics["relaunch_to_first_step_s"] = _first_step_after(progress, relaunch, 0.0)
+    if metrics.get("deadline_s") is not None and metrics.get("detect_s") is not None:
+        metrics["after_deadline_s"] = round(metrics["detect_s"] - metrics["deadline_s"], 3)
     start_events = [p for p in progress if p["event"] == "start" and p["ts"] >= relaunch]
     resumed_from = (start_events[0].get("resumed_from_step") or 0) if start_events else None
     # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not.
     metrics["steps_lost"] = None if resumed_from is None else faults[0]["step"] - resumed_from
     return metrics
+
+
+def _record_figures(workdir: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """From attempt 1's error record: how long after the job wrote it the supervisor had it
+    (``record_to_supervisor_s``), and the weight-sync limit that applied to a hang (``deadline_s``, from the
+    guard's message: "did not finish within N s (...)")."""
+    path = workdir / "run" / "attempts" / "1" / "error.json"
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    figures: dict[str, Any] = {}
+    received = _first(events, "error_record_received", attempt=1)
+    if received is not None and record.get("source") != "supervisor-watchdog":
+        figures["record_to_supervisor_s"] = round(received["ts"] - record["timestamp"], 4)
+    match = re.search(r"within ([0-9.]+) s \(", record.get("message") or "")
+    if record.get("hang") and match:
+        figures["deadline_s"] = float(match.group(1))
+    return figures
 
 
 def _first_step_after(progress: list[dict[str, Any]], since: float, origin: float) -> float | None:
@@ -596,12 +682,18 @@ def _first_step_after(progress: list[dict[str, Any]], since: float, origin: floa
 
 OUTCOME_COLUMNS = (
     ("recover_s", "recover (s)"),
+    ("relaunch_to_first_step_s", "relaunch to 1st step (s)"),
     ("steps_lost", "steps lost"),
     ("leftover_processes", "left behind"),
     ("wall_s", "wall (s)"),
     ("goodput", "goodput"),
 )
-COLUMNS = (*((key, title) for key, title, _ in PARTS), *OUTCOME_COLUMNS)
+SUPERVISOR_COLUMNS = (
+    ("record_to_supervisor_s", "record to supervisor (s)"),
+    ("deadline_s", "sync deadline (s)"),
+    ("after_deadline_s", "detected after the deadline (s)"),
+)
+COLUMNS = (*((key, title) for key, title, _ in PARTS), *OUTCOME_COLUMNS, *SUPERVISOR_COLUMNS)
 
 
 def aggregate(records: list[RunRecord]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -664,6 +756,92 @@ def headline(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _median(table: dict[str, dict[str, dict[str, Any]]], failure: str, launcher: str, key: str) -> float | None:
+    stat = table.get(failure, {}).get(launcher, {}).get(key)
+    return None if stat is None else stat["median"]
+
+
+def goals(table: dict[str, dict[str, dict[str, Any]]], records: list[RunRecord], overhead: dict[str, Any]) -> list[str]:
+    """The recovery goals (issue: recover in half the time of the shell loop), each with what this run measured."""
+    rows: list[tuple[str, str, float | None, str, bool | None]] = []
+
+    def add(goal: str, target: str, value: float | None, shown: str, met: bool | None) -> None:
+        rows.append((goal, target, value, shown, met))
+
+    for failure in ("raise", "kill"):
+        ours, loop = (
+            _median(table, failure, "supervisor", "recover_s"),
+            _median(table, failure, "shell-loop", "recover_s"),
+        )
+        if ours is not None and loop is not None:
+            ratio = ours / loop
+            add(
+                f"time to recover, {failure}",
+                "<= 0.5x the shell loop's",
+                ratio,
+                f"{ours:.1f} s vs {loop:.1f} s: {ratio:.2f}x",
+                ratio <= 0.5,
+            )
+    lags = [
+        r.metrics["record_to_supervisor_s"]
+        for r in records
+        if r.launcher == "supervisor" and r.metrics.get("record_to_supervisor_s") is not None
+    ]
+    if lags:
+        lag = statistics.median(lags)
+        add(
+            "error record written to the supervisor having it",
+            "<= 50 ms",
+            lag,
+            f"{lag * 1000:.0f} ms (median of {len(lags)})",
+            lag <= 0.05,
+        )
+    cold = [
+        r.metrics["attempt_to_first_step_s"]
+        for r in records
+        if r.launcher == "supervisor" and r.failure is None and r.metrics.get("attempt_to_first_step_s")
+    ]
+    for launcher in ("supervisor", "supervisor-cold-driver"):
+        warm = [
+            m for f in ("raise", "kill") if (m := _median(table, f, launcher, "relaunch_to_first_step_s")) is not None
+        ]
+        if cold and warm:
+            ratio = statistics.median(warm) / statistics.median(cold)
+            label = "relaunch to its first step" + (
+                " (standby driver)" if launcher == "supervisor" else " (cold driver)"
+            )
+            add(
+                label,
+                "<= 0.5x a cold attempt's launch to its first step",
+                ratio,
+                f"{statistics.median(warm):.1f} s vs {statistics.median(cold):.1f} s: {ratio:.2f}x",
+                ratio <= 0.5,
+            )
+    after = _median(table, "hang", "supervisor", "after_deadline_s")
+    deadline = _median(table, "hang", "supervisor", "deadline_s")
+    fixed = _median(table, "hang", "supervisor-fixed-deadline", "deadline_s")
+    if after is not None and deadline is not None:
+        versus = f" (fixed: {fixed:g} s)" if fixed is not None else ""
+        add(
+            "a hang ended after its adaptive deadline",
+            "<= 2 s",
+            after,
+            f"{after:.2f} s after a {deadline:g} s deadline{versus}",
+            after <= 2.0,
+        )
+    memory = overhead.get("resident memory (max, MB)")
+    if memory is not None:
+        add("the supervisor's resident memory", "<= 80 MB", memory, f"{memory:.0f} MB", memory <= 80)
+    fate = overhead.get(FATE_KEY)
+    if fate is not None:
+        add("a SIGKILLed supervisor's job gone", "<= 1 s", fate, f"{fate:.2f} s", fate <= 1.0)
+    if not rows:
+        return []
+    lines = ["## Goals", "", "| goal | target | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {goal} | {target} | {shown} | {'yes' if met else '**no**'} |" for goal, target, _, shown, met in rows]
+    return [*lines, ""]
+
+
 def _cells(cell: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> list[str]:
     values = []
     for key, _ in columns:
@@ -715,6 +893,7 @@ def to_markdown(
         '"adds up" column), and a part a launcher does not have is "-":'
     )
     lines += ["", *(f"- **{title}**: {meaning}" for _, title, meaning in PARTS), ""]
+    lines += goals(table, records, overhead)
     lines += fault_free_rows(records)
     part_columns = tuple((key, title) for key, title, _ in PARTS)
     for failure, launchers in table.items():
@@ -736,6 +915,13 @@ def to_markdown(
         for launcher, cell in launchers.items():
             values = _cells(cell, OUTCOME_COLUMNS)
             lines.append(f"| {launcher} | " + " | ".join(values) + f" | {cell['cut_off']} of {len(cell['runs'])} |")
+        ours = {name: cell for name, cell in launchers.items() if name in SUPERVISORS}
+        if ours:
+            lines += ["", "| supervisor | " + " | ".join(title for _, title in SUPERVISOR_COLUMNS) + " |"]
+            lines.append("|" + "---|" * (len(SUPERVISOR_COLUMNS) + 1))
+            lines += [
+                f"| {name} | " + " | ".join(_cells(cell, SUPERVISOR_COLUMNS)) + " |" for name, cell in ours.items()
+            ]
     if overhead:
         lines += ["", "## The supervisor's own cost", ""]
         lines += [f"- {key}: {value}" for key, value in overhead.items()]
@@ -756,10 +942,22 @@ def validity_problems(records: list[RunRecord]) -> list[str]:
     return problems
 
 
-def supervisor_overhead(records: list[RunRecord]) -> dict[str, Any]:
+FATE_KEY = "fate sharing: a SIGKILLed supervisor's run gone after (median, s)"
+
+
+def supervisor_overhead(records: list[RunRecord], fate: list[dict[str, Any]]) -> dict[str, Any]:
     ours = [r for r in records if r.launcher == "supervisor"]
     if not ours:
         return {}
+    lags = [f["gone_after_s"] for f in fate if f["gone_after_s"] is not None]
+    shared = {}
+    if fate:
+        shared = {
+            FATE_KEY: round(statistics.median(lags), 3) if lags else None,
+            "fate sharing: each time (s)": [f["gone_after_s"] for f in fate],
+            "fate sharing: the run's processes when the supervisor was killed": [f["processes_running"] for f in fate],
+            "fate sharing: processes left 10 s after": sum(f["left"] for f in fate),
+        }
     cpu_share = [r.metrics["launcher_cpu_watching_pct"] for r in ours if r.metrics["launcher_cpu_watching_pct"]]
     return {
         "resident memory (max, MB)": round(max(r.metrics["launcher_max_rss_mb"] for r in ours), 1),
@@ -773,6 +971,7 @@ def supervisor_overhead(records: list[RunRecord]) -> dict[str, Any]:
         "of which the Ray cluster's start (median, s)": round(
             statistics.median(r.metrics["cluster_start_s"] for r in ours if r.metrics.get("cluster_start_s")), 2
         ),
+        **shared,
     }
 
 
@@ -820,6 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fault-free-only", action="store_true", help="only the fault-free runs: does every launcher run the job?"
     )
+    parser.add_argument(
+        "--no-fate-sharing", action="store_true", help="skip killing the supervisor to time its job's end"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench_out")
     args = parser.parse_args(argv)
     if args.quick:
@@ -835,8 +1037,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     records: list[RunRecord] = []
-    schedule = [(launcher, None, 0) for launcher in launchers if not args.no_fault_free]
-    schedule += [(launcher, failure, r) for r in range(args.repeats) for failure in failures for launcher in launchers]
+    schedule = [
+        (launcher, None, 0) for launcher in launchers if not args.no_fault_free and launcher not in ONLY_FAILURES
+    ]
+    schedule += [
+        (launcher, failure, r)
+        for r in range(args.repeats)
+        for failure in failures
+        for launcher in launchers
+        if failure in ONLY_FAILURES.get(launcher, FAILURES)
+    ]
     for number, (launcher, failure, repeat) in enumerate(schedule, 1):
         print(f"[{number}/{len(schedule)}] {launcher} / {failure or 'fault-free'} / repeat {repeat}", flush=True)
         record = run_launcher(launcher, failure, repeat, plan, args.out)
@@ -846,7 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
 
     digests = {r.final["weights_sha256"] for r in records if r.final}
     table = aggregate(records)
-    overhead = supervisor_overhead(records)
+    fate = (
+        [] if args.quick or args.no_fate_sharing else [fate_sharing_lag(plan, args.out, r) for r in range(args.repeats)]
+    )
+    overhead = supervisor_overhead(records, fate)
     problems = validity_problems(records)
     if len(digests) > 1:
         problems.append(f"the finished runs do not end with the same weights ({len(digests)} digests)")

@@ -75,7 +75,7 @@ def test_every_launcher_runs_the_job_without_a_fault(tmp_path) -> None:
     proc, result = run_benchmark(tmp_path, "--fault-free-only", "--steps", "3", "--limit-s", "300", timeout_s=2300)
     runs = {run["launcher"]: run for run in result.get("runs", [])}
     assert sorted(runs) == sorted(
-        ["supervisor", "supervisor-fresh-cluster", "shell-loop", "torchrun", "kuberay-like"]
+        ["supervisor", "supervisor-fresh-cluster", "supervisor-cold-driver", "shell-loop", "torchrun", "kuberay-like"]
     ), proc.stderr[-3000:]
     not_finished = {
         name: (run["cut_off"], run["exit_code"], run["workdir"])
