@@ -26,7 +26,8 @@ Invariants checked after every run (a column each in results.md):
               failure nobody injected is the supervisor's (e.g. relaunching onto a cluster it should have replaced)
   no_leftover no process of the run alive once the supervisor is gone (a process of the run: one carrying its
               marker, or a child of one, seen by the campaign's monitor while the run went on)
-  one_attempt never two attempts of the run alive at once
+  one_attempt never two attempts of the run alive at once (a standby driver, started ahead for the next attempt
+              and idle until it is launched, counts from its attempt's attempt_started on)
   no_file_lost every checkpoint file the campaign saw (hashed while the job was down) still there, byte for byte,
               under its name or a set-aside one (the job's tracker file excepted: verl rewrites it)
   bystanders  a Ray cluster and a look-alike job process started outside every run, still alive; the cluster
@@ -274,6 +275,7 @@ def lost_files(snapshots: Iterable[dict[str, str]], present: dict[str, str]) -> 
 def role_of(cmdline: str) -> str | None:
     checks = (
         ("verl_hooks.launch", "driver"),
+        ("verl_hooks.standby", "driver"),  # the standby that became an attempt's driver (restart.warm_standby)
         ("ray::TaskRunner", "taskrunner"),
         ("ray::MiniActorWorker", "trainer"),
         ("ray::MiniRolloutWorker", "rollout"),
@@ -297,9 +299,10 @@ class Seen:
 class Monitor(threading.Thread):
     """Watches the run's processes: every one ever seen, and whether two attempts are ever alive at once."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, events_path: Path, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.run_id: str | None = None
+        self._events = JsonlTail(events_path)
         self.seen: dict[tuple[int, float], Seen] = {}
         self.overlaps: list[str] = []
         self._interval_s = interval_s
@@ -341,6 +344,11 @@ class Monitor(threading.Thread):
                     for child in psutil.Process(seen.pid).children():
                         if child.pid not in marked_pids and child.status() != psutil.STATUS_ZOMBIE:
                             alive.append(self._remember(child, (child.pid, child.create_time()), None))
+        # A standby driver carries its attempt's marker from its start, idle until that attempt is launched.
+        with self._lock:  # sampled from the monitor's thread and the run's
+            events = list(self._events.read())
+        started = {str(e["attempt"]) for e in events if e["event"] == "attempt_started"}
+        alive = [s for s in alive if s.attempt is None or s.attempt in started]
         attempts = sorted({s.attempt for s in alive if s.attempt is not None})
         if len(attempts) > 1:
             detail = ", ".join(f"{s.role or s.cmdline[:40]}[{s.pid}]#{s.attempt}" for s in alive if s.attempt)
@@ -562,7 +570,7 @@ class Run:
         self.reference = reference
         self.limit_s = limit_s
         self.rng = random.Random(f"chaos-run-{plan.seed}-{plan.index}")
-        self.monitor = Monitor()
+        self.monitor = Monitor(self.run_dir / "events.jsonl")
         self.deliveries: list[Delivery] = []
         self.snapshots: list[dict[str, str]] = []
         self.fate_lags: list[float] = []

@@ -120,6 +120,7 @@ def test_the_roles_of_a_runs_processes_come_from_their_command_lines() -> None:
     assert chaos.role_of(f"{cluster}/raylet/raylet --raylet_socket_name=x") == "raylet"
     assert chaos.role_of(f"{cluster}/gcs/gcs_server --log_dir=x") == "gcs"
     assert chaos.role_of("python -m verl_hooks.launch -m mini_ppo.main seed=1") == "driver"
+    assert chaos.role_of("python -m verl_hooks.standby mini_ppo.main") == "driver", "a standby that was launched"
     assert chaos.role_of("ray::MiniRolloutWorker") == "rollout"
     assert chaos.role_of("ray::IDLE") is None
 
@@ -153,3 +154,34 @@ def test_a_jsonl_tail_reads_only_complete_lines_and_each_once(tmp_path: Path) ->
     with path.open("a") as f:
         f.write('2}\n{"c": 3}\n')
     assert tail.read() == [{"a": 1}, {"b": 2}, {"c": 3}]
+
+
+def test_an_idle_standby_driver_is_no_second_attempt_until_its_attempt_starts(tmp_path: Path) -> None:
+    """restart.warm_standby starts attempt n+1's driver, with its marker, while attempt n trains: the monitor
+    counts it from its attempt's attempt_started on, so one_attempt still catches a real overlap."""
+    import os
+    import uuid
+
+    from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
+
+    run_id = uuid.uuid4().hex
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    running = subprocess.Popen(sleeper, env={**os.environ, ENV_RUN_ID: run_id, ENV_ATTEMPT: "1"})
+    standby = subprocess.Popen(sleeper, env={**os.environ, ENV_RUN_ID: run_id, ENV_ATTEMPT: "2"})
+    events = tmp_path / "events.jsonl"
+    try:
+        events.write_text(json.dumps({"event": "attempt_started", "attempt": 1}) + "\n")
+        monitor = chaos.Monitor(events)
+        monitor.run_id = run_id
+        assert {s.pid for s in monitor.sample()} == {running.pid}, "the idle standby is not part of the run yet"
+        assert monitor.overlaps == []
+        with events.open("a") as f:
+            f.write(json.dumps({"event": "attempt_started", "attempt": 2}) + "\n")
+        assert {s.pid for s in monitor.sample()} == {running.pid, standby.pid}
+        (overlap,) = monitor.overlaps
+        assert "attempts ['1', '2'] alive at once" in overlap
+        assert {s.pid for s in monitor.survivors()} == {running.pid, standby.pid}, "both were seen, for no_leftover"
+    finally:
+        for proc in (running, standby):
+            proc.kill()
+            proc.wait()
