@@ -103,6 +103,8 @@ class FakeBackend(JobBackend):
         self.stale = stale or []
         self.calls: list[str] = []
         self.launched: list[LaunchSpec] = []
+        self.standbys: list[tuple[float, LaunchSpec]] = []
+        """(when, spec) of each standby driver the loop asked for; the next launch of a spec that fits uses it."""
         self._started_at: dict[int, float] = {}
         self._sent: dict[int, int] = {}
         self._finished: set[int] = set()
@@ -122,6 +124,11 @@ class FakeBackend(JobBackend):
             raise ClusterStartFailed("ports taken")
         if self.calls.count("prepare") == 1:
             return [ClusterStarted("127.0.0.1:1", None, 0.5, "first attempt")]
+        return []
+
+    def start_standby(self, spec: LaunchSpec) -> list[Event]:
+        self._step("start_standby")
+        self.standbys.append((self.clock.mono, spec))
         return []
 
     def launch(self, spec: LaunchSpec) -> RunningJob:

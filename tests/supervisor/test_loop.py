@@ -447,3 +447,31 @@ def test_a_driver_that_exits_within_the_grace_is_judged_by_its_exit_and_record(t
     exited = run.events("attempt_exited")[0]
     assert (exited["rule"], exited["exit_code"]) == ("weight-sync-failure", 75)
     assert exited["duration_s"] == pytest.approx(3.5, abs=0.5)
+
+
+def test_the_next_attempts_driver_is_started_once_the_attempt_has_synced_with_its_exact_environment(
+    tmp_path: Path,
+) -> None:
+    """The standby is asked for after the first weight sync (not during the start-up it would compete with), once
+    per attempt, with the very environment the relaunch then gets: what makes the backend's fit check pass."""
+    synced_then_failed = Attempt(exit=ExitStatus(code=75), record=WEIGHT_SYNC, saves=(2,), beats=sync_beats(3))
+    run = supervise(tmp_path, [synced_then_failed, success()])
+    assert run.code is ExitCode.DONE
+    (asked_at, spec), *_ = run.backend.standbys
+    assert len(run.backend.standbys) == 1, "attempt 2 never synced: no standby asked for attempt 3"
+    assert asked_at >= 1.0, "not before the first sync's end (1 s after launch)"
+    relaunch = run.backend.launched[1]
+    assert (spec.attempt, spec.env, spec.cwd) == (2, relaunch.env, relaunch.cwd)
+    assert spec.argv[:3] == relaunch.argv[:3], "its job module comes from the running attempt's command"
+    calls = run.backend.calls
+    assert calls.index("start_standby") < calls.index("teardown"), "ahead: while attempt 1 still ran"
+
+
+@pytest.mark.parametrize(
+    "overrides", [("restart.warm_standby=false",), ("restart.max_restarts=0",)], ids=["off", "no-restart-left"]
+)
+def test_no_standby_when_turned_off_or_no_restart_can_come(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    synced = Attempt(exit=ExitStatus(code=0), saves=(6,), beats=sync_beats(3))
+    run = supervise(tmp_path, [synced], *overrides)
+    assert run.code is ExitCode.DONE
+    assert run.backend.standbys == []
