@@ -1034,6 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown launcher or failure: {', '.join(unknown)}")
     plan = Plan(steps=args.steps, fault_step=min(Plan.fault_step, args.steps - 1), limit_s=args.limit_s)
+    args.out = args.out.resolve()  # each launcher runs in its own folder: a relative path would land inside it
     args.out.mkdir(parents=True, exist_ok=True)
 
     records: list[RunRecord] = []
