@@ -18,15 +18,20 @@ from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_test_cluster(num_cpus: int = 16, dashboard: bool = False) -> LocalRayCluster:
+def start_test_cluster(
+    num_cpus: int = 16, dashboard: bool = False, extra_env: dict[str, str] | None = None
+) -> LocalRayCluster:
+    """``extra_env`` reaches every Ray process; a ``PYTHONPATH`` in it comes before this repository."""
+    extra = dict(extra_env or {})
+    # Some dependency installs a top-level `tests` package; workers must find this repository's first.
+    extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra.get("PYTHONPATH"), str(REPO_ROOT)) if p)
     cluster = LocalRayCluster(
         ClusterSpec(
             temp_dir=Path(tempfile.mkdtemp(prefix="vst-")),
             num_cpus=num_cpus,
             object_store_memory_mb=512,
             dashboard=dashboard,
-            # Some dependency installs a top-level `tests` package; workers must find this repository's first.
-            extra_env={"PYTHONPATH": str(REPO_ROOT)},
+            extra_env=extra,
         )
     )
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -64,17 +64,9 @@ def scan_node(
     the kernel has not finished tearing down holds it after it is gone from the process table."""
     found = find_marked_processes(markers)
     names = {p.pid: _name(p) for p in found}  # before they are gone
-    for process in found:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    _send(found, psutil.Process.terminate)
     alive = _wait_gone(found, grace_s)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _send(alive, psutil.Process.kill)
     survivors = _wait_gone(alive, grace_s)
     gpu = gpu_memory_holders({*known_pids, *(p.pid for p in found)})
     return NodeScan(
@@ -84,6 +76,14 @@ def scan_node(
         survivors=[(p.pid, names[p.pid]) for p in survivors],
         gpu=gpu,
     )
+
+
+def _send(processes: list[psutil.Process], signal_one: Callable[[psutil.Process], None]) -> None:
+    for process in processes:
+        try:
+            signal_one(process)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:

@@ -27,8 +27,8 @@ from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck
 from supervisor.mechanisms.node_probe import NodeSweep, probe_env, sweep_nodes
 from supervisor.mechanisms.node_scan import NodeScan
-from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
-from tests.conftest import REPO_ROOT
+from supervisor.mechanisms.ray_cluster import LocalRayCluster
+from tests.conftest import start_test_cluster
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
 FAKE_PYNVML = '''
@@ -62,20 +62,10 @@ def fake_nvml_file() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def two_nodes(fake_nvml_file: Path) -> Iterator[LocalRayCluster]:
-    cluster = LocalRayCluster(
-        ClusterSpec(
-            temp_dir=Path(tempfile.mkdtemp(prefix="vsn-")),
-            num_cpus=0,
-            object_store_memory_mb=256,
-            dashboard=True,
-            extra_env={
-                "PYTHONPATH": f"{fake_nvml_file.parent}{os.pathsep}{REPO_ROOT}",
-                "FAKE_NVML_FILE": str(fake_nvml_file),
-            },
-        )
-    )
+    # The fake comes first on the workers' path, as the real nvidia-ml-py would be found.
+    extra_env = {"PYTHONPATH": str(fake_nvml_file.parent), "FAKE_NVML_FILE": str(fake_nvml_file)}
+    cluster = start_test_cluster(num_cpus=0, dashboard=True, extra_env=extra_env)
     try:
-        cluster.start()
         cluster.add_node(num_cpus=2, num_gpus=1)  # the sweep asks for no CPU: the head (0 CPUs) is swept too
         yield cluster
     finally:
