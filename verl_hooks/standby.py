@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 USAGE = "usage: python -m verl_hooks.standby MODULE   (then one JSON line on stdin: argv, cwd)"
@@ -77,7 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print(USAGE, file=sys.stderr)
         return 2
-    preload(args[0])
+    started = time.monotonic()
+    loaded = preload(args[0])
+    # Into the attempt's stderr.log, once it is launched: what the relaunch did not have to import.
+    print(
+        f"verl_hooks.standby: ready, {len(loaded)} modules imported in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # discarded before it was needed

@@ -88,6 +88,7 @@ def test_a_standby_becomes_the_attempts_driver_with_its_imports_done(job_dir: Pa
     assert status.code == 3, (log_dir / "stderr.log").read_text()[-2000:]
     out = (log_dir / "stdout.log").read_text()
     assert "args ['3', 'x=1'] value 42 tabnanny False" in out
+    assert "verl_hooks.standby: ready, " in (log_dir / "stderr.log").read_text(), "it says what it preloaded"
 
 
 def test_a_discarded_standby_exits_without_running_anything(job_dir: Path) -> None:
