@@ -19,9 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_test_cluster(
-    num_cpus: int = 16, dashboard: bool = False, extra_env: dict[str, str] | None = None
+    num_cpus: int = 16,
+    dashboard: bool = False,
+    extra_env: dict[str, str] | None = None,
+    auth_token_path: Path | None = None,
+    resources: dict[str, float] | None = None,
 ) -> LocalRayCluster:
-    """``extra_env`` reaches every Ray process; a ``PYTHONPATH`` in it comes before this repository."""
+    """``extra_env`` reaches every Ray process; a ``PYTHONPATH`` in it comes before this repository. With
+    ``auth_token_path``, the cluster takes work only with that file's token."""
     extra = dict(extra_env or {})
     # Some dependency installs a top-level `tests` package; workers must find this repository's first.
     extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra.get("PYTHONPATH"), str(REPO_ROOT)) if p)
@@ -29,9 +34,12 @@ def start_test_cluster(
         ClusterSpec(
             temp_dir=Path(tempfile.mkdtemp(prefix="vst-")),
             num_cpus=num_cpus,
+            resources=dict(resources or {}),
             object_store_memory_mb=512,
             dashboard=dashboard,
             extra_env=extra,
+            auth_mode="token" if auth_token_path else "disabled",
+            auth_token_path=str(auth_token_path) if auth_token_path else None,
         )
     )
     try:

@@ -3,9 +3,10 @@
 Ray's public ways to kill an actor need its handle (``ray.kill``) or its name (``ray kill-actor``). An actor
 that outlives its attempt belongs to a driver that is gone, so its handle is gone too, and it may have no name
 (an unnamed detached actor is allowed). What the fence has is the id the state API reports, and the GCS kills
-by id: ``KillActorViaGcs`` is the RPC that ``ray.kill`` itself ends in. The call goes through Ray's own channel
-factory, so TLS and token authentication are what the installed Ray configures; it takes milliseconds, where a
-throw-away driver (``ray.init``) takes seconds. Whether an actor really died is for the state API to confirm.
+by id: ``KillActorViaGcs`` is the RPC that ``ray.kill`` itself ends in. The call is made with the channel
+settings Ray's own clients use (TLS, the token: ``ray_wire``), without importing Ray; it takes milliseconds,
+where a throw-away driver (``ray.init``) takes seconds. Whether an actor really died is for the state API to
+confirm.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import grpc
+
+from supervisor.mechanisms.ray_wire import gcs_channel, gcs_protos
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class KillOutcome:
 
 def kill_actors(gcs_address: str, actor_ids: Sequence[str], timeout_s: float = 10.0) -> list[KillOutcome]:
     """Force-kill each actor through the GCS at ``gcs_address`` (host:port), never restarting it."""
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    gcs_service_pb2, gcs_service_pb2_grpc = gcs_protos()
 
     def kill(stub: Any, actor_id: str) -> Any:
         request = gcs_service_pb2.KillActorViaGcsRequest(
@@ -57,7 +62,7 @@ def remove_placement_groups(gcs_address: str, group_ids: Sequence[str], timeout_
     """Remove each placement group through the GCS (``RemovePlacementGroup``, where
     ``ray.util.remove_placement_group`` ends): its bundles' resources go back to the cluster. A group the GCS no
     longer knows counts as gone."""
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    gcs_service_pb2, gcs_service_pb2_grpc = gcs_protos()
 
     def remove(stub: Any, group_id: str) -> Any:
         request = gcs_service_pb2.RemovePlacementGroupRequest(placement_group_id=bytes.fromhex(group_id))
@@ -80,11 +85,8 @@ def _each_by_id(
     what: str,
 ) -> list[KillOutcome]:
     """One GCS call per id on one channel; each reply's status (or the RPC's error) becomes an outcome."""
-    import grpc
-    from ray._private.grpc_utils import init_grpc_channel
-
     outcomes = []
-    channel = init_grpc_channel(gcs_address)
+    channel = gcs_channel(gcs_address)
     try:
         stub = stub_class(channel)
         for target_id in ids:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from supervisor.mechanisms.ray_wire import gcs_channel, gcs_protos
+
 _UNTRACKED = {"CPU", "memory", "object_store_memory"}
 
 
@@ -23,10 +25,8 @@ def tracked(name: str) -> bool:
 
 def cluster_resources(gcs_address: str, timeout_s: float = 10.0) -> tuple[dict[str, float], dict[str, float]]:
     """(available, total) of the tracked resources, summed over the cluster's live nodes."""
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
-    channel = init_grpc_channel(gcs_address)
+    gcs_service_pb2, gcs_service_pb2_grpc = gcs_protos()
+    channel = gcs_channel(gcs_address)
     try:
         stub = gcs_service_pb2_grpc.NodeResourceInfoGcsServiceStub(channel)
         available = stub.GetAllAvailableResources(gcs_service_pb2.GetAllAvailableResourcesRequest(), timeout=timeout_s)

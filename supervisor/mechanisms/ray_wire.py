@@ -1,0 +1,161 @@
+"""Talking to a Ray cluster without importing Ray: the dashboard's HTTP state API, and the GCS's gRPC services
+through the message types the installed Ray generated.
+
+The supervisor is a client of its clusters, never a Ray driver, and what it asks is small: a few list queries
+and four GCS calls. ``import ray`` alone costs a process about 52 MB resident (Ray's C++ core library, requests,
+protobuf) and ``ray.util.state`` 11 MB more (pydantic): more than everything else the supervisor holds. So it
+speaks to the cluster as Ray's own clients do, from Ray 2.60's code:
+
+- The state API: ``GET /api/v0/<resource>`` with the query parameters ``StateApiClient._make_param`` builds
+  (``ray/util/state/api.py:154``), answered as ``_make_http_get_request`` reads it (``api.py:237-244``).
+- The GCS: the installed Ray's ``ray/core/generated/gcs_service_pb2*.py``, loaded under a private package name so
+  that ``ray/__init__`` never runs; they import each other relatively (``from . import common_pb2``). Loading
+  them beside a process's own ``import ray`` is fine: protobuf accepts the same file registered twice.
+- Token authentication: ``authorization: Bearer <token>`` on HTTP requests and as gRPC metadata
+  (``ray/_private/authentication/authentication_constants.py``, ``http_token_authentication.py:85``,
+  ``grpc_authentication_client_interceptor.py``), with the token where Ray's loader looks: ``$RAY_AUTH_TOKEN``,
+  else the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
+- TLS: ``RAY_USE_TLS`` with ``RAY_TLS_SERVER_CERT``, ``RAY_TLS_SERVER_KEY`` and ``RAY_TLS_CA_CERT``, as
+  ``ray/_private/grpc_utils.py:67`` and ``ray/_common/tls_utils.py:85`` read them.
+
+The Jobs SDK (``ray.mode=jobs``) and the node sweep's probe process still use Ray itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import types
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+
+AUTHORIZATION = "authorization"
+_PROTOS_PACKAGE = "_supervisor_ray_protos"
+
+
+def _token(environ: Mapping[str, str]) -> str | None:
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The header a cluster with ``RAY_AUTH_MODE=token`` wants; empty otherwise, or when no token is found (the
+    cluster then refuses, and the caller's message says what to set)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = _token(environ)
+    return {AUTHORIZATION: f"Bearer {token}"} if token else {}
+
+
+class StateApiError(RuntimeError):
+    """The state API answered, but with an error of its own."""
+
+
+def list_state(
+    dashboard_url: str,
+    resource: str,
+    filters: Sequence[tuple[str, str, str]] = (),
+    *,
+    timeout_s: float,
+    limit: int,
+    detail: bool = False,
+) -> list[dict[str, Any]]:
+    """The entries of ``resource`` (actors, placement_groups, nodes, jobs) that pass every (key, predicate,
+    value) filter, as the state API's JSON gives them. Raises ``urllib.error.URLError`` (an HTTP status among
+    them) when the dashboard does not answer or refuses, ``StateApiError`` when it answers with an error."""
+    params: list[tuple[str, Any]] = [("limit", limit), ("timeout", max(1, int(timeout_s))), ("detail", detail)]
+    for key, predicate, value in filters:
+        params += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
+    body = get(dashboard_url, f"/api/v0/{resource}", params, timeout_s)
+    if body.get("result") is False:
+        raise StateApiError(f"the state API failed to list {resource}: {body.get('msg')}")
+    return list(body["data"]["result"]["result"])
+
+
+def get(dashboard_url: str, path: str, params: Sequence[tuple[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """GET a JSON document from the cluster's dashboard, authenticated as the cluster wants."""
+    base = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    query = urllib.parse.urlencode([(k, str(v)) for k, v in params])
+    request = urllib.request.Request(f"{base.rstrip('/')}{path}?{query}", headers=auth_headers())
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # the cluster's own dashboard
+        return json.load(response)
+
+
+def ray_module_path(*parts: str) -> Path:
+    """A file or folder inside the installed Ray package, found without importing it."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("Ray is not installed")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+@functools.cache
+def gcs_protos() -> tuple[types.ModuleType, types.ModuleType]:
+    """(``gcs_service_pb2``, ``gcs_service_pb2_grpc``) of the installed Ray, without running ``ray/__init__``."""
+    if _PROTOS_PACKAGE not in sys.modules:
+        package = types.ModuleType(_PROTOS_PACKAGE)
+        package.__path__ = [str(ray_module_path("core", "generated"))]
+        package.__package__ = _PROTOS_PACKAGE
+        sys.modules[_PROTOS_PACKAGE] = package
+    return (
+        importlib.import_module(f"{_PROTOS_PACKAGE}.gcs_service_pb2"),
+        importlib.import_module(f"{_PROTOS_PACKAGE}.gcs_service_pb2_grpc"),
+    )
+
+
+def gcs_channel(address: str) -> grpc.Channel:
+    """A gRPC channel to the GCS at ``address`` (host:port), with TLS and the token as the cluster wants."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        names = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+        missing = [name for name in names if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"RAY_USE_TLS is set, but not {', '.join(missing)}")
+        chain, key, ca = (Path(os.environ[name]).read_bytes() for name in names)
+        credentials = grpc.ssl_channel_credentials(certificate_chain=chain, private_key=key, root_certificates=ca)
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    metadata = tuple(auth_headers().items())
+    return grpc.intercept_channel(channel, _AddMetadata(metadata)) if metadata else channel
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _AddMetadata(grpc.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (the token) to every unary call, as Ray's own client interceptor does."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        added = _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self._metadata],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+        return continuation(added, request)
