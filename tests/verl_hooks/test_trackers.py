@@ -79,6 +79,7 @@ def trackers_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # the supervisor's raise test (tests/supervisor/e2e/test_mini_ppo.py) checks all three trackers
 def test_two_attempts_write_into_one_run_of_each_tracker(tmp_path: Path, trackers_env: dict[str, str]) -> None:
     (tmp_path / "wandb_dir").mkdir()
     run_id, run_dir = "0123456789abcdef", tmp_path / "run"
