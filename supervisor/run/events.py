@@ -344,7 +344,8 @@ class RunFinished(Event):
     attempts: int
 
     def describe(self) -> str:
-        return f"run finished: {self.outcome} (exit {self.exit_code}) after {self.attempts} attempts: {self.reason}"
+        attempts = f"{self.attempts} attempt{'' if self.attempts == 1 else 's'}"
+        return f"run finished: {self.outcome} (exit {self.exit_code}) after {attempts}: {self.reason}"
 
 
 @dataclass(frozen=True)

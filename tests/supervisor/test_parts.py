@@ -253,3 +253,8 @@ def test_a_refused_call_says_what_to_set() -> None:
     assert refusal_hint(refused, "disabled").endswith("set ray.auth_mode=token and ray.auth_token_path=FILE")
     assert "refused the token" in refusal_hint(refused, "token")
     assert refusal_hint(ConnectionError("connection refused"), "token") == "connection refused"
+
+
+def test_the_run_finished_line_counts_its_attempts_in_good_english() -> None:
+    assert RunFinished(0, "done", "finished", 1).describe().endswith("after 1 attempt: finished")
+    assert RunFinished(3, "failed", "no budget", 4).describe().endswith("after 4 attempts: no budget")
