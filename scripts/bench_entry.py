@@ -95,7 +95,7 @@ def stop_cluster(cluster: LocalRayCluster, attempt: int) -> None:
         for driver_log in cluster.temp_dir.glob("session_*/logs/job-driver-*.log"):
             shutil.copy(driver_log, Path(os.environ["BENCH_RAY_DIR"]) / f"attempt-{attempt}-{driver_log.name}")
     if cluster.temp_dir is not None and cluster.temp_dir != attempt_temp_dir(attempt).resolve():
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)  # the short stand-in for a long temp dir path
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)  # Ray's logs (moved home from /tmp): not kept
     log("cluster_down", attempt, duration_s=time.monotonic() - started)
 
 

@@ -7,12 +7,14 @@ started (``LocalRayCluster.stop``), never with ``ray stop``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from supervisor.mechanisms.processes import TerminationReport
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +47,19 @@ def start_test_cluster(
     try:
         cluster.start()
     except BaseException:
-        cluster.stop(grace_s=2.0)
+        stop_test_cluster(cluster, grace_s=2.0)
         raise
     return cluster
+
+
+def stop_test_cluster(cluster: LocalRayCluster, grace_s: float = 5.0) -> TerminationReport:
+    """Stop a cluster of ``start_test_cluster`` and remove its temp dirs (its added nodes' too): /tmp keeps
+    nothing of a test."""
+    report = cluster.stop(grace_s=grace_s)
+    folder = cluster.spec.temp_dir
+    for path in [folder, *folder.parent.glob(f"{folder.name}-n*")]:
+        shutil.rmtree(path, ignore_errors=True)
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +69,7 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
     try:
         yield cluster
     finally:
-        report = cluster.stop(grace_s=5.0)
+        report = stop_test_cluster(cluster)
         assert not report.survivors, f"Ray processes survived the test cluster's teardown: {report.survivors}"
         assert not cluster.processes()
 

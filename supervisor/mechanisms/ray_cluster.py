@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import stat
 import sys
 import tempfile
 import uuid
@@ -89,6 +91,10 @@ class ClusterPorts:
         return cls(*sorted(ports))
 
 
+def _sockets(folder: str, names: list[str]) -> list[str]:
+    return [name for name in names if stat.S_ISSOCK(os.lstat(os.path.join(folder, name)).st_mode)]
+
+
 _NOT_RUNNING = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 
@@ -119,6 +125,9 @@ class LocalRayCluster:
         self._seen: dict[int, psutil.Process] = {}
         self._on_unmarked = on_unmarked
         self._core: list[tuple[psutil.Process, str]] = []
+        self._away: list[tuple[Path, Path]] = []
+        """Temp dirs under /tmp (a long ``spec.temp_dir``), each with the link in ``spec.temp_dir`` that it
+        replaces once the cluster is stopped."""
 
     @property
     def address(self) -> str:
@@ -152,7 +161,7 @@ class LocalRayCluster:
             except ClusterStartError as exc:
                 # Most often a port taken between choosing it and binding it: choose again.
                 errors.append(str(exc))
-                self.stop(grace_s=5.0)
+                self._stop_processes(grace_s=5.0, reap_timeout_s=5.0)
         raise ClusterStartError(
             f"local Ray cluster did not start after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
         )
@@ -162,11 +171,17 @@ class LocalRayCluster:
         if len(str(wanted)) <= _MAX_TEMP_DIR_LEN:
             wanted.mkdir(parents=True, exist_ok=True)
             return wanted
-        short = Path(tempfile.mkdtemp(prefix="vsray-"))
-        wanted.parent.mkdir(parents=True, exist_ok=True)
-        if not wanted.exists():
-            wanted.symlink_to(short, target_is_directory=True)
-        logger.info("Ray temp dir %s is too long for unix sockets; using %s (linked from it)", wanted, short)
+        return self._short_dir(Path(tempfile.mkdtemp(prefix="vsray-")))
+
+    def _short_dir(self, short: Path) -> Path:
+        """``short`` (under /tmp) as a temp dir of this cluster, reached through a link in ``spec.temp_dir``
+        while the cluster runs, and moved there, with Ray's logs, when it stops."""
+        home = self.spec.temp_dir.resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        link = home / short.name
+        link.symlink_to(short, target_is_directory=True)
+        self._away.append((short, link))
+        logger.info("Ray temp dir %s is too long for unix sockets; using %s (linked from it)", home, short)
         return short
 
     def _start_once(self, attempt: int) -> None:
@@ -281,6 +296,8 @@ class LocalRayCluster:
         index = len(self._nodes) + 1
         temp_dir = Path(f"{self.temp_dir}-n{index}")
         temp_dir.mkdir(parents=True, exist_ok=True)
+        if self._away:
+            self._short_dir(temp_dir)
         ports = [free_port(self.spec.node_ip) for _ in range(6)]
         options = [
             f"--address={self.address}",
@@ -367,8 +384,14 @@ class LocalRayCluster:
         SIGTERM to `ray start --block` alone brings the cluster down in a second or two (Ray's own fate
         sharing); SIGTERM to every process at once makes the raylet and GCS linger. So only the `ray start`
         processes are signalled, and the one escalation gives the cluster's other processes ``grace_s`` to
-        follow before SIGKILL; processes that appear during the shutdown get the same.
+        follow before SIGKILL; processes that appear during the shutdown get the same. Then a temp dir that had
+        to live under /tmp is moved into ``spec.temp_dir``, Ray's logs with it.
         """
+        report = self._stop_processes(grace_s, reap_timeout_s)
+        self._bring_temp_dirs_home()
+        return report
+
+    def _stop_processes(self, grace_s: float, reap_timeout_s: float) -> TerminationReport:
         marked = self.processes()
         for node in [*self._nodes, self._process]:
             if node is not None and node.poll() is None:
@@ -386,3 +409,28 @@ class LocalRayCluster:
         if report.survivors:
             logger.error("processes of Ray cluster %s survived SIGKILL: %s", self.cluster_id, report.survivors)
         return report
+
+    def _bring_temp_dirs_home(self) -> None:
+        """Each temp dir under /tmp replaces its link in ``spec.temp_dir`` (``temp_dir`` then names where it is
+        now): the run keeps Ray's logs, and /tmp keeps nothing of it. Unix sockets, which mean nothing once the
+        cluster is down, do not cross file systems. A dir that cannot be moved stays where it is, still linked."""
+        while self._away:
+            short, link = self._away.pop()
+            try:
+                link.unlink()
+                try:
+                    os.rename(short, link)
+                except OSError:  # another file system
+                    shutil.copytree(short, link, symlinks=True, ignore=_sockets)
+                    shutil.rmtree(short)
+                if self.temp_dir == short:
+                    self.temp_dir = link
+                latest = link / "session_latest"  # Ray's link to the session, by its absolute path
+                if latest.is_symlink():
+                    session = Path(os.readlink(latest)).name
+                    latest.unlink()
+                    latest.symlink_to(session, target_is_directory=True)
+            except OSError as exc:
+                logger.warning("Ray's temp dir %s stays there (not moved to %s): %s", short, link, exc)
+                if not link.exists():
+                    link.symlink_to(short, target_is_directory=True)

@@ -26,9 +26,7 @@ def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> 
     no marker can be read from them. With the GCS dead `ray start` kills the raylet, and the orphaned agents would
     wait forever after the cluster's stop."""
     announced: list[psutil.Process] = []
-    cluster = LocalRayCluster(
-        ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1), on_unmarked=announced.extend
-    )
+    cluster = LocalRayCluster(ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1), on_unmarked=announced.extend)
     cluster.start()
     agents: list[psutil.Process] = []
     try:
@@ -61,9 +59,14 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
     """`ray start --block` outlives a raylet that exited because its dashboard agent died, and the GCS port still
     answers: a driver then finds no node, attempt after attempt (the chaos campaign's kill:agent). A stopped raylet
     is as useless."""
-    cluster = LocalRayCluster(ClusterSpec(temp_dir=Path(tempfile.mkdtemp(prefix="vst-")), num_cpus=1))
+    home = tmp_path / "a-run-directory-whose-path-is-too-long-for-rays-unix-sockets" / "ray"
+    cluster = LocalRayCluster(ClusterSpec(temp_dir=home, num_cpus=1))
     cluster.start()
     try:
+        assert cluster.temp_dir is not None
+        assert cluster.temp_dir.parent == Path(tempfile.gettempdir()), "the sockets' paths fit"
+        assert (home / cluster.temp_dir.name).resolve() == cluster.temp_dir, "linked from the run's folder"
+        short = cluster.temp_dir
         assert cluster.is_healthy()
         raylet = raylet_of(cluster)
         raylet.send_signal(signal.SIGSTOP)
@@ -82,3 +85,10 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
         assert wait_for(lambda: f"raylet[{raylet.pid}]" in cluster.dead_core_processes(), 60), "it follows its agent"
     finally:
         cluster.stop(grace_s=1.0)
+    # Stopped, its temp dir came home with Ray's logs, and /tmp keeps nothing of it.
+    moved = home / short.name
+    assert cluster.temp_dir == moved
+    assert moved.is_dir()
+    assert not moved.is_symlink()
+    assert not short.exists()
+    assert (moved / "session_latest" / "logs" / "raylet.out").is_file()

@@ -28,7 +28,7 @@ from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck
 from supervisor.mechanisms.node_probe import NodeSweep, probe_env, sweep_nodes
 from supervisor.mechanisms.node_scan import NodeScan
 from supervisor.mechanisms.ray_cluster import LocalRayCluster
-from tests.conftest import start_test_cluster
+from tests.conftest import start_test_cluster, stop_test_cluster
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
 FAKE_PYNVML = '''
@@ -69,7 +69,7 @@ def two_nodes(fake_nvml_file: Path) -> Iterator[LocalRayCluster]:
         cluster.add_node(num_cpus=2, num_gpus=1)  # the sweep asks for no CPU: the head (0 CPUs) is swept too
         yield cluster
     finally:
-        report = cluster.stop(grace_s=5.0)
+        report = stop_test_cluster(cluster)
         assert not report.survivors
         assert not cluster.processes()
 

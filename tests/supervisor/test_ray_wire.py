@@ -24,7 +24,7 @@ from supervisor.mechanisms.ray_kill import KillResult, kill_actors, remove_place
 from supervisor.mechanisms.ray_resources import cluster_resources
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.ray_wire import AUTHORIZATION, auth_headers
-from tests.conftest import REPO_ROOT, start_test_cluster
+from tests.conftest import REPO_ROOT, start_test_cluster, stop_test_cluster
 
 
 def test_no_header_unless_the_cluster_wants_a_token(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRay
     try:
         yield cluster
     finally:
-        report = cluster.stop(grace_s=5.0)
+        report = stop_test_cluster(cluster)
         assert not report.survivors
 
 

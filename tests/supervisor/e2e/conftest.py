@@ -164,8 +164,10 @@ def runs(tmp_path: Path, bystander_sleeper, ray_cluster) -> Iterator[RunTracker]
         survivors = [ProcessInfo.of(p) for p in tracker.leftovers()]
         raise AssertionError(f"processes of the run survived it: {survivors}") from None
     for run_dir in tracker.run_dirs:
-        ray_dir = run_dir / "ray"
-        if ray_dir.is_symlink():  # long pytest paths put the cluster's temp dir under /tmp: the test's own
-            shutil.rmtree(ray_dir.resolve(), ignore_errors=True)
+        # Long pytest paths put the cluster's temp dir under /tmp, linked from the run until the cluster's stop
+        # moves it home; a supervisor killed outright leaves the link, and the dir is still the test's own.
+        for link in (run_dir / "ray").glob("vsray-*"):
+            if link.is_symlink():
+                shutil.rmtree(link.resolve(), ignore_errors=True)
     assert bystander_sleeper.poll() is None, "a process outside the run was killed"
     assert ray_cluster.is_healthy(), "a Ray cluster outside the run was harmed"

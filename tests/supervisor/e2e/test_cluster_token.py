@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
-from tests.conftest import REPO_ROOT
+from supervisor.mechanisms.ray_cluster import LocalRayCluster
+from tests.conftest import start_test_cluster, stop_test_cluster
 from tests.supervisor.e2e.conftest import events_of, run_supervisor
 
 pytestmark = pytest.mark.ray
@@ -24,22 +23,11 @@ def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lo
     token = tmp_path_factory.mktemp("token") / "cluster_token"
     token.write_text(secrets.token_hex(32))
     os.chmod(token, 0o600)
-    cluster = LocalRayCluster(
-        ClusterSpec(
-            temp_dir=Path(tempfile.mkdtemp(prefix="vstk-")),
-            num_cpus=4,
-            object_store_memory_mb=512,
-            dashboard=True,
-            auth_mode="token",
-            auth_token_path=str(token),
-            extra_env={"PYTHONPATH": str(REPO_ROOT)},
-        )
-    )
+    cluster = start_test_cluster(num_cpus=4, dashboard=True, auth_token_path=token)
     try:
-        cluster.start()
         yield cluster, token
     finally:
-        report = cluster.stop(grace_s=5.0)
+        report = stop_test_cluster(cluster)
         assert not report.survivors
 
 

@@ -11,17 +11,16 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ray.util.state import list_actors, list_jobs, list_nodes
 
-from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
+from supervisor.mechanisms.ray_cluster import LocalRayCluster
 from supervisor.mechanisms.ray_kill import kill_actors, remove_placement_groups
 from supervisor.mechanisms.ray_state import RayStateClient
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, start_test_cluster, stop_test_cluster
 from tests.supervisor.e2e.conftest import (
     JOB_ARGS,
     events_of,
@@ -46,21 +45,12 @@ STALL_WATCHDOG = (
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[LocalRayCluster]:
-    cluster = LocalRayCluster(
-        ClusterSpec(
-            temp_dir=Path(tempfile.mkdtemp(prefix="vst2-")),
-            num_cpus=0,
-            object_store_memory_mb=512,
-            dashboard=True,
-            extra_env={"PYTHONPATH": str(REPO_ROOT)},
-        )
-    )
+    cluster = start_test_cluster(num_cpus=0, dashboard=True)
     try:
-        cluster.start()
         cluster.add_node(num_cpus=8, resources={"stray_ok": 1}, num_gpus=2)  # logical GPUs
         yield cluster
     finally:
-        report = cluster.stop(grace_s=5.0)
+        report = stop_test_cluster(cluster)
         assert not report.survivors
         assert not cluster.processes()
 
