@@ -49,7 +49,7 @@ def apply_auth_env(mode: str, token_path: str | None, environ: dict[str, str] | 
         environ.pop("RAY_AUTH_TOKEN", None)
 
 
-_REFUSED_MARKS = ("401", "unauthorized", "authentication", "unauthenticated")
+_REFUSED_MARKS = ("401", "403", "unauthorized", "forbidden", "authentication", "unauthenticated")
 
 
 def refusal_hint(error: BaseException | str, mode: str | None) -> str:

@@ -91,8 +91,43 @@ class ClusterPorts:
         return cls(*sorted(ports))
 
 
-def _sockets(folder: str, names: list[str]) -> list[str]:
-    return [name for name in names if stat.S_ISSOCK(os.lstat(os.path.join(folder, name)).st_mode)]
+def _move_home(short: Path, link: Path) -> None:
+    """``short`` in place of ``link`` (a link to it). On one file system, renamed whole. Across file systems only
+    what is worth keeping is copied (the top level's files and each session's logs; not spilled objects, runtime
+    environments' downloads or sockets, which can be large or mean nothing once the cluster is down), into a
+    folder that takes the link's place once complete. Raises OSError with the link still in place."""
+    try:
+        link.unlink()
+        os.rename(short, link)
+    except OSError:
+        if not link.is_symlink():
+            link.symlink_to(short, target_is_directory=True)
+        copying = link.with_name(f"{link.name}.moving")
+        try:
+            shutil.copytree(short, copying, symlinks=True, ignore=_not_kept)
+            link.unlink()
+            os.rename(copying, link)
+        except (OSError, shutil.Error) as exc:
+            shutil.rmtree(copying, ignore_errors=True)
+            if not link.is_symlink():
+                link.symlink_to(short, target_is_directory=True)
+            raise OSError(f"copying it failed: {exc}") from exc
+        shutil.rmtree(short, ignore_errors=True)
+    latest = link / "session_latest"  # Ray's link to the session, by its absolute path
+    if latest.is_symlink():
+        session = Path(os.readlink(latest)).name
+        latest.unlink()
+        latest.symlink_to(session, target_is_directory=True)
+
+
+def _not_kept(folder: str, names: list[str]) -> list[str]:
+    """What a copy across file systems leaves behind: sockets, and in a session folder everything but logs."""
+    in_session = Path(folder).name.startswith("session_")
+    return [
+        name
+        for name in names
+        if stat.S_ISSOCK(os.lstat(os.path.join(folder, name)).st_mode) or (in_session and name != "logs")
+    ]
 
 
 _NOT_RUNNING = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
@@ -162,6 +197,7 @@ class LocalRayCluster:
                 # Most often a port taken between choosing it and binding it: choose again.
                 errors.append(str(exc))
                 self._stop_processes(grace_s=5.0, reap_timeout_s=5.0)
+        self._bring_temp_dirs_home()  # what `ray start` said is in there
         raise ClusterStartError(
             f"local Ray cluster did not start after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
         )
@@ -412,25 +448,14 @@ class LocalRayCluster:
 
     def _bring_temp_dirs_home(self) -> None:
         """Each temp dir under /tmp replaces its link in ``spec.temp_dir`` (``temp_dir`` then names where it is
-        now): the run keeps Ray's logs, and /tmp keeps nothing of it. Unix sockets, which mean nothing once the
-        cluster is down, do not cross file systems. A dir that cannot be moved stays where it is, still linked."""
+        now): the run keeps Ray's logs, and /tmp keeps nothing of it. A dir that cannot be moved stays where it
+        is, still linked."""
         while self._away:
             short, link = self._away.pop()
             try:
-                link.unlink()
-                try:
-                    os.rename(short, link)
-                except OSError:  # another file system
-                    shutil.copytree(short, link, symlinks=True, ignore=_sockets)
-                    shutil.rmtree(short)
-                if self.temp_dir == short:
-                    self.temp_dir = link
-                latest = link / "session_latest"  # Ray's link to the session, by its absolute path
-                if latest.is_symlink():
-                    session = Path(os.readlink(latest)).name
-                    latest.unlink()
-                    latest.symlink_to(session, target_is_directory=True)
+                _move_home(short, link)
             except OSError as exc:
-                logger.warning("Ray's temp dir %s stays there (not moved to %s): %s", short, link, exc)
-                if not link.exists():
-                    link.symlink_to(short, target_is_directory=True)
+                logger.warning("Ray's temp dir %s stays there, linked from %s: %s", short, link, exc)
+                continue
+            if self.temp_dir == short:
+                self.temp_dir = link

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import types
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -42,14 +43,28 @@ AUTHORIZATION = "authorization"
 _PROTOS_PACKAGE = "_supervisor_ray_protos"
 
 
+_K8S_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
 def _token(environ: Mapping[str, str]) -> str | None:
+    """Where Ray's token loader looks, in its order: ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``, the
+    pod's service-account token when ``$RAY_ENABLE_K8S_TOKEN_AUTH`` is set, ``~/.ray/auth_token``. Of a file,
+    the first line, as Ray reads it."""
     if environ.get("RAY_AUTH_TOKEN", "").strip():
         return environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
+    files = [Path(environ["RAY_AUTH_TOKEN_PATH"]).expanduser()] if environ.get("RAY_AUTH_TOKEN_PATH") else []
+    if environ.get("RAY_ENABLE_K8S_TOKEN_AUTH", "").lower() in ("1", "true"):
+        files.append(_K8S_TOKEN)
+    files.append(Path(environ.get("HOME") or Path.home()) / ".ray" / "auth_token")
+    for file in files:
+        try:
+            with file.open() as lines:
+                token = lines.readline().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None
 
 
 def auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -63,7 +78,12 @@ def auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 class StateApiError(RuntimeError):
-    """The state API answered, but with an error of its own."""
+    """The dashboard answered with an error: an HTTP status (``status``; 401 or 403 for a missing or wrong
+    token) or the state API's own failure, with the message it gave."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def list_state(
@@ -76,8 +96,8 @@ def list_state(
     detail: bool = False,
 ) -> list[dict[str, Any]]:
     """The entries of ``resource`` (actors, placement_groups, nodes, jobs) that pass every (key, predicate,
-    value) filter, as the state API's JSON gives them. Raises ``urllib.error.URLError`` (an HTTP status among
-    them) when the dashboard does not answer or refuses, ``StateApiError`` when it answers with an error."""
+    value) filter, as the state API's JSON gives them. Raises ``StateApiError`` when the dashboard answers with
+    an error, ``OSError`` (``urllib.error.URLError``, a timeout) when it does not answer."""
     params: list[tuple[str, Any]] = [("limit", limit), ("timeout", max(1, int(timeout_s))), ("detail", detail)]
     for key, predicate, value in filters:
         params += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
@@ -92,8 +112,21 @@ def get(dashboard_url: str, path: str, params: Sequence[tuple[str, Any]], timeou
     base = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
     query = urllib.parse.urlencode([(k, str(v)) for k, v in params])
     request = urllib.request.Request(f"{base.rstrip('/')}{path}?{query}", headers=auth_headers())
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # the cluster's own dashboard
-        return json.load(response)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # the cluster's own dashboard
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise StateApiError(f"HTTP {exc.code} {exc.reason} from {path}: {_said(exc)}", exc.code) from None
+
+
+def _said(error: urllib.error.HTTPError) -> str:
+    """What the dashboard said with an error status: the state API's JSON ``msg``, else the body's start."""
+    body = error.read(65536).decode(errors="replace")
+    try:
+        said = json.loads(body).get("msg")
+    except (ValueError, AttributeError):
+        said = None
+    return str(said or body.strip() or "no message")[:500]
 
 
 def ray_module_path(*parts: str) -> Path:

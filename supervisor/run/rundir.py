@@ -6,7 +6,7 @@ Layout::
     <run_dir>/state.json          RunHistory, replaced atomically after every change
     <run_dir>/events.jsonl        one JSON object per event (supervisor.run.events)
     <run_dir>/attempts/<n>/       stdout.log, stderr.log, error.json of attempt n
-    <run_dir>/ray/                the embedded Ray cluster's temp dir (or a link to it)
+    <run_dir>/ray/                the embedded Ray cluster's temp dir (Ray's logs; vsray-*/ for a long path)
     <run_dir>/checkpoints/        the job's checkpoints, unless configured elsewhere
 """
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import psutil
 import pytest
 
 from supervisor.mechanisms.processes import wait_for
-from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
+from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home
 
 
 def raylet_of(cluster: LocalRayCluster) -> psutil.Process:
@@ -92,3 +96,61 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
     assert not moved.is_symlink()
     assert not short.exists()
     assert (moved / "session_latest" / "logs" / "raylet.out").is_file()
+
+
+def ray_temp_dir(short: Path) -> None:
+    """What a stopped cluster leaves in its temp dir: logs, a big spilled object, a socket, Ray's session link."""
+    session = short / "session_2026-11-27_01-02-03_456789_42"
+    (session / "logs").mkdir(parents=True)
+    (session / "logs" / "raylet.out").write_text("raylet log")
+    (session / "ray_spilled_objects").mkdir()
+    (session / "ray_spilled_objects" / "object").write_bytes(b"\0" * 4096)
+    (short / "ray-start-1.log").write_text("Ray runtime started")
+    (short / "session_latest").symlink_to(session)  # by its absolute path, as Ray makes it
+    os.mknod(session / "plasma_store", stat.S_IFSOCK | 0o600)  # a socket file (bind() wants a shorter path)
+
+
+def test_across_file_systems_only_the_logs_come_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    short, link = tmp_path / "tmp" / "vsray-abc", tmp_path / "run" / "ray" / "vsray-abc"
+    ray_temp_dir(short)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(short)
+    rename = os.rename
+
+    def across(src, dst) -> None:
+        if Path(src) == short:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", across)
+    _move_home(short, link)
+
+    assert not link.is_symlink()
+    assert not short.exists()
+    assert (link / "ray-start-1.log").read_text() == "Ray runtime started"
+    assert (link / "session_latest" / "logs" / "raylet.out").read_text() == "raylet log", "the link is relative"
+    assert sorted(p.name for p in (link / "session_latest").iterdir()) == ["logs"], "no spilled objects, no socket"
+
+
+def test_a_copy_that_fails_leaves_the_dir_where_it_was_and_still_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short, link = tmp_path / "tmp" / "vsray-abc", tmp_path / "run" / "ray" / "vsray-abc"
+    ray_temp_dir(short)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(short)
+    monkeypatch.setattr(os, "rename", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
+    copytree = shutil.copytree
+
+    def full_disk(src, dst, *args, **kwargs) -> None:
+        copytree(src, dst, *args, **kwargs)  # the copy of a folder inside comes back here, and fails too
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _move_home(short, link)
+
+    assert link.is_symlink()
+    assert link.resolve() == short.resolve()
+    assert (short / "session_latest" / "ray_spilled_objects" / "object").exists(), "nothing lost"
+    assert sorted(p.name for p in link.parent.iterdir()) == ["vsray-abc"], "no half copy left"

@@ -11,19 +11,19 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from supervisor.mechanisms.ray_auth import auth_env
+from supervisor.mechanisms import ray_wire
+from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
 from supervisor.mechanisms.ray_cluster import LocalRayCluster
 from supervisor.mechanisms.ray_kill import KillResult, kill_actors, remove_placement_groups
 from supervisor.mechanisms.ray_resources import cluster_resources
 from supervisor.mechanisms.ray_state import RayStateClient
-from supervisor.mechanisms.ray_wire import AUTHORIZATION, auth_headers
+from supervisor.mechanisms.ray_wire import AUTHORIZATION, StateApiError, auth_headers
 from tests.conftest import REPO_ROOT, start_test_cluster, stop_test_cluster
 
 
@@ -48,7 +48,17 @@ def test_the_token_is_found_where_rays_loader_looks(tmp_path: Path, monkeypatch:
     }
     assert auth_headers({**token, "RAY_AUTH_TOKEN_PATH": str(file)}) == {AUTHORIZATION: "Bearer from-file"}
     assert auth_headers(token) == {AUTHORIZATION: "Bearer from-home"}
-    assert auth_headers({**token, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}) == {}
+    pod = tmp_path / "serviceaccount-token"
+    pod.write_text("from-pod")
+    monkeypatch.setattr(ray_wire, "_K8S_TOKEN", pod)
+    assert auth_headers({**token, "RAY_ENABLE_K8S_TOKEN_AUTH": "true"}) == {AUTHORIZATION: "Bearer from-pod"}
+    file.write_text("first-line\nsecond line\n")
+    assert auth_headers({**token, "RAY_AUTH_TOKEN_PATH": str(file)}) == {AUTHORIZATION: "Bearer first-line"}
+
+
+def test_no_token_anywhere_no_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_headers({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}) == {}
 
 
 # What the tests below compare: an attempt's driver that leaves a detached actor and a detached placement group
@@ -155,12 +165,24 @@ def test_the_state_client_answers_as_rays_state_api_does(token_cluster: LocalRay
 
 
 @pytest.mark.ray
-def test_without_the_token_the_cluster_refuses_every_call(token_cluster: LocalRayCluster, monkeypatch) -> None:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+@pytest.mark.parametrize(
+    ("mode", "token", "status", "hint"),
+    [
+        ("disabled", None, 401, "the cluster wants a token; set ray.auth_mode=token"),
+        ("token", "not-the-token", 403, "the cluster refused the token"),
+    ],
+)
+def test_without_the_right_token_the_cluster_refuses_every_call_and_says_what_to_set(
+    token_cluster: LocalRayCluster, monkeypatch, mode: str, token: str | None, status: int, hint: str
+) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    if token:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # wins over the cluster's file, as in Ray
 
-    with pytest.raises(urllib.error.HTTPError) as refused:
+    with pytest.raises(StateApiError) as refused:
         RayStateClient(token_cluster.dashboard_url, timeout_s=10.0).check()
-    assert refused.value.code == 401
+    assert refused.value.status == status
+    assert hint in refusal_hint(refused.value, mode)
     with pytest.raises(grpc.RpcError) as unauthenticated:
         cluster_resources(token_cluster.address)
     assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
