@@ -96,7 +96,9 @@ SUPERVISOR_OVERRIDES = (
     "watchdog.startup_timeout_s=60",
     "watchdog.step_timeout_s=30",
     "watchdog.adaptive_min_steps=2",
-    "watchdog.adaptive_floor_s=10",
+    # Above the guard's fixed sync limit (GUARD_ENV, 15 s), as in the defaults (600 s each): a hang inside a sync
+    # is the guard's to end, with its record; a sync slowed by a loaded machine is not a stall.
+    "watchdog.adaptive_floor_s=20",
     "watchdog.adaptive_multiple=3",
     "watchdog.driver_timeout_s=15",
     "watchdog.heartbeat_interval_s=2",

@@ -10,6 +10,11 @@ It imports what MODULE imports at its top level, not MODULE itself, whose body r
 the command comes. Until then it connects to nothing (no Ray, no GPU, no heartbeat) and does nothing: on end of
 input (the supervisor discarded it, or died) it exits 0. The line it reads becomes ``verl_hooks.launch``'s
 arguments, and the process goes on as a cold launch would have: stdin is ``/dev/null`` again.
+
+Its imports are background work beside an attempt that trains: it makes them at a lower priority (niceness +10),
+and takes its priority back once it becomes the driver. A user that may not raise a priority (no CAP_SYS_NICE)
+keeps a driver niced; verl's driver mostly waits on Ray (its trainer runs in the ``TaskRunner`` actor), whose
+workers the raylet starts, at their own priority.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import time
 from collections.abc import Sequence
 
 USAGE = "usage: python -m verl_hooks.standby MODULE   (then one JSON line on stdin: argv, cwd)"
+NICENESS = 10
+"""How far below the attempt's processes a waiting standby's imports run."""
 
 
 def top_level_imports(module: str) -> list[str]:
@@ -79,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     started = time.monotonic()
+    priority = os.getpriority(os.PRIO_PROCESS, 0)
+    _set_priority(min(19, priority + NICENESS))
     loaded = preload(args[0])
     # Into the attempt's stderr.log, once it is launched: what the relaunch did not have to import.
     print(
@@ -90,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not line.strip():
         return 0  # discarded before it was needed
     command = json.loads(line)
+    try:
+        _set_priority(priority)
+    except PermissionError:
+        print(f"verl_hooks.standby: the driver keeps niceness +{NICENESS} (not allowed to raise it)", file=sys.stderr)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # as a cold launch's driver has it
     os.close(devnull)
@@ -99,6 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     launch(command["argv"])  # never returns
     return 0
+
+
+def _set_priority(niceness: int) -> None:
+    """Every thread's: on Linux a niceness is a thread's, and a thread started during the imports has its own."""
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task), niceness)
+        except ProcessLookupError:
+            continue  # a thread that ended meanwhile
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ import pytest
 
 from supervisor.backends.driver import DriverProcess, StandbyDriver, launcher_args, standby_module
 from supervisor.mechanisms.marked import find_marked_processes
+from supervisor.mechanisms.processes import wait_for
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
-from verl_hooks.standby import top_level_imports
+from verl_hooks.standby import NICENESS, top_level_imports
 
 JOB = '''
 """A job that says which of its imports were already loaded before its body ran."""
+import os
 import sys
 import json
 preloaded = "json" in sys.modules and "standby_probe_dep" in sys.modules
@@ -27,6 +29,7 @@ def helper():
     import tabnanny  # inside a function: not preloaded
 if __name__ == "__main__":
     print("args", sys.argv[1:], "value", VALUE, "tabnanny", "tabnanny" in sys.modules, flush=True)
+    print("niceness", os.getpriority(os.PRIO_PROCESS, 0), flush=True)
     raise SystemExit(int(sys.argv[1]))
 '''
 
@@ -45,7 +48,7 @@ def env_for(job_dir: Path) -> dict[str, str]:
 def test_top_level_imports_are_found_without_running_the_module(job_dir: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(job_dir))
     names = top_level_imports("standby_probe_job")
-    assert names[:3] == ["sys", "json", "standby_probe_dep"]
+    assert names[:4] == ["os", "sys", "json", "standby_probe_dep"]
     assert "standby_probe_dep.VALUE" in names, "a from-import's names are tried as submodules too"
     assert "tabnanny" not in names, "imports inside functions are not preloaded"
     assert "standby_probe_job" not in sys.modules, "the module itself was not imported"
@@ -68,6 +71,8 @@ def test_a_standby_becomes_the_attempts_driver_with_its_imports_done(job_dir: Pa
     standby = StandbyDriver(sys.executable, "standby_probe_job", env, str(job_dir), run_id, attempt=2)
     try:
         assert [p.pid for p in find_marked_processes({ENV_RUN_ID: run_id, ENV_ATTEMPT: "2"})] == [standby.pid]
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert wait_for(lambda: psutil.Process(standby.pid).nice() == min(19, own + NICENESS), 30), "it waits aside"
         assert find_marked_processes({ENV_RUN_ID: run_id, ENV_ATTEMPT: "1"}) == [], "not the running attempt's"
         assert standby.fits(2, env, str(job_dir))
         assert not standby.fits(3, env, str(job_dir))
@@ -88,6 +93,7 @@ def test_a_standby_becomes_the_attempts_driver_with_its_imports_done(job_dir: Pa
     assert status.code == 3, (log_dir / "stderr.log").read_text()[-2000:]
     out = (log_dir / "stdout.log").read_text()
     assert "args ['3', 'x=1'] value 42 tabnanny False" in out
+    assert f"niceness {own}" in out, "the driver runs at the attempt's priority (the tests may raise it back)"
     assert "verl_hooks.standby: ready, " in (log_dir / "stderr.log").read_text(), "it says what it preloaded"
 
 
