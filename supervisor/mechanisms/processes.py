@@ -225,9 +225,20 @@ def processes_in_group(pgid: int) -> list[psutil.Process]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on ``host`` right now (another process may take it before it is used: callers retry)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` right now. All are held open until all are chosen: ports asked
+    for one at a time can repeat (the kernel may hand a just-released port out again), and Ray refuses two
+    components on one port."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

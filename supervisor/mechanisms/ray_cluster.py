@@ -27,7 +27,7 @@ from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import (
     ChildProcess,
     TerminationReport,
-    free_port,
+    free_ports,
     merge_reports,
     port_open,
     start_child,
@@ -85,10 +85,7 @@ class ClusterPorts:
 
     @classmethod
     def pick(cls, host: str) -> ClusterPorts:
-        ports: set[int] = set()
-        while len(ports) < len(fields(cls)):
-            ports.add(free_port(host))
-        return cls(*sorted(ports))
+        return cls(*free_ports(len(fields(cls)), host))
 
 
 def _move_home(short: Path, link: Path) -> None:
@@ -334,7 +331,30 @@ class LocalRayCluster:
         temp_dir.mkdir(parents=True, exist_ok=True)
         if self._away:
             self._short_dir(temp_dir)
-        ports = [free_port(self.spec.node_ip) for _ in range(6)]
+        errors = []
+        for attempt in range(1, self.spec.start_attempts + 1):
+            error = self._start_node(index, attempt, temp_dir, num_cpus, resources, num_gpus)
+            if error is None:
+                break
+            # It exited before joining: most often a port taken between choosing it and binding it.
+            errors.append(error)
+        else:
+            raise ClusterStartError(
+                f"node {index} did not join after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
+            )
+        self._remember_core()
+
+    def _start_node(
+        self,
+        index: int,
+        attempt: int,
+        temp_dir: Path,
+        num_cpus: int,
+        resources: dict[str, float] | None,
+        num_gpus: int | None,
+    ) -> str | None:
+        """Starts node ``index`` and waits until it has joined (None) or has exited (what its log said)."""
+        ports = free_ports(6, self.spec.node_ip)
         options = [
             f"--address={self.address}",
             f"--node-manager-port={ports[0]}",
@@ -344,7 +364,7 @@ class LocalRayCluster:
             f"--metrics-export-port={ports[4]}",
             f"--runtime-env-agent-port={ports[5]}",
         ]
-        log_path = temp_dir / "ray-start.log"
+        log_path = temp_dir / f"ray-start-{attempt}.log"
         command = self._ray_start(temp_dir, num_cpus, options, num_gpus=num_gpus, resources=resources)
         with log_path.open("wb") as log:
             node = start_child(command, env=self._env(), stdout=log, stderr=log)
@@ -352,9 +372,10 @@ class LocalRayCluster:
         timeout_s = self.spec.start_timeout_s
         if not wait_for(lambda: node.poll() is not None or "Ray runtime started" in tail(log_path), timeout_s):
             raise ClusterStartError(f"node {index} did not join in {timeout_s:g} s:\n{tail(log_path, 4000)}")
-        if node.poll() is not None:
-            raise ClusterStartError(f"node {index} did not join:\n{tail(log_path, 4000)}")
-        self._remember_core()
+        if node.poll() is None:
+            return None
+        self._nodes.remove(node)
+        return tail(log_path, 4000)
 
     def is_healthy(self) -> bool:
         """`ray start --block` runs, the GCS answers, and its core processes (GCS, raylets and their agents,

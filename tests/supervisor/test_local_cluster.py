@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.mechanisms.processes import wait_for
+from supervisor.mechanisms.processes import free_ports, wait_for
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home
 
 
@@ -96,6 +96,45 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
     assert not moved.is_symlink()
     assert not short.exists()
     assert (moved / "session_latest" / "logs" / "raylet.out").is_file()
+
+
+@pytest.mark.ray
+def test_a_node_whose_ports_collide_joins_on_fresh_ports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI once drew one port twice for a joining node (each was chosen while the other was already released), and
+    Ray refused it. Ports are now held until all are drawn, and a node that exits before joining draws again."""
+    from supervisor.mechanisms import ray_cluster
+
+    drawn: list[list[int]] = []
+    real_free_ports = ray_cluster.free_ports
+
+    def first_draw_repeats(count: int, host: str) -> list[int]:
+        ports = real_free_ports(count, host)
+        if count == 6 and not drawn:
+            ports = [ports[0]] * count
+        drawn.append(ports)
+        return ports
+
+    cluster = LocalRayCluster(ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1, dashboard=False))
+    cluster.start()
+    try:
+        monkeypatch.setattr(ray_cluster, "free_ports", first_draw_repeats)
+        cluster.add_node(num_cpus=1)
+
+        assert len(drawn) == 2
+        assert len(set(drawn[1])) == 6
+        node_dir = Path(f"{cluster.temp_dir}-n1")
+        assert "used by other components" in (node_dir / "ray-start-1.log").read_text()
+        assert "Ray runtime started" in (node_dir / "ray-start-2.log").read_text()
+        assert len([p for p in cluster.processes() if p.name() == "raylet"]) == 2
+        assert cluster.is_healthy()
+    finally:
+        cluster.stop(grace_s=1.0)
+    assert not cluster.processes()
+
+
+def test_ports_drawn_together_are_distinct() -> None:
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
 
 
 def ray_temp_dir(short: Path) -> None:
