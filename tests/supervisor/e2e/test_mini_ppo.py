@@ -188,6 +188,9 @@ def test_hang_the_guard_would_wait_out_is_caught_by_the_watchdog_with_its_phase(
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
 
 
+# Slow: a killed driver's restart runs in-process in test_loop.py, a resume that ends bit-identical in the raise
+# test above, and kills of the driver end to end in the chaos campaign (tests/test_chaos.py).
+@pytest.mark.slow
 def test_job_killed_mid_run_is_restarted_and_ends_bit_identical(runs, reference) -> None:
     run_dir = runs.new()
     supervisor = start_supervisor(
