@@ -108,7 +108,8 @@ GUARD_ENV = {
     "VERL_HOOKS_SYNC_ADAPTIVE": "1",
     "VERL_HOOKS_SYNC_ADAPTIVE_FLOOR_S": "3",
 }
-GIVE_UPS = {4: "restart budget exhausted", 5: ("crash loop", "no valid checkpoint")}
+GIVE_UPS = {4: ("budget_exhausted",), 5: ("crash_loop", "no_valid_checkpoint")}
+"""The documented give-ups: exit code, and the outcomes its run_finished event may name."""
 BACKENDS = ("naive", "cpu_gloo")
 PHASES = {"naive": (SyncPhase.NAIVE.value,), "cpu_gloo": tuple(phase.value for phase in MULTI_PHASE_ORDER)}
 ROLES = ("driver", "taskrunner", "trainer", "rollout", "raylet", "gcs", "dashboard", "agent")
@@ -224,13 +225,13 @@ def judge_outcome(
         if weights != reference:
             return False, f"exit 0 but final weights {str(weights)[:12]} differ from the fault-free {reference[:12]}"
         return True, "done, weights bit-identical"
-    names = GIVE_UPS.get(exit_code)
-    if names is None:
-        return False, f"exit {exit_code}: {finished.get('reason', '')}"
+    outcomes = GIVE_UPS.get(exit_code)
     reason = finished.get("reason", "")
-    if not any(name in reason for name in ((names,) if isinstance(names, str) else names)):
-        return False, f"exit {exit_code} but the reason does not name it: {reason}"
-    return True, f"gave up (exit {exit_code}): {reason.split(';')[0][:90]}"
+    if outcomes is None:
+        return False, f"exit {exit_code}: {reason}"
+    if finished.get("outcome") not in outcomes:
+        return False, f"exit {exit_code} but outcome {finished.get('outcome')!r}, not one of {outcomes}: {reason}"
+    return True, f"gave up (exit {exit_code}, {finished['outcome']}): {reason.split(';')[0][:90]}"
 
 
 EXPLAIN_WINDOW_S = 15.0

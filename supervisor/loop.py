@@ -595,9 +595,9 @@ class Supervisor:
     def _finish(self, stop: Stop) -> None:
         code = stop.exit_code
         if not self.history.finished:
-            self.history.finish(int(code), code.outcome, resumable=code in policy.INTERRUPTED_EXIT_CODES)
+            self.history.finish(int(code), stop.outcome_name, resumable=code in policy.INTERRUPTED_EXIT_CODES)
         self.run_dir.save_history(self.history)
-        self.events.emit(RunFinished(int(code), code.outcome, stop.reason, len(self.history.attempts)))
+        self.events.emit(RunFinished(int(code), stop.outcome_name, stop.reason, len(self.history.attempts)))
         print(attempts_table(self.history), file=self.console, flush=True)
 
     def _emit_all(self, events: Iterable[Event]) -> None:

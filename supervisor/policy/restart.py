@@ -35,9 +35,19 @@ class Restart:
 class Stop:
     exit_code: ExitCode
     reason: str
+    outcome: str | None = None
+    """The run's outcome where its exit code is shared (exit 5: ``crash_loop`` or ``no_valid_checkpoint``); by
+    default the exit code's own name."""
+
+    @property
+    def outcome_name(self) -> str:
+        return self.outcome or self.exit_code.outcome
 
 
 Decision = Restart | Stop
+
+NO_VALID_CHECKPOINT = "no_valid_checkpoint"
+"""The outcome of a run that had a complete checkpoint and finds none valid (exit 5, like a crash loop)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,7 @@ def choose_start(newest_valid_step: int | None, newest_valid_path: str | None, h
             f"no valid checkpoint to resume from, although this run had reached global_step_"
             f"{history.newest_checkpoint_step}; refusing to start over from step 0 (see the set-aside folders "
             f"and events.jsonl)",
+            outcome=NO_VALID_CHECKPOINT,
         )
     return StartFrom(None, None)
 

@@ -180,6 +180,8 @@ def test_failures_without_progress_are_a_crash_loop_with_growing_backoff(tmp_pat
     assert run.code is ExitCode.CRASH_LOOP
     assert len(run.backend.launched) == 3
     assert run.clock.sleeps == [1.0, 2.0]
+    assert run.events("run_finished")[0]["outcome"] == "crash_loop"
+    assert RunDirectory(run.run_dir).load_history().outcome == "crash_loop"
 
 
 def test_a_run_that_lost_its_checkpoints_refuses_to_start_over(tmp_path: Path) -> None:
@@ -190,7 +192,10 @@ def test_a_run_that_lost_its_checkpoints_refuses_to_start_over(tmp_path: Path) -
     run = supervise(tmp_path, [success()], prepare_run_dir=damage)
     assert run.code is ExitCode.CRASH_LOOP
     assert not run.backend.launched
-    assert "refusing to start over from step 0" in run.events("run_finished")[0]["reason"]
+    (finished,) = run.events("run_finished")
+    assert "refusing to start over from step 0" in finished["reason"]
+    assert finished["outcome"] == "no_valid_checkpoint", "exit 5 is shared: the outcome says which give-up it was"
+    assert RunDirectory(run.run_dir).load_history().outcome == "no_valid_checkpoint"
 
 
 def test_an_incomplete_newest_checkpoint_is_set_aside_and_the_complete_one_resumed(tmp_path: Path) -> None:

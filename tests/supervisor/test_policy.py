@@ -217,6 +217,7 @@ def test_start_from_the_valid_checkpoint_or_fresh_or_refuse() -> None:
     refused = choose_start(None, None, had_one)
     assert isinstance(refused, Stop)
     assert refused.exit_code is ExitCode.CRASH_LOOP
+    assert refused.outcome_name == "no_valid_checkpoint"
     assert "global_step_6" in refused.reason
 
 
