@@ -130,7 +130,8 @@ GUARD_DEADLINE_S = 5.0
         pytest.param(
             ("release_kv_cache", "update_weights", "resume_generation"), id="one-of-each-kind", marks=pytest.mark.slow
         ),
-        pytest.param(EVERY_PHASE, id="every-phase", marks=pytest.mark.slow),
+        # Eight attempts of 25-35 s each on a loaded 2-core machine: past the default 300 s.
+        pytest.param(EVERY_PHASE, id="every-phase", marks=[pytest.mark.slow, pytest.mark.timeout(900)]),
     ],
 )
 def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(
