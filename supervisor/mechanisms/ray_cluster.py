@@ -117,6 +117,59 @@ def _move_home(short: Path, link: Path) -> None:
         latest.symlink_to(session, target_is_directory=True)
 
 
+def bring_left_dirs_home(home: Path) -> list[Path]:
+    """Temp dirs that a cluster no one stopped left under /tmp, moved into ``home`` (where they are linked from);
+    the folders they are now.
+
+    A supervisor that was SIGKILLed cannot move its cluster's dir home; the next one on the run does it. A run
+    directory of an older version is itself the link (``home`` -> /tmp/vsray-*): it becomes a folder holding that
+    link first. Only this module's own dirs (/tmp/vsray-*) are touched, and none that a live process names on its
+    command line (a cluster still running)."""
+    if home.is_symlink():
+        target = Path(os.readlink(home))
+        if not _ours(target):
+            return []
+        home.unlink()
+        home.mkdir(parents=True)
+        (home / target.name).symlink_to(target, target_is_directory=True)
+    if not home.is_dir():
+        return []
+    left = {
+        link: Path(os.readlink(link)) for link in home.iterdir() if link.is_symlink() and _ours(Path(os.readlink(link)))
+    }
+    left = {link: short for link, short in left.items() if short.is_dir()}
+    if not left:
+        return []
+    in_use = _named_by_live_processes(list(left.values()))
+    moved = []
+    for link, short in left.items():
+        if short in in_use:
+            continue
+        try:
+            _move_home(short, link)
+        except OSError as exc:
+            logger.warning("Ray's temp dir %s stays there, linked from %s: %s", short, link, exc)
+            continue
+        logger.info("Ray's temp dir %s, left by a cluster no one stopped, moved to %s", short, link)
+        moved.append(link)
+    return moved
+
+
+def _ours(path: Path) -> bool:
+    return path.is_absolute() and path.parent == Path(tempfile.gettempdir()) and path.name.startswith("vsray-")
+
+
+def _named_by_live_processes(dirs: list[Path]) -> set[Path]:
+    found: set[Path] = set()
+    for process in psutil.process_iter():
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        found.update(d for d in dirs if str(d) in command)
+    return found
+
+
 def _not_kept(folder: str, names: list[str]) -> list[str]:
     """What a copy across file systems leaves behind: sockets, and in a session folder everything but logs."""
     in_session = Path(folder).name.startswith("session_")
@@ -200,6 +253,7 @@ class LocalRayCluster:
         )
 
     def _resolve_temp_dir(self) -> Path:
+        bring_left_dirs_home(self.spec.temp_dir)
         wanted = self.spec.temp_dir.resolve()
         if len(str(wanted)) <= _MAX_TEMP_DIR_LEN:
             wanted.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import psutil
 import pytest
 
 from supervisor.mechanisms.processes import free_ports, wait_for
-from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home
+from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home, bring_left_dirs_home
 
 
 def raylet_of(cluster: LocalRayCluster) -> psutil.Process:
@@ -193,3 +195,61 @@ def test_a_copy_that_fails_leaves_the_dir_where_it_was_and_still_linked(
     assert link.resolve() == short.resolve()
     assert (short / "session_latest" / "ray_spilled_objects" / "object").exists(), "nothing lost"
     assert sorted(p.name for p in link.parent.iterdir()) == ["vsray-abc"], "no half copy left"
+
+
+@pytest.fixture
+def left_in_tmp():
+    """Makes dirs as a killed supervisor's cluster leaves them (/tmp/vsray-*); removes what is left of them."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        short = Path(tempfile.mkdtemp(prefix="vsray-"))
+        ray_temp_dir(short)
+        made.append(short)
+        return short
+
+    yield make
+    for short in made:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_dirs_a_killed_supervisors_clusters_left_in_tmp_come_home_unless_in_use(tmp_path: Path, left_in_tmp) -> None:
+    home = tmp_path / "run" / "ray"
+    home.mkdir(parents=True)
+    left, running = left_in_tmp(), left_in_tmp()
+    for short in (left, running):
+        (home / short.name).symlink_to(short)
+    users_own = tmp_path / "elsewhere"
+    users_own.mkdir()
+    (home / "mine").symlink_to(users_own)
+    # A cluster still running names its temp dir on its command lines (`ray start --temp-dir=...`).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", f"--temp-dir={running}"], stdin=subprocess.PIPE
+    )
+    try:
+        moved = bring_left_dirs_home(home)
+    finally:
+        holder.communicate(b"")
+
+    assert moved == [home / left.name]
+    assert not left.exists()
+    assert not (home / left.name).is_symlink()
+    assert (home / left.name / "session_latest" / "logs" / "raylet.out").read_text() == "raylet log"
+    assert (home / running.name).resolve() == running.resolve(), "in use: left where it is, linked"
+    assert (home / "mine").is_symlink(), "not this module's: not touched"
+    assert users_own.is_dir()
+
+
+def test_a_run_directory_of_the_older_layout_gets_its_dir_home(tmp_path: Path, left_in_tmp) -> None:
+    """Before each cluster had a link of its own, the run's `ray` was itself the link into /tmp."""
+    short = left_in_tmp()
+    home = tmp_path / "run" / "ray"
+    home.parent.mkdir()
+    home.symlink_to(short)
+
+    assert bring_left_dirs_home(home) == [home / short.name]
+
+    assert not home.is_symlink()
+    assert home.is_dir()
+    assert (home / short.name / "ray-start-1.log").read_text() == "Ray runtime started"
+    assert not short.exists()

@@ -181,6 +181,10 @@ def test_supervisor_killed_outright_takes_the_job_with_it_and_a_new_one_continue
     assert state["attempts"][2]["rule"] == "supervisor-restarted"
     assert state["attempts"][3]["action"] == "done"
     assert events_of(run_dir, "run_started")[-1]["restarts_used"] == 2, "attempt 4 is restart 3 of 3"
+    # The killed supervisor could not move its cluster's temp dir out of /tmp; the second one did.
+    clusters = [p for p in (run_dir / "ray").iterdir() if p.name.startswith("vsray-")]
+    assert len(clusters) >= 2
+    assert not [p for p in clusters if p.is_symlink()]
 
 
 def test_finished_run_directory_is_not_reused(runs) -> None:
