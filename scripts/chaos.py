@@ -1077,7 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = [name for name, good in result.invariants.items() if not good]
             verdict = "PASS" if not failed else "FAIL " + ", ".join(f"{n} ({result.notes.get(n, '')})" for n in failed)
             print(
-                f"chaos: run {index}: {result.faults_fired} faults fired, {result.attempts} attempts, exit "
+                f"chaos: run {index}: {result.faults_fired} faults fired, {result.attempts} "
+                f"attempt{'' if result.attempts == 1 else 's'}, exit "
                 f"{result.exit_code}, {result.wall_s:.0f} s: {verdict}",
                 flush=True,
             )
