@@ -108,6 +108,18 @@ class RestartConfig:
     backoff_after_progress: bool = False
     """False: an attempt that advanced the checkpoint step is restarted at once (waiting would only lose time: the
     failure is not repeating); the exponential backoff applies to failures that repeat without progress."""
+    emergency_save: bool = True
+    """When a weight sync fails and every trainer task of it has finished, the trainer saves the step it is at
+    through verl's own ``_save_checkpoint`` before the job ends, so the relaunch redoes nothing
+    (``verl_hooks.emergency``; verl's V1 and legacy trainers)."""
+    emergency_save_timeout_s: float = 600.0
+    """The emergency save's deadline while the job has timed none of its own periodic saves; once it has, 3x the
+    slowest of them (at least 60 s), never above this. Past it the job gives up on the save and ends."""
+    save_on_stop_s: float = 0.0
+    """On SIGTERM (a preemption, ``sbatch --signal``, a pod eviction): ask the job to save at its next safe point
+    (right after its next successful weight sync) and wait at most this long before tearing it down. 0: tear down
+    at once. Set it below the platform's grace period (a pod's terminationGracePeriodSeconds, Slurm's KillWait or
+    --signal lead time) less ``teardown.grace_s``; it pays when a step plus a save fit in it."""
 
 
 @dataclass
@@ -262,6 +274,8 @@ def validate(config: SupervisorConfig) -> list[str]:
     )
     require(config.restart.backoff_multiplier >= 1, "restart.backoff_multiplier must be >= 1")
     require(config.restart.backoff_jitter_s >= 0, "restart.backoff_jitter_s must be >= 0")
+    require(config.restart.emergency_save_timeout_s > 0, "restart.emergency_save_timeout_s must be > 0")
+    require(config.restart.save_on_stop_s >= 0, "restart.save_on_stop_s must be >= 0")
     require(config.teardown.grace_s >= 0, "teardown.grace_s must be >= 0")
     require(config.teardown.fence_timeout_s > 0, "teardown.fence_timeout_s must be > 0")
     for key in ("straggler_grace_s", "reap_timeout_s", "jobs_stop_timeout_s", "output_drain_s", "record_grace_s"):

@@ -63,6 +63,8 @@ from supervisor.run.events import (
     ResumeVerified,
     RunFinished,
     RunStarted,
+    SaveOnStop,
+    SaveOnStopRequested,
     SignalReceived,
     StacksDumped,
     StaleProcessesSwept,
@@ -100,6 +102,10 @@ class HeartbeatSource(Protocol):
 
     def fileno(self) -> int:
         """Readable when a beat that must be acted on at once (an error record) waits to be drained."""
+        ...
+
+    def request_save(self) -> None:
+        """Ask the job, in the answers to its beats, to save at its next safe point and stop."""
         ...
 
 
@@ -193,6 +199,7 @@ class Supervisor:
         self._in_flight = _InFlight()
         self._standby_for: tuple[int, list[str]] | None = None
         self._stop_signal: int | None = None
+        self._stop_repeated = False
         self._interruptible = False
 
     # --- the story ---
@@ -206,7 +213,7 @@ class Supervisor:
         except Interrupted as interrupt:
             self.events.emit(SignalReceived(signal.Signals(interrupt.signum).name))
             stop = policy.after_interrupt(interrupt.signum)
-            self._end_in_flight(policy.interrupted_attempt())
+            self._end_in_flight(policy.interrupted_attempt(), self._save_before_stop(interrupt.signum))
         except ClusterStartFailed as exc:
             stop = policy.after_cluster_failure(str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must still tear the job down and say so
@@ -331,7 +338,10 @@ class Supervisor:
                 self.events.emit(CheckpointRotated(removal.step, removal.role, str(removal.path), removal.limit, True))
 
     def _attempt_env(self, number: int, log_dir: Path) -> dict[str, str]:
+        restart = self.config.restart
         env = {
+            contract.ENV_EMERGENCY_SAVE: "1" if restart.emergency_save else "0",
+            contract.ENV_EMERGENCY_SAVE_TIMEOUT_S: str(restart.emergency_save_timeout_s),
             **self.config.job.env,
             contract.ENV_RUN_ID: self.history.run_id,
             contract.ENV_ATTEMPT: str(number),
@@ -355,6 +365,7 @@ class Supervisor:
         spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json")
         shown = redact_argv(argv)
         record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=shown)
+        emergency_of = self._emergency_save_of(start.step)
         self.history.attempts.append(record)
         self.history.move_to(RunState.ATTEMPT_RUNNING)
         self.run_dir.save_history(self.history)
@@ -362,10 +373,54 @@ class Supervisor:
             job = self.backend.launch(spec)
             self._in_flight = _InFlight(job, record)
         self.events.emit(
-            AttemptStarted(number, job.pid or -1, shown, start.step, start.checkpoint, str(log_dir), warm=job.warm)
+            AttemptStarted(
+                number,
+                job.pid or -1,
+                shown,
+                start.step,
+                start.checkpoint,
+                str(log_dir),
+                warm=job.warm,
+                emergency_of=emergency_of,
+            )
         )
         self._standby_for = (number + 1, argv)
         return job, record
+
+    def _emergency_save_of(self, step: int | None) -> int | None:
+        """The attempt whose emergency save wrote ``step``, when the relaunch resumes from one."""
+        for attempt in reversed(self.history.attempts):
+            saved = contract.EmergencyCheckpoint.from_dict(attempt.emergency_checkpoint)
+            if saved is not None and saved.status is contract.EmergencyStatus.SAVED and saved.step == step:
+                return attempt.number
+        return None
+
+    def _save_before_stop(self, signum: int) -> AttemptEvidence | None:
+        """On a stop, when ``restart.save_on_stop_s`` allows it: ask the job (over the heartbeat channel's answers)
+        to save at its next safe point and end, and wait for its driver to exit, at most that long or until a
+        second signal. The evidence of its end, when it ended."""
+        job, wait_s = self._in_flight.job, policy.save_on_stop_wait(signum, self.config.restart.save_on_stop_s)
+        if job is None or self._in_flight.torn_down or wait_s <= 0 or self.heartbeats is None:
+            return None
+        self.heartbeats.request_save()
+        self.events.emit(SaveOnStopRequested(job.attempt, wait_s))
+        beats_log = self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl"
+        watch = _Watch(ProgressState(started_at=self.clock.monotonic()), resume=None, beats_log=beats_log)
+        started, status = self.clock.monotonic(), None
+        tick = self.config.watchdog.tick_s
+        while status is None and not self._stop_repeated:
+            left = wait_s - (self.clock.monotonic() - started)
+            if left <= 0:
+                break
+            with self._signals_deferred():
+                status = self.backend.wait(job, min(tick, left), wake=self.heartbeats)
+            self._take_heartbeats(job.attempt, watch)
+        waited = self.clock.monotonic() - started
+        evidence = self._evidence(job.attempt, AttemptEnd(status=status)) if status is not None else None
+        saved = evidence.record.emergency_checkpoint if evidence is not None and evidence.record else None
+        why = None if status is not None else ("a second signal" if self._stop_repeated else "the wait ran out")
+        self.events.emit(SaveOnStop(job.attempt, round(waited, 3), wait_s, status is not None, saved, why))
+        return evidence
 
     def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:
         """Wait for the driver to end, looking at the heartbeats every tick: its exit, a stall, or a resume that
@@ -519,6 +574,7 @@ class Supervisor:
         record.exit_code, record.signal = status.code, status.signal_name
         record.error_type = error.error_type if error else None
         record.phase = error.phase if error else None
+        record.emergency_checkpoint = error.emergency_checkpoint if error else None
         self.history.move_to(RunState.TEARING_DOWN)
         self.run_dir.save_history(self.history)
         self.events.emit(
@@ -534,6 +590,7 @@ class Supervisor:
                 phase=record.phase,
                 global_step=error.global_step if error else None,
                 record=_record_summary(error),
+                emergency_checkpoint=record.emergency_checkpoint,
             )
         )
 
@@ -582,14 +639,14 @@ class Supervisor:
         with self._signals_raise():
             self.clock.sleep(decision.delay_s)
 
-    def _end_in_flight(self, classification: Classification) -> None:
+    def _end_in_flight(self, classification: Classification, evidence: AttemptEvidence | None = None) -> None:
         """An attempt still in flight when the run stops is judged, recorded and torn down like any other."""
         in_flight = self._in_flight
         if in_flight.job is None or in_flight.torn_down:
             return
         record = in_flight.record
         if record is not None and not record.ended:
-            self._record_end(record, AttemptEvidence(exit=None), classification)
+            self._record_end(record, evidence or AttemptEvidence(exit=None), classification)
         self._teardown(in_flight.job)
 
     def _finish(self, stop: Stop) -> None:
@@ -613,6 +670,8 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._stop_signal is None:
             self._stop_signal = signum
+        else:
+            self._stop_repeated = True  # cuts short the wait for a save before the stop
         if self._interruptible:
             self._interruptible = False
             raise Interrupted(signum)
@@ -650,6 +709,7 @@ def _record_summary(record: ErrorRecord | None) -> dict | None:
         "backend": record.backend,
         "hang": record.hang,
         "cleanup": record.cleanup,
+        "emergency_checkpoint": record.emergency_checkpoint,
         "source": record.source,
         "timestamp": record.timestamp,
     }

@@ -29,6 +29,10 @@ from typing import Any
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 from verl.utils.import_utils import load_class_from_fqn
 
+from verl_hooks.config_view import ABSENT as _ABSENT
+from verl_hooks.config_view import get as _get
+from verl_hooks.config_view import is_section as _is_section
+from verl_hooks.config_view import select as _select
 from verl_hooks.contract import (
     CHECKPOINT_CALLBACK_CLASS,
     CHECKPOINT_MARKER,
@@ -42,32 +46,6 @@ logger = logging.getLogger(__name__)
 
 # verl's manager saves these when checkpoint.save_contents is null (verl/utils/checkpoint/checkpoint_manager.py:56-57).
 VERL_DEFAULT_SAVE_CONTENTS = ("model", "optimizer", "extra")
-
-_ABSENT = object()
-
-
-def _is_section(node: Any) -> bool:
-    # verl hands callbacks a DictConfig; its workers turn sections into dataclasses (omega_conf_to_dataclass).
-    return isinstance(node, Mapping) or (dataclasses.is_dataclass(node) and not isinstance(node, type))
-
-
-def _get(node: Any, key: str) -> Any:
-    """``node[key]`` for a section (a DictConfig, a dict or a dataclass); ``_ABSENT`` when ``node`` is no section,
-    or the key is not there or cannot be read (a ``???`` value, an interpolation that does not resolve)."""
-    if not _is_section(node):
-        return _ABSENT
-    try:
-        if isinstance(node, Mapping):
-            return node.get(key, _ABSENT)
-        return getattr(node, key, _ABSENT)
-    except Exception:  # noqa: BLE001 - OmegaConf raises its own errors for MISSING and broken interpolations
-        return _ABSENT
-
-
-def _select(node: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        node = _get(node, key)
-    return node
 
 
 def _str_or_none(value: Any) -> str | None:

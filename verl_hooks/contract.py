@@ -60,6 +60,12 @@ ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
 ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
 # The user's own trainer.checkpoint_callback_class, which the launcher replaced by ours; ours runs it first.
 ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"
+# The emergency save (verl_hooks.emergency): "0" turns it off; its deadline when the job has timed no save yet.
+ENV_EMERGENCY_SAVE = "VERL_HOOKS_EMERGENCY_SAVE"
+ENV_EMERGENCY_SAVE_TIMEOUT_S = "VERL_HOOKS_EMERGENCY_SAVE_TIMEOUT_S"
+# Trainer classes of the job's own with verl's trainer shape, "module:Class" comma-separated, that get the
+# emergency save besides verl's own trainers (verl_hooks.trainers).
+ENV_TRAINER_CLASSES = "VERL_HOOKS_TRAINER_CLASSES"
 
 # Variables a job's Ray workers must see for the guard to behave as in the driver.
 FORWARDED_ENV_PREFIXES = ("VERL_HOOKS_", "VERL_SUPERVISOR_")
@@ -122,6 +128,9 @@ class JobExitCode(IntEnum):
     CONFIG_ERROR = 78
     """A configuration error a restart cannot fix (EX_CONFIG): Hydra/OmegaConf, bad settings, unsupported verl."""
     INTERRUPTED = 130
+    STOPPED = 143
+    """The supervisor asked the job to stop (it is being stopped: a preemption); the trainer saved the step it
+    was at, when it could, and the job ended (as on SIGTERM)."""
 
 
 # --- heartbeats ------------------------------------------------------------------------------------------------
@@ -146,6 +155,11 @@ class HeartbeatKind(str, Enum):
     TRACKER = "tracker"
     """From the process that opened verl's experiment trackers: a tracker's run id that later attempts must
     reuse (MLflow's, which only the first attempt can learn)."""
+    SAVE_BEGIN = "save_begin"
+    """From the trainer: an emergency save began (after a failed sync, or for a stop); it may take up to
+    ``deadline_s``, and the supervisor does not tear the job down meanwhile."""
+    SAVE_END = "save_end"
+    """From the trainer: the emergency save ended (``status``: an ``EmergencyStatus`` value)."""
 
 
 HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
@@ -156,7 +170,13 @@ HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
     HeartbeatKind.SYNC_FAILED: ("step", "phase", "hang"),
     HeartbeatKind.ERROR_RECORD: ("record",),
     HeartbeatKind.TRACKER: ("backend", "run_id"),
+    HeartbeatKind.SAVE_BEGIN: ("step", "trigger", "deadline_s"),
+    HeartbeatKind.SAVE_END: ("step", "trigger", "status", "elapsed_s"),
 }
+
+SAVE_REQUEST_FIELD = "save_requested"
+"""In the JSON answer to a heartbeat: true once the supervisor asks the job to save at its next safe point and
+stop (``restart.save_on_stop_s``). Only an authenticated beat gets an answer, so only the job learns of it."""
 
 PROGRESS_KINDS = frozenset(
     {HeartbeatKind.SYNC_BEGIN, HeartbeatKind.SYNC_PHASE, HeartbeatKind.SYNC_END, HeartbeatKind.SYNC_FAILED}
@@ -228,6 +248,9 @@ class ErrorRecord:
     cause_type: str | None = None
     traceback: str | None = None
     attempt: int | None = None
+    emergency_checkpoint: dict[str, Any] | None = None
+    """What the trainer did about the step it was at before the job ended (``EmergencyCheckpoint.to_dict``);
+    None when no trainer hook saw the failure. Added in place: older readers ignore it."""
     hostname: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     timestamp: float = field(default_factory=time.time)
@@ -297,6 +320,70 @@ def record_from_payload(data: Any, where: str = "heartbeat") -> ErrorRecord | No
     except TypeError as exc:
         logger.warning("ignoring malformed error record from %s: %s", where, exc)
         return None
+
+
+# --- the emergency checkpoint ----------------------------------------------------------------------------------
+
+
+class EmergencyTrigger(str, Enum):
+    """Why the trainer was asked to save the step it is at."""
+
+    SYNC_FAILURE = "sync_failure"
+    """A weight sync failed or hung; verl saves before it syncs, so the trainer holds exactly the step's state."""
+    STOP_REQUEST = "stop_request"
+    """The supervisor is being stopped (``restart.save_on_stop_s``): saved right after a successful sync."""
+
+
+class EmergencyStatus(str, Enum):
+    SAVED = "saved"
+    SKIPPED = "skipped"
+    """Not attempted, for the ``reason`` given (a trainer task still in flight, the step already saved, ...)."""
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    """Still running at its deadline: given up, the job ends; a half-written step is set aside by the supervisor."""
+
+
+@dataclass(frozen=True)
+class EmergencyCheckpoint:
+    """What the trainer did about the step it was at when the job had to end."""
+
+    status: EmergencyStatus
+    trigger: EmergencyTrigger
+    step: int | None
+    reason: str | None = None
+    """Why it was skipped, or the error that failed it."""
+    elapsed_s: float | None = None
+    deadline_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status.value, "trigger": self.trigger.value}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> EmergencyCheckpoint | None:
+        """None for no data, or for data this side cannot read (a newer job's)."""
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            return cls(
+                status=EmergencyStatus(data["status"]),
+                trigger=EmergencyTrigger(data["trigger"]),
+                step=data.get("step"),
+                reason=data.get("reason"),
+                elapsed_s=data.get("elapsed_s"),
+                deadline_s=data.get("deadline_s"),
+            )
+        except (KeyError, ValueError):
+            return None
+
+    def summary(self) -> str:
+        """One line for the console, the events and the alerts."""
+        if self.status is EmergencyStatus.SAVED:
+            return f"saved step {self.step} in {self.elapsed_s or 0:.1f} s"
+        if self.status is EmergencyStatus.TIMED_OUT:
+            return f"step {self.step} not saved: the save was still running at its {self.deadline_s or 0:g} s deadline"
+        if self.status is EmergencyStatus.FAILED:
+            return f"saving step {self.step} failed: {self.reason}"
+        return f"skipped: {self.reason}"
 
 
 # --- the checkpoint marker -------------------------------------------------------------------------------------

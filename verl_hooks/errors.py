@@ -70,6 +70,8 @@ class WeightSyncFatalError(RuntimeError):
         cause_message: str | None = None,
         cause_traceback: str | None = None,
         stuck_stack: str | None = None,
+        trainer_side: dict[str, Any] | None = None,
+        emergency_checkpoint: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -83,6 +85,11 @@ class WeightSyncFatalError(RuntimeError):
         self.cause_message = cause_message
         self.cause_traceback = cause_traceback
         self.stuck_stack = stuck_stack
+        self.trainer_side = trainer_side
+        """``TrainerSide.to_dict()``: whether every trainer task of the sync and its cleanup had finished, on
+        live workers (the facts an emergency save of the step needs)."""
+        self.emergency_checkpoint = emergency_checkpoint
+        """``EmergencyCheckpoint.to_dict()``, set by the trainer's hook once it has saved or skipped the step."""
 
     @classmethod
     def from_failure(
@@ -96,6 +103,7 @@ class WeightSyncFatalError(RuntimeError):
         cleanup: list[CleanupOutcome],
         hang: bool,
         stuck_stack: str | None = None,
+        trainer_side: dict[str, Any] | None = None,
     ) -> WeightSyncFatalError:
         what = "hung" if hang else "failed"
         failed_cleanup = [o.step for o in cleanup if o.status is not CleanupStatus.OK]
@@ -117,6 +125,7 @@ class WeightSyncFatalError(RuntimeError):
             cause_message=str(cause),
             cause_traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
             stuck_stack=stuck_stack,
+            trainer_side=trainer_side,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +142,8 @@ class WeightSyncFatalError(RuntimeError):
             "cause_message": self.cause_message,
             "cause_traceback": self.cause_traceback,
             "stuck_stack": self.stuck_stack,
+            "trainer_side": self.trainer_side,
+            "emergency_checkpoint": self.emergency_checkpoint,
         }
 
     @classmethod
@@ -149,6 +160,28 @@ class WeightSyncFatalError(RuntimeError):
 
 def _rebuild_weight_sync_error(cls: type[WeightSyncFatalError], data: dict[str, Any]) -> WeightSyncFatalError:
     return cls.from_dict(data)
+
+
+class StopRequested(RuntimeError):
+    """The supervisor asked the job to stop (``restart.save_on_stop_s``): raised by the guard right after a
+    successful weight sync, so that the trainer's hook saves the step it is at and the job ends (exit 143)."""
+
+    def __init__(
+        self, message: str, *, global_step: int | None, emergency_checkpoint: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.global_step = global_step
+        self.emergency_checkpoint = emergency_checkpoint
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_stop_requested, (type(self), self.message, self.global_step, self.emergency_checkpoint))
+
+
+def _rebuild_stop_requested(
+    cls: type[StopRequested], message: str, step: int | None, checkpoint: dict[str, Any] | None
+) -> StopRequested:
+    return cls(message, global_step=step, emergency_checkpoint=checkpoint)
 
 
 class WeightSyncTimeout(TimeoutError):
@@ -170,6 +203,15 @@ class IncompatibleVerlError(RuntimeError):
 def qualified_name(cls: type) -> str:
     module = cls.__module__
     return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+def find_stop_request(exc: BaseException) -> StopRequested | None:
+    """The ``StopRequested`` behind ``exc``, if any (through Ray's wrappers, as for ``find_weight_sync_error``)."""
+    for current in exception_chain(exc, with_context=True):
+        if isinstance(current, StopRequested):
+            cause = getattr(current, "cause", None)
+            return cause if isinstance(cause, StopRequested) else current
+    return None
 
 
 def find_weight_sync_error(exc: BaseException) -> WeightSyncFatalError | None:

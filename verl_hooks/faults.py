@@ -33,20 +33,36 @@ class FaultAction(str, Enum):
     ObjectRef); a blocking phase blocks its thread (not cancellable, like a ``ray.get`` that never returns)."""
     EXIT = "exit"
     """The process dies at once (SIGKILL to itself), as on an OOM kill or a segfault."""
+    STRAND = "strand"
+    """In a phase that starts trainer tasks (naive, build_process_group, update_weights, finalize): start them,
+    then raise without starting the rollout's side, as a rollout that never joins leaves the trainer's ranks
+    blocked (in build_process_group: once the trainer's ``init_process_group`` tasks are started, which wait in
+    the group's rendezvous). Elsewhere (and in ``emergency_save``) a raise."""
+
+
+class SavePoint(str, Enum):
+    """Where a fault can fire outside the weight sync."""
+
+    EMERGENCY_SAVE = "emergency_save"
+    """Inside the trainer's emergency save, once the actor's part is written (``raise``: the save fails;
+    ``hang``: it runs past its deadline; ``exit``: the trainer process dies half-way)."""
 
 
 _SPEC_RE = re.compile(r"^(?P<phase>[a-z_]+):(?P<action>[a-z]+)(?:@(?P<step>\d+))?(?:#(?P<attempt>\d+))?$")
-_INJECTABLE_PHASES = tuple(p for p in SyncPhase if p is not SyncPhase.UNKNOWN)
+_INJECTABLE_PHASES: tuple[SyncPhase | SavePoint, ...] = (
+    *(p for p in SyncPhase if p is not SyncPhase.UNKNOWN),
+    *SavePoint,
+)
 
 
 @dataclass(frozen=True)
 class FaultSpec:
-    phase: SyncPhase
+    phase: SyncPhase | SavePoint
     action: FaultAction
     step: int | None = None
     attempt: int | None = None
 
-    def matches(self, phase: SyncPhase, step: int | None, attempt: int) -> bool:
+    def matches(self, phase: SyncPhase | SavePoint, step: int | None, attempt: int) -> bool:
         return (
             self.phase is phase
             and (self.step is None or self.step == step)
@@ -75,10 +91,7 @@ def parse_fault_specs(text: str | None) -> tuple[FaultSpec, ...]:
                 f"VERL_HOOKS_FAULTS: cannot parse {item!r}; expected PHASE:ACTION[@STEP][#ATTEMPT], "
                 f"e.g. update_weights:raise@3#1"
             )
-        try:
-            phase = SyncPhase(match["phase"])
-        except ValueError:
-            phase = None
+        phase = next((p for p in _INJECTABLE_PHASES if p.value == match["phase"]), None)
         if phase not in _INJECTABLE_PHASES:
             names = ", ".join(p.value for p in _INJECTABLE_PHASES)
             raise HookSettingsError(f"VERL_HOOKS_FAULTS: unknown phase {match['phase']!r} in {item!r}; phases: {names}")
@@ -106,7 +119,7 @@ class FaultPlan:
         self._fired: set[FaultSpec] = set()
         self._lock = threading.Lock()
 
-    def take(self, phase: SyncPhase, step: int | None) -> FaultSpec | None:
+    def take(self, phase: SyncPhase | SavePoint, step: int | None) -> FaultSpec | None:
         """The fault to fire on entering ``phase`` at ``step``, marking it fired."""
         with self._lock:
             for spec in self.specs:
@@ -143,7 +156,7 @@ def _message(spec: FaultSpec, step: int | None) -> str:
 
 def fire_blocking(spec: FaultSpec, step: int | None) -> None:
     """Carry out ``spec`` in a phase that blocks its thread (the ones verl runs with ``ray.get``)."""
-    if spec.action is FaultAction.RAISE:
+    if spec.action in (FaultAction.RAISE, FaultAction.STRAND):
         raise InjectedFault(_message(spec, step))
     if spec.action is FaultAction.EXIT:
         _die()
@@ -153,7 +166,7 @@ def fire_blocking(spec: FaultSpec, step: int | None) -> None:
 
 async def fire_awaited(spec: FaultSpec, step: int | None) -> None:
     """Carry out ``spec`` in a phase that verl awaits (the replica calls)."""
-    if spec.action is FaultAction.RAISE:
+    if spec.action in (FaultAction.RAISE, FaultAction.STRAND):
         raise InjectedFault(_message(spec, step))
     if spec.action is FaultAction.EXIT:
         _die()

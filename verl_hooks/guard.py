@@ -24,22 +24,25 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl_hooks import heartbeat
+from verl_hooks import emergency, heartbeat, trainer_side
 from verl_hooks.contract import HeartbeatKind, JobExitCode, RecordSource
 from verl_hooks.deadline import SyncDeadlines
 from verl_hooks.errors import (
     CleanupOutcome,
     CleanupStatus,
+    StopRequested,
     WeightSyncFatalError,
     WeightSyncTimeout,
 )
-from verl_hooks.faults import FaultPlan, FaultSpec, fire_awaited, fire_blocking
+from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, fire_awaited, fire_blocking
 from verl_hooks.phases import CleanupStep, SyncPhase, plan_cleanup
 from verl_hooks.settings import HookSettings
+from verl_hooks.trainer_side import TrainerTasks
 
 logger = logging.getLogger(__name__)
 
 GUARD_MARK = "__verl_hooks_guard__"
+VERL_MANAGER_MODULE = "verl.checkpoint_engine.base"
 
 # One history of sync durations per manager (verl's separate_async trainer has two); weakly held, so that a
 # manager's end ends its history.
@@ -96,6 +99,10 @@ class _SyncContext:
     faults: FaultPlan
     global_step: int | None
     backend: str
+    trainer_tasks: TrainerTasks = field(default_factory=TrainerTasks)
+    """Every trainer-side task the sync started, for the judgement of whether the trainer side is idle."""
+    strand_at_group_init: FaultSpec | None = None
+    """A ``strand`` fault of build_process_group: fires once the trainer's init_process_group tasks are started."""
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when the guard gives up on the sync: its thread, if it ever wakes up, starts no further phase."""
 
@@ -112,6 +119,16 @@ class _SyncContext:
         fault = self._enter(phase)
         if fault is not None:
             fire_blocking(fault, self.global_step)
+
+    def submit_trainer_tasks(self, phase: SyncPhase, submit: Callable[[], Any]) -> Any:
+        """Enter ``phase`` and start its trainer tasks (noted); a ``strand`` fault fires once they are started."""
+        fault = self._enter(phase)
+        if fault is not None and fault.action is not FaultAction.STRAND:
+            fire_blocking(fault, self.global_step)
+        refs = self.trainer_tasks.note(submit())
+        if fault is not None:
+            fire_blocking(fault, self.global_step)
+        return refs
 
     async def run_awaited(self, phase: SyncPhase, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         fault = self._enter(phase)
@@ -135,15 +152,22 @@ class _ActorGroupView:
         return getattr(self._wg, name)
 
     def update_weights(self, *args: Any, **kwargs: Any) -> Any:
-        naive = self._sync.backend == "naive"
-        self._sync.enter_blocking(SyncPhase.NAIVE if naive else SyncPhase.UPDATE_WEIGHTS)
-        return self._wg.update_weights(*args, **kwargs)
+        phase = SyncPhase.NAIVE if self._sync.backend == "naive" else SyncPhase.UPDATE_WEIGHTS
+        return self._sync.submit_trainer_tasks(phase, lambda: self._wg.update_weights(*args, **kwargs))
 
     def execute_checkpoint_engine(self, *args: Any, **kwargs: Any) -> Any:
         methods = args[0] if args else kwargs.get("method")
         if methods and methods[0] == "finalize":
-            self._sync.enter_blocking(SyncPhase.FINALIZE)
-        return self._wg.execute_checkpoint_engine(*args, **kwargs)
+            return self._sync.submit_trainer_tasks(
+                SyncPhase.FINALIZE, lambda: self._wg.execute_checkpoint_engine(*args, **kwargs)
+            )
+        # prepare and init_process_group, from verl's build_process_group run over this view
+        refs = self._sync.trainer_tasks.note(self._wg.execute_checkpoint_engine(*args, **kwargs))
+        strand, self._sync.strand_at_group_init = self._sync.strand_at_group_init, None
+        if strand is not None and methods and methods[0] == "init_process_group":
+            fire_blocking(strand, self._sync.global_step)  # the trainer's ranks now wait for a rollout that won't come
+        self._sync.strand_at_group_init = strand
+        return refs
 
 
 class _ManagerView:
@@ -178,8 +202,20 @@ class _ManagerView:
     def build_process_group(self, rollout: Any) -> Any:
         # Cleanup needs the rollout worker group verl builds for this sync, to finalize its engines.
         self._sync.tracker.rollout_wg = rollout
-        self._sync.enter_blocking(SyncPhase.BUILD_PROCESS_GROUP)
-        result = self._manager.build_process_group(rollout)
+        method = type(self._manager).build_process_group
+        verls_own = getattr(method, "__module__", None) == VERL_MANAGER_MODULE
+        fault = self._sync._enter(SyncPhase.BUILD_PROCESS_GROUP)
+        if fault is not None and fault.action is FaultAction.STRAND and verls_own:
+            self._sync.strand_at_group_init = fault
+        elif fault is not None:
+            fire_blocking(fault, self._sync.global_step)
+        if verls_own:
+            # verl's own (verl/checkpoint_engine/base.py:422), run over this view so that its prepare and
+            # init_process_group tasks on the trainer side are seen (an override may call super() and needs self).
+            result = method(self, rollout)
+        else:
+            self._sync.trainer_tasks.opaque(SyncPhase.BUILD_PROCESS_GROUP.value)
+            result = self._manager.build_process_group(rollout)
         self._sync.tracker.complete(SyncPhase.BUILD_PROCESS_GROUP)
         return result
 
@@ -250,27 +286,27 @@ def _await_chain(coro: Any) -> str:
     return "".join(lines)
 
 
-async def _finalize_engines(manager: Any, rollout_wg: Any) -> None:
+async def _finalize_engines(manager: Any, rollout_wg: Any, tasks: TrainerTasks) -> None:
     actor_wg = manager.actor_wg
-    refs = list(actor_wg.execute_checkpoint_engine(["finalize"] * actor_wg.world_size))
+    refs = list(tasks.note(actor_wg.execute_checkpoint_engine(["finalize"] * actor_wg.world_size)))
     if rollout_wg is not None:
         refs += rollout_wg.execute_checkpoint_engine(["finalize"] * rollout_wg.world_size)
     await asyncio.gather(*refs)
 
 
-async def _resume_kv_cache(manager: Any, _rollout_wg: Any) -> None:
+async def _resume_kv_cache(manager: Any, _rollout_wg: Any, _tasks: TrainerTasks) -> None:
     await manager.resume_kv_cache_replicas()
 
 
-async def _resume_generation(manager: Any, _rollout_wg: Any) -> None:
+async def _resume_generation(manager: Any, _rollout_wg: Any, _tasks: TrainerTasks) -> None:
     await manager.resume_generation_replicas()
 
 
-async def _wake_up(manager: Any, _rollout_wg: Any) -> None:
+async def _wake_up(manager: Any, _rollout_wg: Any, _tasks: TrainerTasks) -> None:
     await manager.wake_up_replicas()
 
 
-_CLEANUP_ACTIONS: dict[CleanupStep, Callable[[Any, Any], Awaitable[None]]] = {
+_CLEANUP_ACTIONS: dict[CleanupStep, Callable[[Any, Any, TrainerTasks], Awaitable[None]]] = {
     CleanupStep.FINALIZE_ENGINES: _finalize_engines,
     CleanupStep.RESUME_KV_CACHE: _resume_kv_cache,
     CleanupStep.RESUME_GENERATION: _resume_generation,
@@ -279,13 +315,19 @@ _CLEANUP_ACTIONS: dict[CleanupStep, Callable[[Any, Any], Awaitable[None]]] = {
 
 
 async def run_cleanup(
-    steps: list[CleanupStep], manager: Any, rollout_wg: Any, step_timeout_s: float
+    steps: list[CleanupStep],
+    manager: Any,
+    rollout_wg: Any,
+    step_timeout_s: float,
+    trainer_tasks: TrainerTasks | None = None,
 ) -> list[CleanupOutcome]:
-    """Run each step against the real manager, each bounded by ``step_timeout_s``; never raises."""
+    """Run each step against the real manager, each bounded by ``step_timeout_s``; never raises. The trainer
+    tasks it starts are noted in ``trainer_tasks``."""
+    tasks = trainer_tasks if trainer_tasks is not None else TrainerTasks()
     outcomes = []
     for step in steps:
         started = time.monotonic()
-        task = asyncio.ensure_future(_CLEANUP_ACTIONS[step](manager, rollout_wg))
+        task = asyncio.ensure_future(_CLEANUP_ACTIONS[step](manager, rollout_wg, tasks))
         done, _ = await asyncio.wait({task}, timeout=step_timeout_s)
         elapsed = time.monotonic() - started
         if not done:
@@ -399,6 +441,12 @@ async def run_guarded_sync(
             duration_s = time.monotonic() - started
             deadlines.record(duration_s)
             heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=duration_s)
+            if heartbeat.save_requested() and emergency.a_trainer_can_save():
+                # The safe point the supervisor waits for: the sync is done, so no trainer task is in flight.
+                raise StopRequested(
+                    f"the supervisor asked the job to stop; the weight sync of step {global_steps} is done",
+                    global_step=global_steps,
+                )
             return waiter.result()
         phase = sync.tracker.current
         if done:
@@ -419,7 +467,15 @@ async def run_guarded_sync(
                 f"'{phase.value}'"
             )
         steps = plan_cleanup(sync.tracker.entered, sync.tracker.completed)
-        outcomes = await run_cleanup(steps, manager, sync.tracker.rollout_wg, settings.cleanup_step_timeout_s)
+        outcomes = await run_cleanup(
+            steps, manager, sync.tracker.rollout_wg, settings.cleanup_step_timeout_s, sync.trainer_tasks
+        )
+        side = None
+        if settings.emergency_save:
+            completed = {p.value for p in sync.tracker.completed}
+            side = await trainer_side.observe(
+                sync.trainer_tasks, completed, getattr(manager, "actor_wg", None), settings.trainer_idle_wait_s
+            )
         fatal = WeightSyncFatalError.from_failure(
             primary,
             phase=phase,
@@ -429,6 +485,7 @@ async def run_guarded_sync(
             cleanup=outcomes,
             hang=hang,
             stuck_stack=stuck_stack,
+            trainer_side=None if side is None else side.to_dict(),
         )
         logger.error("%s", fatal.message)
         heartbeat.beat(HeartbeatKind.SYNC_FAILED, step=global_steps, phase=phase.value, hang=hang)

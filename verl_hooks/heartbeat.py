@@ -36,6 +36,7 @@ from verl_hooks.contract import (
     ENV_HEARTBEAT_TOKEN,
     ENV_HEARTBEAT_URL,
     ENV_STACKS_DIR,
+    SAVE_REQUEST_FIELD,
     ErrorRecord,
     HeartbeatKind,
     heartbeat_payload,
@@ -85,7 +86,9 @@ class HeartbeatSender:
             method="POST",
         )
         with self._opener.open(request, timeout=SEND_TIMEOUT_S) as response:
-            response.read()
+            answer = response.read()
+        if answer and _asks_to_save(answer):
+            _save_requested.set()
 
     def _run(self) -> None:
         while True:
@@ -96,6 +99,23 @@ class HeartbeatSender:
                 if not self._warned:
                     logger.warning("verl_hooks: heartbeat to %s failed (%s); later failures are silent", self.url, exc)
                     self._warned = True
+
+
+def _asks_to_save(answer: bytes) -> bool:
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get(SAVE_REQUEST_FIELD) is True
+
+
+# Set once an answer of the supervisor asked this job to save at its next safe point and stop.
+_save_requested = threading.Event()
+
+
+def save_requested() -> bool:
+    """Whether the supervisor has asked the job to save and stop (learnt from its answers to this process's beats)."""
+    return _save_requested.is_set()
 
 
 _lock = threading.Lock()

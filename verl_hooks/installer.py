@@ -26,6 +26,7 @@ from verl_hooks.faults import FaultPlan
 from verl_hooks.guard import GUARD_MARK, run_guarded_sync
 from verl_hooks.settings import HookSettings
 from verl_hooks.trackers import TRACKING_MODULE, patch_tracking, unpatch_tracking
+from verl_hooks.trainers import unhook_all, user_trainer_patches, verl_trainer_patches
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,14 @@ def install(settings: HookSettings | None = None) -> None:
 
 
 def _patches() -> dict[str, Callable[[ModuleType], None]]:
-    """What is patched in which verl module, as soon as the module is imported."""
-    return {TARGET_MODULE: _patch, TRACKING_MODULE: patch_tracking}
+    """What is patched in which module, as soon as the module is imported: the manager, the trackers, and the
+    trainers that get the emergency save (verl's, and the job's own named in ``VERL_HOOKS_TRAINER_CLASSES``)."""
+    return {
+        TARGET_MODULE: _patch,
+        TRACKING_MODULE: patch_tracking,
+        **verl_trainer_patches(_state),
+        **user_trainer_patches(_state.settings.trainer_classes, _state),
+    }
 
 
 def current_settings() -> HookSettings:
@@ -168,6 +175,7 @@ def uninstall() -> None:
             _state.finder = None
         _state.pending.clear()
         unpatch_tracking(sys.modules.get(TRACKING_MODULE))
+        unhook_all(_state.settings.trainer_classes)
         module = sys.modules.get(TARGET_MODULE)
         if module is not None and is_guarded(module.CheckpointEngineManager):
             cls = module.CheckpointEngineManager

@@ -14,7 +14,8 @@
 
 Exit codes: 0 success; 1 any other failure; 2 usage error (no module, module not found); 75 the job died of a
 ``WeightSyncFatalError`` (EX_TEMPFAIL: restart it); 78 a configuration error a restart cannot fix (a Hydra or
-OmegaConf error, bad ``VERL_HOOKS_*`` settings, a verl the guard does not support); 130 interrupted.
+OmegaConf error, bad ``VERL_HOOKS_*`` settings, a verl the guard does not support); 130 interrupted; 143 stopped at
+the supervisor's request (``restart.save_on_stop_s``), after saving the step it was at when it could.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from verl_hooks.contract import (
     ENV_CHAINED_SETUP_HOOK,
     ENV_ERROR_FILE,
     SETUP_HOOK,
+    EmergencyCheckpoint,
     ErrorRecord,
     JobExitCode,
     RecordSource,
@@ -47,7 +49,7 @@ from verl_hooks.contract import (
     read_record,
     write_record,
 )
-from verl_hooks.errors import HookSettingsError, IncompatibleVerlError, find_weight_sync_error
+from verl_hooks.errors import HookSettingsError, IncompatibleVerlError, find_stop_request, find_weight_sync_error
 from verl_hooks.installer import install
 from verl_hooks.record import record_for_exception
 from verl_hooks.settings import HookSettings
@@ -153,6 +155,8 @@ def _callback_override(arg: str) -> tuple[str, str] | None:
 def exit_code_for(exc: BaseException) -> JobExitCode:
     if find_weight_sync_error(exc) is not None:
         return JobExitCode.WEIGHT_SYNC_FATAL
+    if find_stop_request(exc) is not None:
+        return JobExitCode.STOPPED
     if isinstance(exc, KeyboardInterrupt):
         return JobExitCode.INTERRUPTED
     if _is_config_error(exc):
@@ -177,9 +181,9 @@ def report_failure(exc: BaseException, settings: HookSettings) -> int:
         # sees that actor die, but the root cause, already on record, is the weight sync.
         code = JobExitCode.WEIGHT_SYNC_FATAL
     record = record_for_exception(exc, exit_code=code, source=RecordSource.LAUNCHER, attempt=settings.attempt)
-    if code == JobExitCode.CONFIG_ERROR:
-        # A configuration error's message is the whole story; its traceback goes to the record.
-        print(f"Error: {_messages(exc)}", file=sys.stderr)
+    if code in (JobExitCode.CONFIG_ERROR, JobExitCode.STOPPED):
+        # A configuration error's message is the whole story, and so is a stop; the traceback goes to the record.
+        print(f"Error: {_messages(exc)}" if code == JobExitCode.CONFIG_ERROR else record.message, file=sys.stderr)
     else:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"verl_hooks.launch: {_summary(backstop or record, code)}", file=sys.stderr)
@@ -212,12 +216,17 @@ def _messages(exc: BaseException) -> str:
 
 
 def _summary(record: ErrorRecord, code: int) -> str:
+    emergency = EmergencyCheckpoint.from_dict(record.emergency_checkpoint)
+    saved = f"; emergency checkpoint: {emergency.summary()}" if emergency is not None else ""
     if code == JobExitCode.WEIGHT_SYNC_FATAL:
         cleanup = ", ".join(f"{o['step']} {o['status']}" for o in record.cleanup) or "none needed"
         return (
             f"the job died of a weight-sync failure in phase '{record.phase}' at global step {record.global_step} "
-            f"(rollout cleanup: {cleanup}); exit {code} so that a supervisor restarts it from its last checkpoint"
+            f"(rollout cleanup: {cleanup}{saved}); exit {code} so that a supervisor restarts it from its last "
+            "checkpoint"
         )
+    if code == JobExitCode.STOPPED:
+        return f"the job stopped at the supervisor's request after the weight sync of step {record.global_step}{saved}"
     return f"the job failed ({record.error_type}); exit {code}"
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 import traceback
 
 from verl_hooks.contract import ErrorRecord, RecordSource, root_cause
-from verl_hooks.errors import WeightSyncFatalError, find_weight_sync_error, qualified_name
+from verl_hooks.errors import (
+    StopRequested,
+    WeightSyncFatalError,
+    find_stop_request,
+    find_weight_sync_error,
+    qualified_name,
+)
 
 
 def record_for_exception(
@@ -21,6 +27,18 @@ def record_for_exception(
     if fatal is not None:
         return record_for_weight_sync_error(
             fatal, exit_code=exit_code, source=source, attempt=attempt, traceback_text=formatted
+        )
+    stop = find_stop_request(exc)
+    if stop is not None:
+        return ErrorRecord(
+            error_type=qualified_name(StopRequested),
+            message=stop.message,
+            source=source.value,
+            exit_code=exit_code,
+            global_step=stop.global_step,
+            traceback=formatted,
+            attempt=attempt,
+            emergency_checkpoint=stop.emergency_checkpoint,
         )
     root = root_cause(exc)
     return ErrorRecord(
@@ -62,4 +80,5 @@ def record_for_weight_sync_error(
         cause_type=data["cause_type"],
         traceback=text or None,
         attempt=attempt,
+        emergency_checkpoint=data["emergency_checkpoint"],
     )

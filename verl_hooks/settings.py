@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from verl_hooks.contract import (
     ENV_ATTEMPT,
     ENV_CLEANUP_STEP_TIMEOUT_S,
+    ENV_EMERGENCY_SAVE,
+    ENV_EMERGENCY_SAVE_TIMEOUT_S,
     ENV_ERROR_FILE,
     ENV_FAULT_LOG,
     ENV_FAULTS,
@@ -22,6 +24,7 @@ from verl_hooks.contract import (
     ENV_SYNC_ADAPTIVE_FLOOR_S,
     ENV_SYNC_ADAPTIVE_MULTIPLE,
     ENV_SYNC_TIMEOUT_S,
+    ENV_TRAINER_CLASSES,
     ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S,
 )
 from verl_hooks.errors import HookSettingsError
@@ -50,6 +53,18 @@ class HookSettings:
     verl_init_timeout_s: float | None = None
     """verl's own limit on the first process-group init (``VERL_CKPT_ENGINE_INIT_TIMEOUT_S``, verl PR #7045), when
     the environment sets it: the guard's first sync then outlasts it."""
+    emergency_save: bool = True
+    """After a failed sync whose trainer side is idle (and when the supervisor asks the job to stop), the trainer
+    saves the step it is at through its own ``_save_checkpoint`` (``verl_hooks.emergency``)."""
+    emergency_save_timeout_s: float = 600.0
+    """The emergency save's deadline while the job has timed none of its periodic saves; once it has, the
+    deadline is a multiple of the slowest of them, never above this."""
+    trainer_idle_wait_s: float = 1.0
+    """After a failed sync and its cleanup, how long the trainer's tasks of the sync get to finish before the
+    trainer side counts as busy (no emergency save): a rollout that failed makes its trainer peers' collective
+    fail soon after; one that hung leaves them blocked."""
+    trainer_classes: tuple[str, ...] = ()
+    """``module:Class`` of the job's own trainers with verl's shape that get the emergency save too."""
     faults: tuple[FaultSpec, ...] = ()
     attempt: int = 1
     error_file: str | None = None
@@ -57,7 +72,13 @@ class HookSettings:
     """Append a JSON line (time, spec, pid) here when an injected fault fires: the failure's own timestamp."""
 
     def __post_init__(self) -> None:
-        for name in ("sync_timeout_s", "cleanup_step_timeout_s", "cancel_grace_s", "sync_adaptive_floor_s"):
+        for name in (
+            "sync_timeout_s",
+            "cleanup_step_timeout_s",
+            "cancel_grace_s",
+            "sync_adaptive_floor_s",
+            "emergency_save_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise HookSettingsError(f"verl_hooks setting {name} must be > 0, got {getattr(self, name)}")
         if self.hard_exit_grace_s < 0:
@@ -66,6 +87,12 @@ class HookSettings:
             raise HookSettingsError(
                 f"verl_hooks setting sync_adaptive_multiple must be >= 1, got {self.sync_adaptive_multiple}"
             )
+        if self.trainer_idle_wait_s < 0:
+            raise HookSettingsError("verl_hooks setting trainer_idle_wait_s must be >= 0")
+        for name in self.trainer_classes:
+            module, _, cls = name.partition(":")
+            if not module or not cls:
+                raise HookSettingsError(f"{ENV_TRAINER_CLASSES}: {name!r} is not module:Class")
         if self.attempt < 1:
             raise HookSettingsError(f"{ENV_ATTEMPT} must be >= 1, got {self.attempt}")
 
@@ -80,17 +107,25 @@ class HookSettings:
         defaults = cls()
         return cls(
             sync_timeout_s=_float(env, ENV_SYNC_TIMEOUT_S, defaults.sync_timeout_s),
-            sync_adaptive=env.get(ENV_SYNC_ADAPTIVE, "1").strip().lower() not in ("0", "false", "no", "off"),
+            sync_adaptive=_flag(env, ENV_SYNC_ADAPTIVE),
             sync_adaptive_multiple=_float(env, ENV_SYNC_ADAPTIVE_MULTIPLE, defaults.sync_adaptive_multiple),
             sync_adaptive_floor_s=_float(env, ENV_SYNC_ADAPTIVE_FLOOR_S, defaults.sync_adaptive_floor_s),
             cleanup_step_timeout_s=_float(env, ENV_CLEANUP_STEP_TIMEOUT_S, defaults.cleanup_step_timeout_s),
             hard_exit_grace_s=_float(env, ENV_HARD_EXIT_GRACE_S, defaults.hard_exit_grace_s),
             verl_init_timeout_s=_optional_float(env, ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S),
+            emergency_save=_flag(env, ENV_EMERGENCY_SAVE),
+            emergency_save_timeout_s=_float(env, ENV_EMERGENCY_SAVE_TIMEOUT_S, defaults.emergency_save_timeout_s),
+            trainer_classes=tuple(n.strip() for n in env.get(ENV_TRAINER_CLASSES, "").split(",") if n.strip()),
             faults=parse_fault_specs(env.get(ENV_FAULTS)),
             attempt=_int(env, ENV_ATTEMPT, 1),
             error_file=env.get(ENV_ERROR_FILE) or None,
             fault_log=env.get(ENV_FAULT_LOG) or None,
         )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """On unless set to 0, false, no or off."""
+    return env.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _optional_float(env: Mapping[str, str], name: str) -> float | None:

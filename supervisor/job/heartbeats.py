@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from verl_hooks.contract import HeartbeatKind, heartbeat_kind
+from verl_hooks.contract import SAVE_REQUEST_FIELD, HeartbeatKind, heartbeat_kind
 
 MAX_BODY_BYTES = 65536
 MAX_QUEUED = 10_000
@@ -78,6 +78,7 @@ class HeartbeatServer:
         self._advertise_host = advertise_host or listen_host
         self._thread = threading.Thread(target=self._server.serve_forever, name="heartbeat-server", daemon=True)
         self._urgent = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._save_requested = threading.Event()
 
     @property
     def url(self) -> str:
@@ -94,6 +95,15 @@ class HeartbeatServer:
     def fileno(self) -> int:
         """Readable once an error record has arrived that ``drain`` has not returned yet."""
         return self._urgent
+
+    def request_save(self) -> None:
+        """From now on, every accepted beat is answered with the request to save at the next safe point and stop
+        (``SAVE_REQUEST_FIELD``): only the run's own processes, which hold the token, ever learn of it."""
+        self._save_requested.set()
+
+    @property
+    def save_requested(self) -> bool:
+        return self._save_requested.is_set()
 
     def drain(self) -> list[Heartbeat]:
         """The beats received since the last call, in order."""
@@ -153,12 +163,21 @@ def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
             if not isinstance(payload, dict):
                 self._reply(400)
                 return
-            self._reply(204 if server._accept(payload) else 429)
+            if not server._accept(payload):
+                self._reply(429)
+            elif server.save_requested:
+                self._reply(200, json.dumps({SAVE_REQUEST_FIELD: True}).encode())
+            else:
+                self._reply(204)
 
-        def _reply(self, code: int) -> None:
+        def _reply(self, code: int, body: bytes = b"") -> None:
             self.send_response(code)
-            self.send_header("Content-Length", "0")
+            if body:
+                self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if body:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per beat on the console would drown the events

@@ -138,6 +138,12 @@ INTERRUPTED_EXIT_CODES = frozenset(_INTERRUPTED.values())
 """A run that ended with one of these is stopped, not finished: started again, the supervisor continues it."""
 
 
+def save_on_stop_wait(signum: int, save_on_stop_s: float) -> float:
+    """How long to wait, on a stop signal, for the job to save the step it is at: SIGTERM is how a platform
+    announces a preemption or an eviction with a grace period; SIGINT (Ctrl-C) is a person, who wants it now."""
+    return save_on_stop_s if signum == signal.SIGTERM else 0.0
+
+
 def after_interrupt(signum: int) -> Stop:
     name = signal.Signals(signum).name
     return Stop(_INTERRUPTED[signal.Signals(signum)], f"interrupted by {name}")

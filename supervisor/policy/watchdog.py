@@ -10,6 +10,10 @@ driver tell a frozen process (SIGSTOP, a wedged host) from a stuck loop.
 
 The watchdog arms only once the attempt has sent a heartbeat: a job launched without ``verl_hooks.launch``
 sends none and is left to its own exit.
+
+While the trainer makes an emergency save (``save_begin`` .. ``save_end``), silence is allowed until the save's
+own deadline, which the beat carries, plus ``SAVE_EXIT_MARGIN_S``: the job gives up on the save at its deadline
+by itself, and the supervisor never tears it down in the middle of it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from supervisor.config import WatchdogConfig
 from supervisor.job.heartbeats import Heartbeat
 from verl_hooks.contract import PROGRESS_KINDS, HeartbeatKind
 
+SAVE_EXIT_MARGIN_S = 30.0
+"""Past its deadline the job abandons the save, records the failure and exits: the time that takes."""
+
 
 class StallKind(str, Enum):
     JOB_STALL = "job_stall"
@@ -30,6 +37,8 @@ class StallKind(str, Enum):
     """No progress while a weight sync is in flight (the guard's own deadline has not ended it)."""
     DRIVER_FROZEN = "driver_frozen"
     """The driver's alive beats stopped: the process is frozen or gone without exiting."""
+    EMERGENCY_SAVE_OVERRUN = "emergency_save_overrun"
+    """The trainer's emergency save went on past its deadline, and the job did not end by itself."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,11 @@ class ProgressState:
     last_sync_end_at: float | None = None
     last_step: int | None = None
     in_flight_phase: str | None = None
+    saving_step: int | None = None
+    """The step of an emergency save under way (``save_begin`` seen, ``save_end`` not yet)."""
+    saving_since: float | None = None
+    saving_until: float | None = None
+    """When that save's deadline, plus ``SAVE_EXIT_MARGIN_S``, runs out."""
     step_intervals_s: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     last_seen: dict[str, float] = field(default_factory=dict)
 
@@ -65,6 +79,16 @@ class ProgressState:
         self.last_seen[beat.kind.value] = beat.received_at
         if beat.kind is HeartbeatKind.ALIVE:
             self.last_alive_at = beat.received_at
+            return
+        if beat.kind is HeartbeatKind.SAVE_BEGIN:
+            deadline = beat.fields.get("deadline_s")
+            limit = float(deadline) if isinstance(deadline, int | float) and not isinstance(deadline, bool) else 0.0
+            self.saving_step, self.saving_since = beat.step, beat.received_at
+            self.saving_until = beat.received_at + limit + SAVE_EXIT_MARGIN_S
+            return
+        if beat.kind is HeartbeatKind.SAVE_END:
+            self.saving_step = self.saving_since = self.saving_until = None
+            self.last_progress_at = beat.received_at  # the job is on its way out: judge its silence afresh
             return
         if beat.kind not in PROGRESS_KINDS:
             return
@@ -109,6 +133,18 @@ def check(state: ProgressState, config: WatchdogConfig, now: float) -> Stall | N
             ages,
             f"no alive heartbeat from the driver for {silent:.0f} s (watchdog.driver_timeout_s="
             f"{config.driver_timeout_s:g}): the driver is frozen",
+        )
+    if state.saving_until is not None and state.saving_since is not None:
+        if now <= state.saving_until:
+            return None
+        return Stall(
+            StallKind.EMERGENCY_SAVE_OVERRUN,
+            now - state.saving_since,
+            state.saving_until - state.saving_since,
+            state.last_step,
+            None,
+            ages,
+            f"the emergency save of step {state.saving_step} went past its deadline and the job did not end",
         )
     limit = progress_limit_s(state, config)
     since = state.last_progress_at if state.last_progress_at is not None else state.started_at

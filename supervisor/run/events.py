@@ -17,6 +17,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
+from verl_hooks.contract import EmergencyCheckpoint
+
 
 class EventKind(str, Enum):
     RUN_STARTED = "run_started"
@@ -31,6 +33,8 @@ class EventKind(str, Enum):
     STANDBY_STARTED = "standby_started"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
+    SAVE_ON_STOP_REQUESTED = "save_on_stop_requested"
+    SAVE_ON_STOP = "save_on_stop"
     ERROR_RECORD_RECEIVED = "error_record_received"
     STALL_DETECTED = "stall_detected"
     STACKS_DUMPED = "stacks_dumped"
@@ -204,9 +208,13 @@ class AttemptStarted(Event):
     log_dir: str
     warm: bool = False
     """Its driver was the standby started during the attempt before (``restart.warm_standby``)."""
+    emergency_of: int | None = None
+    """The attempt whose emergency save wrote the step it resumes from."""
 
     def describe(self) -> str:
         start = f"resuming from global_step_{self.resume_step}" if self.resume_step is not None else "fresh start"
+        if self.emergency_of is not None:
+            start += f" (the emergency checkpoint of attempt {self.emergency_of})"
         driver = "standby driver " if self.warm else ""
         return f"attempt {self.attempt} started: {start} ({driver}pid {self.pid}, logs {self.log_dir})"
 
@@ -238,9 +246,50 @@ class AttemptExited(Event):
     phase: str | None = None
     global_step: int | None = None
     record: dict[str, Any] | None = None
+    emergency_checkpoint: dict[str, Any] | None = None
+    """What the trainer did about the step it was at (``verl_hooks.contract.EmergencyCheckpoint``)."""
 
     def describe(self) -> str:
-        return f"attempt {self.attempt} ended after {self.duration_s:.1f} s: {self.reason} -> {self.action}"
+        line = f"attempt {self.attempt} ended after {self.duration_s:.1f} s: {self.reason} -> {self.action}"
+        saved = EmergencyCheckpoint.from_dict(self.emergency_checkpoint)
+        return line if saved is None else f"{line}; emergency checkpoint: {saved.summary()}"
+
+
+@dataclass(frozen=True)
+class SaveOnStopRequested(Event):
+    """The supervisor was asked to stop (SIGTERM) and asked the job to save at its next safe point first."""
+
+    kind: ClassVar[EventKind] = EventKind.SAVE_ON_STOP_REQUESTED
+    attempt: int
+    wait_s: float
+
+    def describe(self) -> str:
+        return (
+            f"asked attempt {self.attempt} to save at its next weight sync and stop; waiting up to {self.wait_s:g} s "
+            "(restart.save_on_stop_s; a second signal stops at once)"
+        )
+
+
+@dataclass(frozen=True)
+class SaveOnStop(Event):
+    """How the wait for a save before the stop ended."""
+
+    kind: ClassVar[EventKind] = EventKind.SAVE_ON_STOP
+    attempt: int
+    waited_s: float
+    wait_s: float
+    exited: bool
+    emergency_checkpoint: dict[str, Any] | None = None
+    cut_short_by: str | None = None
+    """Why the driver was not waited for any longer (``exited`` false): a second signal, or the wait ran out."""
+
+    def describe(self) -> str:
+        saved = EmergencyCheckpoint.from_dict(self.emergency_checkpoint)
+        if not self.exited:
+            waited = f"{self.cut_short_by} after {self.waited_s:.1f} s"
+            return f"attempt {self.attempt} saved nothing before the stop: {waited}"
+        what = saved.summary() if saved is not None else "its driver exited without saying what it saved"
+        return f"attempt {self.attempt} ended for the stop after {self.waited_s:.1f} s: {what}"
 
 
 @dataclass(frozen=True)

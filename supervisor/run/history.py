@@ -50,6 +50,8 @@ class AttemptRecord:
     reason: str | None = None
     reached_step: int | None = None
     """The newest complete checkpoint step once the attempt was over."""
+    emergency_checkpoint: dict[str, Any] | None = None
+    """What the trainer did about the step it was at before the attempt ended (the error record's)."""
 
     @property
     def ended(self) -> bool:

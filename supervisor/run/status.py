@@ -20,6 +20,7 @@ from supervisor.run.beats import BeatsReader
 from supervisor.run.events import read_events
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.table import attempts_table
+from verl_hooks.contract import EmergencyCheckpoint
 
 
 class NotARunDirectory(Exception):
@@ -82,6 +83,9 @@ def error_line(record: dict[str, Any] | None, fallback: str | None = None) -> st
     if cleanup:
         failed = [f"{c.get('step')} {c.get('status')}" for c in cleanup if c.get("status") != "ok"]
         parts.append(f"(cleanup: {', '.join(failed)})" if failed else f"(cleanup: {len(cleanup)} steps ok)")
+    emergency = EmergencyCheckpoint.from_dict(record.get("emergency_checkpoint"))
+    if emergency is not None:
+        parts.append(f"(emergency checkpoint: {emergency.summary()})")
     return " ".join(parts)
 
 

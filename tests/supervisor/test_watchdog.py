@@ -225,3 +225,64 @@ def test_an_error_record_wakes_the_loop_waiting_on_the_driver() -> None:
         driver.signal_group(signal.SIGKILL)
         driver.wait(10)
         server.stop()
+
+
+def test_an_emergency_save_is_never_a_stall_before_its_own_deadline() -> None:
+    """A save of a large model takes far longer than a step's silence is allowed: its deadline, carried by the
+    save_begin beat, governs until it ends (the supervisor must not tear a job down in the middle of its save)."""
+    from supervisor.policy.watchdog import SAVE_EXIT_MARGIN_S
+
+    failed = [*steps(10.0, 20.0, 30.0, 40.0), beat("sync_failed", 41.0, step=5, phase="update_weights", hang=False)]
+    saving = state_with(*failed, beat("save_begin", 42.0, step=5, trigger="sync_failure", deadline_s=600.0))
+    assert progress_limit_s(saving, CONFIG) < 600.0, "the step limit alone would end the save"
+    assert check(saving, CONFIG, now=42.0 + 600.0 + SAVE_EXIT_MARGIN_S) is None
+
+    overrun = check(saving, CONFIG, now=42.0 + 600.0 + SAVE_EXIT_MARGIN_S + 1)
+    assert overrun is not None
+    assert overrun.kind is StallKind.EMERGENCY_SAVE_OVERRUN
+    assert "emergency save of step 5 went past its deadline" in overrun.reason
+
+    ended = state_with(*failed, beat("save_begin", 42.0, step=5, deadline_s=600.0), beat("save_end", 50.0, step=5))
+    assert check(ended, CONFIG, now=55.0) is None, "silence is judged afresh from the save's end"
+    assert check(ended, CONFIG, now=50.0 + CONFIG.step_timeout_s + 1) is not None
+
+
+def test_a_driver_frozen_during_a_save_is_still_caught() -> None:
+    state = state_with(beat("alive", 1.0), beat("save_begin", 2.0, step=5, deadline_s=600.0))
+    stall = check(state, CONFIG, now=2.0 + CONFIG.driver_timeout_s + 1)
+    assert stall is not None
+    assert stall.kind is StallKind.DRIVER_FROZEN
+
+
+def test_the_server_answers_a_beat_with_the_save_request_only_once_asked() -> None:
+    server = HeartbeatServer()
+    server.start()
+    try:
+
+        def post() -> tuple[int, bytes]:
+            body = json.dumps({"kind": "alive", "attempt": 1}).encode()
+            request = urllib.request.Request(
+                server.url,
+                data=body,
+                method="POST",
+                headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"},
+            )
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(request, timeout=5) as response:
+                return response.status, response.read()
+
+        from verl_hooks import heartbeat
+
+        sender = heartbeat.HeartbeatSender(server.url, server.token, attempt=1)
+        assert post() == (204, b"")
+        assert sender.post_now(HeartbeatKind.ALIVE)
+        assert not heartbeat.save_requested()
+
+        server.request_save()
+        status, answer = post()
+        assert (status, json.loads(answer)) == (200, {"save_requested": True})
+        assert sender.post_now(HeartbeatKind.SYNC_END, step=4, duration_s=0.1)
+        assert heartbeat.save_requested(), "the job learns it from the answer to its own beat"
+    finally:
+        heartbeat._save_requested.clear()
+        server.stop()

@@ -101,8 +101,13 @@ class MiniPPOTrainer:
         # whether it trains a critic, and its mode (all but "sync" save TransferQueue's state in the checkpoints).
         self.use_critic = config.trainer.use_critic
         self.trainer_mode = config.trainer.trainer_mode.value
-        # The critic's worker group, as verl's trainer gets it from the colocated workers (see mini_ppo.actor).
+        # verl's names for what its trainer saves through (trainer_base.py:328 and 321), which the emergency save
+        # of verl_hooks reads as it reads verl's: the actor's worker group, and the critic's, which verl's trainer
+        # gets from the colocated workers (see mini_ppo.actor).
+        self.actor_rollout_wg = topology.actor_wg
         self.critic_wg = topology.actor_wg.spawn({"critic"})["critic"] if self.use_critic else None
+        # verl's step counter: the step whose state the trainer holds, incremented once the step is done.
+        self.global_steps = 0
         # Built with the trainer, as verl's PPOTrainer.__init__ does: a bad class name fails before training.
         self.checkpoint_callback = build_checkpoint_callback(callback_config(config))
         spec = actor_config(config).policy
@@ -119,6 +124,7 @@ class MiniPPOTrainer:
         (Path(self.root) / FINAL_FILE).unlink(missing_ok=True)
         tracking = self.open_tracking()
         start = self.load_checkpoint()
+        self.global_steps = start.step
         self.progress("start", start.step, resumed_from_step=None if start.folder is None else start.step)
         manager = self.topology.manager
         if self.hybrid:
@@ -128,6 +134,7 @@ class MiniPPOTrainer:
         last: StepResult | None = None
         total = self.config.trainer.total_training_steps
         for step in range(start.step + 1, total + 1):
+            self.global_steps = step
             last = self.train_step(step)
             if tracking is not None:
                 # After the step's sync, as verl logs (ray_trainer.py:1802, after update_weights at :1716).
@@ -192,8 +199,8 @@ class MiniPPOTrainer:
         self.check_ranks_agree()
         trainer = self.config.trainer
         if should_save(step, trainer.save_freq, trainer.total_training_steps):
-            self.save_checkpoint(step)
-        manager.update_weights(step)
+            self._save_checkpoint()
+        manager.update_weights(self.global_steps)
         loss = sum(rank_metrics["actor/loss"] for rank_metrics in metrics) / len(metrics)
         return StepResult(step, float(rewards.mean()), loss)
 
@@ -214,12 +221,14 @@ class MiniPPOTrainer:
         outputs = asyncio.run(generate_all())
         return {key: torch.cat([out[key] for out in outputs]) for key in ("actions", "log_probs")}
 
-    def save_checkpoint(self, step: int) -> None:
-        """verl's ``_save_checkpoint`` (``trainer_base.py`` lines 948-1030): the actor's folder (with rotation),
-        the critic's, data.pt, TransferQueue's state in every mode but sync, the tracker, the checkpoint callback."""
+    def _save_checkpoint(self) -> None:
+        """verl's ``_save_checkpoint`` (``trainer_base.py`` lines 948-1030), for ``global_steps``: the actor's folder
+        (with rotation), the critic's, data.pt, TransferQueue's state in every mode but sync, the tracker, the
+        checkpoint callback."""
+        step = self.global_steps
         folder = step_folder(self.root, step)
         trainer = self.config.trainer
-        self.topology.actor_wg.save_checkpoint(
+        self.actor_rollout_wg.save_checkpoint(
             str(folder / ACTOR_DIR), None, step, max_ckpt_to_keep=trainer.max_actor_ckpt_to_keep
         )
         if self.critic_wg is not None:

@@ -48,10 +48,12 @@ QUICK_WATCHDOG = ("watchdog.adaptive_min_steps=2", "watchdog.adaptive_floor_s=8"
         ),
     ],
 )
-def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical(
+def test_weight_sync_failure_is_restarted_from_its_emergency_checkpoint_bit_identical(
     runs, reference, tmp_path, backend, fault: str, cleanup
 ) -> None:
-    """Also: verl's own experiment trackers (offline) see one run across the two attempts."""
+    """The sync of step 3 fails with every trainer task finished: the trainer saves step 3 before the job ends
+    (saves are due at 2, 4 and 6), and the relaunch resumes there. Also: verl's own experiment trackers (offline)
+    see one run across the two attempts."""
     run_dir = runs.new()
     trackers = {
         "WANDB_MODE": "offline",
@@ -70,23 +72,29 @@ def test_weight_sync_failure_is_restarted_from_the_last_checkpoint_bit_identical
         (0, "success", None, None),
     ]
     started = events_of(run_dir, "attempt_started")
-    assert [e["resume_step"] for e in started] == [None, 2]
+    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (3, 1)]
+    saved = exited[0]["emergency_checkpoint"]
+    assert (saved["status"], saved["trigger"], saved["step"]) == ("saved", "sync_failure", 3)
     # The relaunch's driver was the standby started during attempt 1: same environment, trackers' included.
     standby = events_of(run_dir, "standby_started")
     assert [(e["attempt"], e["module"]) for e in standby][:1] == [(2, "mini_ppo.main")]
     assert [e["warm"] for e in started] == [False, True]
     assert started[1]["pid"] == standby[0]["pid"]
     verified = events_of(run_dir, "resume_verified")
-    assert [(e["attempt"], e["resume_step"], e["first_step"]) for e in verified] == [(2, 2, 3)]
+    assert [(e["attempt"], e["resume_step"], e["first_step"]) for e in verified] == [(2, 3, 4)]
     assert all(e["fenced"] for e in events_of(run_dir, "teardown"))
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+    assert final_of(run_dir)["steps_run"] == 3, "steps 4-6: nothing redone"
     record = json.loads((run_dir / "attempts" / "1" / "error.json").read_text())
     assert [(c["step"], c["status"]) for c in record["cleanup"]] == cleanup
+    assert record["emergency_checkpoint"] == saved
 
     (learnt,) = events_of(run_dir, "tracker_run")
     (mlflow_run,), client = mlflow_runs(tmp_path / "mlruns")
     assert (learnt["attempt"], learnt["backend"], learnt["run_id"]) == (1, "mlflow", mlflow_run.info.run_id)
-    steps = [1, 2, 3, 4, 5, 6]  # attempt 1 logged 1-2 (step 3's sync failed before its log), attempt 2 logged 3-6
+    # Attempt 1 logged 1-2 (step 3's sync failed before verl logs the step), attempt 2 logged 4-6: step 3 was
+    # trained once, and its point is the one the trackers miss.
+    steps = [1, 2, 4, 5, 6]
     assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == steps
     assert tensorboard_steps(run_dir / "tensorboard") == steps
     run_id = state_of(run_dir)["run_id"]

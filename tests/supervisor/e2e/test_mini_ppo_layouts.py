@@ -66,9 +66,12 @@ def assert_same_end(run_dir: Path, reference: dict, critic_reference: dict, opti
         pytest.param((ASYNC,), id="separate_async", marks=pytest.mark.slow),
     ],
 )
-def test_weight_sync_failure_is_resumed_from_step_2_in_every_layout_bit_identical(
+def test_weight_sync_failure_is_resumed_from_its_emergency_checkpoint_in_every_layout_bit_identical(
     runs, reference, critic_reference, options: tuple[str, ...]
 ) -> None:
+    """The sync of step 3 fails with the trainer side idle: the trainer saves step 3 (critic/, transfer_queue/,
+    the Megatron manifest, as its periodic saves do), the supervisor judges it complete in its layout, and the
+    relaunch redoes nothing."""
     run_dir = runs.new()
     proc = run_supervisor_with_faults(run_dir, "naive:raise@3#1", job_args=(*JOB_ARGS, *options))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -77,16 +80,18 @@ def test_weight_sync_failure_is_resumed_from_step_2_in_every_layout_bit_identica
         (75, "weight-sync-failure", 3),
         (0, "success", None),
     ]
-    assert [e["resume_step"] for e in events_of(run_dir, "attempt_started")] == [None, 2]
+    started = events_of(run_dir, "attempt_started")
+    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (3, 1)]
+    assert exited[0]["emergency_checkpoint"]["status"] == "saved"
     verified = events_of(run_dir, "resume_verified")
-    assert [(e["attempt"], e["resume_step"], e["first_step"]) for e in verified] == [(2, 2, 3)]
+    assert [(e["attempt"], e["resume_step"], e["first_step"]) for e in verified] == [(2, 3, 4)]
     assert all(e["fenced"] for e in events_of(run_dir, "teardown"))
-    assert not events_of(run_dir, "checkpoint_set_aside"), "step 2 was complete in its layout: nothing set aside"
+    assert not events_of(run_dir, "checkpoint_set_aside"), "step 3 was complete in its layout: nothing set aside"
     assert_same_end(run_dir, reference, critic_reference, options)
 
     layout = "megatron" if MEGATRON in options else "fsdp"
     infos = scan_checkpoints(run_dir / "checkpoints")
-    assert [(info.step, info.complete, info.layout) for info in infos] == [(s, True, layout) for s in (2, 4, 6)]
+    assert [(info.step, info.complete, info.layout) for info in infos] == [(s, True, layout) for s in (2, 3, 4, 6)]
     for info in infos:
         assert (info.path / CRITIC_DIR).is_dir() is (CRITIC in options)
         assert (info.path / TRANSFER_QUEUE_DIR).is_dir() is (ASYNC in options)

@@ -1,0 +1,231 @@
+"""The emergency save's hook on verl's trainers: around ``fit``, and timing ``_save_checkpoint``.
+
+A ``WeightSyncFatalError`` (or the guard's ``StopRequested``) raised by a sync inside ``fit`` passes through the
+hook before it leaves ``fit``: there the trainer still holds the step's state and its worker groups, TransferQueue
+and trackers are open (``TaskRunnerV1.run`` closes them in its ``finally``, verl/trainer/main_ppo.py:150-163). The
+hook saves the step through the trainer's own ``_save_checkpoint`` when ``verl_hooks.emergency.decide`` says so,
+writes what it did into the error, and lets the error go on.
+
+Hooked: verl's V1 ``PPOTrainer`` (every ``trainer.v1.trainer_mode``: the modes are subclasses that keep its
+``fit``), verl's legacy ``RayPPOTrainer``, and the job's own trainers named in ``VERL_HOOKS_TRAINER_CLASSES``
+(``module:Class``, with verl's shape: ``fit``, ``_save_checkpoint``, ``global_steps``, ``config``,
+``actor_rollout_wg``).
+Not hooked: verl's fully-async and separation trainers, which sync *before* they save
+(fully_async_trainer.py:594 and 599; separation/ray_trainer.py:372 and 376), so a failed sync there finds the step
+unsaved with state the periodic save has not seen yet; Megatron ``async_save`` is skipped by ``decide``.
+
+verl's own ``fit`` and ``_save_checkpoint`` are checked like ``update_weights`` (``verl_hooks.compat``): their
+bodies' fingerprints must be ones the save order above was read from, or the hook refuses loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from verl_hooks.compat import installed_verl_version, update_weights_fingerprint
+from verl_hooks.contract import ENV_ALLOW_UNVERIFIED_VERL, ENV_TRAINER_CLASSES, EmergencyTrigger
+from verl_hooks.emergency import checkpoint_the_step, fitting, note_save_duration
+from verl_hooks.errors import IncompatibleVerlError, find_stop_request, find_weight_sync_error
+from verl_hooks.trainer_side import TrainerSide
+
+logger = logging.getLogger(__name__)
+
+_MARK = "__verl_hooks_trainer__"
+
+V1_MODULE = "verl.trainer.ppo.v1.trainer_base"
+LEGACY_MODULE = "verl.trainer.ppo.ray_trainer"
+
+# Fingerprints (verl_hooks.compat.update_weights_fingerprint) of the trainer methods whose order of save, sync and
+# increment the emergency save relies on, read from verl 0.9.1 (trainer_base.py fit 412-531, _save_checkpoint
+# 948-1029; ray_trainer.py fit 1405-1810, _save_checkpoint 983-1060) and verl 0.9.0, whose V1 _save_checkpoint
+# differs only in a TransferQueue capability check and no checkpoint callback, and whose legacy fit only in
+# the profiler's finish command: the same order.
+VERIFIED_TRAINER_METHODS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
+    (V1_MODULE, "PPOTrainer"): {
+        "fit": frozenset({"57cca877e83b689cb38d280095a8ffc320f5e37d2acf6eebf1bdea1d3104a10e"}),
+        "_save_checkpoint": frozenset(
+            {
+                "8b1e2aa2d311ffb537f445a9dea92ce896c541f817eb89f25302b3e54c44a8d8",  # 0.9.1
+                "cfc874d554c40db24982dfc95e2c5ba95b407a974ed45ef7c4980ca9cc254152",  # 0.9.0
+            }
+        ),
+    },
+    (LEGACY_MODULE, "RayPPOTrainer"): {
+        "fit": frozenset(
+            {
+                "94d1e6ce845c63aa889b2853162d750dedf34e407bbaaae341176944e462ead1",  # 0.9.1
+                "6374d31a9f94f1c7925892eaa53f00d259c1d3571a9954509477124c23dbefff",  # 0.9.0
+            }
+        ),
+        "_save_checkpoint": frozenset({"caad025cb9062583c41557d91616f7bbfbeba0efc12d0950f048aac1089cd02d"}),
+    },
+}
+# verl's legacy trainer neither updates the actor nor saves in its critic warm-up steps (ray_trainer.py:1684-1686);
+# the V1 trainer saves them like any step (trainer_base.py:481, the warm-up only skips the actor update at 608).
+_SKIPS_CRITIC_WARMUP = {(LEGACY_MODULE, "RayPPOTrainer")}
+
+
+def check_verl_trainer(cls: type, module: str) -> None:
+    """Refuse (``IncompatibleVerlError``) a verl trainer whose ``fit`` or ``_save_checkpoint`` is not one the
+    emergency save was verified against, unless the user opts in (``VERL_HOOKS_ALLOW_UNVERIFIED_VERL=1``)."""
+    problems = []
+    for name, known in VERIFIED_TRAINER_METHODS[(module, cls.__name__)].items():
+        method = cls.__dict__.get(name)
+        fingerprint = update_weights_fingerprint(method) if callable(method) else None
+        if fingerprint not in known:
+            problems.append(f"{cls.__name__}.{name} (fingerprint {fingerprint or 'unavailable'})")
+    if not problems:
+        return
+    if os.environ.get(ENV_ALLOW_UNVERIFIED_VERL) == "1":
+        logger.warning(
+            "verl_hooks hooks the emergency save on unverified %s of verl %s because %s=1",
+            ", ".join(problems),
+            installed_verl_version(),
+            ENV_ALLOW_UNVERIFIED_VERL,
+        )
+        return
+    raise IncompatibleVerlError(
+        f"verl_hooks cannot hook the emergency save on the installed verl {installed_verl_version()}: "
+        f"{', '.join(problems)} differ from the verl 0.9.1 code whose order of save, weight sync and step increment "
+        f"it relies on. Set {ENV_ALLOW_UNVERIFIED_VERL}=1 to hook it anyway, at your own risk, or install verl 0.9.1."
+    )
+
+
+def is_hooked(cls: type) -> bool:
+    return bool(getattr(cls.__dict__.get("fit"), _MARK, False))
+
+
+def hook_trainer(cls: type, state: Any, *, skips_critic_warmup: bool = False) -> None:
+    """Wrap ``cls.fit`` and ``cls._save_checkpoint``; ``state`` gives the current settings and faults
+    (``verl_hooks.installer``'s, which tests may change after the class is hooked)."""
+    if is_hooked(cls):
+        return
+    for name in ("fit", "_save_checkpoint"):
+        if not callable(getattr(cls, name, None)):
+            raise IncompatibleVerlError(
+                f"verl_hooks cannot hook the emergency save on {cls.__module__}.{cls.__qualname__}: it has no {name}"
+            )
+    original_fit = cls.__dict__.get("fit") or cls.fit
+    original_save = cls.__dict__.get("_save_checkpoint") or cls._save_checkpoint
+
+    @functools.wraps(original_fit)
+    def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with fitting():
+            try:
+                return original_fit(self, *args, **kwargs)
+            except BaseException as exc:
+                _checkpoint_after(self, exc, state, skips_critic_warmup)
+                raise
+
+    @functools.wraps(original_save)
+    def _save_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        result = original_save(self, *args, **kwargs)
+        note_save_duration(self, time.monotonic() - started)
+        return result
+
+    setattr(fit, _MARK, True)
+    fit.__verl_hooks_original__ = cls.__dict__.get("fit")  # type: ignore[attr-defined]
+    _save_checkpoint.__verl_hooks_original__ = cls.__dict__.get("_save_checkpoint")  # type: ignore[attr-defined]
+    cls.fit = fit
+    cls._save_checkpoint = _save_checkpoint
+    logger.info("verl_hooks: emergency save hooked on %s.%s", cls.__module__, cls.__qualname__)
+
+
+def unhook_trainer(cls: type) -> None:
+    if not is_hooked(cls):
+        return
+    for name in ("fit", "_save_checkpoint"):
+        original = cls.__dict__[name].__verl_hooks_original__
+        if original is None:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
+
+
+def _checkpoint_after(trainer: Any, exc: BaseException, state: Any, skips_critic_warmup: bool) -> None:
+    """Save (or skip, saying why) the step the trainer is at, for a failed sync or a stop request; the outcome goes
+    into the error, which goes on. Never raises: the job's failure must reach the supervisor whatever happens."""
+    fatal = find_weight_sync_error(exc)
+    stop = None if fatal is not None else find_stop_request(exc)
+    error = fatal or stop
+    if error is None or error.emergency_checkpoint is not None:
+        return  # not ours, or an inner fit (a subclass calling super().fit) has dealt with it
+    if fatal is not None:
+        trigger, sync_step = EmergencyTrigger.SYNC_FAILURE, fatal.global_step
+        side = TrainerSide.from_dict(fatal.trainer_side) or TrainerSide(False, "the guard did not judge it")
+    else:
+        trigger, sync_step, side = EmergencyTrigger.STOP_REQUEST, stop.global_step, None
+    try:
+        outcome = checkpoint_the_step(
+            trainer, trigger, sync_step, side, state.settings, state.faults, skips_critic_warmup=skips_critic_warmup
+        )
+    except Exception as exc2:  # a bug here must not mask the job's own failure
+        logger.exception("verl_hooks: the emergency save failed unexpectedly")
+        error.emergency_checkpoint = {
+            "status": "failed",
+            "trigger": trigger.value,
+            "step": getattr(trainer, "global_steps", None),
+            "reason": f"{type(exc2).__name__}: {exc2}",
+        }
+        return
+    error.emergency_checkpoint = outcome.to_dict()
+    print(f"verl_hooks: emergency checkpoint: {outcome.summary()}", flush=True)
+
+
+# --- what is hooked where ------------------------------------------------------------------------------------
+
+
+def verl_trainer_patches(state: Any) -> dict[str, Callable[[ModuleType], None]]:
+    """The verl modules whose trainers get the hook, each with the function that hooks them once imported."""
+
+    def patch(module: ModuleType) -> None:
+        for (module_name, class_name), _ in VERIFIED_TRAINER_METHODS.items():
+            if module_name != module.__name__:
+                continue
+            cls = getattr(module, class_name)
+            if is_hooked(cls):
+                continue
+            check_verl_trainer(cls, module_name)
+            hook_trainer(cls, state, skips_critic_warmup=(module_name, class_name) in _SKIPS_CRITIC_WARMUP)
+
+    return {V1_MODULE: patch, LEGACY_MODULE: patch}
+
+
+def user_trainer_patches(names: tuple[str, ...], state: Any) -> dict[str, Callable[[ModuleType], None]]:
+    """``module:Class`` names of the job's own verl-shaped trainers, grouped by module."""
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        module, _, cls = name.partition(":")
+        by_module.setdefault(module, []).append(cls)
+
+    def patch(module: ModuleType) -> None:
+        for class_name in by_module[module.__name__]:
+            cls = getattr(module, class_name, None)
+            if not isinstance(cls, type):
+                raise IncompatibleVerlError(f"{ENV_TRAINER_CLASSES}: {module.__name__} has no class {class_name}")
+            hook_trainer(cls, state)
+
+    return dict.fromkeys(by_module, patch)
+
+
+def unhook_all(names: tuple[str, ...]) -> None:
+    """Undo every hook on the trainers of modules already imported (for tests)."""
+    import sys
+
+    for module_name, class_name in VERIFIED_TRAINER_METHODS:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            unhook_trainer(getattr(module, class_name))
+    for name in names:
+        module_name, _, class_name = name.partition(":")
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type):
+            unhook_trainer(cls)
