@@ -17,7 +17,11 @@ Launchers:
   kuberay-like              KubeRay's RayJob with backoffLimit=3: a new Ray cluster per try, the job submitted
                             through the Ray Jobs API, its status read every 3 s (KubeRay's reconcile interval)
 Failures, injected into the job's weight sync at the same step on attempt 1 (VERL_HOOKS_FAULTS):
-  raise  the sync raises;  kill  the trainer process is SIGKILLed;  hang  the sync never returns.
+  raise    the sync raises;  kill  the trainer process is SIGKILLed;  hang  the sync never returns;
+  rollout  the multi-phase sync (rollout.backend=cpu_gloo), the rollout side raising in resume_generation once
+           every trainer task has finished.
+The fault's step is not a multiple of the save frequency: what a launcher loses is the steps since the last
+periodic save, unless the trainer saves the step it is at (the supervisor's emergency save).
 
 The baselines run the job as a user runs verl today: each attempt gets a Ray cluster of its own that ends with it
 (started as the supervisor starts its own, with a private temp dir and ports, so that a shared machine's other
@@ -32,7 +36,8 @@ job start-up, 1st step.
 Every run checks that they do (every boundary logged, in order, each launcher's own measure of a part within that
 part); a run that fails the check is marked in results.md and the script exits with 1. Steps lost = steps
 trained before the fault (the fault's own step included: verl syncs at the end of a step) that the resumed
-attempt had to train again.
+attempt had to train again; time lost = the fault firing to the job being back at the fault's step (the resumed
+attempt's start when it resumed there, else its step finished again).
 
 Timestamps come from the job and the launchers, never from guesses: the fault injector logs when a fault fires
 (VERL_HOOKS_FAULT_LOG), the job logs its start and each step (trainer.progress_file), the supervisor its events
@@ -72,7 +77,14 @@ ONLY_FAILURES = {"supervisor-fixed-deadline": ("hang",)}
 """Variants that differ from ``supervisor`` only where one failure is concerned: no fault-free run of their own."""
 BASELINES = ("shell-loop", "torchrun", "kuberay-like")
 LAUNCHERS = (*SUPERVISORS, *BASELINES)
-FAILURES = {"raise": "naive:raise@{step}#1", "kill": "naive:exit@{step}#1", "hang": "naive:hang@{step}#1"}
+FAILURES = {
+    "raise": "naive:raise@{step}#1",
+    "kill": "naive:exit@{step}#1",
+    "hang": "naive:hang@{step}#1",
+    "rollout": "resume_generation:raise@{step}#1",
+}
+FAILURE_JOB_ARGS = {"rollout": ("rollout.backend=cpu_gloo", "rollout.num_replicas=1")}
+"""Failures that need another job: their runs have no fault-free run of their own to compare goodput with."""
 MARKER = "BENCH_RUN_ID"
 
 
@@ -93,8 +105,9 @@ class Plan:
     """The watchdog's adaptive limit's floor: above the guard's fixed limit, so that a hang in a sync is ended by
     the guard's deadline, adaptive or fixed, which is what the hang compares."""
 
-    def job_args(self, workdir: Path) -> list[str]:
+    def job_args(self, workdir: Path, failure: str | None = None) -> list[str]:
         return [
+            *FAILURE_JOB_ARGS.get(failure or "", ()),
             f"trainer.total_training_steps={self.steps}",
             f"trainer.save_freq={self.save_freq}",
             f"trainer.extra_step_time_s={self.extra_step_time_s}",
@@ -127,8 +140,8 @@ class RunRecord:
 # --- running one launcher (mechanism) ---
 
 
-def command_for(launcher: str, plan: Plan, workdir: Path) -> list[str]:
-    job = plan.job_args(workdir)
+def command_for(launcher: str, plan: Plan, workdir: Path, failure: str | None = None) -> list[str]:
+    job = plan.job_args(workdir, failure)
     if launcher in SUPERVISORS:
         keep = "false" if launcher == "supervisor-fresh-cluster" else "true"
         warm = "false" if launcher == "supervisor-cold-driver" else "true"
@@ -261,7 +274,7 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
     log = (workdir / "launcher.log").open("w")
     started = time.time()
     proc = subprocess.Popen(
-        command_for(launcher, plan, workdir),
+        command_for(launcher, plan, workdir, failure),
         cwd=workdir,
         env=env,
         stdout=log,
@@ -651,7 +664,14 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
     start_events = [p for p in progress if p["event"] == "start" and p["ts"] >= relaunch]
     resumed_from = (start_events[0].get("resumed_from_step") or 0) if start_events else None
     # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not.
-    metrics["steps_lost"] = None if resumed_from is None else faults[0]["step"] - resumed_from
+    fault_step = faults[0]["step"]
+    metrics["steps_redone"] = None if resumed_from is None else fault_step - resumed_from
+    back = [
+        p["ts"]
+        for p in progress
+        if p["ts"] >= relaunch and p["event"] in ("start", "step") and (p.get("step") or 0) >= fault_step
+    ]
+    metrics["time_lost_s"] = round(min(back) - fault_at, 3) if back else None
     return metrics
 
 
@@ -683,7 +703,8 @@ def _first_step_after(progress: list[dict[str, Any]], since: float, origin: floa
 OUTCOME_COLUMNS = (
     ("recover_s", "recover (s)"),
     ("relaunch_to_first_step_s", "relaunch to 1st step (s)"),
-    ("steps_lost", "steps lost"),
+    ("steps_redone", "steps redone"),
+    ("time_lost_s", "time lost (s)"),
     ("leftover_processes", "left behind"),
     ("wall_s", "wall (s)"),
     ("goodput", "goodput"),
@@ -710,7 +731,7 @@ def aggregate(records: list[RunRecord]) -> dict[str, dict[str, dict[str, Any]]]:
     for record in records:
         if record.failure is None:
             continue
-        if record.launcher in fault_free and record.metrics.get("finished"):
+        if record.launcher in fault_free and record.metrics.get("finished") and record.failure not in FAILURE_JOB_ARGS:
             record.metrics["goodput"] = round(fault_free[record.launcher] / record.metrics["wall_s"], 3)
         cell = table.setdefault(record.failure, {}).setdefault(record.launcher, {"runs": []})
         cell["runs"].append(record.metrics)
@@ -756,6 +777,34 @@ def headline(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def cost_rows(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """What each failure cost each launcher: steps trained again, and the time from the fault to the job being
+    back at the fault's step (the work redone, the detection, the teardown and the start-up together)."""
+    launchers = [name for name in LAUNCHERS if any(name in cells for cells in table.values())]
+    if not table or not launchers:
+        return []
+    lines = [
+        "## What a failure costs",
+        "",
+        "Steps redone, and time lost (s): the fault to the job back at the fault's step. Medians.",
+        "",
+        "| failure | " + " | ".join(launchers) + " |",
+        "|---|" + "---|" * len(launchers),
+    ]
+    for failure, cells in table.items():
+        shown = []
+        for name in launchers:
+            redone, lost = (_median(table, failure, name, key) for key in ("steps_redone", "time_lost_s"))
+            if name not in cells:
+                shown.append("")
+            elif lost is None:
+                shown.append("not back (cut off)" if cells[name]["cut_off"] else "-")
+            else:
+                shown.append(f"{redone:g} steps, {lost:.1f} s" if redone is not None else f"{lost:.1f} s")
+        lines.append(f"| {failure} | " + " | ".join(shown) + " |")
+    return [*lines, ""]
+
+
 def _median(table: dict[str, dict[str, dict[str, Any]]], failure: str, launcher: str, key: str) -> float | None:
     stat = table.get(failure, {}).get(launcher, {}).get(key)
     return None if stat is None else stat["median"]
@@ -781,6 +830,16 @@ def goals(table: dict[str, dict[str, dict[str, Any]]], records: list[RunRecord],
                 ratio,
                 f"{ours:.1f} s vs {loop:.1f} s: {ratio:.2f}x",
                 ratio <= 0.5,
+            )
+    for failure in ("raise", "rollout"):
+        redone = _median(table, failure, "supervisor", "steps_redone")
+        if redone is not None:
+            add(
+                f"steps redone after a failed sync whose trainer side finished ({failure})",
+                "0 (the emergency save)",
+                redone,
+                f"{redone:g}",
+                redone == 0,
             )
     lags = [
         r.metrics["record_to_supervisor_s"]
@@ -894,6 +953,7 @@ def to_markdown(
     )
     lines += ["", *(f"- **{title}**: {meaning}" for _, title, meaning in PARTS), ""]
     lines += goals(table, records, overhead)
+    lines += cost_rows(table)
     lines += fault_free_rows(records)
     part_columns = tuple((key, title) for key, title, _ in PARTS)
     for failure, launchers in table.items():

@@ -7,10 +7,15 @@
 Each run draws (seeded, printed before it starts) a backend (naive or cpu_gloo) and several faults:
   guard:ACTION        the guard's own injector (VERL_HOOKS_FAULTS): raise, exit or hang in a random phase of the
                       run's sync path, at a random step of a random attempt
+  save:ACTION         with a guard raise, a fault inside the emergency save it calls for (the trainer saving the
+                      step it is at): raise (the save fails), exit (the TaskRunner dies half-way), hang (the save
+                      runs past its deadline, restart.emergency_save_timeout_s), the last one often with a kill of
+                      the taskrunner or a trainer worker at the moment the save began (kill:ROLE at emergency_save)
   kill:ROLE, stop:ROLE  SIGKILL or SIGSTOP of one process of the run, in a role (driver, taskrunner, trainer,
                       rollout, raylet, gcs, dashboard, agent), at a moment: start-up (of an attempt, the first one
                       after a supervisor restart included), training, checkpoint save, teardown (the supervisor
-                      tearing an attempt down), or together with the fault before it
+                      tearing an attempt down), an emergency save (its save_begin heartbeat), or together with the
+                      fault before it
   supervisor:kill, supervisor:term   the supervisor SIGKILLed or SIGTERMed, then started again on the run directory
   damage:KIND         while the supervisor is down: a truncated or empty model shard, a missing data.pt, a tracker
                       naming a missing or an incomplete step, garbage in the tracker, a step "folder" that is a file
@@ -102,6 +107,8 @@ SUPERVISOR_OVERRIDES = (
     "watchdog.adaptive_multiple=3",
     "watchdog.driver_timeout_s=15",
     "watchdog.heartbeat_interval_s=2",
+    # A hung emergency save is given up after this: the campaign's runs must not wait the default 600 s.
+    "restart.emergency_save_timeout_s=5",
 )
 GUARD_ENV = {
     "VERL_HOOKS_SYNC_TIMEOUT_S": "15",
@@ -114,6 +121,9 @@ BACKENDS = ("naive", "cpu_gloo")
 PHASES = {"naive": (SyncPhase.NAIVE.value,), "cpu_gloo": tuple(phase.value for phase in MULTI_PHASE_ORDER)}
 ROLES = ("driver", "taskrunner", "trainer", "rollout", "raylet", "gcs", "dashboard", "agent")
 MOMENTS = ("startup", "training", "save", "teardown")
+EMERGENCY_SAVE = "emergency_save"
+"""The moment an emergency save begins (drawn with the save faults that make one last: not among MOMENTS)."""
+SAVE_ACTIONS = ("raise", "exit", "hang")
 WITH_PREVIOUS = "with_previous"
 """A fault delivered right after the one before it: faults together."""
 DAMAGES = (
@@ -136,7 +146,7 @@ FINAL = "final.json"
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    """guard:ACTION, kill:ROLE, stop:ROLE, supervisor:kill|term, damage:KIND, heartbeat:KIND"""
+    """guard:ACTION, save:ACTION, kill:ROLE, stop:ROLE, supervisor:kill|term, damage:KIND, heartbeat:KIND"""
     moment: str | None = None
     """When an external fault is delivered (MOMENTS); None for guard and damage faults."""
     delay_s: float = 0.0
@@ -173,6 +183,7 @@ def draw_run(seed: int, index: int) -> RunPlan:
     rng = random.Random(f"chaos-{seed}-{index}")
     backend = rng.choice(BACKENDS)
     guard = []
+    schedule: list[Fault] = []
     # Early attempts are sure to come; a later one only if enough other faults came first.
     attempts = sorted({rng.choices((1, 2, 3), weights=(4, 3, 2))[0] for _ in range(rng.randint(1, 3))})
     for attempt in attempts:
@@ -181,7 +192,13 @@ def draw_run(seed: int, index: int) -> RunPlan:
         # A relaunch resumes from a saved step: a later attempt's fault is drawn past the first save.
         step = rng.randint(1, STEPS) if attempt == 1 else rng.randint(3, STEPS)
         guard.append(Fault(f"guard:{action}", spec=f"{phase}:{action}@{step}#{attempt}"))
-    schedule: list[Fault] = []
+        if action == "raise" and rng.random() < 0.5:
+            # A raise leaves the trainer side idle: the trainer saves the step, and this fault strikes the save.
+            save = rng.choice(SAVE_ACTIONS)
+            guard.append(Fault(f"save:{save}", spec=f"{EMERGENCY_SAVE}:{save}@{step}#{attempt}"))
+            if save == "hang" and rng.random() < 0.6:
+                role = rng.choice(("taskrunner", "trainer"))
+                schedule.append(Fault(f"kill:{role}", EMERGENCY_SAVE, round(rng.uniform(0, 1.0), 1)))
     for _ in range(rng.randint(5, 8)):
         family = rng.choices(("kill", "stop", "supervisor", "heartbeat"), weights=(5, 2, 2, 3))[0]
         # Faults together: one right after the fault before it, at the same moment.
@@ -643,6 +660,13 @@ class Run:
             return len(self._saves_seen)
         if moment == "teardown":
             return sum(e["event"] in ("error_record_received", "stall_detected", "attempt_exited") for e in events)
+        if moment == EMERGENCY_SAVE:
+            # The save_begin beats the supervisor logged (sent before the save starts, taken synchronously).
+            return sum(
+                '"save_begin"' in line
+                for beats in self.run_dir.glob("attempts/*/heartbeats.jsonl")
+                for line in beats.read_text().splitlines()
+            )
         raise ValueError(moment)
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, while_supervised: bool = True) -> bool:
@@ -821,7 +845,8 @@ class Run:
         deliveries = [asdict(d) for d in self.deliveries]
         for entry in guard_fired:
             action = entry["spec"].split(":", 1)[1].split("@")[0].split("#")[0]
-            fault = f"guard:{action} ({entry['spec']})"
+            source = "save" if entry["spec"].startswith(EMERGENCY_SAVE) else "guard"
+            fault = f"{source}:{action} ({entry['spec']})"
             deliveries.append(asdict(Delivery(fault, True, entry["ts"], f"pid {entry['pid']}")))
         notes = {
             "outcome": outcome,

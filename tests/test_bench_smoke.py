@@ -43,13 +43,13 @@ def test_benchmark_quick_mode_writes_its_outputs(tmp_path) -> None:
         assert (run["failure"], run["cut_off"]) == ("raise", False)
         for key in ("detect_s", "old_cluster_stop_s", "relaunch_s", "new_cluster_start_s", "job_startup_s"):
             assert metrics[key] is not None, (run["launcher"], key)
-        for key in ("first_step_s", "recover_s", "steps_lost"):
+        for key in ("first_step_s", "recover_s", "steps_redone", "time_lost_s"):
             assert metrics[key] is not None, (run["launcher"], key)
         # Every second of the recovery is in a named part: the benchmark's own check passed.
         assert metrics["adds_up"] is True, metrics["breakdown_problems"]
         assert metrics["leftover_processes"] == 0
         # The fault is at step 3, in the sync right after the save at step 3: no step is trained twice.
-        assert metrics["steps_lost"] == 0
+        assert metrics["steps_redone"] == 0
     supervisor, loop = runs["supervisor"]["metrics"], runs["shell-loop"]["metrics"]
     assert supervisor["new_cluster_start_s"] == supervisor["old_cluster_stop_s"] == 0.0, "its cluster is kept"
     assert supervisor["teardown_fence_s"] is not None
@@ -62,6 +62,7 @@ def test_benchmark_quick_mode_writes_its_outputs(tmp_path) -> None:
     assert result["all_finished_runs_have_the_same_weights"] is True
     markdown = (tmp_path / "results.md").read_text()
     assert "## raise" in markdown
+    assert "## What a failure costs" in markdown
     assert "not a valid comparison" not in markdown
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -41,11 +41,19 @@ def test_a_run_is_drawn_the_same_every_time_and_its_guard_faults_are_valid_specs
     for plan in plans:
         specs = parse_fault_specs(",".join(f.spec for f in plan.guard))
         assert len(specs) == len(plan.guard)
-        assert all(spec.phase.value in chaos.PHASES[plan.backend] for spec in specs)
+        assert all(spec.phase.value in (*chaos.PHASES[plan.backend], chaos.EMERGENCY_SAVE) for spec in specs)
         assert all(spec.attempt is not None and spec.step is not None for spec in specs)
         assert not any(f.kind == "kill:rollout" for f in plan.schedule if plan.backend == "naive")
     drawn = {f.kind.split(":")[0] for plan in plans for f in plan.faults}
-    assert drawn == {"guard", "kill", "stop", "supervisor", "damage", "heartbeat"}
+    assert drawn == {"guard", "save", "kill", "stop", "supervisor", "damage", "heartbeat"}
+    saves = [(f, plan) for plan in plans for f in plan.guard if f.kind.startswith("save:")]
+    for save, plan in saves:
+        # Drawn with a raise of the same step and attempt: the failure whose emergency save it strikes.
+        where = save.spec.split("@", 1)[1]
+        assert any(f.spec == f"{f.spec.split(':')[0]}:raise@{where}" for f in plan.guard), save
+    killed_while_saving = [f for plan in plans for f in plan.schedule if f.moment == chaos.EMERGENCY_SAVE]
+    assert killed_while_saving, "kills of the taskrunner or a trainer while it saves are drawn"
+    assert {f.kind for f in killed_while_saving} <= {"kill:taskrunner", "kill:trainer"}
     assert sum(len(plan.faults) for plan in plans) >= 200, "the default campaign draws at least 200 faults"
 
 

@@ -61,6 +61,11 @@ class FakeHeartbeats:
     def fileno(self) -> int:
         raise AssertionError("the fake backend does not wait on file descriptors")
 
+    save_requested: bool = False
+
+    def request_save(self) -> None:
+        self.save_requested = True
+
 
 @dataclass
 class Attempt:

@@ -6,6 +6,7 @@ status is read from exactly what the supervisor writes; metrics are scraped and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import urllib.request
@@ -280,3 +281,30 @@ def test_a_webhook_that_never_answers_is_given_up_after_its_timeout(tmp_path: Pa
         hook.close()
     (note,) = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "notification"]
     assert (note["delivered"], note["problem"]) == (False, "TimeoutError")
+
+
+def test_an_emergency_checkpoint_is_said_by_every_view_of_the_run(tmp_path: Path, webhook: Webhook) -> None:
+    """The job's record says the trainer saved the step it failed at: the attempt_exited event and its console
+    line, the relaunch's attempt_started, status, report and the restart alert all say so."""
+    saved = {"status": "saved", "trigger": "sync_failure", "step": 3, "reason": None, "elapsed_s": 1.5}
+    record = dataclasses.replace(WEIGHT_SYNC, emergency_checkpoint=saved)
+    first = Attempt(exit=ExitStatus(code=75), record=record, saves=(2, 3))
+    run = supervise_with_webhook(tmp_path, webhook, [first, Attempt(exit=ExitStatus(code=0), saves=(6,))])
+    assert run.code is ExitCode.DONE
+
+    exited = run.events("attempt_exited")[0]
+    assert exited["emergency_checkpoint"] == saved
+    assert exited["record"]["emergency_checkpoint"] == saved
+    assert "-> restart; emergency checkpoint: saved step 3 in 1.5 s" in run.console
+    started = run.events("attempt_started")
+    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (3, 1)]
+    assert "resuming from global_step_3 (the emergency checkpoint of attempt 1)" in run.console
+    state = json.loads((run.run_dir / "state.json").read_text())
+    assert state["attempts"][0]["emergency_checkpoint"] == saved
+
+    line = "WeightSyncFatalError in update_weights at step 3 (emergency checkpoint: saved step 3 in 1.5 s)"
+    assert read_status(run.run_dir, now=run.clock.wall).last_error == line
+    report, _ = write_report(run.run_dir, tmp_path / "report", now=run.clock.wall)
+    assert line in report.read_text()
+    restart = webhook.posts[0][0]["text"]
+    assert f"attempt 1 failed ({line})" in restart
