@@ -7,6 +7,11 @@ blocks in ``ray.get`` in several phases: on the caller's loop such a block would
 its own thread it blocks only itself; the caller's loop stays free to enforce the deadline, to run the bounded
 cleanup (awaiting ObjectRefs, never ``ray.get``) and to raise ``WeightSyncFatalError``. A thread stuck in a
 call that cannot be cancelled is abandoned; the supervisor's teardown ends the process.
+
+The view also notes every task the sync (and its cleanup) starts on the trainer's worker group, so that after a
+failure the guard can say whether the trainer side is idle (``verl_hooks.trainer_side``): the fact the trainer's
+emergency save of the step stands on (``verl_hooks.emergency``). After a sync that succeeded, a stop the
+supervisor asked for (``restart.save_on_stop_s``) is raised as ``StopRequested``: the safe point to save at.
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ class _SyncContext:
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when the guard gives up on the sync: its thread, if it ever wakes up, starts no further phase."""
 
-    def _enter(self, phase: SyncPhase) -> FaultSpec | None:
+    def enter(self, phase: SyncPhase) -> FaultSpec | None:
+        """Note that the sync entered ``phase``; the fault planned there, if any, for the caller to fire."""
         if self.abandoned.is_set():
             # A blocked ray.get that returns after the deadline must not go on to push weights into a rollout
             # that the cleanup has already resumed.
@@ -116,13 +122,13 @@ class _SyncContext:
         return self.faults.take(phase, self.global_step)
 
     def enter_blocking(self, phase: SyncPhase) -> None:
-        fault = self._enter(phase)
+        fault = self.enter(phase)
         if fault is not None:
             fire_blocking(fault, self.global_step)
 
     def submit_trainer_tasks(self, phase: SyncPhase, submit: Callable[[], Any]) -> Any:
         """Enter ``phase`` and start its trainer tasks (noted); a ``strand`` fault fires once they are started."""
-        fault = self._enter(phase)
+        fault = self.enter(phase)
         if fault is not None and fault.action is not FaultAction.STRAND:
             fire_blocking(fault, self.global_step)
         refs = self.trainer_tasks.note(submit())
@@ -131,7 +137,7 @@ class _SyncContext:
         return refs
 
     async def run_awaited(self, phase: SyncPhase, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        fault = self._enter(phase)
+        fault = self.enter(phase)
         if fault is not None:
             await fire_awaited(fault, self.global_step)
         # verl's auto_await returns a coroutine only when its caller's frame is a coroutine's: call it from here.
@@ -163,10 +169,10 @@ class _ActorGroupView:
             )
         # prepare and init_process_group, from verl's build_process_group run over this view
         refs = self._sync.trainer_tasks.note(self._wg.execute_checkpoint_engine(*args, **kwargs))
-        strand, self._sync.strand_at_group_init = self._sync.strand_at_group_init, None
+        strand = self._sync.strand_at_group_init
         if strand is not None and methods and methods[0] == "init_process_group":
+            self._sync.strand_at_group_init = None
             fire_blocking(strand, self._sync.global_step)  # the trainer's ranks now wait for a rollout that won't come
-        self._sync.strand_at_group_init = strand
         return refs
 
 
@@ -204,7 +210,7 @@ class _ManagerView:
         self._sync.tracker.rollout_wg = rollout
         method = type(self._manager).build_process_group
         verls_own = getattr(method, "__module__", None) == VERL_MANAGER_MODULE
-        fault = self._sync._enter(SyncPhase.BUILD_PROCESS_GROUP)
+        fault = self._sync.enter(SyncPhase.BUILD_PROCESS_GROUP)
         if fault is not None and fault.action is FaultAction.STRAND and verls_own:
             self._sync.strand_at_group_init = fault
         elif fault is not None:

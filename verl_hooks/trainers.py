@@ -10,9 +10,9 @@ Hooked: verl's V1 ``PPOTrainer`` (every ``trainer.v1.trainer_mode``: the modes a
 ``fit``), verl's legacy ``RayPPOTrainer``, and the job's own trainers named in ``VERL_HOOKS_TRAINER_CLASSES``
 (``module:Class``, with verl's shape: ``fit``, ``_save_checkpoint``, ``global_steps``, ``config``,
 ``actor_rollout_wg``).
-Not hooked: verl's fully-async and separation trainers, which sync *before* they save
-(fully_async_trainer.py:594 and 599; separation/ray_trainer.py:372 and 376), so a failed sync there finds the step
-unsaved with state the periodic save has not seen yet; Megatron ``async_save`` is skipped by ``decide``.
+Not saved: verl's separation, one-step-off-policy and fully-async trainers (``NO_EMERGENCY_SAVE``), which do not
+save before the sync; their ``fit`` only writes into a failure's error that the save was skipped, and why.
+Megatron ``async_save`` is skipped by ``decide``.
 
 verl's own ``fit`` and ``_save_checkpoint`` are checked like ``update_weights`` (``verl_hooks.compat``): their
 bodies' fingerprints must be ones the save order above was read from, or the hook refuses loudly.
@@ -21,6 +21,7 @@ bodies' fingerprints must be ones the save order above was read from, or the hoo
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import time
@@ -29,7 +30,13 @@ from types import ModuleType
 from typing import Any
 
 from verl_hooks.compat import installed_verl_version, update_weights_fingerprint
-from verl_hooks.contract import ENV_ALLOW_UNVERIFIED_VERL, ENV_TRAINER_CLASSES, EmergencyTrigger
+from verl_hooks.contract import (
+    ENV_ALLOW_UNVERIFIED_VERL,
+    ENV_TRAINER_CLASSES,
+    EmergencyCheckpoint,
+    EmergencyStatus,
+    EmergencyTrigger,
+)
 from verl_hooks.emergency import checkpoint_the_step, fitting, note_save_duration
 from verl_hooks.errors import IncompatibleVerlError, find_stop_request, find_weight_sync_error
 from verl_hooks.trainer_side import TrainerSide
@@ -65,6 +72,19 @@ VERIFIED_TRAINER_METHODS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
         ),
         "_save_checkpoint": frozenset({"caad025cb9062583c41557d91616f7bbfbeba0efc12d0950f048aac1089cd02d"}),
     },
+}
+# verl's trainers whose order is not "save, then sync": a failed sync finds no state a periodic save would write.
+NO_EMERGENCY_SAVE: dict[tuple[str, str], str] = {
+    ("verl.experimental.separation.ray_trainer", "SeparateRayPPOTrainer"): (
+        "verl's separation trainer syncs before it saves (separation/ray_trainer.py:372, then 376)"
+    ),
+    ("verl.experimental.fully_async_policy.fully_async_trainer", "FullyAsyncTrainer"): (
+        "verl's fully-async trainer syncs before it saves (fully_async_policy/fully_async_trainer.py:594, then 599)"
+    ),
+    ("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer"): (
+        "verl's one-step-off-policy trainer syncs for the next step while it trains (one_step_off_policy/"
+        "ray_trainer.py:376 and 399): no step's state is whole at a sync"
+    ),
 }
 # verl's legacy trainer neither updates the actor nor saves in its critic warm-up steps (ray_trainer.py:1684-1686);
 # the V1 trainer saves them like any step (trainer_base.py:481, the warm-up only skips the actor update at 608).
@@ -138,11 +158,59 @@ def hook_trainer(cls: type, state: Any, *, skips_critic_warmup: bool = False) ->
     logger.info("verl_hooks: emergency save hooked on %s.%s", cls.__module__, cls.__qualname__)
 
 
+def user_class(member: Any) -> Any:
+    """The class itself, also for one decorated with ``@ray.remote`` (verl's fully-async trainer): Ray's actor
+    class keeps it as ``__ray_actor_class__``, and the actor's own class inherits from it."""
+    return getattr(member, "__ray_actor_class__", member)
+
+
+def mark_unsaved(cls: type, reason: str) -> None:
+    """Wrap ``cls.fit`` (a coroutine function or not) so that a failed sync leaving it says the emergency save was
+    skipped, and why."""
+    original = cls.__dict__.get("fit")
+    if original is None or is_hooked(cls):
+        return
+
+    def note(self: Any, exc: BaseException) -> None:
+        error = find_weight_sync_error(exc)
+        if error is not None and error.emergency_checkpoint is None:
+            step = getattr(self, "global_steps", None)
+            skipped = EmergencyCheckpoint(EmergencyStatus.SKIPPED, EmergencyTrigger.SYNC_FAILURE, step, reason)
+            error.emergency_checkpoint = skipped.to_dict()
+
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await original(self, *args, **kwargs)
+            except BaseException as exc:
+                note(self, exc)
+                raise
+
+    else:
+
+        @functools.wraps(original)
+        def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(self, *args, **kwargs)
+            except BaseException as exc:
+                note(self, exc)
+                raise
+
+    setattr(fit, _MARK, True)
+    fit.__verl_hooks_original__ = original  # type: ignore[attr-defined]
+    cls.fit = fit
+
+
 def unhook_trainer(cls: type) -> None:
     if not is_hooked(cls):
         return
     for name in ("fit", "_save_checkpoint"):
-        original = cls.__dict__[name].__verl_hooks_original__
+        member = cls.__dict__.get(name)
+        if member is None or not hasattr(member, "__verl_hooks_original__"):
+            continue
+        original = member.__verl_hooks_original__
         if original is None:
             delattr(cls, name)
         else:
@@ -195,7 +263,12 @@ def verl_trainer_patches(state: Any) -> dict[str, Callable[[ModuleType], None]]:
             check_verl_trainer(cls, module_name)
             hook_trainer(cls, state, skips_critic_warmup=(module_name, class_name) in _SKIPS_CRITIC_WARMUP)
 
-    return {V1_MODULE: patch, LEGACY_MODULE: patch}
+    def mark(module: ModuleType) -> None:
+        for (module_name, class_name), reason in NO_EMERGENCY_SAVE.items():
+            if module_name == module.__name__:
+                mark_unsaved(user_class(getattr(module, class_name)), reason)
+
+    return {V1_MODULE: patch, LEGACY_MODULE: patch, **{module: mark for module, _ in NO_EMERGENCY_SAVE}}
 
 
 def user_trainer_patches(names: tuple[str, ...], state: Any) -> dict[str, Callable[[ModuleType], None]]:
@@ -207,7 +280,7 @@ def user_trainer_patches(names: tuple[str, ...], state: Any) -> dict[str, Callab
 
     def patch(module: ModuleType) -> None:
         for class_name in by_module[module.__name__]:
-            cls = getattr(module, class_name, None)
+            cls = user_class(getattr(module, class_name, None))
             if not isinstance(cls, type):
                 raise IncompatibleVerlError(f"{ENV_TRAINER_CLASSES}: {module.__name__} has no class {class_name}")
             hook_trainer(cls, state)
@@ -219,13 +292,13 @@ def unhook_all(names: tuple[str, ...]) -> None:
     """Undo every hook on the trainers of modules already imported (for tests)."""
     import sys
 
-    for module_name, class_name in VERIFIED_TRAINER_METHODS:
+    for module_name, class_name in [*VERIFIED_TRAINER_METHODS, *NO_EMERGENCY_SAVE]:
         module = sys.modules.get(module_name)
         if module is not None:
-            unhook_trainer(getattr(module, class_name))
+            unhook_trainer(user_class(getattr(module, class_name)))
     for name in names:
         module_name, _, class_name = name.partition(":")
         module = sys.modules.get(module_name)
-        cls = getattr(module, class_name, None) if module is not None else None
+        cls = user_class(getattr(module, class_name, None)) if module is not None else None
         if isinstance(cls, type):
             unhook_trainer(cls)

@@ -109,7 +109,8 @@ def test_a_relaunch_that_ignores_the_chosen_checkpoint_is_stopped_at_its_first_s
     proc = run_supervisor_with_faults(run_dir, "naive:raise@3#1", ignored)
     assert proc.returncode == 8, proc.stderr[-4000:]
     mismatch = events_of(run_dir, "resume_mismatch")
-    assert [(e["attempt"], e["resume_step"], e["seen_step"]) for e in mismatch] == [(2, 2, 0)]
+    # The chosen step is 3, the emergency save of the failed sync's step.
+    assert [(e["attempt"], e["resume_step"], e["seen_step"]) for e in mismatch] == [(2, 3, 0)]
     exited = events_of(run_dir, "attempt_exited")[1]
     assert (exited["rule"], exited["record"]["error_type"]) == ("resume-mismatch", "supervisor.resume_mismatch")
     assert events_of(run_dir, "teardown")[1]["fenced"]

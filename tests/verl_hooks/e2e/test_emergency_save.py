@@ -367,3 +367,31 @@ def test_verls_legacy_trainer_saves_through_its_own_save_except_in_critic_warmup
         assert "critic warm-up" in error.emergency_checkpoint["reason"]
     assert settings.emergency_save
     assert OmegaConf.select(config, "trainer.max_actor_ckpt_to_keep") is None, "verl's config is left as it was"
+
+
+def test_verls_fully_async_trainer_says_why_it_saved_nothing(topologies) -> None:
+    """It syncs before it saves (fully_async_trainer.py:594, then 599): its real async ``fit`` runs (instance by
+    ``__new__``), with ``fit_step`` standing in for a step whose awaited sync fails."""
+    import asyncio
+
+    from verl.experimental.fully_async_policy import fully_async_trainer
+
+    arm(f"naive:raise@{FAILING_STEP}")
+    FullyAsyncTrainer = trainers.user_class(fully_async_trainer.FullyAsyncTrainer)  # it is a @ray.remote class
+    assert trainers.is_hooked(FullyAsyncTrainer)
+    topology = topology_for(topologies, "naive")
+    trainer = FullyAsyncTrainer.__new__(FullyAsyncTrainer)
+    trainer.message_queue_client = trainer.rollouter = object()
+    trainer.global_steps = FAILING_STEP - 1
+
+    async def fit_step() -> None:
+        await topology.manager.sleep_replicas()
+        await topology.manager.update_weights(trainer.global_steps)  # awaited, as _fit_update_weights does
+
+    trainer.fit_step = fit_step
+    with pytest.raises(WeightSyncFatalError) as raised:
+        asyncio.run(trainer.fit())
+
+    skipped = raised.value.emergency_checkpoint
+    assert (skipped["status"], skipped["step"]) == (EmergencyStatus.SKIPPED.value, FAILING_STEP)
+    assert skipped["reason"].startswith("verl's fully-async trainer syncs before it saves")
