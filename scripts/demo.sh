@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The supervisor on the CPU mini-PPO job, with a weight-sync failure injected on attempt 1: watch the typed
-# failure (exit 75), the teardown and fence, the resume from the last complete checkpoint, and the finished run.
+# failure (exit 75), the trainer's emergency save of the step it failed at (saves are due every 2 steps: step 3
+# is saved only because the sync failed), the teardown and fence, the resume from that step, and the finished run.
 # Extra arguments are supervisor overrides (e.g. `scripts/demo.sh restart.max_restarts=1`); another fault:
 # `VERL_HOOKS_FAULTS='finalize:hang@3#1' VERL_HOOKS_SYNC_TIMEOUT_S=10 scripts/demo.sh`.
 set -euo pipefail

@@ -399,8 +399,10 @@ class Supervisor:
         """On a stop, when ``restart.save_on_stop_s`` allows it: ask the job (over the heartbeat channel's answers)
         to save at its next safe point and end, and wait for its driver to exit, at most that long or until a
         second signal. The evidence of its end, when it ended."""
-        job, wait_s = self._in_flight.job, policy.save_on_stop_wait(signum, self.config.restart.save_on_stop_s)
-        if job is None or self._in_flight.torn_down or wait_s <= 0 or self.heartbeats is None:
+        in_flight, wait_s = self._in_flight, policy.save_on_stop_wait(signum, self.config.restart.save_on_stop_s)
+        job = in_flight.job
+        ended = in_flight.record is None or in_flight.record.ended  # judged already: its teardown was under way
+        if job is None or ended or in_flight.torn_down or wait_s <= 0 or self.heartbeats is None:
             return None
         self.heartbeats.request_save()
         self.events.emit(SaveOnStopRequested(job.attempt, wait_s))

@@ -41,7 +41,8 @@ def record_of(run_dir: Path, attempt: int) -> dict:
 @pytest.mark.parametrize(
     ("backend", "fault"),
     [
-        pytest.param((), "naive:raise@5#1", id="naive"),
+        # -m slow: the default suite's naive failure test (test_mini_ppo.py) resumes at its emergency step too.
+        pytest.param((), "naive:raise@5#1", id="naive", marks=pytest.mark.slow),
         # The rollout side raising once the weights are in: every trainer task of the sync has finished.
         pytest.param(MULTI_PHASE, "resume_generation:raise@5#1", id="multi-phase", marks=pytest.mark.slow),
     ],
@@ -86,12 +87,13 @@ def test_a_failed_sync_with_a_trainer_task_in_flight_saves_nothing_and_resumes_f
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
 
 
+@pytest.mark.slow  # two supervisors on one run (the trainer's side of a stop: test_emergency_save.py)
 def test_sigterm_with_save_on_stop_saves_the_step_and_the_next_supervisor_resumes_there(runs, reference) -> None:
     run_dir = runs.new()
-    # Slow steps, so that the stop lands inside step 2 and the save comes at the end of its sync.
-    supervisor = start_supervisor(
-        run_dir, *FAST, "restart.save_on_stop_s=120", job_args=(*JOB, "trainer.extra_step_time_s=1")
-    )
+    # The trainer learns of the stop from the answers to its next sync's beats: the step it saves depends on the
+    # machine's pace, so no periodic save (save_freq beyond the run: only the last step) may have taken it first.
+    job = (*JOB, "trainer.save_freq=100", "trainer.extra_step_time_s=1")
+    supervisor = start_supervisor(run_dir, *FAST, "restart.save_on_stop_s=120", job_args=job)
     beats = run_dir / "attempts" / "1" / "heartbeats.jsonl"
 
     def synced(step: int) -> bool:
@@ -108,7 +110,7 @@ def test_sigterm_with_save_on_stop_saves_the_step_and_the_next_supervisor_resume
     saved = stopped["emergency_checkpoint"]
     assert stopped["exited"] is True
     assert (saved["status"], saved["trigger"]) == ("saved", "stop_request")
-    assert saved["step"] == 2, "the sync after the signal: step 1's had ended before it"
+    assert 2 <= saved["step"] < 6, "a sync after the signal: step 1's had ended before it"
     exited = events_of(run_dir, "attempt_exited")
     assert [(e["exit_code"], e["rule"]) for e in exited] == [(143, "interrupted")]
     assert record_of(run_dir, 1)["error_type"] == "verl_hooks.errors.StopRequested"
@@ -117,5 +119,5 @@ def test_sigterm_with_save_on_stop_saves_the_step_and_the_next_supervisor_resume
     again = run_supervisor(run_dir, *FAST, job_args=JOB)
     assert again.returncode == 0, again.stderr[-4000:]
     started = events_of(run_dir, "attempt_started")
-    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (2, 1)]
+    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (saved["step"], 1)]
     assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]

@@ -173,10 +173,21 @@ def tracker(root: Path) -> str:
     return (root / "latest_checkpointed_iteration.txt").read_text()
 
 
-CASES = [("naive", SyncPhase.NAIVE, "raise")] + [("cpu_gloo", phase, "raise") for phase in MULTI_PHASE_ORDER]
+# The default suite keeps the naive path and two multi-phase phases (a trainer phase, a rollout one); -m slow, all.
+DEFAULT_SUITE_PHASES = (SyncPhase.NAIVE, SyncPhase.UPDATE_WEIGHTS, SyncPhase.RESUME_GENERATION)
+CASES = [
+    pytest.param(
+        backend,
+        phase,
+        "raise",
+        id=f"{backend}-{phase.value}-raise",
+        marks=() if phase in DEFAULT_SUITE_PHASES else pytest.mark.slow,
+    )
+    for backend, phase in [("naive", SyncPhase.NAIVE), *(("cpu_gloo", p) for p in MULTI_PHASE_ORDER)]
+]
 
 
-@pytest.mark.parametrize(("backend", "phase", "action"), CASES, ids=[f"{b}-{p.value}-{a}" for b, p, a in CASES])
+@pytest.mark.parametrize(("backend", "phase", "action"), CASES)
 def test_a_failed_sync_whose_trainer_side_finished_is_saved_at_its_step_by_verls_own_save(
     topologies, verl_config, no_transfer_queue, tmp_path: Path, backend: str, phase: SyncPhase, action: str
 ) -> None:
@@ -211,6 +222,7 @@ def stranded_topology(driver) -> Iterator[WeightSyncTopology]:
             ray.kill(actor)
 
 
+@pytest.mark.slow  # a topology of its own, killed after (the decision itself: test_emergency_policy.py)
 def test_a_trainer_task_still_in_flight_is_never_saved_over(
     stranded_topology: WeightSyncTopology, verl_config, no_transfer_queue, tmp_path: Path
 ) -> None:
@@ -230,6 +242,7 @@ def test_a_trainer_task_still_in_flight_is_never_saved_over(
     assert tracker(tmp_path) == str(SAVE_FREQ)
 
 
+@pytest.mark.slow  # a deadline to wait out; the supervisor's benchmark measures the same on every hang
 def test_a_hung_sync_whose_trainer_tasks_never_started_is_saved(
     topologies, verl_config, no_transfer_queue, tmp_path: Path
 ) -> None:
