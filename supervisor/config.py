@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING
 
 from supervisor.checkpoints import VerifyLevel
-from supervisor.policy.outcomes import Action
+from supervisor.policy.outcomes import Action, SupervisorRule
 
 
 class RayMode(str, Enum):
@@ -307,6 +307,11 @@ def validate(config: SupervisorConfig) -> list[str]:
         require(not config.job.resume_args, "job.resume_args must contain {checkpoint}")
     for index, rule in enumerate(config.rules):
         where = f"rules[{index}] ({rule.name})"
+        require(
+            rule.name not in SupervisorRule._value2member_map_,
+            f"{where}: the name {rule.name!r} is the supervisor's own verdict; rules may not take "
+            f"{', '.join(v.value for v in SupervisorRule)}",
+        )
         criteria = (rule.exit_codes, rule.signals, rule.error_type, rule.phases, rule.log_regex, rule.stalled)
         require(any(c is not None for c in criteria), f"{where} has no criterion and would match everything")
         for key in ("error_type", "log_regex"):

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +235,8 @@ class ErrorRecord:
     error_type: str
     """Qualified class name of the root failure, e.g. ``verl_hooks.errors.WeightSyncFatalError``."""
     message: str
-    source: str
-    """A ``RecordSource`` value."""
+    source: RecordSource
+    """Who wrote it (written as the member's value)."""
     exit_code: int | None = None
     signal: str | None = None
     phase: str | None = None
@@ -266,10 +266,65 @@ class ErrorRecord:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    SUMMARY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "error_type",
+        "message",
+        "phase",
+        "global_step",
+        "backend",
+        "hang",
+        "cleanup",
+        "emergency_checkpoint",
+        "source",
+        "timestamp",
+    )
+    """What the supervisor's events and notifications carry of a record (its traceback stays in the file)."""
+
+    def summary(self, message_chars: int = 500) -> dict[str, Any]:
+        """``SUMMARY_FIELDS`` as JSON values, the message cut at ``message_chars``."""
+        values = {name: getattr(self, name) for name in self.SUMMARY_FIELDS}
+        return {**values, "message": self.message[:message_chars], "source": self.source.value}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ErrorRecord:
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "source" in values:
+            values["source"] = RecordSource(values["source"])  # ValueError: not a record of ours
+        return cls(**values)
+
+
+def write_atomically(path: str | os.PathLike[str], text: str, *, overwrite: bool = True) -> bool:
+    """Write ``text`` to ``path`` so that a reader sees the old file (or none) or the whole new one, never a part:
+    the one way both sides write a file another process may read at any moment (the run's state, an error
+    record, a checkpoint's marker).
+
+    A temporary file beside it is written and fsynced, then renamed over ``path`` or, without ``overwrite``,
+    linked into place, which fails when ``path`` exists: then nothing changes and it returns False (the first
+    writer wins). The directory is fsynced last, so the rename survives a crash of the machine.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return True
 
 
 def write_record(path: str | os.PathLike[str], record: ErrorRecord) -> bool:
@@ -280,20 +335,10 @@ def write_record(path: str | os.PathLike[str], record: ErrorRecord) -> bool:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(record.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            logger.info("error record %s already exists; keeping the earlier failure", target)
-            return False
+    if write_atomically(target, record.to_json(), overwrite=False):
         return True
-    finally:
-        os.unlink(tmp)
+    logger.info("error record %s already exists; keeping the earlier failure", target)
+    return False
 
 
 def read_record(path: str | os.PathLike[str]) -> ErrorRecord | None:
@@ -317,7 +362,7 @@ def record_from_payload(data: Any, where: str = "heartbeat") -> ErrorRecord | No
         return None
     try:
         return ErrorRecord.from_dict(data)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         logger.warning("ignoring malformed error record from %s: %s", where, exc)
         return None
 
@@ -454,16 +499,7 @@ class CheckpointMarker:
 def write_checkpoint_marker(step_dir: str | os.PathLike[str], marker: CheckpointMarker) -> Path:
     """Write ``marker`` into ``step_dir`` atomically (a reader sees the whole marker or none)."""
     target = Path(step_dir) / CHECKPOINT_MARKER
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_MARKER}.", dir=step_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(marker.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, marker.to_json())
     return target
 
 

@@ -194,7 +194,7 @@ def report_failure(exc: BaseException, settings: HookSettings) -> int:
 def _backstop_record(settings: HookSettings) -> ErrorRecord | None:
     """The record the guard's backstop left in this attempt's record file, if it did."""
     earlier = read_record(settings.error_file) if settings.error_file else None
-    return earlier if earlier is not None and earlier.source == RecordSource.GUARD_BACKSTOP.value else None
+    return earlier if earlier is not None and earlier.source is RecordSource.GUARD_BACKSTOP else None
 
 
 def deliver_record(record: ErrorRecord, settings: HookSettings) -> None:
@@ -258,7 +258,7 @@ def _exit_recorded(code: int, error_type: str, message: str, settings: HookSetti
         record = ErrorRecord(
             error_type=error_type,
             message=message,
-            source=RecordSource.LAUNCHER.value,
+            source=RecordSource.LAUNCHER,
             exit_code=code,
             attempt=settings.attempt,
         )

@@ -33,7 +33,7 @@ def record_for_exception(
         return ErrorRecord(
             error_type=qualified_name(StopRequested),
             message=stop.message,
-            source=source.value,
+            source=source,
             exit_code=exit_code,
             global_step=stop.global_step,
             traceback=formatted,
@@ -44,7 +44,7 @@ def record_for_exception(
     return ErrorRecord(
         error_type=qualified_name(type(root)),
         message=str(root) or type(root).__name__,
-        source=source.value,
+        source=source,
         exit_code=exit_code,
         traceback=formatted,
         attempt=attempt,
@@ -69,7 +69,7 @@ def record_for_weight_sync_error(
     return ErrorRecord(
         error_type=qualified_name(WeightSyncFatalError),
         message=data["message"],
-        source=source.value,
+        source=source,
         exit_code=exit_code,
         phase=data["phase"],
         global_step=data["global_step"],

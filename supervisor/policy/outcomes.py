@@ -18,8 +18,9 @@ class Action(str, Enum):
 
 
 class SupervisorRule(str, Enum):
-    """Why an attempt ended when no classification rule of ``conf/`` judged it: the supervisor's own verdicts
-    (recorded as the attempt's ``rule``, next to the names of the configured rules)."""
+    """Why an attempt ended when no classification rule of ``conf/`` judged it: the supervisor's own verdicts.
+    They are recorded as the attempt's ``rule``, next to the names of the configured rules, which may not take
+    them (``config.validate``); in memory they are members, compared by identity, never as strings."""
 
     DEFAULT = "default"
     """No configured rule matched: ``default_action``."""
@@ -31,6 +32,18 @@ class SupervisorRule(str, Enum):
     """A bug in the supervisor ended the run while the attempt ran."""
     RESUME_MISMATCH = "resume-mismatch"
     """The attempt did not resume from the checkpoint the supervisor chose (its weight syncs said so)."""
+
+    def __str__(self) -> str:
+        return self.value  # as recorded, in messages too
+
+    @classmethod
+    def parse(cls, name: str) -> SupervisorRule | str:
+        """A rule's name as recorded: the verdict it names, or a configured rule's name."""
+        return cls(name) if name in cls._value2member_map_ else name
+
+
+RuleName = str
+"""The name of a classification rule of ``conf/`` (``rules[].name``)."""
 
 
 class ExitCode(IntEnum):

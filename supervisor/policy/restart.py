@@ -81,7 +81,7 @@ def after_attempt(
     """After an attempt ended and was fenced off: stop (with the exit code that says why) or restart."""
     if classification.action is Action.done:
         return Stop(ExitCode.DONE, f"the job finished: {classification.reason}")
-    if classification.rule == SupervisorRule.RESUME_MISMATCH.value:
+    if classification.rule is SupervisorRule.RESUME_MISMATCH:
         return Stop(ExitCode.RESUME_NOT_HONOURED, f"not restarting: {classification.reason}")
     if classification.action is Action.fail:
         return Stop(ExitCode.JOB_FAILED, f"not restarting: {classification.reason}")
@@ -162,14 +162,14 @@ def lost_attempt() -> Classification:
     counted against the same budget (``after_attempt`` decides what follows, without a backoff: the time the
     supervisor was gone has passed already)."""
     return Classification(
-        Action.restart, SupervisorRule.SUPERVISOR_RESTARTED.value, "the supervisor stopped while this attempt ran"
+        Action.restart, SupervisorRule.SUPERVISOR_RESTARTED, "the supervisor stopped while this attempt ran"
     )
 
 
 def resume_not_honoured(reason: str) -> Classification:
     """A relaunch that trained from another step than the one chosen would train on silently, wrongly: stop.
     (A restart would meet the same configuration and do the same.)"""
-    return Classification(Action.fail, SupervisorRule.RESUME_MISMATCH.value, reason)
+    return Classification(Action.fail, SupervisorRule.RESUME_MISMATCH, reason)
 
 
 def unknown_checkpoint_layout(folders: Sequence[str], first_problem: str) -> Stop:
@@ -182,8 +182,8 @@ def unknown_checkpoint_layout(folders: Sequence[str], first_problem: str) -> Sto
 
 
 def interrupted_attempt() -> Classification:
-    return Classification(Action.fail, SupervisorRule.INTERRUPTED.value, "the supervisor was stopped")
+    return Classification(Action.fail, SupervisorRule.INTERRUPTED, "the supervisor was stopped")
 
 
 def failed_supervisor_attempt() -> Classification:
-    return Classification(Action.fail, SupervisorRule.SUPERVISOR_ERROR.value, "a supervisor error ended the run")
+    return Classification(Action.fail, SupervisorRule.SUPERVISOR_ERROR, "a supervisor error ended the run")

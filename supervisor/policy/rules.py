@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from supervisor.config import RuleConfig
-from supervisor.policy.outcomes import Action, ExitStatus, SupervisorRule
+from supervisor.policy.outcomes import Action, ExitStatus, RuleName, SupervisorRule
 from verl_hooks.contract import ErrorRecord
 
 
@@ -30,8 +30,8 @@ class AttemptEvidence:
 @dataclass(frozen=True)
 class Classification:
     action: Action
-    rule: str
-    """The name of the configured rule that matched, or a ``SupervisorRule`` value."""
+    rule: RuleName | SupervisorRule
+    """The name of the configured rule that matched, or the supervisor's own verdict."""
     reason: str
 
 
@@ -58,7 +58,7 @@ def classify(evidence: AttemptEvidence, rules: Sequence[RuleConfig], default_act
     for rule in rules:
         if rule_matches(rule, evidence):
             return Classification(rule.action, rule.name, describe(evidence, rule.name))
-    return Classification(default_action, SupervisorRule.DEFAULT.value, describe(evidence, "no rule matched"))
+    return Classification(default_action, SupervisorRule.DEFAULT, describe(evidence, "no rule matched"))
 
 
 def describe(evidence: AttemptEvidence, why: str) -> str:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
-from supervisor.policy.outcomes import Action, SupervisorRule
+from supervisor.policy.outcomes import Action, RuleName, SupervisorRule
+from verl_hooks.contract import ErrorRecord
 
 SCHEMA_VERSION = 1
 
@@ -45,13 +46,23 @@ class AttemptRecord:
     error_type: str | None = None
     phase: str | None = None
     action: Action | None = None
-    rule: str | None = None
-    """The configured rule that classified the attempt, or a ``SupervisorRule`` value."""
+    rule: RuleName | SupervisorRule | None = None
+    """The configured rule that classified the attempt, or the supervisor's own verdict."""
     reason: str | None = None
     reached_step: int | None = None
     """The newest complete checkpoint step once the attempt was over."""
     emergency_checkpoint: dict[str, Any] | None = None
     """What the trainer did about the step it was at before the attempt ended (the error record's)."""
+
+    FROM_RECORD: ClassVar[tuple[str, ...]] = ("error_type", "phase", "emergency_checkpoint")
+    """The fields it takes from the attempt's error record, by the same name (``took``), and passes on to the
+    attempt_exited event."""
+
+    def took(self, error: ErrorRecord | None) -> dict[str, Any]:
+        """Take ``FROM_RECORD`` from the attempt's error record (None: no record, all None); returns them."""
+        for name in self.FROM_RECORD:
+            setattr(self, name, getattr(error, name) if error is not None else None)
+        return {name: getattr(self, name) for name in self.FROM_RECORD}
 
     @property
     def ended(self) -> bool:
@@ -61,19 +72,19 @@ class AttemptRecord:
     def failed(self) -> bool:
         return self.ended and self.action is not Action.done
 
-    def judge(self, ended_at: float, action: Action, rule: str, reason: str) -> None:
+    def judge(self, ended_at: float, action: Action, rule: RuleName | SupervisorRule, reason: str) -> None:
         """The attempt is over and classified (its fields set together: an ended attempt always has a verdict)."""
         self.ended_at, self.action, self.rule, self.reason = ended_at, action, rule, reason
 
     @property
     def interrupted(self) -> bool:
         """Ended because the supervisor was stopped by a signal: not the job's failure."""
-        return self.rule == SupervisorRule.INTERRUPTED.value
+        return self.rule is SupervisorRule.INTERRUPTED
 
     @property
     def lost(self) -> bool:
         """In flight when its supervisor died: judged by the next one, whatever the job was doing."""
-        return self.rule == SupervisorRule.SUPERVISOR_RESTARTED.value
+        return self.rule is SupervisorRule.SUPERVISOR_RESTARTED
 
     @property
     def made_progress(self) -> bool:
@@ -148,6 +159,7 @@ class RunHistory:
         data["state"] = self.state.value
         for attempt in data["attempts"]:
             attempt["action"] = attempt["action"].value if attempt["action"] is not None else None
+            attempt["rule"] = str(attempt["rule"]) if attempt["rule"] is not None else None
         data["schema_version"] = SCHEMA_VERSION
         return data
 
@@ -158,7 +170,13 @@ class RunHistory:
         fields = {k: v for k, v in data.items() if k != "schema_version"}
         fields["state"] = RunState(fields["state"])
         fields["attempts"] = [
-            AttemptRecord(**{**a, "action": Action(a["action"]) if a.get("action") is not None else None})
+            AttemptRecord(
+                **{
+                    **a,
+                    "action": Action(a["action"]) if a.get("action") is not None else None,
+                    "rule": SupervisorRule.parse(a["rule"]) if a.get("rule") is not None else None,
+                }
+            )
             for a in fields.get("attempts", [])
         ]
         return cls(**fields)

@@ -12,15 +12,14 @@ Layout::
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from supervisor.run.history import RunHistory
+from verl_hooks.contract import write_atomically
 
 
 class RunDirectoryInUse(RuntimeError):
@@ -28,24 +27,8 @@ class RunDirectoryInUse(RuntimeError):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write, fsync, rename over the old file, fsync the directory: a reader sees the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """A reader sees the old or the new file, never a part (``verl_hooks.atomic_file``)."""
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class RunDirectory:

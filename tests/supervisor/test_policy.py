@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 
@@ -9,7 +10,7 @@ import pytest
 
 from supervisor.cli import compose_config, to_supervisor_config
 from supervisor.config import RestartConfig
-from supervisor.policy.outcomes import Action, ExitCode, ExitStatus
+from supervisor.policy.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
 from supervisor.policy.restart import (
     Restart,
     StartFrom,
@@ -24,7 +25,7 @@ from supervisor.policy.restart import (
 )
 from supervisor.policy.rules import AttemptEvidence, Classification, classify
 from supervisor.run.history import AttemptRecord, RunHistory
-from verl_hooks.contract import ErrorRecord, JobExitCode
+from verl_hooks.contract import ErrorRecord, JobExitCode, RecordSource
 
 
 class Extreme(random.Random):
@@ -52,7 +53,7 @@ def shipped():
 
 
 def _record(error_type: str, phase: str | None = None) -> ErrorRecord:
-    return ErrorRecord(error_type=error_type, message="m", source="launcher", phase=phase, global_step=3)
+    return ErrorRecord(error_type=error_type, message="m", source=RecordSource.LAUNCHER, phase=phase, global_step=3)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def _history(*attempts: tuple[int | None, int | None, str]) -> RunHistory:
     return history
 
 
-RESTART = Classification(Action.restart, "default", "exit 1")
+RESTART = Classification(Action.restart, SupervisorRule.DEFAULT, "exit 1")
 POLICY = RestartConfig(max_restarts=3, max_failures_without_progress=3, backoff_jitter_s=0.0)
 
 
@@ -159,14 +160,26 @@ def test_restart_decisions(history: RunHistory, expected) -> None:
         assert decision.exit_code is expected
 
 
-@pytest.mark.parametrize("rule", ["supervisor-restarted", "interrupted"])
-def test_attempts_the_supervisors_death_or_a_stop_signal_ended_are_no_crash_loop(rule: str) -> None:
+@pytest.mark.parametrize("rule", [SupervisorRule.SUPERVISOR_RESTARTED, SupervisorRule.INTERRUPTED])
+def test_attempts_the_supervisors_death_or_a_stop_signal_ended_are_no_crash_loop(rule: SupervisorRule) -> None:
     """They say nothing of the job: passed over by the crash-loop guard (a lost attempt still spends budget)."""
     history = _history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart"), (2, 2, "restart"))
     history.attempts[2].rule = rule
     assert history.failures_without_progress() == 2
     assert isinstance(decide(history, RESTART, RestartConfig(max_restarts=9, max_failures_without_progress=3)), Restart)
-    assert history.restarts_used == (3 if rule == "supervisor-restarted" else 2)
+    assert history.restarts_used == (3 if rule is SupervisorRule.SUPERVISOR_RESTARTED else 2)
+
+
+@pytest.mark.parametrize("name", ["interrupted", "supervisor-restarted"])
+def test_a_configured_rule_named_like_a_verdict_is_only_a_name(name: str) -> None:
+    """Only the supervisor's own verdict counts as one: a string equal to its name does not (config.validate
+    refuses such names; a history read back from state.json parses them into the verdict)."""
+    history = _history((None, 2, "restart"), (2, 2, "restart"), (2, 2, "restart"))
+    history.attempts[1].rule = name
+    assert not history.attempts[1].interrupted
+    assert not history.attempts[1].lost
+    back = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))
+    assert back.attempts[1].rule is SupervisorRule(name)
 
 
 def test_done_and_fail_stop_at_once() -> None:

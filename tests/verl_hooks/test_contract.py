@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 import pytest
 
@@ -12,6 +13,7 @@ from verl_hooks.contract import (
     ErrorRecord,
     HeartbeatKind,
     JobExitCode,
+    RecordSource,
     exception_chain,
     heartbeat_kind,
     heartbeat_payload,
@@ -57,8 +59,12 @@ def test_a_heartbeat_carries_its_kinds_fields_and_no_others() -> None:
 
 
 def test_an_error_record_travels_as_json_and_a_foreign_one_is_refused() -> None:
-    record = ErrorRecord(error_type="X", message="m", source="launcher", exit_code=JobExitCode.WEIGHT_SYNC_FATAL)
-    assert record_from_payload(record.to_dict()) == record
+    record = ErrorRecord(
+        error_type="X", message="m", source=RecordSource.LAUNCHER, exit_code=JobExitCode.WEIGHT_SYNC_FATAL
+    )
+    assert record_from_payload(json.loads(record.to_json())) == record
+    assert record_from_payload(json.loads(record.to_json())).source is RecordSource.LAUNCHER
+    assert record_from_payload({**record.to_dict(), "source": "someone-else"}) is None
     assert record_from_payload({**record.to_dict(), "schema_version": 99}) is None
     assert record_from_payload("not a record") is None
 

@@ -223,8 +223,8 @@ def test_record_for_other_failures_names_the_root_cause() -> None:
 
 def test_first_record_wins(tmp_path) -> None:
     path = tmp_path / "error.json"
-    first = ErrorRecord(error_type="A", message="first", source="guard-backstop")
-    second = ErrorRecord(error_type="B", message="second", source="launcher")
+    first = ErrorRecord(error_type="A", message="first", source=RecordSource.GUARD_BACKSTOP)
+    second = ErrorRecord(error_type="B", message="second", source=RecordSource.LAUNCHER)
     assert write_record(path, first)
     assert not write_record(path, second)
     assert read_record(path).message == "first"
