@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from supervisor.config import RayConfig
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 
 if TYPE_CHECKING:
@@ -109,7 +110,11 @@ def run_attempt(args: list[str]) -> int:
     clean = without_torchrun(dict(os.environ))
     os.environ.clear()
     os.environ.update(clean)  # the cluster started below copies this process's environment
-    cluster = LocalRayCluster(ClusterSpec(temp_dir=attempt_temp_dir(attempt), num_cpus=8, dashboard=False))
+    cluster = LocalRayCluster(
+        ClusterSpec(
+            temp_dir=attempt_temp_dir(attempt), num_cpus=8, dashboard=False, start_timeout_s=RayConfig().start_timeout_s
+        )
+    )
     try:
         started = time.monotonic()
         cluster.start()
@@ -135,6 +140,7 @@ def run_rayjob(args: list[str], backoff_limit: int = RAYJOB_BACKOFF_LIMIT) -> in
             temp_dir=attempt_temp_dir(attempt),
             num_cpus=8,
             dashboard=True,
+            start_timeout_s=RayConfig().start_timeout_s,
             extra_env={"VERL_SUPERVISOR_ATTEMPT": str(attempt)},
         )
         cluster = LocalRayCluster(spec)

@@ -74,6 +74,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts" / "workloads")]
 
+from supervisor.config import RayConfig  # noqa: E402
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster  # noqa: E402
 from verl_hooks.contract import ENV_ATTEMPT, ENV_HEARTBEAT_TOKEN, ENV_HEARTBEAT_URL, ENV_RUN_ID  # noqa: E402
 from verl_hooks.phases import MULTI_PHASE_ORDER, SyncPhase  # noqa: E402
@@ -926,6 +927,7 @@ class Bystanders:
                 num_cpus=1,
                 object_store_memory_mb=128,
                 dashboard=False,
+                start_timeout_s=RayConfig().start_timeout_s,
                 extra_env={ENV_RUN_ID: "bystander", "PYTHONPATH": str(REPO)},
             )
         )

@@ -206,7 +206,7 @@ def make_backend(
         cluster = ExistingCluster(config.ray)
     else:
         adopt = reaper.adopt if reaper is not None else None
-        cluster = EmbeddedCluster(config.ray, run_dir.path / "ray", run_id, config.teardown.reap_timeout_s, adopt)
+        cluster = EmbeddedCluster(config.ray, run_dir.path / "ray", run_id, config.teardown, adopt)
     return ChildDriverBackend(cluster, config.ray, config.teardown, run_id)
 
 

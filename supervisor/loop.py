@@ -16,10 +16,9 @@ import os
 import random
 import signal
 import sys
-import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,6 +37,7 @@ from supervisor.checkpoints import (
     scan_checkpoints,
     set_aside,
 )
+from supervisor.clock import Clock
 from supervisor.config import SupervisorConfig
 from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
@@ -76,17 +76,6 @@ from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
 from supervisor.run.table import attempts_table
 from verl_hooks.contract import ErrorRecord, HeartbeatKind, RecordSource, read_record, record_from_payload, write_record
-
-
-@dataclass(frozen=True)
-class Clock:
-    """Where the loop gets the time and waits; tests substitute a fake one."""
-
-    now: Callable[[], float] = time.time
-    """Wall-clock seconds (records, events)."""
-    monotonic: Callable[[], float] = time.monotonic
-    """For durations and the watchdog."""
-    sleep: Callable[[float], None] = time.sleep
 
 
 class HeartbeatSource(Protocol):
@@ -524,7 +513,7 @@ class Supervisor:
             ErrorRecord(
                 error_type="supervisor.resume_mismatch",
                 message=mismatch.reason,
-                source=RecordSource.SUPERVISOR_RESUME_CHECK.value,
+                source=RecordSource.SUPERVISOR_RESUME_CHECK,
                 global_step=mismatch.seen_step,
                 attempt=job.attempt,
                 timestamp=self.clock.now(),
@@ -532,18 +521,7 @@ class Supervisor:
         )
 
     def _capture_stall(self, job: RunningJob, stall: Stall) -> None:
-        self.events.emit(
-            StallDetected(
-                attempt=job.attempt,
-                stall_kind=stall.kind.value,
-                silent_s=round(stall.silent_s, 3),
-                limit_s=stall.limit_s,
-                last_step=stall.last_step,
-                phase=stall.phase,
-                heartbeat_ages_s=stall.heartbeat_ages_s,
-                reason=stall.reason,
-            )
-        )
+        self.events.emit(StallDetected(attempt=job.attempt, **stall.event_fields()))
         log_dir = self.run_dir.attempt_dir(job.attempt)
         started = self.clock.monotonic()
         with self._signals_deferred():
@@ -554,7 +532,7 @@ class Supervisor:
             ErrorRecord(
                 error_type=f"supervisor.watchdog.{stall.kind.value}",
                 message=stall.reason,
-                source=RecordSource.SUPERVISOR_WATCHDOG.value,
+                source=RecordSource.SUPERVISOR_WATCHDOG,
                 phase=stall.phase if stall.kind is StallKind.WEIGHT_SYNC_HANG else None,
                 global_step=stall.last_step,
                 hang=True,
@@ -574,9 +552,7 @@ class Supervisor:
         error, status = evidence.record, evidence.exit or ExitStatus()
         record.judge(self.clock.now(), classification.action, classification.rule, classification.reason)
         record.exit_code, record.signal = status.code, status.signal_name
-        record.error_type = error.error_type if error else None
-        record.phase = error.phase if error else None
-        record.emergency_checkpoint = error.emergency_checkpoint if error else None
+        from_record = record.took(error)
         self.history.move_to(RunState.TEARING_DOWN)
         self.run_dir.save_history(self.history)
         self.events.emit(
@@ -586,13 +562,11 @@ class Supervisor:
                 signal=status.signal_name,
                 duration_s=(record.ended_at or record.started_at) - record.started_at,
                 action=classification.action.value,
-                rule=classification.rule,
+                rule=str(classification.rule),
                 reason=classification.reason,
-                error_type=record.error_type,
-                phase=record.phase,
                 global_step=error.global_step if error else None,
-                record=_record_summary(error),
-                emergency_checkpoint=record.emergency_checkpoint,
+                record=error.summary() if error else None,
+                **from_record,
             )
         )
 
@@ -606,24 +580,7 @@ class Supervisor:
         self.history.saw_checkpoint(reached)
         self.run_dir.save_history(self.history)
         self.events.emit(
-            Teardown(
-                attempt=job.attempt,
-                duration_s=result.duration_s,
-                terminated=[f"{p.name}[{p.pid}]" for p in result.terminated],
-                killed=[f"{p.name}[{p.pid}]" for p in result.killed],
-                survivors=[f"{p.name}[{p.pid}]" for p in result.survivors],
-                actors_alive=result.actors_alive,
-                fenced=result.fenced,
-                actors_killed=list(result.actors_killed),
-                problems=list(result.problems),
-                placement_groups_removed=list(result.placement_groups_removed),
-                placement_groups_alive=result.placement_groups_alive,
-                resources_held=dict(result.resources_held),
-                gpu_memory=result.gpu_memory,
-                nodes=result.nodes,
-                ray_job_id=job.ray_job_id,
-                reached_step=reached,
-            )
+            Teardown(attempt=job.attempt, fenced=result.fenced, reached_step=reached, **result.event_fields())
         )
         return result.fenced, result.problems
 
@@ -698,20 +655,3 @@ class Supervisor:
             yield
         finally:
             self._interruptible = interruptible
-
-
-def _record_summary(record: ErrorRecord | None) -> dict | None:
-    if record is None:
-        return None
-    return {
-        "error_type": record.error_type,
-        "message": record.message[:500],
-        "phase": record.phase,
-        "global_step": record.global_step,
-        "backend": record.backend,
-        "hang": record.hang,
-        "cleanup": record.cleanup,
-        "emergency_checkpoint": record.emergency_checkpoint,
-        "source": record.source,
-        "timestamp": record.timestamp,
-    }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.config import RayConfig
 from supervisor.mechanisms.processes import TerminationReport
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 
@@ -38,6 +39,7 @@ def start_test_cluster(
             num_cpus=num_cpus,
             resources=dict(resources or {}),
             object_store_memory_mb=512,
+            start_timeout_s=RayConfig().start_timeout_s,
             dashboard=dashboard,
             extra_env=extra,
             auth_mode="token" if auth_token_path else "disabled",

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from supervisor.backends.fence import AttemptView, FenceResult, fence, fence_rules
+from supervisor.clock import Clock
+from supervisor.config import TeardownConfig
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.stacks import StackDump
 from supervisor.policy.outcomes import ExitStatus
@@ -37,14 +40,13 @@ class LaunchSpec:
     error_file: Path
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunningJob:
-    """One attempt's driver, as the backend knows it."""
+    """One attempt's driver, as the loop knows it; what a backend keeps of it beyond this is its own."""
 
     attempt: int
     started_at: float
     pid: int | None = None
-    ray_job_id: str | None = None
     warm: bool = False
     """Its driver was a standby started ahead (``JobBackend.start_standby``)."""
     resources_before: dict[str, float] | None = None
@@ -53,22 +55,43 @@ class RunningJob:
 
 
 @dataclass(frozen=True)
-class TeardownResult:
-    """What tearing an attempt down did, and whether the fence holds."""
+class Stopped:
+    """What stopping an attempt's driver did, before the fence."""
 
-    duration_s: float
     terminated: tuple[ProcessInfo, ...] = ()
     killed: tuple[ProcessInfo, ...] = ()
-    survivors: tuple[ProcessInfo, ...] = ()
-    actors_alive: int | None = None
-    actors_killed: tuple[str, ...] = ()
-    placement_groups_removed: tuple[str, ...] = ()
-    placement_groups_alive: int | None = None
-    resources_held: dict[str, float] = field(default_factory=dict)
-    gpu_memory: str | None = None
-    nodes: str | None = None
-    """What the sweep of the attempt's nodes found (cluster modes; None: one machine, not swept)."""
-    problems: tuple[str, ...] = field(default_factory=tuple)
+    unkilled: tuple[ProcessInfo, ...] = ()
+    """Still there after SIGKILL: the fence finds them again if they carry the marker, and asks NVML of them."""
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TeardownResult(FenceResult):
+    """What tearing an attempt down did (stopping its driver, then the fence), and whether the fence holds."""
+
+    duration_s: float = 0.0
+
+    @classmethod
+    def of(cls, stopped: Stopped, fenced: FenceResult, duration_s: float) -> TeardownResult:
+        """Every field of the fence's result, with what stopping the driver did first."""
+        values = {f.name: getattr(fenced, f.name) for f in fields(FenceResult)}
+        values.update(
+            terminated=stopped.terminated + fenced.terminated,
+            killed=stopped.killed + fenced.killed,
+            problems=stopped.problems + fenced.problems,
+        )
+        return cls(**values, duration_s=duration_s)
+
+    def event_fields(self) -> dict[str, Any]:
+        """Every field as the teardown event writes it (processes as ``name[pid]``): the event takes them as
+        they are, so a field added to the fence's result reaches the event without another copy by hand."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [f"{v.name}[{v.pid}]" if isinstance(v, ProcessInfo) else v for v in value]
+            values[f.name] = value
+        return values
 
     @property
     def fenced(self) -> bool:
@@ -82,6 +105,9 @@ class ClusterStartFailed(RuntimeError):
 
 
 class JobBackend(ABC):
+    teardown_config: TeardownConfig
+    clock: Clock = Clock()
+
     @property
     def python(self) -> str:
         """The interpreter ``{python}`` in job.argv means where this backend runs the driver."""
@@ -111,8 +137,25 @@ class JobBackend(ABC):
         """Ask the attempt's processes for their Python stacks (bounded by ``timeout_s``)."""
 
     @abstractmethod
+    def stop(self, job: RunningJob) -> Stopped:
+        """Stop the attempt's driver and whatever it started that this backend can reach directly."""
+
+    @abstractmethod
+    def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
+        """What the fence needs to find and end what is left of the attempt, on every node."""
+
+    def drain_output(self, job: RunningJob, timeout_s: float) -> None:  # noqa: B027 - not every backend copies output
+        """Let the attempt's output reach its log files once its processes are gone."""
+
     def teardown(self, job: RunningJob) -> TeardownResult:
-        """Stop everything of the attempt, then verify that nothing of it is left (the fence)."""
+        """Stop everything of the attempt, then verify that nothing of it is left (the fence, the same for
+        every backend)."""
+        started = self.clock.monotonic()
+        stopped = self.stop(job)
+        view = self.attempt_view(job, stopped)
+        fenced = fence(view, fence_rules(self.teardown_config, view), self.clock)
+        self.drain_output(job, self.teardown_config.output_drain_s)
+        return TeardownResult.of(stopped, fenced, self.clock.monotonic() - started)
 
     @abstractmethod
     def stale_processes(self) -> list[ProcessInfo]:

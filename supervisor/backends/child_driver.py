@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, TeardownResult, Waker
+from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, Stopped, Waker
 from supervisor.backends.clusters import Cluster
 from supervisor.backends.driver import DriverProcess, StandbyDriver, standby_module
-from supervisor.backends.fence import RayFence, resources_now
+from supervisor.backends.fence import AttemptView, Sweeper, resources_now
+from supervisor.clock import Clock
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.marked import find_marked_processes
-from supervisor.mechanisms.node_probe import NodeSweep, attempt_sweeper
+from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.processes import ProcessInfo, terminate_processes
 from supervisor.mechanisms.ray_auth import auth_env
 from supervisor.mechanisms.ray_state import RayStateClient
@@ -33,17 +33,29 @@ from verl_hooks.contract import ENV_RUN_ID, RAY_INJECTED_JOB_CONFIG, injected_jo
 
 
 @dataclass
-class ChildJob(RunningJob):
-    driver: DriverProcess | None = None
+class _Attempt:
+    """What this backend keeps of one attempt's driver."""
+
+    driver: DriverProcess
+    ray_job_id: str | None = None
 
 
 class ChildDriverBackend(JobBackend):
     def __init__(
-        self, cluster: Cluster, ray: RayConfig, teardown: TeardownConfig, run_id: str, echo_output: bool = True
+        self,
+        cluster: Cluster,
+        ray: RayConfig,
+        teardown: TeardownConfig,
+        run_id: str,
+        echo_output: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.cluster = cluster
         self._ray = ray
         self._teardown = teardown
+        self.teardown_config = teardown
+        self.clock = clock or Clock()
+        self._attempts: dict[int, _Attempt] = {}
         self._run_id = run_id
         self._echo = echo_output
         self._standby: StandbyDriver | None = None
@@ -72,7 +84,7 @@ class ChildDriverBackend(JobBackend):
             self._standby.discard(self._teardown.straggler_grace_s, self._teardown.reap_timeout_s)
             self._standby = None
 
-    def launch(self, spec: LaunchSpec) -> ChildJob:
+    def launch(self, spec: LaunchSpec) -> RunningJob:
         env = self._driver_env(spec)
         before = resources_now(self.cluster.gcs_address, self._ray.api_timeout_s)
         standby, self._standby = self._standby, None
@@ -83,51 +95,58 @@ class ChildDriverBackend(JobBackend):
             spec.argv, env, spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo, standby=standby
         )
         self.cluster.attempt_launched()
-        return ChildJob(
-            attempt=spec.attempt,
-            started_at=time.time(),
-            pid=driver.pid,
-            warm=driver.warm,
-            resources_before=before,
-            driver=driver,
+        self._attempts[spec.attempt] = _Attempt(driver)
+        return RunningJob(
+            attempt=spec.attempt, started_at=self.clock.now(), pid=driver.pid, warm=driver.warm, resources_before=before
         )
 
     def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
-        return _driver(job).wait(timeout_s, wake)
+        return self._attempts[job.attempt].driver.wait(timeout_s, wake)
 
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
         """This machine's processes by signal and, at the same time, the attempt's actors on every node."""
         state = self.cluster.state_client()
-        self._find_ray_job(job, state)
+        ray_job_id = self._ray_job_id(job, state)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="remote-stacks") as pool:
-            remote = pool.submit(dump_remote_stacks, state, job.ray_job_id, stacks_dir, timeout_s)
-            local = dump_stacks(_driver(job).attempt_processes(), stacks_dir, timeout_s)
+            remote = pool.submit(dump_remote_stacks, state, ray_job_id, stacks_dir, timeout_s)
+            local = dump_stacks(self._attempts[job.attempt].driver.attempt_processes(), stacks_dir, timeout_s)
             return local + remote.result()
 
-    @staticmethod
-    def _find_ray_job(job: RunningJob, state: RayStateClient | None) -> None:
-        if state is not None and job.ray_job_id is None and job.pid is not None:
+    def _ray_job_id(self, job: RunningJob, state: RayStateClient | None) -> str | None:
+        """The attempt's Ray job, found by its driver's pid once and remembered (None: not found)."""
+        attempt = self._attempts[job.attempt]
+        if state is not None and attempt.ray_job_id is None and job.pid is not None:
             try:
-                job.ray_job_id = state.job_id_of_driver(job.pid)
+                attempt.ray_job_id = state.job_id_of_driver(job.pid)
             except Exception:  # noqa: BLE001 - without the job id the fence falls back to processes alone
-                job.ray_job_id = None
+                attempt.ray_job_id = None
+        return attempt.ray_job_id
 
-    def teardown(self, job: RunningJob) -> TeardownResult:
-        started = time.monotonic()
-        driver = _driver(job)
-        config = self._teardown
-        state = self.cluster.state_client()
-        self._find_ray_job(job, state)
-        stopped = driver.stop_everything(config.grace_s, config.reap_timeout_s)
-        fence = RayFence(state, self.cluster.gcs_address, config, self._ray.api_timeout_s, sweep=self._sweeper(job))
-        ended = [p.pid for p in (*stopped.terminated, *stopped.killed, *stopped.survivors)]
-        result = fence.fence(
-            job.ray_job_id, driver.attempt_processes, self.cluster.is_down, job.resources_before, attempt_pids=ended
+    def stop(self, job: RunningJob) -> Stopped:
+        # Asked while the driver is alive: a Ray job's driver pid is how the state API names it.
+        self._ray_job_id(job, self.cluster.state_client())
+        report = self._attempts[job.attempt].driver.stop_everything(
+            self._teardown.grace_s, self._teardown.reap_timeout_s
         )
-        driver.join_output(config.output_drain_s)
-        return result.teardown_result(started, stopped)
+        return Stopped(report.terminated, report.killed, report.survivors)
 
-    def _sweeper(self, job: RunningJob) -> Callable[[Mapping[str, list[int]], float], NodeSweep] | None:
+    def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
+        return AttemptView(
+            leftovers=self._attempts[job.attempt].driver.attempt_processes,
+            ray_job_id=self._attempts[job.attempt].ray_job_id,
+            state=self.cluster.state_client(),
+            gcs_address=self.cluster.gcs_address,
+            cluster_down=self.cluster.is_down,
+            resources_before=job.resources_before,
+            attempt_pids=[p.pid for p in (*stopped.terminated, *stopped.killed, *stopped.unkilled)],
+            sweeper=self._sweeper(job),
+            api_timeout_s=self._ray.api_timeout_s,
+        )
+
+    def drain_output(self, job: RunningJob, timeout_s: float) -> None:
+        self._attempts.pop(job.attempt).driver.join_output(timeout_s)
+
+    def _sweeper(self, job: RunningJob) -> Sweeper | None:
         if not (self.cluster.spans_machines and self._teardown.sweep_nodes):
             return None  # every node is this machine: the marked sweep above saw them all
         auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
@@ -152,9 +171,3 @@ def as_a_job_of_its_own(env: Mapping[str, str]) -> dict[str, str]:
         return dict(env)
     runtime_env = (injected_job_config(env) or {}).get("runtime_env") or {}
     return {**env, RAY_INJECTED_JOB_CONFIG: json.dumps({"runtime_env": runtime_env, "metadata": {}})}
-
-
-def _driver(job: RunningJob) -> DriverProcess:
-    assert isinstance(job, ChildJob)
-    assert job.driver is not None
-    return job.driver

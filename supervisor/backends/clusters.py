@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from supervisor.backends.base import ClusterStartFailed
-from supervisor.config import RayConfig
+from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.processes import port_open
 from supervisor.mechanisms.ray_auth import refusal_hint
 from supervisor.mechanisms.ray_cluster import ClusterSpec, ClusterStartError, LocalRayCluster
@@ -60,7 +60,7 @@ class EmbeddedCluster(Cluster):
         ray: RayConfig,
         ray_dir: Path,
         run_id: str,
-        reap_timeout_s: float,
+        teardown: TeardownConfig,
         on_unmarked: Callable[[list[psutil.Process]], None] | None = None,
     ) -> None:
         """``on_unmarked``: told of the cluster's processes that carry no readable marker (the reaper's adopt)."""
@@ -68,7 +68,8 @@ class EmbeddedCluster(Cluster):
         self._ray = ray
         self._ray_dir = ray_dir
         self._run_id = run_id
-        self._reap_timeout_s = reap_timeout_s
+        self._grace_s = teardown.grace_s
+        self._reap_timeout_s = teardown.reap_timeout_s
         self._cluster: LocalRayCluster | None = None
         self._attempts_on_cluster = 0
 
@@ -135,7 +136,7 @@ class EmbeddedCluster(Cluster):
     def _stop(self, reason: str) -> ClusterStopped:
         assert self._cluster is not None
         started = time.monotonic()
-        report = self._cluster.stop(reap_timeout_s=self._reap_timeout_s)
+        report = self._cluster.stop(self._grace_s, self._reap_timeout_s)
         self._cluster = None
         return ClusterStopped(
             duration_s=time.monotonic() - started,

@@ -9,7 +9,10 @@ no use). Teardown is ``stop_job``, then the same fence as the other modes, on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import importlib.util
+import logging
 import os
 import select
 import shlex
@@ -17,15 +20,18 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult, Waker
-from supervisor.backends.fence import RayFence, resources_now
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, Stopped, Waker
+from supervisor.backends.fence import AttemptView, resources_now
+from supervisor.clock import Clock
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
+from supervisor.mechanisms.outage import Outage, Unanswered
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
 from supervisor.mechanisms.ray_state import RayStateClient
@@ -35,14 +41,23 @@ from supervisor.run.events import Event
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, SETUP_HOOK, SUPERVISOR_LOCAL_ENV, forwarded_env
 
 POLL_S = 0.2
+RECONNECT_S = 1.0
+"""Between a dropped log tail and the next connection."""
+logger = logging.getLogger(__name__)
+
+_SDK_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 @dataclass
-class SubmittedJob(RunningJob):
-    submission_id: str = ""
-    tail: threading.Thread | None = None
+class _Submission:
+    """What this backend keeps of one attempt's submission."""
+
+    submission_id: str
+    tail: _LogTail
     exit_status: ExitStatus | None = None
+    ray_job_id: str | None = None
 
 
 def submission_id(run_id: str, attempt: int) -> str:
@@ -50,10 +65,23 @@ def submission_id(run_id: str, attempt: int) -> str:
 
 
 class JobsBackend(JobBackend):
-    def __init__(self, ray: RayConfig, teardown: TeardownConfig, run_id: str, echo_output: bool = True) -> None:
+    def __init__(
+        self,
+        ray: RayConfig,
+        teardown: TeardownConfig,
+        run_id: str,
+        echo_output: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
         assert ray.address is not None, "resolve_cluster() first"
         self._ray = ray
         self._teardown = teardown
+        self.teardown_config = teardown
+        self.clock = clock or Clock()
+        self._submissions: dict[int, _Submission] = {}
+        self._api_s = ray.api_timeout_s
+        self._outage = Outage(f"the Ray Jobs API at {ray.address}", self.clock, POLL_S)
+        self._state_outage = Outage(f"the Ray state API at {ray.address}", self.clock, POLL_S)
         self._dashboard = ray.address
         self._run_id = run_id
         self._echo = echo_output
@@ -68,7 +96,11 @@ class JobsBackend(JobBackend):
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
-            self._client = JobSubmissionClient(self._dashboard)
+            # The SDK prefers $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS to the address it is given
+            # (get_address_for_submission_client, ray/dashboard/utils.py): with either set to another cluster,
+            # ray.address would be ignored. Made once, in the loop's thread, before any tail thread starts.
+            with _environ_without(*_SDK_ADDRESS_VARIABLES):
+                self._client = JobSubmissionClient(self._dashboard)
         return self._client
 
     def prepare(self) -> list[Event]:
@@ -100,107 +132,136 @@ class JobsBackend(JobBackend):
             env["py_modules"] = [str(Path(spec.origin).parent)]
         return env
 
-    def launch(self, spec: LaunchSpec) -> SubmittedJob:
+    def launch(self, spec: LaunchSpec) -> RunningJob:
         job_id = submission_id(self._run_id, spec.attempt)
         before = resources_now(self._ray.gcs_address, self._ray.api_timeout_s)
-        self._jobs().submit_job(
+        submit = functools.partial(
+            self._jobs().submit_job,
             entrypoint=shlex.join(spec.argv),
             submission_id=job_id,
             runtime_env=self.runtime_env(spec),
             entrypoint_num_cpus=0,
         )
-        job = SubmittedJob(attempt=spec.attempt, started_at=time.time(), submission_id=job_id, resources_before=before)
-        job.tail = threading.Thread(
-            target=self._tail_logs, args=(job_id, spec.log_dir / "stdout.log"), name=f"tail-{job_id}", daemon=True
-        )
-        job.tail.start()
-        return job
-
-    def _tail_logs(self, job_id: str, log_path: Path) -> None:
-        async def follow() -> None:
-            with log_path.open("a") as log:
-                async for chunk in self._jobs().tail_job_logs(job_id):
-                    log.write(chunk)
-                    log.flush()
-                    if self._echo:
-                        sys.stdout.write(chunk)
-                        sys.stdout.flush()
-
         try:
-            asyncio.run(follow())
-        except Exception as exc:  # noqa: BLE001 - losing the log tail must not fail the attempt
-            with log_path.open("a") as log:
-                log.write(f"\n[verl-supervisor] log tail ended: {type(exc).__name__}: {exc}\n")
+            # Only a refused connection is asked again: an answer that refuses the job is not transient.
+            self._outage.retried(submit, self._api_s, transient=OSError)
+        except Unanswered as exc:
+            raise ClusterStartFailed(f"attempt {spec.attempt} could not be submitted: {exc}") from exc
+        tail = _LogTail(self._jobs, job_id, spec.log_dir / "stdout.log", self._echo)
+        self._submissions[spec.attempt] = _Submission(job_id, tail)
+        tail.start()
+        return RunningJob(attempt=spec.attempt, started_at=self.clock.now(), resources_before=before)
 
     def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
-        submitted = _submitted(job)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        """Poll the submission's status. An unanswered poll is retried: the job may be training fine while the
+        Jobs API restarts (a KubeRay head's dashboard), and the watchdog bounds how long nothing is heard of it."""
+        submitted = self._submissions[job.attempt]
+        deadline = None if timeout_s is None else self.clock.monotonic() + timeout_s
         while True:
-            status = str(self._jobs().get_job_status(submitted.submission_id).value)
+            try:
+                status = self._outage.ask(lambda: str(self._jobs().get_job_status(submitted.submission_id).value))
+            except Exception:  # noqa: BLE001 - noted by the outage, asked again at the next poll
+                status = None
             if status in _TERMINAL:
                 submitted.exit_status = self._exit_status(submitted, status)
                 return submitted.exit_status
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and self.clock.monotonic() >= deadline:
                 return None
-            pause = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+            pause = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - self.clock.monotonic()))
             if select.select([wake] if wake is not None else [], [], [], pause)[0]:
                 return None
 
-    def _exit_status(self, job: SubmittedJob, status: str) -> ExitStatus:
-        info = self._jobs().get_job_info(job.submission_id)
-        job.ray_job_id = getattr(info, "job_id", None) or job.ray_job_id
-        code = getattr(info, "driver_exit_code", None)
+    def _exit_status(self, submitted: _Submission, status: str) -> ExitStatus:
         if status == "SUCCEEDED":
             return ExitStatus(code=0)
         if status == "STOPPED":
             return ExitStatus(signal=int(signal.SIGTERM))
+        # The exit code is in the job's details; without them (the API went away again), the error record
+        # that came over the heartbeat channel still classifies the attempt.
+        try:
+            info = self._outage.retried(lambda: self._jobs().get_job_info(submitted.submission_id), self._api_s)
+        except Unanswered as exc:
+            logger.warning("the exit code of %s is unknown: %s", submitted.submission_id, exc)
+            info = None
+        code = getattr(info, "driver_exit_code", None)
         return ExitStatus(code=code if code is not None else 1)
 
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
         # What runs on this machine is signalled; the attempt's actors on every node are read through the
         # dashboard (the driver itself, when it runs on another node, is not an actor: out of reach).
-        submitted = _submitted(job)
-        if submitted.ray_job_id is None:
-            try:
-                submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
-            except Exception:  # noqa: BLE001 - then only this machine's processes
-                submitted.ray_job_id = None
+        try:
+            ray_job_id = self._ray_job_id(job)
+        except Unanswered:
+            ray_job_id = None  # then only this machine's processes
         local = dump_stacks(self._local_processes(job), stacks_dir, timeout_s)
-        return local + dump_remote_stacks(self._state, submitted.ray_job_id, stacks_dir, timeout_s)
+        return local + dump_remote_stacks(self._state, ray_job_id, stacks_dir, timeout_s)
+
+    def _ray_job_id(self, job: RunningJob) -> str | None:
+        submitted = self._submissions[job.attempt]
+        if submitted.ray_job_id is None:
+            # Unanswered propagates: without the Ray job id the fence could not see the attempt's actors.
+            submitted.ray_job_id = self._state_outage.retried(
+                lambda: self._state.job_of_submission(submitted.submission_id), self._api_s
+            )
+        return submitted.ray_job_id
 
     def _local_processes(self, job: RunningJob) -> list:
         return find_marked_processes({ENV_RUN_ID: self._run_id, ENV_ATTEMPT: str(job.attempt)})
 
-    def teardown(self, job: RunningJob) -> TeardownResult:
-        started = time.monotonic()
-        submitted = _submitted(job)
-        config = self._teardown
-        problems = []
-        if submitted.exit_status is None:
-            # Ray's stop_job sends SIGTERM, then SIGKILL after its own grace period (RAY_JOB_STOP_WAIT_TIME_S).
-            self._jobs().stop_job(submitted.submission_id)
-            stop_timeout_s = config.grace_s + config.jobs_stop_timeout_s
-            if self.wait(job, stop_timeout_s) is None:
-                problems.append(f"Ray job {submitted.submission_id} did not stop within {stop_timeout_s:g} s")
-        if submitted.ray_job_id is None:
-            submitted.ray_job_id = self._state.job_of_submission(submitted.submission_id)
-        sweep = None
-        if self._ray.gcs_address and config.sweep_nodes:
+    def stop(self, job: RunningJob) -> Stopped:
+        """``stop_job`` (Ray sends SIGTERM, then SIGKILL after its own ``RAY_JOB_STOP_WAIT_TIME_S``), asked again
+        while the Jobs API does not answer, then wait for the submission to end."""
+        submitted = self._submissions[job.attempt]
+        limit_s = self._teardown.grace_s + self._teardown.jobs_stop_timeout_s
+        if submitted.exit_status is not None:
+            return Stopped()
+        started = self.clock.monotonic()
+        try:
+            self._outage.retried(lambda: self._jobs().stop_job(submitted.submission_id), limit_s)
+        except Unanswered as exc:
+            return Stopped(problems=(f"Ray job {submitted.submission_id} could not be stopped: {exc}",))
+        left_s = max(0.0, limit_s - (self.clock.monotonic() - started))
+        if self.wait(job, left_s) is None:
+            return Stopped(problems=(f"Ray job {submitted.submission_id} did not stop within {limit_s:g} s",))
+        return Stopped()
+
+    def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
+        sweeper = None
+        if self._ray.gcs_address and self._teardown.sweep_nodes:
             auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
-            sweep = attempt_sweeper(self._ray.gcs_address, auth, self._run_id, job.attempt, config.straggler_grace_s)
-        fence = RayFence(self._state, self._ray.gcs_address, config, self._ray.api_timeout_s, sweep=sweep)
-        result = fence.fence(
-            submitted.ray_job_id, lambda: self._local_processes(job), resources_before=job.resources_before
+            sweeper = attempt_sweeper(
+                self._ray.gcs_address, auth, self._run_id, job.attempt, self._teardown.straggler_grace_s
+            )
+        try:
+            ray_job_id = self._ray_job_id(job)
+        except Unanswered as exc:
+            # Without the Ray job id the fence cannot see the attempt's actors: it must not say they are gone.
+            problem = f"the Ray job of submission {self._submissions[job.attempt].submission_id} is unknown: {exc}"
+            return AttemptView(leftovers=lambda: self._local_processes(job), problems=(problem,))
+        return AttemptView(
+            leftovers=lambda: self._local_processes(job),
+            ray_job_id=ray_job_id,
+            state=self._state,
+            gcs_address=self._ray.gcs_address,
+            resources_before=job.resources_before,
+            sweeper=sweeper,
+            api_timeout_s=self._ray.api_timeout_s,
         )
-        if submitted.tail is not None:
-            submitted.tail.join(config.output_drain_s)
-        return result.teardown_result(started, problems=problems)
+
+    def drain_output(self, job: RunningJob, timeout_s: float) -> None:
+        self._submissions.pop(job.attempt).tail.finish(timeout_s)
 
     def stale_processes(self) -> list[ProcessInfo]:
         """Stop this run's submissions that an earlier supervisor of the run left running."""
         prefix = submission_id(self._run_id, 0)[:-1]
         stopped = []
-        for details in self._jobs().list_jobs():
+        try:
+            listed = self._outage.retried(lambda: self._jobs().list_jobs(), self._api_s)
+        except Unanswered as exc:
+            raise ClusterStartFailed(
+                f"{exc}: an earlier supervisor's submissions of this run cannot be stopped"
+            ) from exc
+        for details in listed:
             if (details.submission_id or "").startswith(prefix) and str(details.status.value) not in _TERMINAL:
                 self._jobs().stop_job(details.submission_id)
                 stopped.append(ProcessInfo(pid=-1, name=f"ray job {details.submission_id}", cmdline=details.entrypoint))
@@ -210,6 +271,78 @@ class JobsBackend(JobBackend):
         return []  # the cluster is not ours
 
 
-def _submitted(job: RunningJob) -> SubmittedJob:
-    assert isinstance(job, SubmittedJob)
-    return job
+class _LogTail(threading.Thread):
+    """Copies a submission's log into its attempt's ``stdout.log`` (and the console) as it is written.
+
+    The Jobs API replays a log from its start on every connection (``file_tail_iterator`` in
+    ray/dashboard/modules/job/utils.py): after a dropped connection the tail connects again and skips what it
+    has already copied, so the attempt's log goes on whole, once."""
+
+    def __init__(self, jobs: Callable[[], Any], job_id: str, log_path: Path, echo: bool) -> None:
+        super().__init__(name=f"tail-{job_id}", daemon=True)
+        self._jobs = jobs
+        self._job_id = job_id
+        self._log_path = log_path
+        self._echo = echo
+        self._finishing = threading.Event()
+        self.copied = 0
+        """Characters of the log copied so far."""
+        self._dropped_since: float | None = None
+
+    def run(self) -> None:
+        with self._log_path.open("a") as log:
+            while True:
+                try:
+                    asyncio.run(self._follow(log))
+                except Exception as exc:  # noqa: BLE001 - a dropped connection must not end the attempt's log
+                    why = f"{type(exc).__name__}: {exc}"
+                else:
+                    # Some Rays end the stream quietly when the connection drops: done only if the job is.
+                    if self._finishing.is_set() or self._submission_ended():
+                        return
+                    why = "the stream ended before the submission did"
+                if self._dropped_since is None:
+                    self._dropped_since = time.monotonic()
+                    logger.warning("the log tail of %s dropped (%s); connecting again", self._job_id, why)
+                if self._finishing.wait(RECONNECT_S):
+                    log.write(f"\n[verl-supervisor] log tail ended: {why}\n")
+                    return
+
+    def _submission_ended(self) -> bool:
+        try:
+            return str(self._jobs().get_job_status(self._job_id).value) in _TERMINAL
+        except Exception:  # noqa: BLE001 - unknown: connect again
+            return False
+
+    async def _follow(self, log: TextIO) -> None:
+        replayed = 0
+        async for chunk in self._jobs().tail_job_logs(self._job_id):
+            fresh = chunk[max(0, self.copied - replayed) :]
+            replayed += len(chunk)
+            if not fresh:
+                continue
+            if self._dropped_since is not None:
+                logger.warning(
+                    "the log tail of %s is back after %.1f s", self._job_id, time.monotonic() - self._dropped_since
+                )
+                self._dropped_since = None
+            self.copied += len(fresh)
+            log.write(fresh)
+            log.flush()
+            if self._echo:
+                sys.stdout.write(fresh)
+                sys.stdout.flush()
+
+    def finish(self, timeout_s: float) -> None:
+        """Let it copy what is left (the submission has ended), for ``timeout_s`` at most; no reconnecting."""
+        self._finishing.set()
+        self.join(timeout_s)
+
+
+@contextlib.contextmanager
+def _environ_without(*names: str) -> Iterator[None]:
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

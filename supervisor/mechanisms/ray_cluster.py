@@ -16,6 +16,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,7 @@ import psutil
 
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import (
+    REAP_TIMEOUT_S,
     ChildProcess,
     TerminationReport,
     free_ports,
@@ -41,6 +43,10 @@ from verl_hooks.contract import ENV_CLUSTER_ID
 
 logger = logging.getLogger(__name__)
 
+ABANDONED_START_GRACE_S = 5.0
+"""For the processes of a start that failed (a port taken): they run no job and hold nothing worth a longer
+grace before SIGKILL."""
+
 # Ray puts unix sockets under the temp dir ("<temp>/session_<date>_<pid>/sockets/plasma_store"), and a socket
 # path may not exceed 107 bytes: a longer temp dir is replaced by a short one under /tmp.
 _MAX_TEMP_DIR_LEN = 40
@@ -53,6 +59,8 @@ class ClusterStartError(RuntimeError):
 @dataclass(frozen=True)
 class ClusterSpec:
     temp_dir: Path
+    start_timeout_s: float
+    """``ray.start_timeout_s``: how long one ``ray start`` may take to answer."""
     num_cpus: int | None = None
     num_gpus: int | None = None
     """Logical GPUs of the head node, as ``ray start --num-gpus`` (None: Ray counts the machine's)."""
@@ -64,7 +72,6 @@ class ClusterSpec:
     auth_mode: str = "disabled"
     auth_token_path: str | None = None
     """The token file of ``auth_mode=token`` (its path reaches every process; the token never leaves it)."""
-    start_timeout_s: float = 90.0
     start_attempts: int = 3
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -246,7 +253,7 @@ class LocalRayCluster:
             except ClusterStartError as exc:
                 # Most often a port taken between choosing it and binding it: choose again.
                 errors.append(str(exc))
-                self._stop_processes(grace_s=5.0, reap_timeout_s=5.0)
+                self._stop_processes(ABANDONED_START_GRACE_S, REAP_TIMEOUT_S)
         self._bring_temp_dirs_home()  # what `ray start` said is in there
         raise ClusterStartError(
             f"local Ray cluster did not start after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
@@ -489,7 +496,7 @@ class LocalRayCluster:
         self._seen.update(found)
         return list(found.values())
 
-    def stop(self, grace_s: float = 10.0, reap_timeout_s: float = 5.0) -> TerminationReport:
+    def stop(self, grace_s: float, reap_timeout_s: float = REAP_TIMEOUT_S) -> TerminationReport:
         """Stop every process of this cluster (and only those), and reap the `ray start` children.
 
         SIGTERM to `ray start --block` alone brings the cluster down in a second or two (Ray's own fate
@@ -507,10 +514,11 @@ class LocalRayCluster:
         for node in [*self._nodes, self._process]:
             if node is not None and node.poll() is None:
                 os.kill(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         reports = [terminate_processes(marked, grace_s, {p.pid for p in marked}, reap_timeout_s)]
         late = self.processes()
-        if late:
-            reports.append(terminate_processes(late, grace_s, (), reap_timeout_s))
+        if late:  # started during the shutdown: what is left of the same grace, not a second one
+            reports.append(terminate_processes(late, max(0.0, deadline - time.monotonic()), (), reap_timeout_s))
         for node in [*self._nodes, self._process]:
             if node is not None:
                 node.wait(timeout_s=reap_timeout_s)

@@ -18,9 +18,11 @@ by itself, and the supervisor never tears it down in the middle of it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from supervisor.config import WatchdogConfig
 from supervisor.job.heartbeats import Heartbeat
@@ -51,6 +53,12 @@ class Stall:
     phase: str | None
     heartbeat_ages_s: dict[str, float]
     reason: str
+
+    def event_fields(self) -> dict[str, Any]:
+        """Every field as the stall_detected event writes it (``kind`` as ``stall_kind``, its value)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        kind = fields.pop("kind")
+        return {**fields, "stall_kind": kind.value, "silent_s": round(self.silent_s, 3)}
 
 
 @dataclass

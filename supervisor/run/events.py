@@ -13,43 +13,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from verl_hooks.contract import EmergencyCheckpoint
 
 
-class EventKind(str, Enum):
-    RUN_STARTED = "run_started"
-    CLUSTER_STARTED = "cluster_started"
-    CLUSTER_STOPPED = "cluster_stopped"
-    STALE_PROCESSES_SWEPT = "stale_processes_swept"
-    CHECKPOINT_SET_ASIDE = "checkpoint_set_aside"
-    CHECKPOINT_ROTATED = "checkpoint_rotated"
-    CHECKPOINTS_UNJUDGEABLE = "checkpoints_unjudgeable"
-    RESUME_VERIFIED = "resume_verified"
-    RESUME_MISMATCH = "resume_mismatch"
-    STANDBY_STARTED = "standby_started"
-    ATTEMPT_STARTED = "attempt_started"
-    ATTEMPT_EXITED = "attempt_exited"
-    SAVE_ON_STOP_REQUESTED = "save_on_stop_requested"
-    SAVE_ON_STOP = "save_on_stop"
-    ERROR_RECORD_RECEIVED = "error_record_received"
-    STALL_DETECTED = "stall_detected"
-    STACKS_DUMPED = "stacks_dumped"
-    TEARDOWN = "teardown"
-    BACKOFF = "backoff"
-    SIGNAL_RECEIVED = "signal_received"
-    RUN_FINISHED = "run_finished"
-    METRICS_SERVING = "metrics_serving"
-    TRACKER_RUN = "tracker_run"
-    NOTIFICATION = "notification"
-
-
 @dataclass(frozen=True)
 class Event:
-    kind: ClassVar[EventKind]
+    kind: ClassVar[str]
+    """The ``event`` field of its line in events.jsonl, declared once, by each event."""
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -57,7 +30,7 @@ class Event:
 
 @dataclass(frozen=True)
 class RunStarted(Event):
-    kind: ClassVar[EventKind] = EventKind.RUN_STARTED
+    kind: ClassVar[str] = "run_started"
     run_dir: str
     job: str
     ray_mode: str
@@ -78,7 +51,7 @@ class RunStarted(Event):
 
 @dataclass(frozen=True)
 class ClusterStarted(Event):
-    kind: ClassVar[EventKind] = EventKind.CLUSTER_STARTED
+    kind: ClassVar[str] = "cluster_started"
     address: str
     dashboard: str | None
     startup_s: float
@@ -90,7 +63,7 @@ class ClusterStarted(Event):
 
 @dataclass(frozen=True)
 class ClusterStopped(Event):
-    kind: ClassVar[EventKind] = EventKind.CLUSTER_STOPPED
+    kind: ClassVar[str] = "cluster_stopped"
     duration_s: float
     killed: int
     survivors: list[str]
@@ -103,7 +76,7 @@ class ClusterStopped(Event):
 
 @dataclass(frozen=True)
 class StaleProcessesSwept(Event):
-    kind: ClassVar[EventKind] = EventKind.STALE_PROCESSES_SWEPT
+    kind: ClassVar[str] = "stale_processes_swept"
     processes: list[str]
 
     def describe(self) -> str:
@@ -112,7 +85,7 @@ class StaleProcessesSwept(Event):
 
 @dataclass(frozen=True)
 class CheckpointSetAside(Event):
-    kind: ClassVar[EventKind] = EventKind.CHECKPOINT_SET_ASIDE
+    kind: ClassVar[str] = "checkpoint_set_aside"
     step: int
     path: str
     renamed_to: str
@@ -127,7 +100,7 @@ class CheckpointSetAside(Event):
 class ErrorRecordReceived(Event):
     """The job's error record arrived over the heartbeat channel: the failure is known before its driver exits."""
 
-    kind: ClassVar[EventKind] = EventKind.ERROR_RECORD_RECEIVED
+    kind: ClassVar[str] = "error_record_received"
     attempt: int
     error_type: str
     phase: str | None
@@ -147,7 +120,7 @@ class CheckpointRotated(Event):
     """A role folder removed because the run's own ``max_*_ckpt_to_keep`` says so (``removed`` False: it could
     not be, see ``problem``)."""
 
-    kind: ClassVar[EventKind] = EventKind.CHECKPOINT_ROTATED
+    kind: ClassVar[str] = "checkpoint_rotated"
     step: int
     role: str
     path: str
@@ -163,7 +136,7 @@ class CheckpointRotated(Event):
 
 @dataclass(frozen=True)
 class CheckpointsUnjudgeable(Event):
-    kind: ClassVar[EventKind] = EventKind.CHECKPOINTS_UNJUDGEABLE
+    kind: ClassVar[str] = "checkpoints_unjudgeable"
     folders: list[str]
     problems: list[str]
 
@@ -173,7 +146,7 @@ class CheckpointsUnjudgeable(Event):
 
 @dataclass(frozen=True)
 class ResumeVerified(Event):
-    kind: ClassVar[EventKind] = EventKind.RESUME_VERIFIED
+    kind: ClassVar[str] = "resume_verified"
     attempt: int
     resume_step: int
     first_step: int
@@ -187,7 +160,7 @@ class ResumeVerified(Event):
 
 @dataclass(frozen=True)
 class ResumeMismatch(Event):
-    kind: ClassVar[EventKind] = EventKind.RESUME_MISMATCH
+    kind: ClassVar[str] = "resume_mismatch"
     attempt: int
     resume_step: int
     seen_step: int
@@ -199,7 +172,7 @@ class ResumeMismatch(Event):
 
 @dataclass(frozen=True)
 class AttemptStarted(Event):
-    kind: ClassVar[EventKind] = EventKind.ATTEMPT_STARTED
+    kind: ClassVar[str] = "attempt_started"
     attempt: int
     pid: int
     argv: list[str]
@@ -223,7 +196,7 @@ class AttemptStarted(Event):
 class StandbyStarted(Event):
     """The next attempt's driver was started ahead, with its imports; it waits, holding nothing, until needed."""
 
-    kind: ClassVar[EventKind] = EventKind.STANDBY_STARTED
+    kind: ClassVar[str] = "standby_started"
     attempt: int
     pid: int
     module: str
@@ -234,7 +207,7 @@ class StandbyStarted(Event):
 
 @dataclass(frozen=True)
 class AttemptExited(Event):
-    kind: ClassVar[EventKind] = EventKind.ATTEMPT_EXITED
+    kind: ClassVar[str] = "attempt_exited"
     attempt: int
     exit_code: int | None
     signal: str | None
@@ -259,7 +232,7 @@ class AttemptExited(Event):
 class SaveOnStopRequested(Event):
     """The supervisor was asked to stop (SIGTERM) and asked the job to save at its next safe point first."""
 
-    kind: ClassVar[EventKind] = EventKind.SAVE_ON_STOP_REQUESTED
+    kind: ClassVar[str] = "save_on_stop_requested"
     attempt: int
     wait_s: float
 
@@ -274,7 +247,7 @@ class SaveOnStopRequested(Event):
 class SaveOnStop(Event):
     """How the wait for a save before the stop ended."""
 
-    kind: ClassVar[EventKind] = EventKind.SAVE_ON_STOP
+    kind: ClassVar[str] = "save_on_stop"
     attempt: int
     waited_s: float
     wait_s: float
@@ -294,7 +267,7 @@ class SaveOnStop(Event):
 
 @dataclass(frozen=True)
 class StallDetected(Event):
-    kind: ClassVar[EventKind] = EventKind.STALL_DETECTED
+    kind: ClassVar[str] = "stall_detected"
     attempt: int
     stall_kind: str
     silent_s: float
@@ -310,7 +283,7 @@ class StallDetected(Event):
 
 @dataclass(frozen=True)
 class StacksDumped(Event):
-    kind: ClassVar[EventKind] = EventKind.STACKS_DUMPED
+    kind: ClassVar[str] = "stacks_dumped"
     attempt: int
     duration_s: float
     dumps: list[dict[str, Any]]
@@ -323,7 +296,7 @@ class StacksDumped(Event):
 
 @dataclass(frozen=True)
 class Teardown(Event):
-    kind: ClassVar[EventKind] = EventKind.TEARDOWN
+    kind: ClassVar[str] = "teardown"
     attempt: int
     duration_s: float
     terminated: list[str]
@@ -362,7 +335,7 @@ class Teardown(Event):
 
 @dataclass(frozen=True)
 class Backoff(Event):
-    kind: ClassVar[EventKind] = EventKind.BACKOFF
+    kind: ClassVar[str] = "backoff"
     next_attempt: int
     delay_s: float
     restarts_used: int
@@ -377,7 +350,7 @@ class Backoff(Event):
 
 @dataclass(frozen=True)
 class SignalReceived(Event):
-    kind: ClassVar[EventKind] = EventKind.SIGNAL_RECEIVED
+    kind: ClassVar[str] = "signal_received"
     signal: str
 
     def describe(self) -> str:
@@ -386,7 +359,7 @@ class SignalReceived(Event):
 
 @dataclass(frozen=True)
 class RunFinished(Event):
-    kind: ClassVar[EventKind] = EventKind.RUN_FINISHED
+    kind: ClassVar[str] = "run_finished"
     exit_code: int
     outcome: str
     reason: str
@@ -401,7 +374,7 @@ class RunFinished(Event):
 class TrackerRun(Event):
     """The job reported an experiment tracker's run id: every later attempt writes into that run."""
 
-    kind: ClassVar[EventKind] = EventKind.TRACKER_RUN
+    kind: ClassVar[str] = "tracker_run"
     attempt: int
     backend: str
     run_id: str
@@ -412,7 +385,7 @@ class TrackerRun(Event):
 
 @dataclass(frozen=True)
 class MetricsServing(Event):
-    kind: ClassVar[EventKind] = EventKind.METRICS_SERVING
+    kind: ClassVar[str] = "metrics_serving"
     url: str
 
     def describe(self) -> str:
@@ -423,7 +396,7 @@ class MetricsServing(Event):
 class Notification(Event):
     """What became of one webhook alert (the webhook's URL and headers are never written)."""
 
-    kind: ClassVar[EventKind] = EventKind.NOTIFICATION
+    kind: ClassVar[str] = "notification"
     about: str
     delivered: bool
     status: int | None = None
@@ -450,7 +423,7 @@ class EventLog:
 
     def emit(self, event: Event) -> dict[str, Any]:
         now = self.now()
-        entry = {"ts": now, "event": event.kind.value, "run_id": self.run_id, **asdict(event)}
+        entry = {"ts": now, "event": event.kind, "run_id": self.run_id, **asdict(event)}
         line = json.dumps(entry, sort_keys=True, default=str)
         with self._lock:
             with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:

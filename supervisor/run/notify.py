@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.run.events import EventKind, Notification
+from supervisor.run.events import AttemptExited, Backoff, Notification, RunFinished
 from supervisor.run.status import error_line
 
 MAX_QUEUED = 32
@@ -38,13 +38,13 @@ def message_for(entry: Mapping[str, Any], last_exit: Mapping[str, Any] | None) -
     error = None
     if last_exit is not None:
         error = error_line(last_exit.get("record"), last_exit.get("reason"))
-    if entry["event"] == EventKind.BACKOFF.value:
+    if entry["event"] == Backoff.kind:
         text = (
             f"verl-supervisor run {run}: attempt {entry['next_attempt'] - 1} failed ({error or 'unknown error'}); "
             f"restart {entry['restarts_used'] + 1} of {entry['max_restarts']} in {entry['delay_s']:.1f} s"
         )
         return Message("restart", text, {"next_attempt": entry["next_attempt"], "error": error})
-    if entry["event"] != EventKind.RUN_FINISHED.value:
+    if entry["event"] != RunFinished.kind:
         return None
     code = entry["exit_code"]
     if code == 0:
@@ -82,7 +82,7 @@ class WebhookNotifier:
 
     def on_event(self, entry: Mapping[str, Any]) -> None:
         """An EventLog listener: called with every event as written."""
-        if entry["event"] == EventKind.ATTEMPT_EXITED.value:
+        if entry["event"] == AttemptExited.kind:
             self._last_exit = entry
             return
         message = message_for(entry, self._last_exit)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.backends.fence import RayFence
+from supervisor.backends.fence import AttemptView, fence, fence_rules
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import gpu_memory_holders
 from supervisor.mechanisms.marked import find_marked_processes
@@ -125,13 +125,13 @@ def test_the_node_scan_ends_the_attempts_gpu_holders_and_spares_another_process(
 def test_the_fence_waits_until_the_attempts_gpu_memory_is_free(holders: list[Holder]) -> None:
     env, marker = attempt_env()
     attempt = start_holder(holders, env, 512, child=True)
-    fence = RayFence(state=None, gcs_address=None, config=TeardownConfig(grace_s=2.0, fence_timeout_s=30.0))
+    view = AttemptView(leftovers=lambda: find_marked_processes(marker), attempt_pids=list(attempt.pids.values()))
 
     started = time.monotonic()
-    result = fence.fence(None, lambda: find_marked_processes(marker), attempt_pids=attempt.pids.values())
+    result = fence(view, fence_rules(TeardownConfig(grace_s=2.0, fence_timeout_s=30.0), view))
 
     print(f"\nfence: {time.monotonic() - started:.2f} s, GPU {result.gpu_memory}")
-    assert result.problems == []
+    assert result.problems == ()
     assert set(attempt.pids.values()) <= {p.pid for p in result.terminated + result.killed}
     assert result.gpu_memory == f"free on {_gpus()} GPUs"
 
@@ -139,9 +139,8 @@ def test_the_fence_waits_until_the_attempts_gpu_memory_is_free(holders: list[Hol
 def test_the_fence_reports_an_attempt_process_that_still_holds_gpu_memory(holders: list[Holder]) -> None:
     # Not marked, so the fence cannot end it: what a process stuck in the kernel looks like to it.
     stuck = start_holder(holders, dict(os.environ), 256).pids["parent"]
-    fence = RayFence(state=None, gcs_address=None, config=TeardownConfig(grace_s=1.0, fence_timeout_s=2.0))
-
-    result = fence.fence(None, list, attempt_pids=[stuck])
+    view = AttemptView(leftovers=list, attempt_pids=[stuck])
+    result = fence(view, fence_rules(TeardownConfig(grace_s=1.0, fence_timeout_s=2.0), view))
 
     assert len(result.problems) == 1
     assert "still hold GPU memory" in result.problems[0]

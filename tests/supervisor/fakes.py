@@ -12,9 +12,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, Stopped
+from supervisor.backends.fence import AttemptView
+from supervisor.clock import Clock
+from supervisor.config import TeardownConfig
 from supervisor.job.heartbeats import Heartbeat
-from supervisor.loop import Clock
+from supervisor.mechanisms.gpu_memory import GpuMemoryCheck
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.stacks import StackDump
 from supervisor.policy.outcomes import ExitStatus
@@ -98,7 +101,9 @@ class FakeBackend(JobBackend):
         stale: list[ProcessInfo] | None = None,
     ) -> None:
         self.attempts = attempts
-        self.clock = clock
+        self.fake_clock = clock
+        self.clock = clock.clock()
+        self.teardown_config = TeardownConfig()
         self.heartbeats = heartbeats
         self.checkpoint_dir = checkpoint_dir
         self.signal_at = dict(signal_at or {})
@@ -133,7 +138,7 @@ class FakeBackend(JobBackend):
 
     def start_standby(self, spec: LaunchSpec) -> list[Event]:
         self._step("start_standby")
-        self.standbys.append((self.clock.mono, spec))
+        self.standbys.append((self.fake_clock.mono, spec))
         return []
 
     def launch(self, spec: LaunchSpec) -> RunningJob:
@@ -142,9 +147,9 @@ class FakeBackend(JobBackend):
         self.launched.append(spec)
         self._specs[spec.attempt] = spec
         self._scripts[spec.attempt] = self.attempts[len(self.launched) - 1]
-        self._started_at[spec.attempt] = self.clock.mono
+        self._started_at[spec.attempt] = self.fake_clock.mono
         (spec.log_dir / "stdout.log").write_text(self._script(spec.attempt).output)
-        return RunningJob(attempt=spec.attempt, started_at=self.clock.wall, pid=10_000 + spec.attempt)
+        return RunningJob(attempt=spec.attempt, started_at=self.fake_clock.wall, pid=10_000 + spec.attempt)
 
     def _script(self, attempt: int) -> Attempt:
         return self._scripts[attempt]
@@ -152,14 +157,14 @@ class FakeBackend(JobBackend):
     def wait(self, job: RunningJob, timeout_s: float | None, wake=None) -> ExitStatus | None:
         self._step("wait")
         script = self._script(job.attempt)
-        elapsed = self.clock.mono - self._started_at[job.attempt]
+        elapsed = self.fake_clock.mono - self._started_at[job.attempt]
         ends_in = script.runs_s - elapsed if script.exit is not None else None
         if timeout_s is None:
             assert ends_in is not None, "the loop would wait forever for a job that never ends"
             step = ends_in
         else:
             step = timeout_s if ends_in is None else min(timeout_s, ends_in)
-        self.clock.advance(max(0.0, step))
+        self.fake_clock.advance(max(0.0, step))
         self._deliver_beats(job.attempt, script)
         if ends_in is not None and step >= ends_in:
             self._finish(job, script)
@@ -167,7 +172,7 @@ class FakeBackend(JobBackend):
         return None
 
     def _deliver_beats(self, attempt: int, script: Attempt) -> None:
-        elapsed = self.clock.mono - self._started_at[attempt]
+        elapsed = self.fake_clock.mono - self._started_at[attempt]
         sent = self._sent.get(attempt, 0)
         for at_s, kind, fields in script.beats[sent:]:
             if at_s > elapsed:
@@ -193,11 +198,18 @@ class FakeBackend(JobBackend):
         self._step("dump_stacks")
         return [StackDump(job.pid or 0, "python", "dumped", str(stacks_dir / "fake.txt"))]
 
-    def teardown(self, job: RunningJob) -> TeardownResult:
+    def stop(self, job: RunningJob) -> Stopped:
         self._step("teardown")
-        script = self._script(job.attempt)
-        self._finish(job, script)
-        return TeardownResult(duration_s=0.25, problems=script.fence_problems)
+        self._finish(job, self._script(job.attempt))
+        return Stopped(terminated=(ProcessInfo(job.pid or 0, "python", "the driver"),))
+
+    def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
+        """Nothing is left for the real fence to find; what the script says it finds comes as its problems."""
+        return AttemptView(
+            leftovers=list,
+            gpu_check=lambda pids: GpuMemoryCheck(skipped="no GPU in a fake"),
+            problems=tuple(self._script(job.attempt).fence_problems),
+        )
 
     def stale_processes(self) -> list[ProcessInfo]:
         self._step("stale_processes")

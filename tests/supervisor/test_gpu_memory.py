@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor.backends.fence import RayFence
+from supervisor.backends.base import Stopped, TeardownResult
+from supervisor.backends.fence import AttemptView, fence, fence_rules
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import GpuHolder, gpu_memory_holders
 
@@ -77,29 +78,30 @@ def test_a_machine_without_nvidias_driver_is_skipped_and_says_why() -> None:
     assert real.holders == []
 
 
-def fence_with(nvml: FakeNvml, timeout_s: float) -> RayFence:
-    config = TeardownConfig(fence_timeout_s=timeout_s)
-    return RayFence(state=None, gcs_address=None, config=config, gpu_check=lambda pids: gpu_memory_holders(pids, nvml))
+def fence_with(nvml: FakeNvml, timeout_s: float, attempt_pids: tuple[int, ...] = ()) -> TeardownResult:
+    view = AttemptView(leftovers=list, attempt_pids=attempt_pids, gpu_check=lambda pids: gpu_memory_holders(pids, nvml))
+    fenced = fence(view, fence_rules(TeardownConfig(fence_timeout_s=timeout_s), view))
+    return TeardownResult.of(Stopped(), fenced, 0.0)
 
 
 def test_the_fence_waits_until_the_attempts_gpu_memory_is_released() -> None:
     nvml = FakeNvml([{0: [(101, 1 << 30)]}, {0: [(101, 1 << 30)]}, {0: [(7, 1 << 30)]}])
-    result = fence_with(nvml, timeout_s=30).fence(None, lambda: [], attempt_pids=[101])
-    assert result.problems == []
+    result = fence_with(nvml, timeout_s=30, attempt_pids=(101,))
+    assert result.problems == ()
     assert result.gpu_memory == "free on 2 GPUs"
     assert nvml.looks == 3, "it looked until the attempt's process was gone from the device"
 
 
 def test_gpu_memory_still_held_at_the_deadline_stops_the_relaunch_naming_the_process() -> None:
     nvml = FakeNvml([{1: [(101, 3 << 30)]}])
-    result = fence_with(nvml, timeout_s=0.3).fence(None, lambda: [], attempt_pids=[101])
+    result = fence_with(nvml, timeout_s=0.3, attempt_pids=(101,))
     (problem,) = result.problems
     assert problem == "after 0.3 s, processes of the attempt still hold GPU memory: held: pid 101 on GPU 1, 3072 MB"
-    assert result.teardown_result(0.0).fenced is False
+    assert result.fenced is False
 
 
 @pytest.mark.parametrize("driver", [True, False])
 def test_nothing_to_check_lets_the_fence_pass(driver: bool) -> None:
-    result = fence_with(FakeNvml([{}], driver=driver), timeout_s=5).fence(None, lambda: [])
-    assert result.problems == []
-    assert result.teardown_result(0.0).fenced is True
+    result = fence_with(FakeNvml([{}], driver=driver), timeout_s=5)
+    assert result.problems == ()
+    assert result.fenced is True

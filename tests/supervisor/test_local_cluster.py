@@ -16,8 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.config import RayConfig
 from supervisor.mechanisms.processes import free_ports, wait_for
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home, bring_left_dirs_home
+
+START_TIMEOUT_S = RayConfig().start_timeout_s
 
 
 def raylet_of(cluster: LocalRayCluster) -> psutil.Process:
@@ -32,7 +35,10 @@ def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> 
     no marker can be read from them. With the GCS dead `ray start` kills the raylet, and the orphaned agents would
     wait forever after the cluster's stop."""
     announced: list[psutil.Process] = []
-    cluster = LocalRayCluster(ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1), on_unmarked=announced.extend)
+    cluster = LocalRayCluster(
+        ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1, start_timeout_s=START_TIMEOUT_S),
+        on_unmarked=announced.extend,
+    )
     cluster.start()
     agents: list[psutil.Process] = []
     try:
@@ -66,7 +72,7 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
     answers: a driver then finds no node, attempt after attempt (the chaos campaign's kill:agent). A stopped raylet
     is as useless."""
     home = tmp_path / "a-run-directory-whose-path-is-too-long-for-rays-unix-sockets" / "ray"
-    cluster = LocalRayCluster(ClusterSpec(temp_dir=home, num_cpus=1))
+    cluster = LocalRayCluster(ClusterSpec(temp_dir=home, num_cpus=1, start_timeout_s=START_TIMEOUT_S))
     cluster.start()
     try:
         assert cluster.temp_dir is not None
@@ -116,7 +122,9 @@ def test_a_node_whose_ports_collide_joins_on_fresh_ports(tmp_path: Path, monkeyp
         drawn.append(ports)
         return ports
 
-    cluster = LocalRayCluster(ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1, dashboard=False))
+    cluster = LocalRayCluster(
+        ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1, dashboard=False, start_timeout_s=START_TIMEOUT_S)
+    )
     cluster.start()
     try:
         monkeypatch.setattr(ray_cluster, "free_ports", first_draw_repeats)

@@ -20,12 +20,12 @@ from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
 from tests.supervisor.checkpoint_files import write_step
 from tests.supervisor.fakes import Attempt, FakeBackend, FakeClock, FakeHeartbeats
-from verl_hooks.contract import ErrorRecord, HeartbeatKind, JobExitCode
+from verl_hooks.contract import ErrorRecord, HeartbeatKind, JobExitCode, RecordSource
 
 WEIGHT_SYNC = ErrorRecord(
     error_type="verl_hooks.errors.WeightSyncFatalError",
     message="weight sync failed in phase 'update_weights' at global step 3",
-    source="launcher",
+    source=RecordSource.LAUNCHER,
     exit_code=JobExitCode.WEIGHT_SYNC_FATAL,
     phase="update_weights",
     global_step=3,

@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.backends.fence import RayFence
+from supervisor.backends.base import Stopped, TeardownResult
+from supervisor.backends.fence import AttemptView, fence, fence_rules
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck
 from supervisor.mechanisms.node_probe import NodeSweep, probe_env, sweep_nodes
@@ -169,21 +170,22 @@ def scan(node: str, *, survivors=(), holders=()) -> NodeScan:
     )
 
 
-def fence_sweeping(answers: list[NodeSweep], timeout_s: float) -> tuple[RayFence, list]:
+def fence_sweeping(answers: list[NodeSweep], timeout_s: float) -> tuple[TeardownResult, list]:
     asked: list = []
 
     def sweep(known, limit_s):
         asked.append(dict(known))
         return answers[min(len(asked) - 1, len(answers) - 1)]
 
-    fence = RayFence(
-        state=FakeState({"n1": [11], "n2": []}),
-        gcs_address=None,
-        config=TeardownConfig(fence_timeout_s=timeout_s),
+    view = AttemptView(
+        leftovers=list,
+        ray_job_id="job1",
+        state=FakeState({"n1": [11], "n2": []}),  # type: ignore[arg-type]
         gpu_check=lambda pids: GpuMemoryCheck(skipped="no NVIDIA driver here"),
-        sweep=sweep,
+        sweeper=sweep,
     )
-    return fence, asked
+    fenced = fence(view, fence_rules(TeardownConfig(fence_timeout_s=timeout_s), view))
+    return TeardownResult.of(Stopped(), fenced, 0.0), asked
 
 
 def test_the_fence_sweeps_again_until_no_node_holds_anything_and_remembers_what_it_ended() -> None:
@@ -197,27 +199,25 @@ def test_the_fence_sweeps_again_until_no_node_holds_anything_and_remembers_what_
             )
         ]
     )
-    fence, asked = fence_sweeping([first, NodeSweep(scans=[scan("n1")])], timeout_s=30)
-    result = fence.fence("job1", lambda: [])
-    assert result.problems == []
+    result, asked = fence_sweeping([first, NodeSweep(scans=[scan("n1")])], timeout_s=30)
+    assert result.problems == ()
     assert asked == [{"n1": [11], "n2": []}, {"n1": [11, 12], "n2": []}], "the ended pid is asked of NVML again"
     assert result.nodes == "node host/n1: GPU free on 1 GPUs"
-    assert result.teardown_result(0.0).fenced is True
+    assert result.fenced is True
 
 
 def test_a_node_still_holding_at_the_deadline_stops_the_relaunch_naming_node_and_process() -> None:
     held = NodeSweep(scans=[scan("n1", survivors=[(12, "VllmWorker")], holders=[(12, 512.0)])], unanswered={"n2": "x"})
-    fence, _ = fence_sweeping([held], timeout_s=0.2)
-    result = fence.fence("job1", lambda: [])
+    result, _ = fence_sweeping([held], timeout_s=0.2)
     (problem,) = result.problems
     assert problem.startswith("after 0.2 s, the sweep of the attempt's nodes found: node host/n1: GPU held: pid 12")
     assert "still alive VllmWorker[12]" in problem
     assert "node n2: no answer (x)" in problem
-    assert result.teardown_result(0.0).fenced is False
+    assert result.fenced is False
 
 
 def test_one_machine_is_not_swept() -> None:
-    fence = RayFence(state=None, gcs_address=None, config=TeardownConfig(fence_timeout_s=5))
-    result = fence.fence(None, lambda: [])
+    view = AttemptView(leftovers=list)
+    result = fence(view, fence_rules(TeardownConfig(fence_timeout_s=5), view))
     assert result.nodes is None
-    assert result.problems == []
+    assert result.problems == ()

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from supervisor.cli import UsageError, compose_config, split_job_args, to_supervisor_config
-from supervisor.config import JobConfig
+from supervisor.config import JobConfig, SupervisorConfig
 from supervisor.job.command import conflicting_args, job_argv
 from supervisor.policy.outcomes import Action
 from supervisor.policy.restart import StartFrom
-from supervisor.run.events import AttemptStarted, EventLog, RunFinished, read_events
+from supervisor.run.events import AttemptStarted, Event, EventLog, RunFinished, read_events
 from supervisor.run.history import AttemptRecord, IllegalTransition, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
 from supervisor.run.table import attempts_table
+from tests.conftest import REPO_ROOT
 
 # --- configuration ---
 
@@ -35,6 +38,11 @@ from supervisor.run.table import attempts_table
         (["+restart.bogus=1"], "Key 'bogus' not in 'RestartConfig'"),
         (["+watchdog.tick=1"], "Key 'tick' not in 'WatchdogConfig'"),
         (["teardown.reap_timeout_s=-1"], "teardown.reap_timeout_s must be >= 0"),
+        (
+            ["rules.0.name=interrupted"],
+            "rules[0] (interrupted): the name 'interrupted' is the supervisor's own verdict",
+        ),
+        (["rules.1.name=resume-mismatch"], "the name 'resume-mismatch' is the supervisor's own verdict"),
     ],
 )
 def test_config_errors_are_one_line_usage_errors(overrides: list[str], complaint: str) -> None:
@@ -148,7 +156,7 @@ def test_second_holder_of_a_run_directory_is_refused(tmp_path: Path) -> None:
     again.release()
 
 
-def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
+def test_state_file_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = RunDirectory(tmp_path)
     history = RunHistory(run_id="r")
     run_dir.save_history(history)
@@ -156,6 +164,19 @@ def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
     run_dir.save_history(history)
     assert run_dir.load_history() == history
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"], "no temporary file is left behind"
+
+    # The machine dies after the new state is written and before it is on disk: a reader (the next
+    # supervisor) must find the old state whole, which a write in place cannot promise.
+    def power_cut(fd: int) -> None:
+        raise OSError("power cut")
+
+    before = (tmp_path / "state.json").read_text()
+    history.attempts.append(AttemptRecord(2, 2.0, None))
+    monkeypatch.setattr(os, "fsync", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        run_dir.save_history(history)
+    assert (tmp_path / "state.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"], "the partial file is not left behind"
 
 
 def test_events_are_json_lines_with_time_and_run_id(tmp_path: Path) -> None:
@@ -258,3 +279,18 @@ def test_a_refused_call_says_what_to_set() -> None:
 def test_the_run_finished_line_counts_its_attempts_in_good_english() -> None:
     assert RunFinished(0, "done", "finished", 1).describe().endswith("after 1 attempt: finished")
     assert RunFinished(3, "failed", "no budget", 4).describe().endswith("after 4 attempts: no budget")
+
+
+def test_the_shipped_yaml_repeats_no_default_of_the_schema() -> None:
+    """Defaults live in one place, the schema's dataclasses: a value the YAML repeats could drift from it."""
+    shipped = yaml.safe_load((REPO_ROOT / "conf" / "supervisor.yaml").read_text())
+    assert set(shipped) == {"defaults", "run_dir", "rules"}, "the YAML sets only what the schema cannot default"
+    assert SupervisorConfig.__dataclass_fields__["rules"].default_factory() == [], "the rules come from the YAML"
+
+
+def test_every_event_names_its_kind_once() -> None:
+    def subclasses(cls: type) -> list[type]:
+        return [sub for direct in cls.__subclasses__() for sub in (direct, *subclasses(direct))]
+
+    kinds = [event.kind for event in subclasses(Event)]
+    assert len(kinds) == len(set(kinds)) >= 24

@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +27,12 @@ from tests.supervisor.e2e.conftest import (
     events_of,
     final_of,
     run_supervisor,
+    start_supervisor,
+    state_of,
     supervisor_argv,
     wait_until,
 )
+from tests.supervisor.e2e.cuttable_proxy import CuttableProxy
 
 pytestmark = pytest.mark.ray
 
@@ -357,3 +361,49 @@ def test_supervisor_as_the_entrypoint_of_a_ray_job_runs_each_attempt_as_a_job_of
     stdout = (run_dir / "attempts" / "1" / "stdout.log").read_text()
     assert "SUBMITTED_BY=the-test" in stdout, "but kept its runtime_env, which reached the job's actors"
     assert steady_alive(two_nodes)
+
+
+def test_the_jobs_api_unreachable_while_the_job_trains_costs_the_run_nothing(runs, two_nodes, bystander) -> None:
+    """The dashboard goes away for several times ``ray.api_timeout_s`` and comes back, as a KubeRay head's does
+    when it restarts: the job trains on, the supervisor asks again, the log tail connects again, and the run ends
+    as if nothing had happened."""
+    run_dir = runs.new()
+    proxy = CuttableProxy("127.0.0.1", int(two_nodes.dashboard_url.rsplit(":", 1)[1]))
+    go = run_dir.parent / f"{run_dir.name}.go"
+    proc = start_supervisor(
+        run_dir,
+        "job=scripted",
+        "ray.mode=jobs",
+        f"ray.address={proxy.url}",
+        f"ray.gcs_address={two_nodes.address}",
+        f"ray.python={sys.executable}",
+        "ray.api_timeout_s=1",
+        job_args=("--until-file", str(go), "--steps", "2", "--step-time", "0.1"),
+        extra_env=two_nodes.env(),
+    )
+    log = run_dir.parent / f"{run_dir.name}.supervisor.log"
+    stdout = run_dir / "attempts" / "1" / "stdout.log"
+    try:
+        wait_until(lambda: stdout.exists() and "attempt 1" in stdout.read_text(), 120, "the job's first line")
+        proxy.cut()
+        cut_at = time.monotonic()
+        wait_until(lambda: "does not answer" in log.read_text(), 30, "the supervisor to notice the outage")
+        wait_until(lambda: time.monotonic() - cut_at > 4, 10, "an outage of four times ray.api_timeout_s")
+        assert proc.poll() is None, log.read_text()[-4000:]
+        proxy.restore()
+        go.write_text("done looking")
+        assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+    finally:
+        go.write_text("done looking")
+        proxy.restore()  # a supervisor still running needs the API to stop its submission
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+        proxy.cut()
+    exited = events_of(run_dir, "attempt_exited")
+    assert [(e["exit_code"], e["rule"]) for e in exited] == [(0, "success")], "one attempt, which succeeded"
+    assert "answers again after" in log.read_text(), "the outage's end is logged"
+    output = stdout.read_text()
+    assert output.count("scripted job: attempt 1") == 1, "the tail connected again without copying twice"
+    assert "scripted job: step 2" in output, "the attempt's log went on after the outage"
+    assert state_of(run_dir)["outcome"] == "done"

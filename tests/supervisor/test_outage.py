@@ -1,0 +1,61 @@
+"""A cluster API that stops answering for a while is asked again within a limit, and said so once."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from supervisor.mechanisms.outage import Outage, Unanswered
+from tests.supervisor.fakes import FakeClock
+
+
+class Flaky:
+    """Refuses the first ``refusals`` calls, then answers."""
+
+    def __init__(self, refusals: int, error: Exception | None = None) -> None:
+        self.refusals = refusals
+        self.error = error or ConnectionRefusedError("connection refused")
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise self.error
+        return "SUCCEEDED"
+
+
+def test_an_outage_shorter_than_the_limit_is_asked_through_and_logged_once_each_way(caplog) -> None:
+    clock = FakeClock()
+    outage = Outage("the Ray Jobs API at http://head:8265", clock.clock(), poll_s=0.2)
+    flaky = Flaky(refusals=10)
+    with caplog.at_level(logging.WARNING, logger="supervisor.mechanisms.outage"):
+        assert outage.retried(flaky, limit_s=5) == "SUCCEEDED"
+    assert flaky.calls == 11
+    assert clock.sleeps == [0.2] * 10
+    assert [r.getMessage() for r in caplog.records] == [
+        "the Ray Jobs API at http://head:8265 does not answer (ConnectionRefusedError: connection refused); "
+        "asking again",
+        "the Ray Jobs API at http://head:8265 answers again after 2.0 s",
+    ]
+    assert outage.since is None
+
+
+def test_an_outage_past_the_limit_names_the_api_and_its_last_error() -> None:
+    clock = FakeClock()
+    outage = Outage("the Ray Jobs API at http://head:8265", clock.clock(), poll_s=0.2)
+    with pytest.raises(Unanswered) as raised:
+        outage.retried(Flaky(refusals=1000), limit_s=1)
+    assert str(raised.value) == (
+        "the Ray Jobs API at http://head:8265 did not answer for 1 s (ConnectionRefusedError: connection refused)"
+    )
+    assert clock.mono - 1000.0 == pytest.approx(1.0, abs=0.21), "not asked past the limit"
+    assert outage.since is not None, "the outage goes on until an answer"
+
+
+def test_an_error_that_is_not_transient_is_raised_at_once() -> None:
+    outage = Outage("the Ray Jobs API", FakeClock().clock())
+    refused = Flaky(refusals=1, error=RuntimeError("Request failed with status code 400: bad entrypoint"))
+    with pytest.raises(RuntimeError, match="status code 400"):
+        outage.retried(refused, limit_s=5, transient=OSError)
+    assert refused.calls == 1
