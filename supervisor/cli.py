@@ -66,9 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="verl-supervisor",
         description="Run a verl job, restart it from its last complete checkpoint when it fails.",
         epilog="Overrides are Hydra's (key=value, job=verl_ppo, +job.env.NAME=value). Arguments after -- go to "
-        "the job. Exit codes: 0 done, 1 supervisor bug, 2 usage or config error, 3 non-retryable job failure, "
-        "4 restart budget exhausted, 5 crash loop or no valid checkpoint, 6 Ray cluster or fence failure, "
-        "130/143 interrupted.",
+        "the job. Exit codes: " + ", ".join(f"{int(code)} {code.short}" for code in ExitCode) + ".",
     )
     parser.add_argument("--config-dir", type=Path, help="a folder of presets of your own (job/<name>.yaml, ...)")
     parser.add_argument("--config-name", default="supervisor", help="the primary config (default: supervisor)")

@@ -173,7 +173,7 @@ class CheckpointConfig:
 
 @dataclass
 class WatchdogConfig:
-    """Stall detection from heartbeats (see supervisor/watchdog.py). Times in seconds."""
+    """Stall detection from heartbeats (see supervisor/policy/watchdog.py). Times in seconds."""
 
     enabled: bool = True
     startup_timeout_s: float = 3600.0

@@ -17,6 +17,7 @@ import pytest
 from supervisor.config import RayConfig
 from supervisor.mechanisms.processes import TerminationReport
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
+from tests.multi_node import MultiNodeCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +28,13 @@ def start_test_cluster(
     extra_env: dict[str, str] | None = None,
     auth_token_path: Path | None = None,
     resources: dict[str, float] | None = None,
-) -> LocalRayCluster:
+) -> MultiNodeCluster:
     """``extra_env`` reaches every Ray process; a ``PYTHONPATH`` in it comes before this repository. With
     ``auth_token_path``, the cluster takes work only with that file's token."""
     extra = dict(extra_env or {})
     # Some dependency installs a top-level `tests` package; workers must find this repository's first.
     extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra.get("PYTHONPATH"), str(REPO_ROOT)) if p)
-    cluster = LocalRayCluster(
+    cluster = MultiNodeCluster(
         ClusterSpec(
             temp_dir=Path(tempfile.mkdtemp(prefix="vst-")),
             num_cpus=num_cpus,

@@ -256,10 +256,6 @@ class ErrorRecord:
     timestamp: float = field(default_factory=time.time)
     schema_version: int = RECORD_SCHEMA_VERSION
 
-    @property
-    def is_weight_sync_failure(self) -> bool:
-        return self.phase is not None
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

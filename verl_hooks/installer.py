@@ -88,10 +88,6 @@ def _patches() -> dict[str, Callable[[ModuleType], None]]:
     }
 
 
-def current_settings() -> HookSettings:
-    return _state.settings
-
-
 def rearm_faults() -> None:
     """Let every planned fault fire again (each fires once per process); for tests and chaos tools."""
     with _state.lock:

@@ -18,6 +18,7 @@ import psutil
 
 from supervisor.backends.base import ClusterStartFailed
 from supervisor.config import RayConfig, TeardownConfig
+from supervisor.mechanisms.outage import Outage
 from supervisor.mechanisms.processes import port_open
 from supervisor.mechanisms.ray_auth import refusal_hint
 from supervisor.mechanisms.ray_cluster import ClusterSpec, ClusterStartError, LocalRayCluster
@@ -155,6 +156,8 @@ class ExistingCluster(Cluster):
         self._gcs = ray.address
         self._auth_mode = ray.auth_mode
         self._state = RayStateClient(ray.dashboard_url, ray.api_timeout_s)
+        self._start_timeout_s = ray.start_timeout_s
+        self._outage = Outage(f"the Ray cluster at {ray.address} (dashboard {ray.dashboard_url})")
 
     @property
     def gcs_address(self) -> str:
@@ -168,16 +171,21 @@ class ExistingCluster(Cluster):
         return not port_open(host, int(port))
 
     def prepare(self) -> list[Event]:
-        if self.is_down():
-            raise ClusterStartFailed(f"the Ray cluster at {self._gcs} (ray.address) does not answer")
+        """The GCS and the state API must answer; a head that is restarting gets ``ray.start_timeout_s``."""
         try:
-            self._state.check()
+            self._outage.retried(self._check, self._start_timeout_s)
         except Exception as exc:
             raise ClusterStartFailed(
-                f"the Ray dashboard at {self._state.dashboard_url} does not answer "
-                f"({refusal_hint(exc, self._auth_mode)}); the fence needs its state API (ray.dashboard_url)"
+                f"the Ray cluster at {self._gcs} (ray.address) or its dashboard at {self._state.dashboard_url} does "
+                f"not answer ({refusal_hint(exc, self._auth_mode)}); the fence needs its state API "
+                f"(ray.dashboard_url)"
             ) from exc
         return []
+
+    def _check(self) -> None:
+        if self.is_down():
+            raise ConnectionRefusedError(f"the GCS at {self._gcs} refuses connections")
+        self._state.check()
 
     def close(self) -> list[Event]:
         return []  # the cluster is not ours

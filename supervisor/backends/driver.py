@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,14 +14,7 @@ from typing import BinaryIO
 
 from supervisor.backends.base import Waker
 from supervisor.mechanisms.marked import find_marked_processes
-from supervisor.mechanisms.processes import (
-    ChildProcess,
-    ProcessInfo,
-    TerminationReport,
-    processes_in_group,
-    start_child,
-    terminate_processes,
-)
+from supervisor.mechanisms.processes import ChildProcess, TerminationReport, start_child, stop_group
 from supervisor.policy.outcomes import ExitStatus
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
@@ -102,20 +94,16 @@ class StandbyDriver:
         may read a variable when it is imported) and working directory."""
         return self.child.poll() is None and (attempt, env, cwd) == (self.attempt, self.env, self.cwd)
 
-    def discard(self, grace_s: float = 2.0, reap_timeout_s: float = 5.0) -> None:
-        """End it unused: end of input first (it exits 0), then its whole group by signal."""
+    def discard(self, grace_s: float, reap_timeout_s: float) -> None:
+        """End it unused: end of input first (it exits 0), then, if it is still importing or stuck in an import,
+        its whole group by the one escalation."""
         try:
             assert self.child.popen.stdin is not None
             self.child.popen.stdin.close()
         except OSError:
             pass
-        if self.child.wait(grace_s) is None:  # still importing, or stuck in an import
-            self.child.signal_group(signal.SIGTERM)
-            if self.child.wait(grace_s) is None:
-                self.child.signal_group(signal.SIGKILL)
-                self.child.wait(reap_timeout_s)
-        if self.child.group_alive():
-            self.child.signal_group(signal.SIGKILL)  # anything it started
+        if self.child.wait(grace_s) is None or self.child.group_alive():
+            stop_group(self.child, grace_s, reap_timeout_s)
         for pipe in (self.child.popen.stdout, self.child.popen.stderr):
             if pipe is not None:
                 pipe.close()
@@ -168,20 +156,9 @@ class DriverProcess:
         return find_marked_processes(self.markers)
 
     def stop_everything(self, grace_s: float, reap_timeout_s: float) -> TerminationReport:
-        """SIGTERM the driver's process group (its own children, marked or not) and every other process with
-        the attempt's marker (the Ray workers, which the raylet started), wait one shared grace period,
-        SIGKILL the rest; then SIGKILL whatever is left in the group."""
-        group = processes_in_group(self.child.pgid)
-        # Named now: a member that exits on the SIGTERM below can no longer be read, and must still be reported.
-        known = {process.pid: ProcessInfo.of(process) for process in group}
-        self.child.signal_group(signal.SIGTERM)
-        members = {p.pid for p in group}
-        everything = group + [p for p in self.attempt_processes() if p.pid not in members]
-        report = terminate_processes(everything, grace_s, members, reap_timeout_s, known)
-        if self.child.group_alive():
-            self.child.signal_group(signal.SIGKILL)
-        self.child.wait(reap_timeout_s)
-        return report
+        """The driver's process group (its own children, marked or not) and every other process with the
+        attempt's marker (the Ray workers, which the raylet started), on one shared grace period."""
+        return stop_group(self.child, grace_s, reap_timeout_s, others=self.attempt_processes())
 
     def join_output(self, timeout_s: float) -> None:
         """Let the tees drain what the driver wrote before it died (pipes close when its group is gone)."""

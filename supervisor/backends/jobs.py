@@ -104,8 +104,9 @@ class JobsBackend(JobBackend):
         return self._client
 
     def prepare(self) -> list[Event]:
+        """The Jobs API must answer; a head whose dashboard is restarting gets ``ray.start_timeout_s``."""
         try:
-            self._jobs().get_version()
+            self._outage.retried(lambda: self._jobs().get_version(), self._ray.start_timeout_s)
         except Exception as exc:
             hint = refusal_hint(exc, self._ray.auth_mode)
             raise ClusterStartFailed(f"the Ray Jobs API at {self._dashboard} does not answer: {hint}") from exc
@@ -144,7 +145,7 @@ class JobsBackend(JobBackend):
         )
         try:
             # Only a refused connection is asked again: an answer that refuses the job is not transient.
-            self._outage.retried(submit, self._api_s, transient=OSError)
+            self._outage.retried(submit, self._api_s)
         except Unanswered as exc:
             raise ClusterStartFailed(f"attempt {spec.attempt} could not be submitted: {exc}") from exc
         tail = _LogTail(self._jobs, job_id, spec.log_dir / "stdout.log", self._echo)

@@ -64,6 +64,8 @@ def scan_node(
     the kernel has not finished tearing down holds it after it is gone from the process table."""
     found = find_marked_processes(markers)
     names = {p.pid: _name(p) for p in found}  # before they are gone
+    # Not terminate_processes: this runs on other nodes, pickled by value without the rest of the supervisor,
+    # and its processes are not its children, so a zombie (which only its parent can reap) must count as gone.
     _send(found, psutil.Process.terminate)
     alive = _wait_gone(found, grace_s)
     _send(alive, psutil.Process.kill)

@@ -17,6 +17,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def is_transient(error: BaseException) -> bool:
+    """A refused or dropped connection, a timeout, or an HTTP 5xx: the API may answer soon. An HTTP 4xx (a
+    refused token, a bad request) is an answer, and asking again would not change it."""
+    response = getattr(error, "response", None)
+    status = getattr(error, "code", None) if response is None else getattr(response, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 600:
+        return status >= 500
+    return isinstance(error, OSError)
+
+
 class Unanswered(RuntimeError):
     """The API did not answer within the limit; the message names it and its last error."""
 
@@ -47,15 +57,17 @@ class Outage:
             self.since = None
         return answer
 
-    def retried(self, call: Callable[[], T], limit_s: float, transient: type[BaseException] | tuple = Exception) -> T:
-        """``call``'s answer, asked again every ``poll_s`` while it raises ``transient``, for ``limit_s`` at most;
-        raises ``Unanswered`` after that, and any other error at once."""
+    def retried(
+        self, call: Callable[[], T], limit_s: float, transient: Callable[[BaseException], bool] = is_transient
+    ) -> T:
+        """``call``'s answer, asked again every ``poll_s`` while its error is ``transient``, for ``limit_s`` at
+        most; raises ``Unanswered`` after that, and any other error at once."""
         started = self.clock.monotonic()
         retrying = tenacity.Retrying(
             # On this clock, not tenacity's own: a test's fake clock then bounds it too.
             stop=lambda _: self.clock.monotonic() - started >= limit_s,
             wait=tenacity.wait_fixed(self.poll_s),
-            retry=tenacity.retry_if_exception_type(transient),
+            retry=tenacity.retry_if_exception(transient),
             sleep=self.clock.sleep,
             reraise=False,
         )

@@ -77,6 +77,9 @@ class ChildProcess:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
+                # Reaped by psutil (an escalation waits on its processes): gone, and how is not known here.
+                self._status = ExitStatus()
+                self._close_pidfd()
                 return self._status
             if pid == self.pid:
                 self._status = ExitStatus.from_wait_status(status)
@@ -111,6 +114,13 @@ class ChildProcess:
             return False
         except PermissionError:
             return True
+
+    def reaped_with(self, returncode: int) -> None:
+        """Someone else (psutil) reaped the child: its exit as they saw it (``Popen.returncode``'s convention)."""
+        if self._status is None:
+            self._status = ExitStatus(signal=-returncode) if returncode < 0 else ExitStatus(code=returncode)
+            self.popen.returncode = returncode
+            self._close_pidfd()
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
@@ -202,6 +212,28 @@ def terminate_processes(
     )
 
 
+def stop_group(
+    child: ChildProcess, grace_s: float, reap_timeout_s: float, others: Sequence[psutil.Process] = ()
+) -> TerminationReport:
+    """SIGTERM a child's whole process group and ``others`` (processes of the same work outside the group), wait
+    one shared grace period, SIGKILL the rest (``terminate_processes``); then SIGKILL whatever the group still
+    holds (a member that appeared meanwhile) and reap the child."""
+    group = processes_in_group(child.pgid)
+    # Named now: a member that exits on the SIGTERM below can no longer be read, and must still be reported.
+    known = {process.pid: ProcessInfo.of(process) for process in group}
+    child.signal_group(signal.SIGTERM)
+    members = {p.pid for p in group}
+    everything = group + [p for p in others if p.pid not in members]
+    report = terminate_processes(everything, grace_s, members, reap_timeout_s, known)
+    leader = next((p for p in group if p.pid == child.pid), None)
+    if leader is not None and getattr(leader, "returncode", None) is not None:
+        child.reaped_with(leader.returncode)  # psutil reaped it, and kept its code (negative: a signal)
+    if child.group_alive():
+        child.signal_group(signal.SIGKILL)
+    child.wait(reap_timeout_s)
+    return report
+
+
 def merge_reports(*reports: TerminationReport) -> TerminationReport:
     """Several escalations as one: survivors are what the last one could not end."""
     return TerminationReport(
@@ -221,11 +253,6 @@ def processes_in_group(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return members
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` right now (another process may take it before it is used: callers retry)."""
-    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

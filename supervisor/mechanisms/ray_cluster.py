@@ -214,6 +214,7 @@ class LocalRayCluster:
         self._process: ChildProcess | None = None
         self._log_path: Path | None = None
         self._nodes: list[ChildProcess] = []
+        """Raylets joined to the head after it started (tests' multi-node clusters): stopped with it."""
         self._seen: dict[int, psutil.Process] = {}
         self._on_unmarked = on_unmarked
         self._core: list[tuple[psutil.Process, str]] = []
@@ -382,61 +383,6 @@ class LocalRayCluster:
             num_gpus=self.spec.num_gpus,
             resources=self.spec.resources,
         )
-
-    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, num_gpus: int | None = None) -> None:
-        """Another raylet on this machine joining the cluster, with ports and a temp dir of its own: a
-        multi-node cluster on one machine (for tests). It carries the cluster's marker, so ``stop`` ends it."""
-        assert self.temp_dir is not None, "start() first"
-        index = len(self._nodes) + 1
-        temp_dir = Path(f"{self.temp_dir}-n{index}")
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        if self._away:
-            self._short_dir(temp_dir)
-        errors = []
-        for attempt in range(1, self.spec.start_attempts + 1):
-            error = self._start_node(index, attempt, temp_dir, num_cpus, resources, num_gpus)
-            if error is None:
-                break
-            # It exited before joining: most often a port taken between choosing it and binding it.
-            errors.append(error)
-        else:
-            raise ClusterStartError(
-                f"node {index} did not join after {self.spec.start_attempts} attempts:\n" + "\n---\n".join(errors)
-            )
-        self._remember_core()
-
-    def _start_node(
-        self,
-        index: int,
-        attempt: int,
-        temp_dir: Path,
-        num_cpus: int,
-        resources: dict[str, float] | None,
-        num_gpus: int | None,
-    ) -> str | None:
-        """Starts node ``index`` and waits until it has joined (None) or has exited (what its log said)."""
-        ports = free_ports(6, self.spec.node_ip)
-        options = [
-            f"--address={self.address}",
-            f"--node-manager-port={ports[0]}",
-            f"--object-manager-port={ports[1]}",
-            f"--dashboard-agent-listen-port={ports[2]}",
-            f"--dashboard-agent-grpc-port={ports[3]}",
-            f"--metrics-export-port={ports[4]}",
-            f"--runtime-env-agent-port={ports[5]}",
-        ]
-        log_path = temp_dir / f"ray-start-{attempt}.log"
-        command = self._ray_start(temp_dir, num_cpus, options, num_gpus=num_gpus, resources=resources)
-        with log_path.open("wb") as log:
-            node = start_child(command, env=self._env(), stdout=log, stderr=log)
-        self._nodes.append(node)
-        timeout_s = self.spec.start_timeout_s
-        if not wait_for(lambda: node.poll() is not None or "Ray runtime started" in tail(log_path), timeout_s):
-            raise ClusterStartError(f"node {index} did not join in {timeout_s:g} s:\n{tail(log_path, 4000)}")
-        if node.poll() is None:
-            return None
-        self._nodes.remove(node)
-        return tail(log_path, 4000)
 
     def is_healthy(self) -> bool:
         """`ray start --block` runs, the GCS answers, and its core processes (GCS, raylets and their agents,

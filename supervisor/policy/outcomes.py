@@ -72,9 +72,29 @@ class ExitCode(IntEnum):
     INTERRUPTED_SIGTERM = 143
 
     @property
+    def short(self) -> str:
+        """A few words for the command line's help."""
+        return _SHORT[self]
+
+    @property
     def outcome(self) -> str:
         """The run's outcome as state.json and the run_finished event name it."""
         return "done" if self is ExitCode.DONE else self.name.lower()
+
+
+_SHORT = {
+    ExitCode.DONE: "done",
+    ExitCode.INTERNAL_ERROR: "supervisor bug",
+    ExitCode.USAGE: "usage or config error",
+    ExitCode.JOB_FAILED: "non-retryable job failure",
+    ExitCode.BUDGET_EXHAUSTED: "restart budget exhausted",
+    ExitCode.CRASH_LOOP: "crash loop or no valid checkpoint",
+    ExitCode.ENVIRONMENT_FAILURE: "Ray cluster or fence failure",
+    ExitCode.UNKNOWN_CHECKPOINT_LAYOUT: "unknown checkpoint layout",
+    ExitCode.RESUME_NOT_HONOURED: "resume not honoured",
+    ExitCode.INTERRUPTED_SIGINT: "interrupted (SIGINT)",
+    ExitCode.INTERRUPTED_SIGTERM: "interrupted (SIGTERM)",
+}
 
 
 @dataclass(frozen=True)
@@ -89,10 +109,6 @@ class ExitStatus:
         if os.WIFSIGNALED(status):
             return cls(signal=os.WTERMSIG(status))
         return cls(code=os.waitstatus_to_exitcode(status))
-
-    @property
-    def succeeded(self) -> bool:
-        return self.code == 0
 
     @property
     def signal_name(self) -> str | None:

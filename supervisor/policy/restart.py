@@ -1,9 +1,10 @@
 """Every decision on whether the run goes on: pure functions of data, returning values the loop carries out.
 
-- ``after_attempt``: restart after a backoff, or stop, from the run's history and the restart policy. Backoff
-  and the restart budget are tenacity's strategies (``wait_exponential``, ``stop_after_attempt``) applied to a
-  snapshot of the history, because the budget outlives one supervisor process: it is kept in state.json and
-  continues when a supervisor is restarted on the same run directory. The jitter's randomness is a parameter.
+- ``after_attempt``: restart after a backoff, or stop, from the run's history and the restart policy. The
+  budget and the backoff are counted from the history, not from a retry loop's own state, because they
+  outlive one supervisor process: they are kept in state.json and continue when a supervisor is restarted on
+  the same run directory (so tenacity's retry loop, which the supervisor uses for calls it repeats, does not
+  fit here). The jitter's randomness is a parameter.
 - ``after_teardown``: an attempt that could not be fenced off stops the run.
 - ``choose_start``: resume from a checkpoint, start fresh, or refuse to silently start over.
 - ``after_interrupt``, ``after_cluster_failure``, ``after_internal_error``: the other ways a run ends.
@@ -16,8 +17,6 @@ import random
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import tenacity
 
 from supervisor.config import RestartConfig
 from supervisor.policy.outcomes import Action, ExitCode, SupervisorRule
@@ -58,20 +57,13 @@ class StartFrom:
     step: int | None
 
 
-def _retry_state(attempt_number: int) -> tenacity.RetryCallState:
-    """A tenacity call state standing for the run's history, for tenacity's strategies to read."""
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-    state.attempt_number = attempt_number
-    return state
-
-
 def backoff_s(failures_in_a_row: int, policy: RestartConfig, rng: random.Random) -> float:
     """Exponential backoff on the failures since the job last made progress (at least one), plus a jitter drawn
     from ``rng``, never above ``backoff_max_s``."""
-    exponential = tenacity.wait_exponential(
-        multiplier=policy.backoff_initial_s, max=policy.backoff_max_s, exp_base=policy.backoff_multiplier
-    )
-    base = float(exponential(_retry_state(max(1, failures_in_a_row))))
+    try:
+        base = policy.backoff_initial_s * policy.backoff_multiplier ** (max(1, failures_in_a_row) - 1)
+    except OverflowError:  # a long streak with a large multiplier: far past the cap
+        base = policy.backoff_max_s
     return min(policy.backoff_max_s, base + rng.uniform(0, policy.backoff_jitter_s))
 
 
@@ -93,8 +85,7 @@ def after_attempt(
             f"(restart.max_failures_without_progress={policy.max_failures_without_progress}); last: "
             f"{classification.reason}",
         )
-    budget = tenacity.stop_after_attempt(policy.max_restarts + 1)
-    if budget(_retry_state(history.counted_attempts)):
+    if history.counted_attempts > policy.max_restarts:
         return Stop(
             ExitCode.BUDGET_EXHAUSTED,
             f"restart budget exhausted: {history.restarts_used} of {policy.max_restarts} restarts used "

@@ -19,6 +19,7 @@ import pytest
 from supervisor.config import RayConfig
 from supervisor.mechanisms.processes import free_ports, wait_for
 from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home, bring_left_dirs_home
+from tests.multi_node import MultiNodeCluster
 
 START_TIMEOUT_S = RayConfig().start_timeout_s
 
@@ -122,7 +123,7 @@ def test_a_node_whose_ports_collide_joins_on_fresh_ports(tmp_path: Path, monkeyp
         drawn.append(ports)
         return ports
 
-    cluster = LocalRayCluster(
+    cluster = MultiNodeCluster(
         ClusterSpec(temp_dir=tmp_path / "ray", num_cpus=1, dashboard=False, start_timeout_s=START_TIMEOUT_S)
     )
     cluster.start()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import urllib.error
 
 import pytest
 
-from supervisor.mechanisms.outage import Outage, Unanswered
+from supervisor.mechanisms.outage import Outage, Unanswered, is_transient
 from tests.supervisor.fakes import FakeClock
 
 
@@ -57,5 +58,37 @@ def test_an_error_that_is_not_transient_is_raised_at_once() -> None:
     outage = Outage("the Ray Jobs API", FakeClock().clock())
     refused = Flaky(refusals=1, error=RuntimeError("Request failed with status code 400: bad entrypoint"))
     with pytest.raises(RuntimeError, match="status code 400"):
-        outage.retried(refused, limit_s=5, transient=OSError)
+        outage.retried(refused, limit_s=5)
     assert refused.calls == 1
+
+
+class _Response:
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+
+
+class _RequestsError(OSError):
+    """What requests raises: an OSError carrying the response, when there was one."""
+
+    def __init__(self, status_code: int | None) -> None:
+        super().__init__("request failed")
+        self.response = None if status_code is None else _Response(status_code)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ConnectionRefusedError("refused"), True),
+        (TimeoutError("timed out"), True),
+        (urllib.error.URLError(ConnectionRefusedError("refused")), True),
+        (urllib.error.HTTPError("http://head:8265", 503, "Service Unavailable", {}, None), True),
+        (urllib.error.HTTPError("http://head:8265", 401, "Unauthorized", {}, None), False),
+        (_RequestsError(None), True),
+        (_RequestsError(502), True),
+        (_RequestsError(403), False),
+        (RuntimeError("Request failed with status code 400"), False),
+        (ValueError("bad json"), False),
+    ],
+)
+def test_only_what_may_answer_soon_is_asked_again(error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient

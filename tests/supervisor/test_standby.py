@@ -14,7 +14,7 @@ import pytest
 
 from supervisor.backends.driver import DriverProcess, StandbyDriver, launcher_args, standby_module
 from supervisor.mechanisms.marked import find_marked_processes
-from supervisor.mechanisms.processes import wait_for
+from supervisor.mechanisms.processes import REAP_TIMEOUT_S, wait_for
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 from verl_hooks.standby import NICENESS, top_level_imports
 
@@ -88,7 +88,7 @@ def test_a_standby_becomes_the_attempts_driver_with_its_imports_done(job_dir: Pa
         status = driver.wait(60)
         driver.join_output(5)
     finally:
-        standby.discard(grace_s=1.0)
+        standby.discard(grace_s=1.0, reap_timeout_s=REAP_TIMEOUT_S)
     assert status is not None
     assert status.code == 3, (log_dir / "stderr.log").read_text()[-2000:]
     out = (log_dir / "stdout.log").read_text()
@@ -101,7 +101,7 @@ def test_a_discarded_standby_exits_without_running_anything(job_dir: Path) -> No
     run_id = uuid.uuid4().hex
     standby = StandbyDriver(sys.executable, "standby_probe_job", env_for(job_dir), str(job_dir), run_id, attempt=4)
     process = psutil.Process(standby.pid)
-    standby.discard(grace_s=30.0)
+    standby.discard(grace_s=30.0, reap_timeout_s=REAP_TIMEOUT_S)
     assert standby.child.poll() is not None
     assert standby.child.poll().code == 0, "end of input: a clean exit, not a kill"
     assert not process.is_running()
@@ -122,6 +122,6 @@ def test_a_standby_that_ignores_end_of_input_is_ended_by_signal(tmp_path: Path) 
     (tmp_path / "standby_stuck_main.py").write_text("import standby_stuck_job\n")
     run_id = uuid.uuid4().hex
     standby = StandbyDriver(sys.executable, "standby_stuck_main", env_for(tmp_path), str(tmp_path), run_id, 2)
-    standby.discard(grace_s=0.5, reap_timeout_s=5.0)
+    standby.discard(grace_s=0.5, reap_timeout_s=REAP_TIMEOUT_S)
     assert standby.child.poll() is not None
     assert find_marked_processes({ENV_RUN_ID: run_id}) == []

@@ -217,8 +217,7 @@ def test_record_for_other_failures_names_the_root_cause() -> None:
     except RuntimeError as exc:
         record = record_for_exception(exc, exit_code=1, source=RecordSource.LAUNCHER)
     assert record.error_type == "KeyError"
-    assert record.phase is None
-    assert not record.is_weight_sync_failure
+    assert record.phase is None, "not a weight-sync failure"
 
 
 def test_first_record_wins(tmp_path) -> None:

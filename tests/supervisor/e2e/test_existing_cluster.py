@@ -152,7 +152,8 @@ def test_weight_sync_failure_on_an_existing_cluster_is_fenced_and_resumed(
     assert not (run_dir / "ray").exists(), "the supervisor started no cluster of its own"
 
 
-@pytest.mark.parametrize("mode", MODES)
+# The kill is the same primitive in both modes (the fence's AttemptView); jobs mode runs it with -m slow.
+@pytest.mark.parametrize("mode", ["address", pytest.param("jobs", marks=pytest.mark.slow)])
 def test_detached_actor_left_by_a_failed_attempt_is_killed_by_the_fence(runs, two_nodes, bystander, mode) -> None:
     run_dir = runs.new()
     proc = run_supervisor(
@@ -174,6 +175,7 @@ def test_detached_actor_left_by_a_failed_attempt_is_killed_by_the_fence(runs, tw
     assert steady_alive(two_nodes)
 
 
+@pytest.mark.slow  # the judgement is tests/supervisor/test_fence.py's, in milliseconds; this is the whole path
 def test_an_actor_the_fence_may_not_kill_stops_the_run_before_a_second_attempt(runs, two_nodes, bystander) -> None:
     run_dir = runs.new()
     proc = run_supervisor(
@@ -233,6 +235,7 @@ def test_detached_placement_group_left_by_a_failed_attempt_is_removed_before_the
     assert steady_alive(two_nodes)
 
 
+@pytest.mark.slow  # as above: the judgement is tests/supervisor/test_fence.py's
 def test_a_placement_group_the_fence_may_not_remove_stops_the_run(runs, two_nodes, bystander) -> None:
     run_dir = runs.new()
     proc = run_supervisor(
