@@ -52,7 +52,6 @@ class ChildDriverBackend(JobBackend):
     ) -> None:
         self.cluster = cluster
         self._ray = ray
-        self._teardown = teardown
         self.teardown_config = teardown
         self.clock = clock or Clock()
         self._attempts: dict[int, _Attempt] = {}
@@ -81,15 +80,18 @@ class ChildDriverBackend(JobBackend):
 
     def _discard_standby(self) -> None:
         if self._standby is not None:
-            self._standby.discard(self._teardown.straggler_grace_s, self._teardown.reap_timeout_s)
+            self._discard(self._standby)
             self._standby = None
+
+    def _discard(self, standby: StandbyDriver) -> None:
+        standby.discard(self.teardown_config.straggler_grace_s, self.teardown_config.reap_timeout_s)
 
     def launch(self, spec: LaunchSpec) -> RunningJob:
         env = self._driver_env(spec)
         before = resources_now(self.cluster.gcs_address, self._ray.api_timeout_s)
         standby, self._standby = self._standby, None
-        if standby is not None and not standby.fits(spec.attempt, env, spec.cwd):
-            standby.discard(self._teardown.straggler_grace_s, self._teardown.reap_timeout_s)  # the cluster changed
+        if standby is not None and not standby.fits(spec.attempt, env, spec.cwd):  # the cluster changed
+            self._discard(standby)
             standby = None
         driver = DriverProcess(
             spec.argv, env, spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo, standby=standby
@@ -126,7 +128,7 @@ class ChildDriverBackend(JobBackend):
         # Asked while the driver is alive: a Ray job's driver pid is how the state API names it.
         self._ray_job_id(job, self.cluster.state_client())
         report = self._attempts[job.attempt].driver.stop_everything(
-            self._teardown.grace_s, self._teardown.reap_timeout_s
+            self.teardown_config.grace_s, self.teardown_config.reap_timeout_s
         )
         return Stopped(report.terminated, report.killed, report.survivors)
 
@@ -147,16 +149,16 @@ class ChildDriverBackend(JobBackend):
         self._attempts.pop(job.attempt).driver.join_output(timeout_s)
 
     def _sweeper(self, job: RunningJob) -> Sweeper | None:
-        if not (self.cluster.spans_machines and self._teardown.sweep_nodes):
+        if not (self.cluster.spans_machines and self.teardown_config.sweep_nodes):
             return None  # every node is this machine: the marked sweep above saw them all
         auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
         return attempt_sweeper(
-            self.cluster.gcs_address, auth, self._run_id, job.attempt, self._teardown.straggler_grace_s
+            self.cluster.gcs_address, auth, self._run_id, job.attempt, self.teardown_config.straggler_grace_s
         )
 
     def stale_processes(self) -> list[ProcessInfo]:
         """This run's processes on this machine that an earlier supervisor of the run left behind."""
-        config = self._teardown
+        config = self.teardown_config
         marked = find_marked_processes({ENV_RUN_ID: self._run_id})
         report = terminate_processes(marked, config.grace_s, reap_timeout_s=config.reap_timeout_s)
         return list(report.terminated + report.killed + report.survivors)

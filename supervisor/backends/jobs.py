@@ -1,9 +1,10 @@
 """``ray.mode=jobs``: each attempt is a submission to an existing cluster's Ray Jobs API.
 
 The driver runs wherever the cluster puts it, so the supervisor sees it only through the Jobs SDK: the status is
-polled every ``poll_s``, the logs are tailed into ``attempts/<n>/``, the exit code comes from the job's details,
+polled every ``POLL_S``, the logs are tailed into ``attempts/<n>/``, the exit code comes from the job's details,
 and the error record comes over the heartbeat channel (the launcher posts it; a file path on another machine is
-no use). Teardown is ``stop_job``, then the same fence as the other modes, on the job's Ray job id.
+no use). Teardown is ``stop_job``, then the same fence as the other modes, on the job's Ray job id. The Jobs
+API may stop answering while the job trains (``supervisor.mechanisms.outage``): it is asked again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, Stopped, Waker
 from supervisor.backends.fence import AttemptView, resources_now
@@ -31,7 +32,7 @@ from supervisor.clock import Clock
 from supervisor.config import RayConfig, TeardownConfig
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
-from supervisor.mechanisms.outage import Outage, Unanswered
+from supervisor.mechanisms.outage import BoundedCalls, Outage
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
 from supervisor.mechanisms.ray_state import RayStateClient
@@ -41,11 +42,15 @@ from supervisor.run.events import Event
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, SETUP_HOOK, SUPERVISOR_LOCAL_ENV, forwarded_env
 
 POLL_S = 0.2
+"""Between two status polls: the exit of a submission is seen within this (a child driver's, at once)."""
 RECONNECT_S = 1.0
 """Between a dropped log tail and the next connection."""
+
 logger = logging.getLogger(__name__)
 
 _SDK_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+T = TypeVar("T")
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -75,12 +80,12 @@ class JobsBackend(JobBackend):
     ) -> None:
         assert ray.address is not None, "resolve_cluster() first"
         self._ray = ray
-        self._teardown = teardown
         self.teardown_config = teardown
         self.clock = clock or Clock()
         self._submissions: dict[int, _Submission] = {}
         self._api_s = ray.api_timeout_s
         self._outage = Outage(f"the Ray Jobs API at {ray.address}", self.clock, POLL_S)
+        self._bounded = BoundedCalls(ray.api_timeout_s)
         self._state_outage = Outage(f"the Ray state API at {ray.address}", self.clock, POLL_S)
         self._dashboard = ray.address
         self._run_id = run_id
@@ -98,15 +103,19 @@ class JobsBackend(JobBackend):
 
             # The SDK prefers $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS to the address it is given
             # (get_address_for_submission_client, ray/dashboard/utils.py): with either set to another cluster,
-            # ray.address would be ignored. Made once, in the loop's thread, before any tail thread starts.
+            # ray.address would be ignored. Made once, in prepare(), before any tail thread starts.
             with _environ_without(*_SDK_ADDRESS_VARIABLES):
                 self._client = JobSubmissionClient(self._dashboard)
         return self._client
 
+    def _sdk(self, call: Callable[[Any], T], timeout_s: float | None = None) -> T:
+        """One call to the Jobs SDK's client, bounded by ``ray.api_timeout_s`` (the SDK sets no timeout)."""
+        return self._bounded(lambda: call(self._jobs()), timeout_s)
+
     def prepare(self) -> list[Event]:
         """The Jobs API must answer; a head whose dashboard is restarting gets ``ray.start_timeout_s``."""
         try:
-            self._outage.retried(lambda: self._jobs().get_version(), self._ray.start_timeout_s)
+            self._outage.retried(lambda: self._sdk(lambda jobs: jobs.get_version()), self._ray.start_timeout_s)
         except Exception as exc:
             hint = refusal_hint(exc, self._ray.auth_mode)
             raise ClusterStartFailed(f"the Ray Jobs API at {self._dashboard} does not answer: {hint}") from exc
@@ -136,31 +145,45 @@ class JobsBackend(JobBackend):
     def launch(self, spec: LaunchSpec) -> RunningJob:
         job_id = submission_id(self._run_id, spec.attempt)
         before = resources_now(self._ray.gcs_address, self._ray.api_timeout_s)
-        submit = functools.partial(
-            self._jobs().submit_job,
-            entrypoint=shlex.join(spec.argv),
-            submission_id=job_id,
-            runtime_env=self.runtime_env(spec),
-            entrypoint_num_cpus=0,
-        )
+        runtime_env = self.runtime_env(spec)
+        asked = []
+
+        def submit(jobs: Any) -> str:
+            asked.append(job_id)
+            try:
+                return jobs.submit_job(
+                    entrypoint=shlex.join(spec.argv),
+                    submission_id=job_id,
+                    runtime_env=runtime_env,
+                    entrypoint_num_cpus=0,
+                )
+            except RuntimeError as exc:
+                if len(asked) > 1 and "already exists" in str(exc):
+                    return job_id  # an earlier try went through and only its answer was lost
+                raise
+
         try:
-            # Only a refused connection is asked again: an answer that refuses the job is not transient.
-            self._outage.retried(submit, self._api_s)
-        except Unanswered as exc:
-            raise ClusterStartFailed(f"attempt {spec.attempt} could not be submitted: {exc}") from exc
-        tail = _LogTail(self._jobs, job_id, spec.log_dir / "stdout.log", self._echo)
+            # Uploading the job's packages may take longer than one API call: the start-up's limit.
+            limit_s = self._ray.start_timeout_s
+            self._outage.retried(lambda: self._sdk(submit, limit_s), limit_s)
+        except Exception as exc:
+            raise ClusterStartFailed(f"attempt {spec.attempt} could not be submitted as {job_id}: {exc}") from exc
+        tail = _LogTail(self._sdk, job_id, spec.log_dir / "stdout.log", self._echo)
         self._submissions[spec.attempt] = _Submission(job_id, tail)
         tail.start()
         return RunningJob(attempt=spec.attempt, started_at=self.clock.now(), resources_before=before)
 
     def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
-        """Poll the submission's status. An unanswered poll is retried: the job may be training fine while the
-        Jobs API restarts (a KubeRay head's dashboard), and the watchdog bounds how long nothing is heard of it."""
+        """Poll the submission's status. An unanswered poll is asked again at the next: the job may be training
+        fine while the Jobs API restarts (a KubeRay head's dashboard), and the watchdog bounds how long nothing
+        is heard of it."""
         submitted = self._submissions[job.attempt]
         deadline = None if timeout_s is None else self.clock.monotonic() + timeout_s
         while True:
             try:
-                status = self._outage.ask(lambda: str(self._jobs().get_job_status(submitted.submission_id).value))
+                status = self._outage.ask(
+                    lambda: str(self._sdk(lambda jobs: jobs.get_job_status(submitted.submission_id)).value)
+                )
             except Exception:  # noqa: BLE001 - noted by the outage, asked again at the next poll
                 status = None
             if status in _TERMINAL:
@@ -173,17 +196,21 @@ class JobsBackend(JobBackend):
                 return None
 
     def _exit_status(self, submitted: _Submission, status: str) -> ExitStatus:
+        """How the submission ended, from its details: its driver's exit code, and the Ray job it was (kept for
+        the fence). Without them (the API went away again), the error record that came over the heartbeat
+        channel still classifies the attempt."""
+        try:
+            info = self._outage.retried(
+                lambda: self._sdk(lambda jobs: jobs.get_job_info(submitted.submission_id)), self._api_s
+            )
+        except Exception as exc:  # noqa: BLE001 - an unknown code, not a supervisor bug
+            logger.warning("the details of %s are unknown: %s", submitted.submission_id, exc)
+            info = None
+        submitted.ray_job_id = getattr(info, "job_id", None) or submitted.ray_job_id
         if status == "SUCCEEDED":
             return ExitStatus(code=0)
         if status == "STOPPED":
             return ExitStatus(signal=int(signal.SIGTERM))
-        # The exit code is in the job's details; without them (the API went away again), the error record
-        # that came over the heartbeat channel still classifies the attempt.
-        try:
-            info = self._outage.retried(lambda: self._jobs().get_job_info(submitted.submission_id), self._api_s)
-        except Unanswered as exc:
-            logger.warning("the exit code of %s is unknown: %s", submitted.submission_id, exc)
-            info = None
         code = getattr(info, "driver_exit_code", None)
         return ExitStatus(code=code if code is not None else 1)
 
@@ -192,15 +219,15 @@ class JobsBackend(JobBackend):
         # dashboard (the driver itself, when it runs on another node, is not an actor: out of reach).
         try:
             ray_job_id = self._ray_job_id(job)
-        except Unanswered:
-            ray_job_id = None  # then only this machine's processes
+        except Exception:  # noqa: BLE001 - then only this machine's processes
+            ray_job_id = None
         local = dump_stacks(self._local_processes(job), stacks_dir, timeout_s)
         return local + dump_remote_stacks(self._state, ray_job_id, stacks_dir, timeout_s)
 
     def _ray_job_id(self, job: RunningJob) -> str | None:
+        """The attempt's Ray job (None: its driver never connected). Raises when the state API does not say."""
         submitted = self._submissions[job.attempt]
         if submitted.ray_job_id is None:
-            # Unanswered propagates: without the Ray job id the fence could not see the attempt's actors.
             submitted.ray_job_id = self._state_outage.retried(
                 lambda: self._state.job_of_submission(submitted.submission_id), self._api_s
             )
@@ -213,13 +240,13 @@ class JobsBackend(JobBackend):
         """``stop_job`` (Ray sends SIGTERM, then SIGKILL after its own ``RAY_JOB_STOP_WAIT_TIME_S``), asked again
         while the Jobs API does not answer, then wait for the submission to end."""
         submitted = self._submissions[job.attempt]
-        limit_s = self._teardown.grace_s + self._teardown.jobs_stop_timeout_s
+        limit_s = self.teardown_config.grace_s + self.teardown_config.jobs_stop_timeout_s
         if submitted.exit_status is not None:
             return Stopped()
         started = self.clock.monotonic()
         try:
-            self._outage.retried(lambda: self._jobs().stop_job(submitted.submission_id), limit_s)
-        except Unanswered as exc:
+            self._outage.retried(lambda: self._sdk(lambda jobs: jobs.stop_job(submitted.submission_id)), limit_s)
+        except Exception as exc:  # noqa: BLE001 - the fence still runs; the run stops on this problem
             return Stopped(problems=(f"Ray job {submitted.submission_id} could not be stopped: {exc}",))
         left_s = max(0.0, limit_s - (self.clock.monotonic() - started))
         if self.wait(job, left_s) is None:
@@ -228,14 +255,14 @@ class JobsBackend(JobBackend):
 
     def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
         sweeper = None
-        if self._ray.gcs_address and self._teardown.sweep_nodes:
+        if self._ray.gcs_address and self.teardown_config.sweep_nodes:
             auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
             sweeper = attempt_sweeper(
-                self._ray.gcs_address, auth, self._run_id, job.attempt, self._teardown.straggler_grace_s
+                self._ray.gcs_address, auth, self._run_id, job.attempt, self.teardown_config.straggler_grace_s
             )
         try:
             ray_job_id = self._ray_job_id(job)
-        except Unanswered as exc:
+        except Exception as exc:  # noqa: BLE001 - a problem of the fence, not a supervisor bug
             # Without the Ray job id the fence cannot see the attempt's actors: it must not say they are gone.
             problem = f"the Ray job of submission {self._submissions[job.attempt].submission_id} is unknown: {exc}"
             return AttemptView(leftovers=lambda: self._local_processes(job), problems=(problem,))
@@ -253,19 +280,22 @@ class JobsBackend(JobBackend):
         self._submissions.pop(job.attempt).tail.finish(timeout_s)
 
     def stale_processes(self) -> list[ProcessInfo]:
-        """Stop this run's submissions that an earlier supervisor of the run left running."""
+        """Stop this run's submissions that an earlier supervisor of the run left running (before any attempt:
+        the Jobs API gets ``ray.start_timeout_s`` to answer)."""
         prefix = submission_id(self._run_id, 0)[:-1]
         stopped = []
         try:
-            listed = self._outage.retried(lambda: self._jobs().list_jobs(), self._api_s)
-        except Unanswered as exc:
+            listed = self._outage.retried(lambda: self._sdk(lambda jobs: jobs.list_jobs()), self._ray.start_timeout_s)
+            for details in listed:
+                if (details.submission_id or "").startswith(prefix) and str(details.status.value) not in _TERMINAL:
+                    stop = functools.partial(self._sdk, lambda jobs, sid=details.submission_id: jobs.stop_job(sid))
+                    self._outage.retried(stop, self._api_s)
+                    name = f"ray job {details.submission_id}"
+                    stopped.append(ProcessInfo(pid=-1, name=name, cmdline=details.entrypoint))
+        except Exception as exc:
             raise ClusterStartFailed(
-                f"{exc}: an earlier supervisor's submissions of this run cannot be stopped"
+                f"an earlier supervisor's submissions of this run cannot be stopped: {exc}"
             ) from exc
-        for details in listed:
-            if (details.submission_id or "").startswith(prefix) and str(details.status.value) not in _TERMINAL:
-                self._jobs().stop_job(details.submission_id)
-                stopped.append(ProcessInfo(pid=-1, name=f"ray job {details.submission_id}", cmdline=details.entrypoint))
         return stopped
 
     def close(self) -> list[Event]:
@@ -279,9 +309,10 @@ class _LogTail(threading.Thread):
     ray/dashboard/modules/job/utils.py): after a dropped connection the tail connects again and skips what it
     has already copied, so the attempt's log goes on whole, once."""
 
-    def __init__(self, jobs: Callable[[], Any], job_id: str, log_path: Path, echo: bool) -> None:
+    def __init__(self, sdk: Callable[..., Any], job_id: str, log_path: Path, echo: bool) -> None:
+        """``sdk``: ``JobsBackend._sdk``, a bounded call to the Jobs SDK's client."""
         super().__init__(name=f"tail-{job_id}", daemon=True)
-        self._jobs = jobs
+        self._sdk = sdk
         self._job_id = job_id
         self._log_path = log_path
         self._echo = echo
@@ -311,13 +342,14 @@ class _LogTail(threading.Thread):
 
     def _submission_ended(self) -> bool:
         try:
-            return str(self._jobs().get_job_status(self._job_id).value) in _TERMINAL
+            return str(self._sdk(lambda jobs: jobs.get_job_status(self._job_id)).value) in _TERMINAL
         except Exception:  # noqa: BLE001 - unknown: connect again
             return False
 
     async def _follow(self, log: TextIO) -> None:
         replayed = 0
-        async for chunk in self._jobs().tail_job_logs(self._job_id):
+        # The stream's own connection: a silent one ends with the submission, or drops and is connected again.
+        async for chunk in self._sdk(lambda jobs: jobs).tail_job_logs(self._job_id):
             fresh = chunk[max(0, self.copied - replayed) :]
             replayed += len(chunk)
             if not fresh:

@@ -24,6 +24,10 @@ from supervisor.mechanisms.ray_state import LiveActor, LivePlacementGroup
 POLL_S = 0.1
 """Between two looks at what is left: the state API answers in milliseconds, and a fence that waits on a
 detached actor's death wants to see it soon."""
+MIN_SWEEP_S = 5.0
+"""The least time a sweep of the attempt's nodes is given: its probe starts a Ray task on each node, which takes
+seconds, so a shorter sweep could only fail. The first sweep gets it even past the deadline (without one the
+fence proves nothing of the other nodes); a later one is not started with less time left."""
 
 
 @dataclass(frozen=True)
@@ -154,31 +158,43 @@ def next_step(seen: Seen, tried: Tried, rules: FenceRules, remaining_s: float) -
             return GiveUp(_still_held(seen, rules.timeout_s))
         return Wait(min(rules.poll_s, remaining_s))
     if rules.sweep_nodes and not seen.cluster_down:
-        last = seen.nodes or seen.swept_before
-        if remaining_s <= 0 and (seen.nodes is None or not seen.nodes.clean):
-            if last is None:
-                return GiveUp((f"after {rules.timeout_s:g} s, no time was left to sweep the attempt's nodes",))
-            return GiveUp((f"after {rules.timeout_s:g} s, the sweep of the attempt's nodes found: {last.summary()}",))
-        if seen.nodes is None:
-            return Sweep(remaining_s)
-        if not seen.nodes.clean:
-            return Wait(min(rules.poll_s, remaining_s))
+        return _sweep_the_nodes(seen, rules, remaining_s)
     return Fenced()
+
+
+def _sweep_the_nodes(seen: Seen, rules: FenceRules, remaining_s: float) -> Step:
+    if seen.nodes is not None:  # swept since this look
+        if seen.nodes.clean:
+            return Fenced()
+        if remaining_s <= 0:
+            return GiveUp((_swept(seen.nodes, rules.timeout_s),))
+        return Wait(min(rules.poll_s, remaining_s))
+    if seen.swept_before is None:  # never swept: once, even past the deadline
+        return Sweep(max(remaining_s, MIN_SWEEP_S))
+    if remaining_s < MIN_SWEEP_S:  # no time for another: what the last one found
+        return GiveUp((_swept(seen.swept_before, rules.timeout_s),))
+    return Sweep(remaining_s)
+
+
+def _swept(found: NodeSweep, timeout_s: float) -> str:
+    return f"after {timeout_s:g} s, the sweep of the attempt's nodes found: {found.summary()}"
 
 
 def _end_what_is_alive(seen: Seen, tried: Tried, rules: FenceRules, remaining_s: float) -> Step:
     if remaining_s <= 0:
         return GiveUp((still_alive(seen, tried, rules),))
-    if seen.processes:
-        grace_s = min(rules.grace_s, remaining_s)
-        reap_s = min(rules.reap_timeout_s, max(remaining_s - grace_s, rules.poll_s))
-        return Terminate(tuple(p.pid for p in seen.processes), grace_s, reap_s)
+    # Each stray actor and placement group is asked for once, before processes are (again) terminated: a
+    # process that survives SIGKILL (stuck in the kernel) must not keep the fence from freeing the cluster.
     actors = tuple(a.actor_id for a in seen.actors or () if a.actor_id not in tried.ids)
     if actors and not rules.why_actors_stay:
         return Kill(actors)
     groups = tuple(g.placement_group_id for g in seen.groups or () if g.placement_group_id not in tried.ids)
     if groups and not rules.why_groups_stay:
         return Remove(groups)
+    if seen.processes:
+        grace_s = min(rules.grace_s, remaining_s)
+        reap_s = min(rules.reap_timeout_s, max(remaining_s - grace_s, rules.poll_s))
+        return Terminate(tuple(p.pid for p in seen.processes), grace_s, reap_s)
     return Wait(min(rules.poll_s, remaining_s))
 
 

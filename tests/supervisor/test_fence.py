@@ -55,6 +55,30 @@ DONE = Seen(gpu=FREE)
         pytest.param(Seen(processes=(WORKER,)), Tried(), RULES, 30, Terminate((41,), 2, 5), id="processes-terminated"),
         pytest.param(Seen(processes=(WORKER,)), Tried(), RULES, 1.5, Terminate((41,), 1.5, 0.1), id="grace-in-time"),
         pytest.param(Seen(actors=(ACTOR,)), Tried(), RULES, 30, Kill((ACTOR.actor_id,)), id="stray-actor-killed"),
+        pytest.param(
+            Seen(processes=(WORKER,), actors=(ACTOR,), groups=(GROUP,)),
+            Tried(),
+            RULES,
+            30,
+            Kill((ACTOR.actor_id,)),
+            id="strays-before-processes",
+        ),
+        pytest.param(
+            Seen(processes=(WORKER,), actors=(ACTOR,), groups=(GROUP,)),
+            Tried(frozenset({ACTOR.actor_id})),
+            RULES,
+            30,
+            Remove((GROUP.placement_group_id,)),
+            id="then-the-groups",
+        ),
+        pytest.param(
+            Seen(processes=(WORKER,), actors=(ACTOR,), groups=(GROUP,)),
+            Tried(frozenset({ACTOR.actor_id, GROUP.placement_group_id})),
+            RULES,
+            30,
+            Terminate((41,), 2, 5),
+            id="a-process-that-outlives-sigkill-is-terminated-again-after",
+        ),
         pytest.param(Seen(actors=(ACTOR,)), Tried(frozenset({ACTOR.actor_id})), RULES, 30, Wait(0.1), id="kill-once"),
         pytest.param(
             Seen(actors=(ACTOR,)),
@@ -95,7 +119,23 @@ DONE = Seen(gpu=FREE)
         pytest.param(Seen(gpu=HELD), Tried(), RULES, 30, Wait(0.1), id="gpu-memory-held"),
         pytest.param(DONE, Tried(), RULES, 30, Fenced(), id="one-machine-fenced"),
         pytest.param(DONE, Tried(), SWEPT, 30, Sweep(30), id="nodes-swept-within-the-time-left"),
-        pytest.param(dataclasses.replace(DONE, nodes=DIRTY), Tried(), SWEPT, 30, Wait(0.1), id="swept-again"),
+        pytest.param(DONE, Tried(), SWEPT, 2, Sweep(5), id="the-first-sweep-gets-its-minimum"),
+        pytest.param(DONE, Tried(), SWEPT, -1, Sweep(5), id="the-first-sweep-even-past-the-deadline"),
+        pytest.param(dataclasses.replace(DONE, nodes=DIRTY), Tried(), SWEPT, 30, Wait(0.1), id="dirty-wait"),
+        pytest.param(dataclasses.replace(DONE, swept_before=DIRTY), Tried(), SWEPT, 30, Sweep(30), id="swept-again"),
+        pytest.param(
+            dataclasses.replace(DONE, swept_before=DIRTY),
+            Tried(),
+            SWEPT,
+            3,
+            GiveUp(
+                (
+                    "after 60 s, the sweep of the attempt's nodes found: node host2/n2n2n2n2: GPU free on 2 GPUs; "
+                    "still alive VllmWorker[51]",
+                )
+            ),
+            id="no-time-for-another-sweep",
+        ),
         pytest.param(dataclasses.replace(DONE, nodes=CLEAN), Tried(), SWEPT, 30, Fenced(), id="nodes-clean"),
         pytest.param(dataclasses.replace(DONE, cluster_down=True), Tried(), SWEPT, 30, Fenced(), id="down-not-swept"),
     ],
@@ -148,7 +188,6 @@ def test_the_next_step(seen: Seen, tried: Tried, rules: FenceRules, remaining_s:
             "after 60 s, processes of the attempt still hold GPU memory: held: pid 41 on GPU 1, 3072 MB",
             id="gpu-memory",
         ),
-        pytest.param(DONE, Tried(), SWEPT, "after 60 s, no time was left to sweep the attempt's nodes", id="no-sweep"),
         pytest.param(
             dataclasses.replace(DONE, swept_before=DIRTY),
             Tried(),

@@ -6,8 +6,10 @@ import logging
 import urllib.error
 
 import pytest
+import requests
 
 from supervisor.mechanisms.outage import Outage, Unanswered, is_transient
+from supervisor.mechanisms.ray_wire import StateApiError
 from tests.supervisor.fakes import FakeClock
 
 
@@ -62,17 +64,12 @@ def test_an_error_that_is_not_transient_is_raised_at_once() -> None:
     assert refused.calls == 1
 
 
-class _Response:
-    def __init__(self, status_code: int) -> None:
-        self.status_code = status_code
-
-
-class _RequestsError(OSError):
-    """What requests raises: an OSError carrying the response, when there was one."""
-
-    def __init__(self, status_code: int | None) -> None:
-        super().__init__("request failed")
-        self.response = None if status_code is None else _Response(status_code)
+def _requests_error(status: int | None) -> requests.RequestException:
+    if status is None:
+        return requests.ConnectionError("Max retries exceeded: connection refused")
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status} Error", response=response)
 
 
 @pytest.mark.parametrize(
@@ -83,10 +80,14 @@ class _RequestsError(OSError):
         (urllib.error.URLError(ConnectionRefusedError("refused")), True),
         (urllib.error.HTTPError("http://head:8265", 503, "Service Unavailable", {}, None), True),
         (urllib.error.HTTPError("http://head:8265", 401, "Unauthorized", {}, None), False),
-        (_RequestsError(None), True),
-        (_RequestsError(502), True),
-        (_RequestsError(403), False),
-        (RuntimeError("Request failed with status code 400"), False),
+        (_requests_error(None), True),
+        (_requests_error(502), True),
+        (_requests_error(403), False),
+        (RuntimeError("Request failed with status code 503: Service Unavailable."), True),
+        (RuntimeError("Request failed with status code 404: Job verl-supervisor-x-1 does not exist."), False),
+        (StateApiError("HTTP 502 Bad Gateway from /api/v0/actors: ...", 502), True),
+        (StateApiError("HTTP 401 Unauthorized from /api/v0/actors: ...", 401), False),
+        (StateApiError("the state API failed to list actors: ..."), False),
         (ValueError("bad json"), False),
     ],
 )

@@ -66,9 +66,12 @@ def test_user_presets_come_from_config_dir(tmp_path: Path) -> None:
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "mine.yaml").write_text(
         "# @package _global_\njob:\n  name: mine\n  argv: [my-trainer]\n  checkpoint_dir_arg: null\n"
+        "restart:\n  max_restarts: 7\nteardown:\n  grace_s: 30\nray:\n  dashboard: false\n"
     )
     config = to_supervisor_config(compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path))
     assert (config.job.name, config.job.argv) == ("mine", ["my-trainer"])
+    # A preset's settings of the supervisor hold: conf/supervisor.yaml, composed after it, repeats no default.
+    assert (config.restart.max_restarts, config.teardown.grace_s, config.ray.dashboard) == (7, 30, False)
 
 
 def test_verl_ppo_preset_composes_against_verls_own_config(tmp_path: Path) -> None:

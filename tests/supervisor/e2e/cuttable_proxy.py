@@ -1,6 +1,6 @@
-"""A TCP proxy in front of a cluster's dashboard that a test can cut and restore: the Jobs and state APIs
-unreachable for a while, as a dashboard restarting on a KubeRay head makes them, while the cluster and the
-job run on."""
+"""A TCP proxy in front of a cluster's dashboard that a test can cut, hold and restore: the Jobs and state APIs
+refusing connections (a dashboard restarting on a KubeRay head), or accepting them and never answering (one
+that hangs), for a while, while the cluster and the job run on."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._holding = False
         self.port = 0
         self.restore()
 
@@ -24,6 +25,9 @@ class CuttableProxy:
 
     def restore(self) -> None:
         """Listen (again, on the same port) and forward every connection to the target."""
+        if self._holding:
+            self._holding = False
+            self._drop_connections()
         if self._listener is not None:
             return
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -33,6 +37,20 @@ class CuttableProxy:
         self.port = listener.getsockname()[1]
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def hold(self) -> None:
+        """Accept connections and never answer them; drop the open ones (they connect again, and are held)."""
+        self.restore()
+        self._holding = True
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
+        with self._lock:
+            doomed, self._sockets = self._sockets, []
+        for sock in doomed:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def cut(self) -> None:
         """Refuse new connections and drop the open ones (a streaming log tail among them)."""
@@ -50,6 +68,10 @@ class CuttableProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
+            if self._holding:
+                with self._lock:
+                    self._sockets.append(client)  # open, and silent
+                continue
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
                 upstream.settimeout(None)  # a log tail may be quiet for long

@@ -367,9 +367,10 @@ def test_supervisor_as_the_entrypoint_of_a_ray_job_runs_each_attempt_as_a_job_of
 
 
 def test_the_jobs_api_unreachable_while_the_job_trains_costs_the_run_nothing(runs, two_nodes, bystander) -> None:
-    """The dashboard goes away for several times ``ray.api_timeout_s`` and comes back, as a KubeRay head's does
-    when it restarts: the job trains on, the supervisor asks again, the log tail connects again, and the run ends
-    as if nothing had happened."""
+    """The dashboard refuses connections for several times ``ray.api_timeout_s``, as a KubeRay head's does when
+    it restarts, then accepts them and never answers, as a hung one does; then it is back. The job trains on,
+    the supervisor asks again (a silent call is given up after ray.api_timeout_s, not waited for forever), the
+    log tail connects again, and the run ends as if nothing had happened."""
     run_dir = runs.new()
     proxy = CuttableProxy("127.0.0.1", int(two_nodes.dashboard_url.rsplit(":", 1)[1]))
     go = run_dir.parent / f"{run_dir.name}.go"
@@ -386,12 +387,20 @@ def test_the_jobs_api_unreachable_while_the_job_trains_costs_the_run_nothing(run
     )
     log = run_dir.parent / f"{run_dir.name}.supervisor.log"
     stdout = run_dir / "attempts" / "1" / "stdout.log"
+
+    def outages(kind: str) -> int:
+        return sum(f"does not answer ({kind}" in line for line in log.read_text().splitlines())
+
     try:
         wait_until(lambda: stdout.exists() and "attempt 1" in stdout.read_text(), 120, "the job's first line")
         proxy.cut()
         cut_at = time.monotonic()
-        wait_until(lambda: "does not answer" in log.read_text(), 30, "the supervisor to notice the outage")
+        wait_until(lambda: outages("ConnectionError"), 30, "the supervisor to notice the refused connections")
         wait_until(lambda: time.monotonic() - cut_at > 4, 10, "an outage of four times ray.api_timeout_s")
+        proxy.hold()
+        held_at = time.monotonic()
+        wait_until(lambda: outages("TimeoutError"), 30, "the supervisor to give up on a call that never returns")
+        wait_until(lambda: time.monotonic() - held_at > 4, 10, "a silence of four times ray.api_timeout_s")
         assert proc.poll() is None, log.read_text()[-4000:]
         proxy.restore()
         go.write_text("done looking")
@@ -405,7 +414,7 @@ def test_the_jobs_api_unreachable_while_the_job_trains_costs_the_run_nothing(run
         proxy.cut()
     exited = events_of(run_dir, "attempt_exited")
     assert [(e["exit_code"], e["rule"]) for e in exited] == [(0, "success")], "one attempt, which succeeded"
-    assert "answers again after" in log.read_text(), "the outage's end is logged"
+    assert log.read_text().count("answers again after") == 2, "each outage's end is logged, once"
     output = stdout.read_text()
     assert output.count("scripted job: attempt 1") == 1, "the tail connected again without copying twice"
     assert "scripted job: step 2" in output, "the attempt's log went on after the outage"
