@@ -4,13 +4,23 @@ joined to it. Test code: the supervisor never adds nodes to a cluster."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from supervisor.mechanisms import ray_cluster
-from supervisor.mechanisms.processes import start_child, tail, wait_for
+from supervisor.mechanisms.processes import ChildProcess, start_child, tail, wait_for
 from supervisor.mechanisms.ray_cluster import ClusterStartError, LocalRayCluster
 
 
 class MultiNodeCluster(LocalRayCluster):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._nodes: list[ChildProcess] = []
+
+    def _ray_start_processes(self) -> list[ChildProcess]:
+        """The head's ``ray start`` and each joined node's: stopped and reaped with the cluster."""
+        processes, self._nodes = [*self._nodes, *super()._ray_start_processes()], []
+        return processes
+
     def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, num_gpus: int | None = None) -> None:
         """Another raylet on this machine joining the cluster, with ports and a temp dir of its own. It carries
         the cluster's marker, so ``stop`` ends it."""

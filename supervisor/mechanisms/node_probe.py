@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from supervisor.mechanisms.node_scan import NodeScan, scan_node
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, FORWARDED_ENV_PREFIXES
 
+PROBE_OVERHEAD_S = 15.0
+"""On top of a sweep's time limit, for the probe process's own start, Ray connection and shutdown: past it the
+probe is killed and every node it was to scan counts as unanswered."""
+
 
 @dataclass(frozen=True)
 class NodeSweep:
@@ -65,7 +69,7 @@ def sweep_nodes(
     known_pids: Mapping[str, list[int]],
     markers: Mapping[str, str],
     timeout_s: float,
-    grace_s: float = 2.0,
+    grace_s: float,
 ) -> NodeSweep:
     """Scan each node of ``known_pids`` (node id to the attempt's pids there) for processes with ``markers``,
     within ``timeout_s``."""
@@ -85,11 +89,12 @@ def sweep_nodes(
             capture_output=True,
             text=True,
             env=dict(env),
-            timeout=timeout_s + 15.0,  # the probe's own Ray connection and shutdown come on top
+            timeout=timeout_s + PROBE_OVERHEAD_S,
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return NodeSweep(unanswered={node: f"the probe took over {timeout_s + 15.0:g} s" for node in known_pids})
+        took = timeout_s + PROBE_OVERHEAD_S
+        return NodeSweep(unanswered={node: f"the probe took over {took:g} s" for node in known_pids})
     try:
         answer = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -103,7 +108,7 @@ def sweep_nodes(
 def attempt_sweeper(
     gcs_address: str, auth: Mapping[str, str], run_id: str, attempt: int, grace_s: float
 ) -> Callable[[Mapping[str, list[int]], float], NodeSweep]:
-    """The fence's sweep of one attempt's nodes (``RayFence.sweep``)."""
+    """The fence's sweep of one attempt's nodes (``AttemptView.sweeper``)."""
     markers = {ENV_RUN_ID: run_id, ENV_ATTEMPT: str(attempt)}
     env = probe_env(os.environ, auth)
     return lambda known, timeout_s: sweep_nodes(gcs_address, env, known, markers, timeout_s, grace_s)
@@ -134,6 +139,7 @@ def main() -> int:
         for node, pids in request["nodes"].items():
             pinned = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
             pending[pinned.remote(request["markers"], pids, request["grace_s"])] = node
+        # The tasks are sent: at least a second to hear from them, however long connecting took.
         remaining = max(1.0, request["timeout_s"] - (time.monotonic() - started))
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=remaining)
         scans, unanswered = [], {}

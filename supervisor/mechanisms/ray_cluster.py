@@ -213,8 +213,6 @@ class LocalRayCluster:
         self.temp_dir: Path | None = None
         self._process: ChildProcess | None = None
         self._log_path: Path | None = None
-        self._nodes: list[ChildProcess] = []
-        """Raylets joined to the head after it started (tests' multi-node clusters): stopped with it."""
         self._seen: dict[int, psutil.Process] = {}
         self._on_unmarked = on_unmarked
         self._core: list[tuple[psutil.Process, str]] = []
@@ -455,21 +453,24 @@ class LocalRayCluster:
         self._bring_temp_dirs_home()
         return report
 
+    def _ray_start_processes(self) -> list[ChildProcess]:
+        """The ``ray start --block`` children to signal and reap on a stop."""
+        return [self._process] if self._process is not None else []
+
     def _stop_processes(self, grace_s: float, reap_timeout_s: float) -> TerminationReport:
         marked = self.processes()
-        for node in [*self._nodes, self._process]:
-            if node is not None and node.poll() is None:
+        ray_starts = self._ray_start_processes()
+        for node in ray_starts:
+            if node.poll() is None:
                 os.kill(node.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         reports = [terminate_processes(marked, grace_s, {p.pid for p in marked}, reap_timeout_s)]
         late = self.processes()
         if late:  # started during the shutdown: what is left of the same grace, not a second one
             reports.append(terminate_processes(late, max(0.0, deadline - time.monotonic()), (), reap_timeout_s))
-        for node in [*self._nodes, self._process]:
-            if node is not None:
-                node.wait(timeout_s=reap_timeout_s)
+        for node in ray_starts:
+            node.wait(timeout_s=reap_timeout_s)
         self._process = None
-        self._nodes = []
         report = merge_reports(*reports)
         if report.survivors:
             logger.error("processes of Ray cluster %s survived SIGKILL: %s", self.cluster_id, report.survivors)

@@ -27,7 +27,7 @@ class RunDirectoryInUse(RuntimeError):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """A reader sees the old or the new file, never a part (``verl_hooks.atomic_file``)."""
+    """A reader sees the old or the new file, never a part (``verl_hooks.contract.write_atomically``)."""
     write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -328,3 +328,29 @@ def test_the_teardown_event_takes_every_field_of_the_result() -> None:
     event = Teardown(attempt=1, fenced=result.fenced, reached_step=None, **result.event_fields())
     assert (event.terminated, event.killed, event.ray_job_id) == (["python[7]"], ["ray::Worker[41]"], "01000000")
     assert (event.problems, event.gpu_memory, event.duration_s) == (["did not stop"], "free on 2 GPUs", 1.5)
+
+
+class SilentState:
+    """A state API that never answers (a dashboard restarting through the whole teardown)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def live_actors(self, job_id: str) -> list[LiveActor]:
+        self.asked += 1
+        raise ConnectionRefusedError("connection refused")
+
+    live_placement_groups = live_actors
+
+
+def test_a_state_api_silent_through_the_teardown_is_asked_until_the_deadline_then_named() -> None:
+    clock = FakeClock()
+    state = SilentState()
+    view = AttemptView(leftovers=list, ray_job_id="01000000", state=state, gpu_check=lambda pids: FREE)  # type: ignore[arg-type]
+    fenced = fence(view, fence_rules(TeardownConfig(fence_timeout_s=2), view), clock.clock())
+    assert state.asked > 10, "asked again at every look"
+    (problem,) = fenced.problems
+    assert "an unknown number of Ray actors" in problem
+    assert "none identified (the state API did not answer)" in problem
+    assert (fenced.actors_alive, fenced.placement_groups_alive) == (None, None)
+    assert TeardownResult.of(Stopped(), fenced, 2.0).fenced is False

@@ -118,7 +118,9 @@ def test_a_task_on_the_node_ends_the_attempts_processes_and_waits_for_their_gpu_
         assert f"GPU held: pid {stuck.pid} on GPU 0, 2048 MB" in sweep.summary()
 
         fake_nvml_file.write_text(json.dumps([[other_attempt.pid, 1]]))  # the driver released the memory
-        again = sweep_nodes(two_nodes.address, env, {worker: [dead_actor_pid, stuck.pid]}, markers, timeout_s=60)
+        again = sweep_nodes(
+            two_nodes.address, env, {worker: [dead_actor_pid, stuck.pid]}, markers, timeout_s=60, grace_s=2.0
+        )
         assert again.clean, again.summary()
         assert again.scans[0].gpu == GpuMemoryCheck(devices=1)
         assert other_attempt.poll() is None, "a process of another attempt was not touched"
@@ -132,7 +134,9 @@ def test_a_task_on_the_node_ends_the_attempts_processes_and_waits_for_their_gpu_
 @pytest.mark.ray
 def test_a_node_that_cannot_run_the_task_is_reported_unanswered(two_nodes: LocalRayCluster) -> None:
     gone = "ab" * 28  # a node id the cluster never had: the task is unschedulable there
-    sweep = sweep_nodes(two_nodes.address, probe_env(os.environ, two_nodes.env()), {gone: []}, {"K": "v"}, 20)
+    sweep = sweep_nodes(
+        two_nodes.address, probe_env(os.environ, two_nodes.env()), {gone: []}, {"K": "v"}, 20, grace_s=2.0
+    )
     assert list(sweep.unanswered) == [gone]
     assert not sweep.clean
     assert f"node {gone[:8]}: no answer (" in sweep.summary()
@@ -141,7 +145,7 @@ def test_a_node_that_cannot_run_the_task_is_reported_unanswered(two_nodes: Local
 @pytest.mark.ray
 def test_no_cluster_no_answer_and_no_probe_process_left() -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    sweep = sweep_nodes("127.0.0.1:9", dict(os.environ), {"n1": []}, {"K": "v"}, timeout_s=5)
+    sweep = sweep_nodes("127.0.0.1:9", dict(os.environ), {"n1": []}, {"K": "v"}, timeout_s=5, grace_s=2.0)
     assert list(sweep.unanswered) == ["n1"]
     assert "the probe failed" in sweep.unanswered["n1"] or "took over" in sweep.unanswered["n1"]
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.error
 
 import pytest
 import requests
 
-from supervisor.mechanisms.outage import Outage, Unanswered, is_transient
+from supervisor.mechanisms.outage import BoundedCalls, Outage, Unanswered, is_transient
+from supervisor.mechanisms.processes import wait_for
 from supervisor.mechanisms.ray_wire import StateApiError
 from tests.supervisor.fakes import FakeClock
 
@@ -93,3 +95,31 @@ def _requests_error(status: int | None) -> requests.RequestException:
 )
 def test_only_what_may_answer_soon_is_asked_again(error: BaseException, transient: bool) -> None:
     assert is_transient(error) is transient
+
+
+def test_a_call_that_never_returns_is_given_up_and_costs_one_thread() -> None:
+    bounded = BoundedCalls(timeout_s=0.2)
+    release = threading.Event()
+    calls = []
+
+    def hangs() -> str:
+        calls.append("hangs")
+        release.wait(30)
+        return "late"
+
+    with pytest.raises(TimeoutError, match=r"no answer within 0\.2 s"):
+        bounded(hangs)
+    with pytest.raises(TimeoutError, match="an earlier call has not returned yet"):
+        bounded(hangs)
+    assert calls == ["hangs"], "the second call started nothing while the first still hangs"
+    release.set()
+
+    def answers() -> bool:
+        try:
+            return bounded(lambda: "answered") == "answered"
+        except TimeoutError:  # the released call is still on its way out
+            return False
+
+    assert wait_for(answers, 5), "once the hung call returned, calls are made again"
+    with pytest.raises(ValueError, match="its own error"):
+        bounded(lambda: (_ for _ in ()).throw(ValueError("its own error")))

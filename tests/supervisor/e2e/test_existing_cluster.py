@@ -397,6 +397,8 @@ def test_the_jobs_api_unreachable_while_the_job_trains_costs_the_run_nothing(run
         cut_at = time.monotonic()
         wait_until(lambda: outages("ConnectionError"), 30, "the supervisor to notice the refused connections")
         wait_until(lambda: time.monotonic() - cut_at > 4, 10, "an outage of four times ray.api_timeout_s")
+        proxy.restore()
+        wait_until(lambda: "answers again after" in log.read_text(), 30, "the supervisor to hear from the API again")
         proxy.hold()
         held_at = time.monotonic()
         wait_until(lambda: outages("TimeoutError"), 30, "the supervisor to give up on a call that never returns")
