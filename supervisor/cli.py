@@ -28,9 +28,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from supervisor.backends.base import JobBackend
-from supervisor.config import RUN_TOKEN_FILE, RayMode, SupervisorConfig, host_of, resolve_cluster, validate
+from supervisor.config import (
+    RUN_TOKEN_FILE,
+    RayMode,
+    SupervisorConfig,
+    TeardownConfig,
+    host_of,
+    resolve_cluster,
+    validate,
+)
 from supervisor.job.command import conflicting_args
-from supervisor.mechanisms.processes import local_ip_towards
+from supervisor.mechanisms import orphans
+from supervisor.mechanisms.processes import local_ip_towards, terminate_processes, with_descendants
 from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
 from supervisor.mechanisms.reaper import Reaper, start_reaper
 from supervisor.policy.outcomes import ExitCode
@@ -200,12 +209,12 @@ def make_backend(
 
     if config.ray.mode is RayMode.jobs:
         return JobsBackend(config.ray, config.teardown, run_id)
+    adopt = reaper.adopt if reaper is not None else None
     if config.ray.mode is RayMode.address:
         cluster = ExistingCluster(config.ray)
     else:
-        adopt = reaper.adopt if reaper is not None else None
         cluster = EmbeddedCluster(config.ray, run_dir.path / "ray", run_id, config.teardown, adopt)
-    return ChildDriverBackend(cluster, config.ray, config.teardown, run_id)
+    return ChildDriverBackend(cluster, config.ray, config.teardown, run_id, on_orphans=adopt)
 
 
 def _prepare_token(config: SupervisorConfig, run_dir: RunDirectory) -> None:
@@ -248,6 +257,16 @@ def _start_observers(
         stack.callback(notifier.close)
 
 
+def _end_orphans(teardown: TeardownConfig) -> None:
+    """The last sweep: whatever the run's processes orphaned to this process and is still running."""
+    left = with_descendants(orphans.adopted())
+    if left:
+        report = terminate_processes(left, teardown.straggler_grace_s, reap_timeout_s=teardown.reap_timeout_s)
+        ended = ", ".join(f"{p.name}[{p.pid}]" for p in (*report.terminated, *report.killed))
+        print(f"verl-supervisor: ended what the run orphaned: {ended}", file=sys.stderr)
+    orphans.reap_adopted()
+
+
 def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
     """Run the supervisor on a validated configuration; returns its exit code."""
     from supervisor.job.heartbeats import HeartbeatServer
@@ -268,6 +287,10 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         except RunAlreadyFinished as exc:
             raise UsageError(str(exc)) from None
         events = EventLog(run_dir.events_path, history.run_id)
+        # What the job's processes orphan comes to this process, whatever its environment (see the module).
+        why_not = orphans.become_subreaper()
+        if why_not:
+            print(f"verl-supervisor: warning: orphans of the job will not be caught: {why_not}", file=sys.stderr)
         # Should this process die outright, the reaper ends the run's processes at once (see its module).
         heartbeats = HeartbeatServer(config.watchdog.listen_host, config.watchdog.advertise_host)
         heartbeats.start()
@@ -281,6 +304,7 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
                 )
                 return supervisor.run()
         finally:
+            _end_orphans(config.teardown)
             reaper.disarm()
             heartbeats.stop()
     finally:

@@ -9,11 +9,14 @@ of the attempt's Ray job may be left on any node (``supervisor.backends.fence``)
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, Stopped, Waker
 from supervisor.backends.clusters import Cluster
@@ -21,6 +24,7 @@ from supervisor.backends.driver import DriverProcess, StandbyDriver, standby_mod
 from supervisor.backends.fence import AttemptView, Sweeper, resources_now
 from supervisor.clock import Clock
 from supervisor.config import RayConfig, TeardownConfig
+from supervisor.mechanisms import orphans
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.processes import ProcessInfo, terminate_processes
@@ -30,6 +34,8 @@ from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_sta
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import Event, StandbyStarted
 from verl_hooks.contract import ENV_RUN_ID, RAY_INJECTED_JOB_CONFIG, injected_job_config
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +55,13 @@ class ChildDriverBackend(JobBackend):
         run_id: str,
         echo_output: bool = True,
         clock: Clock | None = None,
+        on_orphans: Callable[[list[psutil.Process]], None] | None = None,
     ) -> None:
+        """``on_orphans``: told of each process the supervisor adopts while an attempt runs (the reaper's adopt,
+        so that a supervisor SIGKILLed outright still takes them down)."""
         self.cluster = cluster
+        self._on_orphans = on_orphans
+        self._orphans_told: set[int] = set()
         self._ray = ray
         self.teardown_config = teardown
         self.clock = clock or Clock()
@@ -103,7 +114,21 @@ class ChildDriverBackend(JobBackend):
         )
 
     def wait(self, job: RunningJob, timeout_s: float | None, wake: Waker | None = None) -> ExitStatus | None:
-        return self._attempts[job.attempt].driver.wait(timeout_s, wake)
+        status = self._attempts[job.attempt].driver.wait(timeout_s, wake)
+        self._watch_orphans()
+        return status
+
+    def _watch_orphans(self) -> None:
+        """Tell of the orphans adopted since the last look, and collect those that have exited."""
+        orphans.reap_adopted()
+        new = [p for p in orphans.adopted() if p.pid not in self._orphans_told]
+        if not new:
+            return
+        self._orphans_told.update(p.pid for p in new)
+        named = ", ".join(f"{info.name}[{info.pid}]" for info in map(ProcessInfo.of, new))
+        logger.warning("adopted %s, orphaned by the attempt without the run's marker: ended with it", named)
+        if self._on_orphans is not None:
+            self._on_orphans(new)
 
     def dump_stacks(self, job: RunningJob, stacks_dir: Path, timeout_s: float) -> list[StackDump]:
         """This machine's processes by signal and, at the same time, the attempt's actors on every node."""

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from supervisor.backends.base import Waker
+from supervisor.mechanisms import orphans
 from supervisor.mechanisms.marked import find_marked_processes
-from supervisor.mechanisms.processes import ChildProcess, TerminationReport, start_child, stop_group
+from supervisor.mechanisms.processes import ChildProcess, TerminationReport, start_child, stop_group, with_descendants
 from supervisor.policy.outcomes import ExitStatus
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
@@ -153,7 +154,11 @@ class DriverProcess:
         return self.child.wait(timeout_s, wake)
 
     def attempt_processes(self) -> list:
-        return find_marked_processes(self.markers)
+        """Those with the attempt's marker, and the supervisor's orphans (``mechanisms.orphans``) with their
+        descendants: attempts do not overlap, so whatever the attempt's tree orphaned is the attempt's."""
+        marked = find_marked_processes(self.markers)
+        known = {p.pid for p in marked}
+        return marked + [p for p in with_descendants(orphans.adopted()) if p.pid not in known]
 
     def stop_everything(self, grace_s: float, reap_timeout_s: float) -> TerminationReport:
         """The driver's process group (its own children, marked or not) and every other process with the

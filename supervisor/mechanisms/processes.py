@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import psutil
 
+from supervisor.mechanisms import orphans
 from supervisor.policy.outcomes import ExitStatus
 
 _PR_SET_PDEATHSIG = 1
@@ -149,6 +150,7 @@ def start_child(
         start_new_session=True,
         preexec_fn=lambda: _die_with_parent(parent),  # prctl must run in the child
     )
+    orphans.note_started(popen.pid)
     return ChildProcess(popen)
 
 

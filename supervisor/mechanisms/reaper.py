@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 
 import psutil
 
+from supervisor.mechanisms import orphans
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import with_descendants
 
@@ -84,6 +85,7 @@ def start_reaper(marker: Mapping[str, str]) -> Reaper:
         env=env,
         start_new_session=True,  # a Ctrl-C to the supervisor's terminal must not end the reaper first
     )
+    orphans.note_started(process.pid)
     os.close(read_fd)
     return Reaper(process, write_fd)
 

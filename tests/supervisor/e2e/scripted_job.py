@@ -2,7 +2,8 @@
 
     python -m tests.supervisor.e2e.scripted_job [--fail-until N] [--exit-code C] [--ignore-sigterm]
         [--run-forever-on A] [--spawn-stubborn-child] [--leave-detached-actor-on A] [--unmarked-group-child-on A]
-        [--leave-detached-placement-group-on A --gpus G] [--need-gpus G] [--hold-gpus-in-another-job-on A]
+        [--orphan-helper-on A] [--leave-detached-placement-group-on A --gpus G] [--need-gpus G]
+        [--hold-gpus-in-another-job-on A]
         [--steps N --step-time S [--stall-on A --stall-at K] [--slow-after K --slow-step-time S]]
         [--until-file PATH] [--ping-ray]
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--spawn-stubborn-child", action="store_true")
     parser.add_argument("--leave-detached-actor-on", type=int, action="append", default=[])
     parser.add_argument("--unmarked-group-child-on", type=int, action="append", default=[])
+    parser.add_argument("--orphan-helper-on", type=int, action="append", default=[])
     parser.add_argument("--leave-detached-placement-group-on", type=int, action="append", default=[])
     parser.add_argument("--hold-gpus-in-another-job-on", type=int, action="append", default=[])
     parser.add_argument("--gpus", type=float, default=1, help="the GPUs the detached placement group reserves")
@@ -64,6 +66,8 @@ def main() -> None:
         hold_gpus_in_another_job(args.gpus)
     if args.need_gpus and attempt not in args.leave_detached_placement_group_on:
         reserve_gpus(args.need_gpus)
+    if attempt in args.orphan_helper_on:
+        orphan_a_helper(Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("orphan.pid"))
     if attempt in args.unmarked_group_child_on:
         leave_an_unmarked_child_in_the_group(Path(os.environ["VERL_SUPERVISOR_ERROR_FILE"]).with_name("group-child"))
     if attempt in args.run_forever_on:
@@ -189,6 +193,24 @@ def leave_an_unmarked_child_in_the_group(report: Path) -> None:
 def wait_for_a_reply_that_never_comes() -> None:
     while True:
         time.sleep(1)
+
+
+def orphan_a_helper(pid_file: Path) -> None:
+    """What some libraries and launch scripts do: a helper with a fresh environment (no marker), in a session
+    of its own, whose parent exits at once (nobody's descendant); it writes its pid to ``pid_file``."""
+    code = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+        "    os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+        "    time.sleep(3600)\n"
+        "os._exit(0)\n"
+    )
+    fresh = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    subprocess.Popen([sys.executable, "-c", code, str(pid_file)], env=fresh, start_new_session=True).wait()
+    while not pid_file.exists():
+        time.sleep(0.01)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ processes (signals, process groups, a supervisor killed outright) or are kept as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -198,3 +200,48 @@ def test_finished_run_directory_is_not_reused(runs) -> None:
     again = run_supervisor(run_dir, SCRIPTED)
     assert again.returncode == 2
     assert "holds a finished run (done, exit 0)" in again.stderr
+
+
+def helper_pid(run_dir: Path, attempt: int) -> int:
+    return int((run_dir / "attempts" / str(attempt) / "orphan.pid").read_text())
+
+
+def test_a_helper_the_job_orphans_without_the_marker_is_ended_with_its_attempt(runs) -> None:
+    """The helper has a fresh environment, a session of its own and no living parent: no marker and no process
+    tree leads to it. It is the supervisor's orphan, and ends with the attempt that made it."""
+    run_dir = runs.new()
+    job_args = ("--fail-until", "2", "--orphan-helper-on", "1", "--orphan-helper-on", "2")
+    proc = run_supervisor(run_dir, SCRIPTED, job_args=job_args)
+    helpers = [helper_pid(run_dir, 1), helper_pid(run_dir, 2)]
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not [pid for pid in helpers if psutil.pid_exists(pid)], "no helper outlived the run"
+        first, second = events_of(run_dir, "teardown")
+        assert f"python[{helpers[0]}]" in first["terminated"] + first["killed"], first
+        assert f"python[{helpers[1]}]" in second["terminated"] + second["killed"], second
+        assert f"adopted python[{helpers[0]}]" in proc.stderr, "the adoption is said when it happens"
+    finally:
+        for pid in helpers:  # ours: the test's job started them
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
+def test_a_helper_the_job_orphaned_dies_with_a_supervisor_killed_outright(runs, tmp_path: Path) -> None:
+    run_dir = runs.new()
+    supervisor = start_supervisor(
+        run_dir, SCRIPTED, job_args=("--orphan-helper-on", "1", "--until-file", str(tmp_path / "never"))
+    )
+    log = run_dir.parent / f"{run_dir.name}.supervisor.log"
+    try:
+        wait_until((run_dir / "attempts" / "1" / "orphan.pid").exists, 120, "the job to orphan its helper")
+        helper = helper_pid(run_dir, 1)
+        wait_until(lambda: f"adopted python[{helper}]" in log.read_text(), 30, "the supervisor to adopt it")
+        assert psutil.Process(helper).ppid() == supervisor.pid, "re-parented to the supervisor, not to init"
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.wait(timeout=30)
+        wait_until(lambda: not psutil.pid_exists(helper), 30, "the reaper to end the helper with the run")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        with contextlib.suppress(psutil.Error, FileNotFoundError, ValueError):
+            psutil.Process(helper_pid(run_dir, 1)).kill()
