@@ -20,17 +20,25 @@ Each run draws (seeded, printed before it starts) a backend (naive or cpu_gloo) 
   damage:KIND         while the supervisor is down: a truncated or empty model shard, a missing data.pt, a tracker
                       naming a missing or an incomplete step, garbage in the tracker, a step "folder" that is a file
   heartbeat:KIND      the supervisor's heartbeat endpoint fed garbage, wrong tokens, or a flood of both
+  guard:orphan        the guard's injector starts a helper in a random phase of a sync that sheds the run's
+                      marker and its parent (a fresh environment, a session of its own, a parent that exits at
+                      once); the sync goes on. The helper logs its pid to the fault log
+  disk:fill           right after a step is saved, the run's checkpoint volume (a tmpfs the campaign mounts for
+                      the run; the fault does not fire where it may not mount one) is filled to the last byte
 
 A fault "fires" when it is really delivered (a guard fault: when the injector logs it; an external one: when its
 target existed); drawn faults whose moment never came are listed, not counted.
 
 Invariants checked after every run (a column each in results.md):
   outcome     exit 0 with final weights bit-identical to the fault-free run's, or the exit code the README gives
-              for a give-up (4 budget, 5 crash loop or no valid checkpoint) with a run_finished event naming it
+              for a give-up (4 budget, 5 crash loop or no valid checkpoint, and 3 disk-full once a disk:fill
+              fired: the run must stop at the first attempt that failed on the full disk) with a run_finished
+              event naming it
   failures_explained  every attempt that failed had a fault fire while it ran (or shortly before it began): a
               failure nobody injected is the supervisor's (e.g. relaunching onto a cluster it should have replaced)
   no_leftover no process of the run alive once the supervisor is gone (a process of the run: one carrying its
-              marker, or a child of one, seen by the campaign's monitor while the run went on)
+              marker, or a child of one, seen by the campaign's monitor while the run went on, and every helper
+              a guard:orphan fault started)
   one_attempt never two attempts of the run alive at once (a standby driver, started ahead for the next attempt
               and idle until it is launched, counts from its attempt's attempt_started on)
   no_file_lost every checkpoint file the campaign saw (hashed while the job was down) still there, byte for byte,
@@ -137,6 +145,11 @@ DAMAGES = (
     "step_is_file",
 )
 HEARTBEATS = ("garbage", "wrong_token", "flood")
+ORPHAN_CHANCE = 0.5
+DISK_FILL_CHANCE = 0.2
+"""Per run; drawn from a stream of their own, so that a seed's other draws stay what they were."""
+SMALL_VOLUME_BYTES = 256 << 20
+FILLER = "chaos-filler"
 TRACKER = "latest_checkpointed_iteration.txt"
 FINAL = "final.json"
 
@@ -221,6 +234,12 @@ def draw_run(seed: int, index: int) -> RunPlan:
                 schedule.append(Fault(f"damage:{damage}"))
         else:
             schedule.append(Fault(f"heartbeat:{rng.choice(HEARTBEATS)}", WITH_PREVIOUS if together else "training"))
+    more = random.Random(f"chaos-{seed}-{index}-process-and-disk")
+    if more.random() < ORPHAN_CHANCE:
+        phase, step = more.choice(PHASES[backend]), more.randint(1, STEPS)
+        guard.append(Fault("guard:orphan", spec=f"{phase}:orphan@{step}#{more.choice(attempts)}"))
+    if more.random() < DISK_FILL_CHANCE:
+        schedule.insert(more.randint(0, len(schedule)), Fault("disk:fill", "save", round(more.uniform(0, 0.5), 1)))
     return RunPlan(index, seed, backend, tuple(guard), tuple(schedule))
 
 
@@ -232,9 +251,14 @@ def family(kind: str) -> str:
 
 
 def judge_outcome(
-    exit_code: int | None, finished: dict[str, Any] | None, weights: str | None, reference: str
+    exit_code: int | None,
+    finished: dict[str, Any] | None,
+    weights: str | None,
+    reference: str,
+    disk_filled: bool = False,
 ) -> tuple[bool, str]:
-    """Exit 0 with the fault-free weights, or a documented give-up that the run_finished event names."""
+    """Exit 0 with the fault-free weights, or a documented give-up that the run_finished event names; once the
+    checkpoint volume was filled, exit 3 saying the disk is full is one."""
     if exit_code is None:
         return False, "the supervisor did not exit"
     if finished is None or finished.get("exit_code") != exit_code:
@@ -243,8 +267,10 @@ def judge_outcome(
         if weights != reference:
             return False, f"exit 0 but final weights {str(weights)[:12]} differ from the fault-free {reference[:12]}"
         return True, "done, weights bit-identical"
-    outcomes = GIVE_UPS.get(exit_code)
     reason = finished.get("reason", "")
+    if disk_filled and exit_code == 3 and "the checkpoint disk is full" in reason:
+        return True, f"gave up (exit 3, disk-full): {reason.split(':')[1][:90]}"
+    outcomes = GIVE_UPS.get(exit_code)
     if outcomes is None:
         return False, f"exit {exit_code}: {reason}"
     if finished.get("outcome") not in outcomes:
@@ -484,6 +510,25 @@ def damage(kind: str, root: Path, stash: Path, rng: random.Random) -> str | None
     raise ValueError(kind)
 
 
+def fill_volume(filler: Path) -> str:
+    """Write ``filler`` until its volume has no byte left; what was written."""
+    written = 0
+    chunk = b"\0" * (1 << 20)
+    with contextlib.suppress(OSError), filler.open("wb") as f:
+        while True:
+            f.write(chunk)
+            f.flush()
+            written += len(chunk)
+    return f"{filler.parent} filled: {written >> 20} MiB written, {shutil.disk_usage(filler.parent).free} bytes left"
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 # --- the heartbeat endpoint (mechanism) ---
 
 
@@ -602,6 +647,8 @@ class Run:
         self._progress = JsonlTail(workdir / "progress.jsonl")
         self._saves_seen: set[str] = set()
         self._teardowns_hashed = 0
+        self.small_volume: str | None = None
+        """Why the checkpoint folder is not on a volume of the run's own (None: it is, mounted at ``ckpt``)."""
 
     def say(self, text: str) -> None:
         self._log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
@@ -743,7 +790,33 @@ class Run:
             if not url or not token:
                 return Delivery(fault.describe(), False, detail="no heartbeat endpoint")
             return Delivery(fault.describe(), True, now, feed_heartbeats(what, url, token, self.rng))
+        if fam == "disk":
+            if self.small_volume is not None:
+                return Delivery(fault.describe(), False, detail=self.small_volume)
+            return Delivery(fault.describe(), True, now, fill_volume(self.ckpt / FILLER))
         raise ValueError(fault.kind)
+
+    def mount_small_volume(self) -> None:
+        """The run's checkpoint folder on a tmpfs of its own, for a disk:fill fault to fill."""
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={SMALL_VOLUME_BYTES}", "tmpfs", str(self.ckpt)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.small_volume = None if done.returncode == 0 else f"cannot mount a tmpfs: {done.stderr.strip()[:120]}"
+        self.say(f"checkpoint volume: {self.small_volume or f'a tmpfs of {SMALL_VOLUME_BYTES >> 20} MiB'}")
+
+    def unmount_small_volume(self) -> None:
+        """Its files are copied out first: the run directory keeps them for a post-mortem."""
+        if self.small_volume is None:
+            with contextlib.suppress(OSError):
+                (self.ckpt / FILLER).unlink()
+            kept = self.workdir / "checkpoints-on-the-small-volume"
+            shutil.copytree(self.ckpt, kept, dirs_exist_ok=True, symlinks=True)
+            subprocess.run(["umount", "--lazy", str(self.ckpt)], check=False)
+            self.small_volume = "unmounted"
 
     def supervisor_down(self, fault: Fault, damages: list[Fault], deadline: float) -> list[Delivery]:
         """Stop the supervisor as ``fault`` says, damage the files while it is down, start it again."""
@@ -795,12 +868,15 @@ class Run:
                 self.supervisor.kill()
                 self.supervisor.wait()
             kill_all(self.monitor.survivors())
+            self.unmount_small_volume()
             self._log.close()
 
     def _execute(self) -> RunResult:
         started = time.monotonic()
         deadline = started + self.limit_s
         self.say(self.plan.describe())
+        if any(family(f.kind) == "disk" for f in self.plan.schedule):
+            self.mount_small_volume()
         self.monitor.start()
         self.start_supervisor()
         schedule = list(self.plan.schedule)
@@ -836,14 +912,21 @@ class Run:
         survivors = self.monitor.survivors()
         self.monitor.stop()
         kill_all(survivors)
+        fault_log = [json.loads(line) for line in _lines(self.workdir / "faults.jsonl")]
+        orphans = [entry["orphan_pid"] for entry in fault_log if "orphan_pid" in entry]
+        orphans_alive = [pid for pid in orphans if running(pid)]
+        for pid in orphans_alive:  # the run's job started them: the campaign's to end
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
         events = self.events()
         finished = next((e for e in reversed(events) if e["event"] == "run_finished"), None)
         final_path = self.ckpt / FINAL
         weights = json.loads(final_path.read_text()).get("weights_sha256") if final_path.exists() else None
-        outcome_ok, outcome = judge_outcome(code, finished, weights, self.reference)
-        lost = lost_files(self.snapshots, hash_tree(self.ckpt) | hash_tree(self.workdir / "stash"))
-        guard_fired = [json.loads(line) for line in _lines(self.workdir / "faults.jsonl")]
         deliveries = [asdict(d) for d in self.deliveries]
+        filled = any(d["fired"] and d["fault"].startswith("disk:fill") for d in deliveries)
+        outcome_ok, outcome = judge_outcome(code, finished, weights, self.reference, disk_filled=filled)
+        lost = lost_files(self.snapshots, hash_tree(self.ckpt) | hash_tree(self.workdir / "stash"))
+        guard_fired = [entry for entry in fault_log if "spec" in entry]
         for entry in guard_fired:
             action = entry["spec"].split(":", 1)[1].split("@")[0].split("#")[0]
             source = "save" if entry["spec"].startswith(EMERGENCY_SAVE) else "guard"
@@ -851,7 +934,9 @@ class Run:
             deliveries.append(asdict(Delivery(fault, True, entry["ts"], f"pid {entry['pid']}")))
         notes = {
             "outcome": outcome,
-            "no_leftover": ", ".join(f"{s.role or s.cmdline[:50]}[{s.pid}]" for s in survivors),
+            "no_leftover": ", ".join(
+                [f"{s.role or s.cmdline[:50]}[{s.pid}]" for s in survivors] + [f"orphan[{p}]" for p in orphans_alive]
+            ),
             "one_attempt": "; ".join(self.monitor.overlaps[:3]),
             "no_file_lost": ", ".join(lost[:5]),
         }
@@ -871,7 +956,7 @@ class Run:
             wall_s=round(wall_s, 1),
             invariants={
                 "outcome": outcome_ok,
-                "no_leftover": not survivors,
+                "no_leftover": not survivors and not orphans_alive,
                 "one_attempt": not self.monitor.overlaps,
                 "no_file_lost": not lost,
                 "failures_explained": not unexplained,

@@ -43,7 +43,10 @@ from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
 from supervisor.job.trackers import tracker_env
 from supervisor.mechanisms.processes import tail
+from supervisor.mechanisms.volume import folder_bytes, volume_of
+from supervisor.policy import disk
 from supervisor.policy import restart as policy
+from supervisor.policy.disk import CheckpointSpace
 from supervisor.policy.outcomes import ExitCode, ExitStatus
 from supervisor.policy.restart import Decision, Restart, StartFrom, Stop
 from supervisor.policy.resume import MismatchedResume, ResumeCheck, VerifiedResume
@@ -55,6 +58,7 @@ from supervisor.run.events import (
     Backoff,
     CheckpointRotated,
     CheckpointSetAside,
+    CheckpointSpaceLow,
     CheckpointsUnjudgeable,
     ErrorRecordReceived,
     Event,
@@ -229,6 +233,7 @@ class Supervisor:
             start = self._choose_start()
             if isinstance(start, Stop):
                 return start
+            self._warn_if_low_on_space(start)
             self._emit_all(self.backend.prepare())
             self._check_stop()  # a stop signal while the cluster started: launch nothing
             job, record = self._launch(start)
@@ -242,7 +247,9 @@ class Supervisor:
             if end.mismatch is not None:
                 classification = policy.resume_not_honoured(end.mismatch.reason)
             else:
-                classification = classify(evidence, self.config.rules, self.config.default_action)
+                classification = self._disk_full(evidence) or classify(
+                    evidence, self.config.rules, self.config.default_action
+                )
             decision = self._conclude(job, record, evidence, classification)
             if isinstance(decision, Stop):
                 return decision
@@ -312,6 +319,45 @@ class Supervisor:
         if chosen is not None and self.config.checkpoints.rotate:
             self._rotate(infos, chosen.step)
         return policy.choose_start(chosen.step if chosen else None, str(chosen.path) if chosen else None, self.history)
+
+    def _checkpoint_space(self, newest: Path | None, incomplete: Sequence[Path] = ()) -> CheckpointSpace:
+        """``incomplete``: step folders found incomplete and not set aside yet (a save the full disk cut short)."""
+        root = Path(self.config.checkpoints.dir)
+        aside = [*sorted(root.glob("global_step_*.incomplete-*")), *incomplete] if root.is_dir() else []
+        return CheckpointSpace(
+            checkpoints_dir=str(root),
+            volume=volume_of(root),
+            newest_step_bytes=folder_bytes(newest) if newest is not None else None,
+            set_aside_bytes=sum(folder_bytes(path) for path in aside),
+            set_aside_count=len(aside),
+        )
+
+    def _disk_full(self, evidence: AttemptEvidence) -> Classification | None:
+        """The supervisor's own verdict on an attempt that found no room on the checkpoint volume."""
+        error = evidence.record
+        if evidence.exit is not None and evidence.exit.code == 0 and error is None:
+            return None  # it did not fail
+        texts = [evidence.log_tail, *((error.message, error.traceback) if error is not None else ())]
+        infos = self._scan()
+        complete = [info for info in infos if info.complete]
+        newest = max(complete, key=lambda info: info.step).path if complete else None
+        incomplete = [info.path for info in infos if not info.complete]
+        return disk.disk_full(texts, self._checkpoint_space(newest, incomplete))
+
+    def _warn_if_low_on_space(self, start: StartFrom) -> None:
+        newest = Path(start.checkpoint) if start.checkpoint else None
+        space = self._checkpoint_space(newest)
+        warning = disk.space_warning(space)
+        if warning is not None:
+            self.events.emit(
+                CheckpointSpaceLow(
+                    space.checkpoints_dir,
+                    space.volume.mount,
+                    space.volume.free_bytes,
+                    space.newest_step_bytes or 0,
+                    warning,
+                )
+            )
 
     def _rotate(self, infos: Sequence[CheckpointInfo], resume_step: int) -> None:
         facts = run_facts(Path(self.config.checkpoints.dir), self._checkpoint_facts)

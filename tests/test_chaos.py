@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,9 @@ def test_a_run_is_drawn_the_same_every_time_and_its_guard_faults_are_valid_specs
         assert all(spec.attempt is not None and spec.step is not None for spec in specs)
         assert not any(f.kind == "kill:rollout" for f in plan.schedule if plan.backend == "naive")
     drawn = {f.kind.split(":")[0] for plan in plans for f in plan.faults}
-    assert drawn == {"guard", "save", "kill", "stop", "supervisor", "damage", "heartbeat"}
+    assert drawn == {"guard", "save", "kill", "stop", "supervisor", "damage", "heartbeat", "disk"}
+    assert any(f.kind == "guard:orphan" for plan in plans for f in plan.guard), "helpers orphaned in a sync"
+    assert all(f.moment == "save" for plan in plans for f in plan.schedule if f.kind == "disk:fill")
     saves = [(f, plan) for plan in plans for f in plan.guard if f.kind.startswith("save:")]
     for save, plan in saves:
         # Drawn with a raise of the same step and attempt: the failure whose emergency save it strikes.
@@ -122,6 +125,40 @@ def test_a_failed_attempt_is_explained_only_by_a_fault_while_it_ran_or_just_befo
 )
 def test_an_outcome_passes_only_as_the_fault_free_weights_or_a_documented_give_up(code, finished, weights, ok) -> None:
     assert chaos.judge_outcome(code, finished, weights, "ref")[0] is ok
+
+
+def test_the_orphan_and_disk_faults_leave_a_seeds_other_draws_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    plans = [chaos.draw_run(3, index) for index in range(1, 21)]
+    monkeypatch.setattr(chaos, "ORPHAN_CHANCE", 0.0)
+    monkeypatch.setattr(chaos, "DISK_FILL_CHANCE", 0.0)
+    before = [chaos.draw_run(3, index) for index in range(1, 21)]
+    new = ("guard:orphan", "disk:fill")
+    assert [
+        (tuple(f for f in p.guard if f.kind not in new), tuple(f for f in p.schedule if f.kind not in new))
+        for p in plans
+    ] == [(p.guard, p.schedule) for p in before]
+
+
+def test_exit_3_passes_only_as_the_full_disk_a_disk_fill_made() -> None:
+    full = {"exit_code": 3, "outcome": "job_failed", "reason": "not restarting: the checkpoint disk is full: ..."}
+    other = {"exit_code": 3, "outcome": "job_failed", "reason": "not restarting: exit 78 (configuration-error)"}
+    assert chaos.judge_outcome(3, full, None, "ref", disk_filled=True)[0] is True
+    assert chaos.judge_outcome(3, full, None, "ref", disk_filled=False)[0] is False
+    assert chaos.judge_outcome(3, other, None, "ref", disk_filled=True)[0] is False
+
+
+def test_a_volume_is_filled_to_the_last_byte(tmp_path: Path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=False)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        said = chaos.fill_volume(mount / chaos.FILLER)
+        assert shutil.disk_usage(mount).free < 4096, said
+        assert said == f"{mount} filled: 2 MiB written, 0 bytes left"
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
 def test_the_roles_of_a_runs_processes_come_from_their_command_lines() -> None:

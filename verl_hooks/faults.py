@@ -16,11 +16,14 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
 
+from verl_hooks.contract import ENV_FAULT_LOG
 from verl_hooks.errors import HookSettingsError, InjectedFault
 from verl_hooks.phases import SyncPhase
 
@@ -33,6 +36,10 @@ class FaultAction(str, Enum):
     ObjectRef); a blocking phase blocks its thread (not cancellable, like a ``ray.get`` that never returns)."""
     EXIT = "exit"
     """The process dies at once (SIGKILL to itself), as on an OOM kill or a segfault."""
+    ORPHAN = "orphan"
+    """Start a helper that sheds the run's marker and its parent (a fresh environment, a session of its own, a
+    parent that exits at once: what some libraries' launch scripts do), then go on; the sync is not failed. The
+    helper appends its pid to the fault log, and sleeps: whatever ends it is the supervisor's doing."""
     STRAND = "strand"
     """In a phase that starts trainer tasks (naive, build_process_group, update_weights, finalize): start them,
     then raise without starting the rollout's side, as a rollout that never joins leaves the trainer's ranks
@@ -156,6 +163,9 @@ def _message(spec: FaultSpec, step: int | None) -> str:
 
 def fire_blocking(spec: FaultSpec, step: int | None) -> None:
     """Carry out ``spec`` in a phase that blocks its thread (the ones verl runs with ``ray.get``)."""
+    if spec.action is FaultAction.ORPHAN:
+        orphan_a_helper()
+        return
     if spec.action in (FaultAction.RAISE, FaultAction.STRAND):
         raise InjectedFault(_message(spec, step))
     if spec.action is FaultAction.EXIT:
@@ -166,6 +176,9 @@ def fire_blocking(spec: FaultSpec, step: int | None) -> None:
 
 async def fire_awaited(spec: FaultSpec, step: int | None) -> None:
     """Carry out ``spec`` in a phase that verl awaits (the replica calls)."""
+    if spec.action is FaultAction.ORPHAN:
+        orphan_a_helper()
+        return
     if spec.action in (FaultAction.RAISE, FaultAction.STRAND):
         raise InjectedFault(_message(spec, step))
     if spec.action is FaultAction.EXIT:
@@ -179,3 +192,22 @@ async def fire_awaited(spec: FaultSpec, step: int | None) -> None:
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_ORPHAN = r"""
+import json, os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if sys.argv[1]:
+        with open(sys.argv[1], "a") as log:
+            log.write(json.dumps({"ts": time.time(), "orphan_pid": os.getpid()}) + "\n")
+    time.sleep(3600)
+os._exit(0)
+"""
+
+
+def orphan_a_helper() -> None:
+    """The ``orphan`` action: its intermediate process exits at once, leaving the helper nobody's child."""
+    fresh = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    log = os.environ.get(ENV_FAULT_LOG, "")
+    subprocess.run([sys.executable, "-c", _ORPHAN, log], env=fresh, start_new_session=True, check=False)

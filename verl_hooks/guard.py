@@ -132,7 +132,7 @@ class _SyncContext:
         if fault is not None and fault.action is not FaultAction.STRAND:
             fire_blocking(fault, self.global_step)
         refs = self.trainer_tasks.note(submit())
-        if fault is not None:
+        if fault is not None and fault.action is FaultAction.STRAND:
             fire_blocking(fault, self.global_step)
         return refs
 

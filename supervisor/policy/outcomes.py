@@ -32,6 +32,8 @@ class SupervisorRule(str, Enum):
     """A bug in the supervisor ended the run while the attempt ran."""
     RESUME_MISMATCH = "resume-mismatch"
     """The attempt did not resume from the checkpoint the supervisor chose (its weight syncs said so)."""
+    DISK_FULL = "disk-full"
+    """The attempt found no room to write, and the checkpoint volume has less free than the next save needs."""
 
     def __str__(self) -> str:
         return self.value  # as recorded, in messages too

@@ -135,6 +135,21 @@ class CheckpointRotated(Event):
 
 
 @dataclass(frozen=True)
+class CheckpointSpaceLow(Event):
+    """Before a launch: the checkpoint volume has less free than the newest complete step takes."""
+
+    kind: ClassVar[str] = "checkpoint_space_low"
+    checkpoints_dir: str
+    mount: str
+    free_bytes: int
+    newest_step_bytes: int
+    message: str
+
+    def describe(self) -> str:
+        return f"WARNING: {self.message}"
+
+
+@dataclass(frozen=True)
 class CheckpointsUnjudgeable(Event):
     kind: ClassVar[str] = "checkpoints_unjudgeable"
     folders: list[str]

@@ -108,6 +108,7 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the multi-node cluster is the tests' own (tests/multi_node.py), not the supervisor's
 def test_a_node_whose_ports_collide_joins_on_fresh_ports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CI once drew one port twice for a joining node (each was chosen while the other was already released), and
     Ray refused it. Ports are now held until all are drawn, and a node that exits before joining draws again."""

@@ -25,6 +25,7 @@ import pytest
 from supervisor.backends.base import Stopped, TeardownResult
 from supervisor.backends.fence import AttemptView, fence, fence_rules
 from supervisor.config import TeardownConfig
+from supervisor.mechanisms import node_probe
 from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck
 from supervisor.mechanisms.node_probe import NodeSweep, probe_env, sweep_nodes
 from supervisor.mechanisms.node_scan import NodeScan
@@ -143,7 +144,9 @@ def test_a_node_that_cannot_run_the_task_is_reported_unanswered(two_nodes: Local
 
 
 @pytest.mark.ray
-def test_no_cluster_no_answer_and_no_probe_process_left() -> None:
+def test_no_cluster_no_answer_and_no_probe_process_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A probe that cannot connect is killed at its limit: 1 s past the sweep's 5 here, not the product's 15.
+    monkeypatch.setattr(node_probe, "PROBE_OVERHEAD_S", 1.0)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     sweep = sweep_nodes("127.0.0.1:9", dict(os.environ), {"n1": []}, {"K": "v"}, timeout_s=5, grace_s=2.0)
     assert list(sweep.unanswered) == ["n1"]

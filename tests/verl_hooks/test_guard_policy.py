@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
+import psutil
 import pytest
 from ray import cloudpickle
 
+from supervisor.mechanisms.processes import wait_for
 from verl_hooks.contract import ErrorRecord, RecordSource, read_record, write_record
 from verl_hooks.errors import (
     CleanupOutcome,
@@ -18,7 +21,7 @@ from verl_hooks.errors import (
     WeightSyncTimeout,
     find_weight_sync_error,
 )
-from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, parse_fault_specs
+from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, fire_blocking, parse_fault_specs
 from verl_hooks.phases import MULTI_PHASE_ORDER, CleanupStep, SyncPhase, plan_cleanup
 from verl_hooks.record import record_for_exception
 from verl_hooks.settings import HookSettings
@@ -111,6 +114,24 @@ def test_fault_fires_once_on_its_step_and_attempt_only() -> None:
     assert plan.take(P.ABORT, 3) is None
     assert plan.take(P.FINALIZE, 3) == spec
     assert plan.take(P.FINALIZE, 3) is None
+
+
+def test_an_orphan_fault_leaves_a_helper_without_marker_or_parent_and_lets_the_sync_go_on(
+    tmp_path, monkeypatch
+) -> None:
+    log = tmp_path / "faults.jsonl"
+    monkeypatch.setenv("VERL_HOOKS_FAULT_LOG", str(log))
+    monkeypatch.setenv("VERL_SUPERVISOR_RUN_ID", "the-run")
+    (spec,) = parse_fault_specs("update_weights:orphan@3#1")
+    fire_blocking(spec, 3)  # returns: the sync is not failed
+    assert wait_for(lambda: log.exists() and log.read_text().strip(), 10)
+    helper = psutil.Process(json.loads(log.read_text().splitlines()[0])["orphan_pid"])
+    try:
+        assert helper.ppid() != os.getpid(), "its parent exited: it is nobody's descendant"
+        assert os.getsid(helper.pid) == helper.pid, "a session of its own"
+        assert "VERL_SUPERVISOR_RUN_ID" not in helper.environ(), "no marker"
+    finally:
+        helper.kill()
 
 
 def test_settings_come_from_the_environment() -> None:

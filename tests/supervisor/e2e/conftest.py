@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import ProcessInfo
@@ -108,14 +109,21 @@ def state_of(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def reference(ray_cluster, tmp_path_factory) -> dict:
-    """final.json of an uninterrupted run of JOB_ARGS, and its checkpoints as a template."""
+def reference(ray_cluster, tmp_path_factory, worker_id: str) -> dict:
+    """final.json of an uninterrupted run of JOB_ARGS, and its checkpoints as a template. Run once per test
+    session: the xdist workers share it (the first to need it runs it, the others wait for it)."""
     from tests.mini_ppo.harness import run_job
 
-    ckpt = tmp_path_factory.mktemp("mini_reference") / "checkpoints"
-    run = run_job(ray_cluster, ckpt, *JOB_ARGS)
-    assert run.returncode == 0, run.output[-3000:]
-    return {"final": run.final(), "checkpoints": ckpt}
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if worker_id != "master" else base) / "mini_reference"
+    with FileLock(f"{shared}.lock"):
+        done = shared / "final.json"
+        if not done.exists():
+            shared.mkdir(exist_ok=True)
+            run = run_job(ray_cluster, shared / "checkpoints", *JOB_ARGS)
+            assert run.returncode == 0, run.output[-3000:]
+            done.write_text(json.dumps(run.final()))
+    return {"final": json.loads(done.read_text()), "checkpoints": shared / "checkpoints"}
 
 
 def final_of(run_dir: Path) -> dict:
