@@ -236,8 +236,9 @@ def draw_run(seed: int, index: int) -> RunPlan:
             schedule.append(Fault(f"heartbeat:{rng.choice(HEARTBEATS)}", WITH_PREVIOUS if together else "training"))
     more = random.Random(f"chaos-{seed}-{index}-process-and-disk")
     if more.random() < ORPHAN_CHANCE:
-        phase, step = more.choice(PHASES[backend]), more.randint(1, STEPS)
-        guard.append(Fault("guard:orphan", spec=f"{phase}:orphan@{step}#{more.choice(attempts)}"))
+        # In the first attempt's first syncs: sure to come, unless a fault before it ends the attempt.
+        phase, step = more.choice(PHASES[backend]), more.randint(1, STEPS // 2)
+        guard.append(Fault("guard:orphan", spec=f"{phase}:orphan@{step}#1"))
     if more.random() < DISK_FILL_CHANCE:
         schedule.insert(more.randint(0, len(schedule)), Fault("disk:fill", "save", round(more.uniform(0, 0.5), 1)))
     return RunPlan(index, seed, backend, tuple(guard), tuple(schedule))

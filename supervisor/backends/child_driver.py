@@ -126,7 +126,7 @@ class ChildDriverBackend(JobBackend):
             return
         self._orphans_told.update(p.pid for p in new)
         named = ", ".join(f"{info.name}[{info.pid}]" for info in map(ProcessInfo.of, new))
-        logger.warning("adopted %s, orphaned by the attempt without the run's marker: ended with it", named)
+        logger.warning("adopted %s: orphans of the run's process tree, ended with the attempt", named)
         if self._on_orphans is not None:
             self._on_orphans(new)
 
