@@ -147,7 +147,7 @@ DAMAGES = (
 HEARTBEATS = ("garbage", "wrong_token", "flood")
 ORPHAN_CHANCE = 0.5
 DISK_FILL_CHANCE = 0.2
-"""Per run; drawn from a stream of their own, so that a seed's other draws stay what they were."""
+"""Per run; each drawn from a stream of its own, so that a seed's other draws stay what they were."""
 SMALL_VOLUME_BYTES = 256 << 20
 FILLER = "chaos-filler"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -234,13 +234,14 @@ def draw_run(seed: int, index: int) -> RunPlan:
                 schedule.append(Fault(f"damage:{damage}"))
         else:
             schedule.append(Fault(f"heartbeat:{rng.choice(HEARTBEATS)}", WITH_PREVIOUS if together else "training"))
-    more = random.Random(f"chaos-{seed}-{index}-process-and-disk")
-    if more.random() < ORPHAN_CHANCE:
+    orphan = random.Random(f"chaos-{seed}-{index}-orphan")
+    if orphan.random() < ORPHAN_CHANCE:
         # In the first attempt's first syncs: sure to come, unless a fault before it ends the attempt.
-        phase, step = more.choice(PHASES[backend]), more.randint(1, STEPS // 2)
+        phase, step = orphan.choice(PHASES[backend]), orphan.randint(1, STEPS // 2)
         guard.append(Fault("guard:orphan", spec=f"{phase}:orphan@{step}#1"))
-    if more.random() < DISK_FILL_CHANCE:
-        schedule.insert(more.randint(0, len(schedule)), Fault("disk:fill", "save", round(more.uniform(0, 0.5), 1)))
+    disk = random.Random(f"chaos-{seed}-{index}-disk")
+    if disk.random() < DISK_FILL_CHANCE:
+        schedule.insert(disk.randint(0, len(schedule)), Fault("disk:fill", "save", round(disk.uniform(0, 0.5), 1)))
     return RunPlan(index, seed, backend, tuple(guard), tuple(schedule))
 
 

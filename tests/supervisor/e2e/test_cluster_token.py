@@ -37,7 +37,9 @@ def overrides(mode: str, cluster: LocalRayCluster) -> tuple[str, ...]:
     return ("ray.mode=jobs", f"ray.address={cluster.dashboard_url}", f"ray.gcs_address={cluster.address}")
 
 
-@pytest.mark.parametrize("mode", ["address", "jobs"])
+# Both modes send the token through the same client code (ray_wire's headers, the driver's environment); the
+# jobs mode's copy runs with -m slow.
+@pytest.mark.parametrize("mode", ["address", pytest.param("jobs", marks=pytest.mark.slow)])
 def test_a_run_on_a_token_cluster_uses_its_token_end_to_end(runs, token_cluster, mode: str) -> None:
     cluster, token = token_cluster
     run_dir = runs.new()

@@ -214,6 +214,9 @@ def test_an_actor_the_fence_may_not_kill_stops_the_run_before_a_second_attempt(r
             )
 
 
+# Removal by id is proven against a real cluster by tests/supervisor/test_ray_wire.py, the fence's judgement by
+# tests/supervisor/test_fence.py; this whole run of the loop runs with -m slow.
+@pytest.mark.slow
 def test_detached_placement_group_left_by_a_failed_attempt_is_removed_before_the_next_one(
     runs, two_nodes, bystander
 ) -> None:

@@ -60,7 +60,9 @@ def assert_same_end(run_dir: Path, reference: dict, critic_reference: dict, opti
 @pytest.mark.parametrize(
     "options",
     [
-        pytest.param(ALL_OPTIONS, id="megatron-critic-separate_async"),
+        # Every layout is judged in milliseconds by tests/supervisor/test_checkpoint_layouts.py, on files verl's own
+        # writers produce; these whole runs of the loop take a minute each.
+        pytest.param(ALL_OPTIONS, id="megatron-critic-separate_async", marks=pytest.mark.slow),
         pytest.param((MEGATRON,), id="megatron", marks=pytest.mark.slow),
         pytest.param((CRITIC,), id="fsdp-critic", marks=pytest.mark.slow),
         pytest.param((ASYNC,), id="separate_async", marks=pytest.mark.slow),
