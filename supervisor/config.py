@@ -8,6 +8,7 @@ below the CLI reads the environment for them.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -338,20 +339,46 @@ def host_of(address: str) -> str:
     return urlsplit(address if "://" in address else f"//{address}").hostname or ""
 
 
-def resolve_cluster(config: SupervisorConfig, environ: Mapping[str, str]) -> list[str]:
+TOKEN_AUTH_SINCE = (2, 52)
+"""The first Ray whose clusters take ``RAY_AUTH_MODE=token``: an older one ignores the variable and is open."""
+
+
+def token_auth_problem(auth_mode: str | None, ray_version: str) -> str | None:
+    """Token auth asked of a Ray that has none would be a lie: a cluster open while the supervisor says it is
+    closed. The one line that says so, and what to choose instead; None when there is no lie."""
+    if auth_mode != "token":
+        return None
+    release = tuple(int(part) for part in re.findall(r"\d+", ray_version)[:2])
+    if release >= TOKEN_AUTH_SINCE:
+        return None
+    since = ".".join(map(str, TOKEN_AUTH_SINCE))
+    return (
+        f"ray.auth_mode=token needs Ray {since} or newer; Ray {ray_version} has no token authentication and its "
+        f"cluster would take work from anyone who reaches it: set ray.auth_mode=disabled (on a machine only you "
+        f"can reach), or install a newer Ray"
+    )
+
+
+def resolve_cluster(config: SupervisorConfig, environ: Mapping[str, str], ray_version: str | None = None) -> list[str]:
     """Fill in the cluster addresses a mode needs (from $RAY_ADDRESS and Ray's default ports); returns the
-    problems, one line each. Resolved here, once: the backends get values, not environment lookups."""
+    problems, one line each. Resolved here, once: the backends get values, not environment lookups.
+    ``ray_version``: the installed Ray's (None: read from its package metadata, without importing it)."""
     ray = config.ray
+    version = ray_version or importlib.metadata.version("ray")
     if ray.mode is RayMode.local:
         ray.auth_mode = ray.auth_mode or "token"
         if ray.auth_mode == "token" and ray.auth_token_path is None:
             ray.auth_token_path = f"{config.run_dir}/{RUN_TOKEN_FILE}"
-        return []
+        problem = token_auth_problem(ray.auth_mode, version)
+        return [problem] if problem else []
     ray.auth_mode = ray.auth_mode or environ.get("RAY_AUTH_MODE") or "disabled"
     if ray.auth_mode == "token" and ray.auth_token_path is None:
         ray.auth_token_path = environ.get("RAY_AUTH_TOKEN_PATH") or None
     if ray.auth_mode not in ("disabled", "token"):
         return [f"RAY_AUTH_MODE must be disabled or token, not {ray.auth_mode!r}"]
+    problem = token_auth_problem(ray.auth_mode, version)
+    if problem:
+        return [problem]
     if ray.address is None:
         ray.address = environ.get("RAY_ADDRESS") or None
     address = ray.address or ""

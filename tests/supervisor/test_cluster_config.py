@@ -178,3 +178,40 @@ def test_skypilot_example_leaves_the_job_to_the_supervisor_and_its_command_compo
     assert config.metrics.port == 9464
     assert config.run_dir == task["envs"]["RUN_DIR"]
     assert_composes_against_verl(config, job_args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "environ", "ray_version", "refused"),
+    [
+        ((), {}, "2.51.1", True),  # the embedded cluster's default is token
+        ((), {}, "2.52.0", False),
+        ((), {}, "2.60.0", False),
+        (("ray.auth_mode=disabled",), {}, "2.41.0", False),
+        (("ray.mode=address", "ray.address=head:6379"), {"RAY_AUTH_MODE": "token"}, "2.48.0", True),
+        (("ray.mode=address", "ray.address=head:6379"), {}, "2.48.0", False),
+        (("ray.mode=jobs", "ray.address=http://head:8265", "ray.auth_mode=token"), {}, "2.47.1", True),
+    ],
+)
+def test_token_auth_on_a_ray_that_has_none_is_refused_not_promised(overrides, environ, ray_version, refused) -> None:
+    config = to_config_unresolved(overrides)
+    problems = resolve_cluster(config, environ, ray_version=ray_version)
+    if refused:
+        (problem,) = problems
+        assert problem.startswith(f"ray.auth_mode=token needs Ray 2.52 or newer; Ray {ray_version} has no token")
+        assert "ray.auth_mode=disabled" in problem
+    else:
+        assert problems == []
+
+
+def test_a_refused_token_is_a_usage_error_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.50.0" if name == "ray" else "0")
+    with pytest.raises(UsageError, match=r"Ray 2\.50\.0 has no token authentication"):
+        to_supervisor_config(compose_config(["run_dir=/tmp/unused"]))
+
+
+def to_config_unresolved(overrides: tuple[str, ...]) -> SupervisorConfig:
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_object(compose_config(["run_dir=/tmp/unused", *overrides]))
+    assert isinstance(config, SupervisorConfig)
+    return config
