@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import loop
 from supervisor.cli import compose_config, to_supervisor_config
 from supervisor.loop import Supervisor, new_history
-from supervisor.policy.outcomes import Action, ExitCode, ExitStatus
+from supervisor.mechanisms.volume import Volume
+from supervisor.policy.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
 from supervisor.run.events import EventLog, read_events
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
@@ -480,3 +482,37 @@ def test_no_standby_when_turned_off_or_no_restart_can_come(tmp_path: Path, overr
     run = supervise(tmp_path, [synced], *overrides)
     assert run.code is ExitCode.DONE
     assert run.backend.standbys == []
+
+
+def full_volume_under(monkeypatch: pytest.MonkeyPatch, free_bytes: int) -> None:
+    """The checkpoint folder's volume, as the loop measures it, with ``free_bytes`` left."""
+    monkeypatch.setattr(loop, "volume_of", lambda path: Volume("/ckpt", "/dev/nvme1n1", 100 << 30, free_bytes))
+
+
+def test_a_failed_attempt_on_a_volume_that_cannot_hold_the_next_save_stops_the_run_with_exit_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full_volume_under(monkeypatch, 0)
+    torch_on_a_full_disk = Attempt(exit=ExitStatus(code=1), saves=(2,), output="unexpected pos 128 vs 0\n")
+    run = supervise(tmp_path, [torch_on_a_full_disk, success()])
+    assert run.code is ExitCode.JOB_FAILED
+    assert len(run.backend.launched) == 1, "no attempt is launched into the full disk"
+    (exited,) = run.events("attempt_exited")
+    assert (exited["rule"], exited["action"]) == ("disk-full", "fail")
+    assert exited["reason"].startswith("the checkpoint disk is full: the volume /ckpt (/dev/nvme1n1) holding ")
+    assert run.history().attempts[0].rule is SupervisorRule.DISK_FULL
+
+
+def test_a_launch_onto_a_volume_low_on_room_is_warned_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full_volume_under(monkeypatch, 1024)
+
+    def a_saved_step(run_dir: RunDirectory, checkpoints: Path) -> None:
+        write_step(checkpoints, 2, world_size=1, payload=4096)
+
+    run = supervise(tmp_path, [success()], prepare_run_dir=a_saved_step)
+    assert run.code is ExitCode.DONE, "a warning, not a verdict: the job did not fail"
+    (low,) = run.events("checkpoint_space_low")
+    assert low["free_bytes"] == 1024
+    assert low["newest_step_bytes"] > 4096
+    assert "WARNING: the next checkpoint may not fit: the volume /ckpt (/dev/nvme1n1)" in run.console
+    assert run.kinds().index("checkpoint_space_low") < run.kinds().index("attempt_started")

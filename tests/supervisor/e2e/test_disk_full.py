@@ -16,7 +16,9 @@ import pytest
 from supervisor.checkpoints import scan_checkpoints
 from tests.supervisor.e2e.conftest import FAST, JOB_ARGS, events_of, run_supervisor
 
-pytestmark = pytest.mark.ray
+# A whole run of the mini-PPO job onto a real full volume: with -m slow. The loop's verdict and warning are
+# tests/supervisor/test_loop.py's (milliseconds), the verdict itself tests/supervisor/test_disk.py's.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PAGE = 4096
 

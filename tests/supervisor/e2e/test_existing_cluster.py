@@ -273,6 +273,9 @@ def test_a_placement_group_the_fence_may_not_remove_stops_the_run(runs, two_node
             )
 
 
+# The GCS's resources are read against a real cluster by tests/supervisor/test_ray_wire.py, the judgement is
+# tests/supervisor/test_fence.py's: this whole run of the loop runs with -m slow.
+@pytest.mark.slow
 def test_gpus_not_free_again_after_the_attempt_stop_the_run_naming_who_holds_them(runs, two_nodes, bystander) -> None:
     """What the attempt's job id cannot find: a group of another Ray job that the attempt started still holds the
     GPUs. The fence compares the cluster's free GPUs with those before the attempt and relaunches nothing."""
