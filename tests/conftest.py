@@ -88,9 +88,3 @@ def connect_driver(cluster: LocalRayCluster, **runtime_env) -> None:
         log_to_driver=False,
         namespace=f"test-{os.getpid()}",
     )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The end-to-end modules first (a minute each at most): the two workers then finish together on short tests,
-    instead of one running a long test alone at the end. Whole modules move, so module fixtures start once."""
-    items.sort(key=lambda item: 0 if "/e2e/" in item.nodeid else 1)
