@@ -51,26 +51,55 @@ def run_supervisor(
     *overrides: str,
     job_args: tuple[str, ...] = (),
     extra_env: dict[str, str] | None = None,
-    timeout_s: float = 600,
+    timeout_s: float = 240,
 ):
-    """The supervisor to its end. ``extra_env`` reaches the job too: it inherits the supervisor's environment."""
-    return subprocess.run(
-        supervisor_argv(run_dir, *overrides, job_args=job_args),
-        cwd=REPO_ROOT,
-        env=supervisor_env(**(extra_env or {})),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    """The supervisor to its end. ``extra_env`` reaches the job too: it inherits the supervisor's environment.
+
+    ``timeout_s`` stays under pytest's own timeout, so that a run that never ends is stopped here and the test
+    fails with what the run said and wrote, instead of a stack of pytest's waiting thread."""
+    argv = supervisor_argv(run_dir, *overrides, job_args=job_args)
+    env = supervisor_env(**(extra_env or {}))
+    with subprocess.Popen(
+        argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # the supervisor tears the attempt down on SIGTERM, and says where it was
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            raise AssertionError(
+                f"the supervisor ran past {timeout_s} s and was stopped\n{describe_run(run_dir, stdout + stderr)}"
+            ) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def describe_run(run_dir: Path, output: str) -> str:
+    """What a stuck run leaves to read: its events, the tail of each attempt's log, the supervisor's output."""
+    parts = []
+    events = run_dir / "events.jsonl"
+    if events.exists():
+        parts.append("events:\n" + events.read_text()[-6000:])
+    for log in sorted(run_dir.glob("attempts/*/stdout.log")):
+        parts.append(f"{log.relative_to(run_dir)}:\n" + log.read_text(errors="replace")[-3000:])
+    parts.append("supervisor output:\n" + output[-6000:])
+    return "\n".join(parts)
 
 
 def run_supervisor_with_faults(
-    run_dir: Path, faults: str, *overrides: str, job_args: tuple[str, ...] = JOB_ARGS, **env: str
+    run_dir: Path,
+    faults: str,
+    *overrides: str,
+    job_args: tuple[str, ...] = JOB_ARGS,
+    timeout_s: float = 240,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """The supervisor with FAST restarts, the job with ``VERL_HOOKS_FAULTS`` (``PHASE:ACTION@STEP#ATTEMPT``)."""
     extra_env = {"VERL_HOOKS_FAULTS": faults, **env}
-    return run_supervisor(run_dir, *FAST, *overrides, job_args=job_args, extra_env=extra_env)
+    return run_supervisor(run_dir, *FAST, *overrides, job_args=job_args, extra_env=extra_env, timeout_s=timeout_s)
 
 
 def start_supervisor(

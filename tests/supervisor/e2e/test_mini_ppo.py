@@ -156,6 +156,7 @@ def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(
         f"restart.max_restarts={len(hung_phases)}",
         f"restart.max_failures_without_progress={len(hung_phases) + 1}",
         job_args=(*JOB_ARGS, *MULTI_PHASE),
+        timeout_s=60 + 45 * (len(hung_phases) + 1),  # under pytest's timeout: a stuck run says where it was
         VERL_HOOKS_SYNC_TIMEOUT_S=str(GUARD_DEADLINE_S),
         VERL_HOOKS_FAULT_LOG=str(fault_log),
     )
