@@ -29,6 +29,10 @@ TEST_CONFIG_DIR = REPO_ROOT / "tests" / "supervisor" / "e2e" / "conf"
 # The mini-PPO job of the end-to-end tests (the reference digest depends on every one of these, the backend
 # aside: both backends carry the same weights), as small as it gets: each of its Ray processes imports verl.
 JOB_ARGS = ("trainer.total_training_steps=6", "trainer.save_freq=2", "seed=11", "trainer.n_workers=1")
+# A whole run, then its teardown on SIGTERM, within pytest's 300 s: a run that never ends fails here, with what it
+# said and wrote, rather than in pytest's timeout with nothing of the run to read.
+RUN_TIMEOUT_S = 220
+STOP_TIMEOUT_S = 40
 # Quick restarts: the tests wait for real events, never for the backoff.
 FAST = ("restart.backoff_initial_s=0.2", "restart.backoff_jitter_s=0", "teardown.grace_s=3")
 
@@ -51,7 +55,7 @@ def run_supervisor(
     *overrides: str,
     job_args: tuple[str, ...] = (),
     extra_env: dict[str, str] | None = None,
-    timeout_s: float = 240,
+    timeout_s: float = RUN_TIMEOUT_S,
 ):
     """The supervisor to its end. ``extra_env`` reaches the job too: it inherits the supervisor's environment.
 
@@ -67,7 +71,7 @@ def run_supervisor(
         except subprocess.TimeoutExpired:
             proc.terminate()  # the supervisor tears the attempt down on SIGTERM, and says where it was
             try:
-                stdout, stderr = proc.communicate(timeout=60)
+                stdout, stderr = proc.communicate(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 stdout, stderr = proc.communicate()
@@ -94,7 +98,7 @@ def run_supervisor_with_faults(
     faults: str,
     *overrides: str,
     job_args: tuple[str, ...] = JOB_ARGS,
-    timeout_s: float = 240,
+    timeout_s: float = RUN_TIMEOUT_S,
     **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """The supervisor with FAST restarts, the job with ``VERL_HOOKS_FAULTS`` (``PHASE:ACTION@STEP#ATTEMPT``)."""
