@@ -101,6 +101,10 @@ class RestartConfig:
     backoff_jitter_s: float = 1.0
     max_failures_without_progress: int = 3
     """This many failed attempts in a row without the checkpoint step advancing is a crash loop: stop."""
+    stop_on_repeated_failure: bool = True
+    """Stop (exit 3) when an attempt that resumed from where the previous one left off fails like it: the same
+    error type, phase and message (numbers and ids aside) at the same global step. A restart would run the same
+    steps into the same failure (``supervisor/policy/repeats.py``)."""
     warm_standby: bool = True
     """Once an attempt has finished its first weight sync, start the next attempt's driver ahead (``python -m
     verl_hooks.standby``): it imports the launcher and what the job's module imports, then waits, connected to

@@ -19,7 +19,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Protocol, TextIO
@@ -138,6 +138,8 @@ class AttemptEnd:
     mismatch: MismatchedResume | None = None
     record_grace_over: bool = False
     """The job's error record arrived and its driver did not exit within ``teardown.record_grace_s``."""
+    last_step: int | None = None
+    """The last global step the attempt's weight syncs carried."""
 
 
 @dataclass
@@ -469,6 +471,9 @@ class Supervisor:
             else None,
             beats_log=self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl",
         )
+        return replace(self._watch_until_end(job, watch), last_step=watch.progress.last_step)
+
+    def _watch_until_end(self, job: RunningJob, watch: _Watch) -> AttemptEnd:
         dog, grace_s = self.config.watchdog, self.config.teardown.record_grace_s
         tick = dog.tick_s if self.heartbeats is not None else None
         while True:
@@ -592,13 +597,17 @@ class Supervisor:
         record = read_record(log_dir / "error.json")
         half = self.config.log_tail_bytes // 2
         log_tail = tail(log_dir / "stdout.log", half) + "\n" + tail(log_dir / "stderr.log", half)
-        return AttemptEvidence(end.status, record, log_tail, stalled=end.stall is not None)
+        return AttemptEvidence(end.status, record, log_tail, stalled=end.stall is not None, last_step=end.last_step)
 
     def _record_end(self, record: AttemptRecord, evidence: AttemptEvidence, classification: Classification) -> None:
         error, status = evidence.record, evidence.exit or ExitStatus()
         record.judge(self.clock.now(), classification.action, classification.rule, classification.reason)
         record.exit_code, record.signal = status.code, status.signal_name
         from_record = record.took(error)
+        if record.failed:
+            record.error_message = error.message[: record.MESSAGE_CHARS] if error is not None else None
+            step = error.global_step if error is not None else None
+            record.failed_at_step = step if step is not None else evidence.last_step
         self.history.move_to(RunState.TEARING_DOWN)
         self.run_dir.save_history(self.history)
         self.events.emit(

@@ -58,7 +58,8 @@ class ExitCode(IntEnum):
     USAGE = 2
     """Bad command line or configuration, or the run directory is in use or already finished: nothing ran."""
     JOB_FAILED = 3
-    """The job failed in a way its rules say a restart cannot fix (e.g. a configuration error)."""
+    """The job failed in a way a restart cannot fix: its rules say so (e.g. a configuration error), the checkpoint
+    disk is full, or the same failure repeated at the same step from the same checkpoint."""
     BUDGET_EXHAUSTED = 4
     """The job kept failing and the restart budget (restart.max_restarts) is spent."""
     CRASH_LOOP = 5

@@ -1,6 +1,7 @@
 """Every decision on whether the run goes on: pure functions of data, returning values the loop carries out.
 
-- ``after_attempt``: restart after a backoff, or stop, from the run's history and the restart policy. The
+- ``after_attempt``: restart after a backoff, or stop, from the run's history and the restart policy (a failure
+  that repeated itself at the same step is judged by ``policy.repeats``). The
   budget and the backoff are counted from the history, not from a retry loop's own state, because they
   outlive one supervisor process: they are kept in state.json and continue when a supervisor is restarted on
   the same run directory (so tenacity's retry loop, which the supervisor uses for calls it repeats, does not
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from supervisor.config import RestartConfig
 from supervisor.policy.outcomes import Action, ExitCode, SupervisorRule
+from supervisor.policy.repeats import repeated_failure
 from supervisor.policy.rules import Classification
 from supervisor.run.history import RunHistory
 
@@ -47,6 +49,8 @@ Decision = Restart | Stop
 
 NO_VALID_CHECKPOINT = "no_valid_checkpoint"
 """The outcome of a run that had a complete checkpoint and finds none valid (exit 5, like a crash loop)."""
+REPEATED_FAILURE = "repeated_failure"
+"""The outcome of a run whose failure repeated itself at the same step from the same checkpoint (exit 3)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ def after_attempt(
         return Stop(ExitCode.RESUME_NOT_HONOURED, f"not restarting: {classification.reason}")
     if classification.action is Action.fail:
         return Stop(ExitCode.JOB_FAILED, f"not restarting: {classification.reason}")
+    repeated = repeated_failure(history) if policy.stop_on_repeated_failure else None
+    if repeated is not None:
+        return Stop(ExitCode.JOB_FAILED, repeated.describe(), outcome=REPEATED_FAILURE)
     streak = history.failures_without_progress()
     if streak >= policy.max_failures_without_progress:
         return Stop(

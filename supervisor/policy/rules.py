@@ -25,6 +25,8 @@ class AttemptEvidence:
     log_tail: str = ""
     stalled: bool = False
     """The watchdog ended the attempt: it had stopped making progress."""
+    last_step: int | None = None
+    """The last global step its weight syncs carried (None: none seen)."""
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,13 @@ class AttemptRecord:
     """The newest complete checkpoint step once the attempt was over."""
     emergency_checkpoint: dict[str, Any] | None = None
     """What the trainer did about the step it was at before the attempt ended (the error record's)."""
+    error_message: str | None = None
+    """The error record's message (cut at ``MESSAGE_CHARS``): with ``error_type`` and ``phase``, what a repeated
+    failure is recognised by."""
+    failed_at_step: int | None = None
+    """The global step it failed at: the error record's, else the last step its weight syncs carried."""
+
+    MESSAGE_CHARS: ClassVar[int] = 2000
 
     FROM_RECORD: ClassVar[tuple[str, ...]] = ("error_type", "phase", "emergency_checkpoint")
     """The fields it takes from the attempt's error record, by the same name (``took``), and passes on to the

@@ -186,6 +186,22 @@ def test_failures_without_progress_are_a_crash_loop_with_growing_backoff(tmp_pat
     assert RunDirectory(run.run_dir).load_history().outcome == "crash_loop"
 
 
+def test_a_failure_that_repeats_at_the_same_step_from_the_same_checkpoint_stops_with_exit_3(tmp_path: Path) -> None:
+    attempts = [weight_sync_failure(saves=(2,)), weight_sync_failure(saves=()), success()]
+    run = supervise(tmp_path, attempts)
+    assert run.code is ExitCode.JOB_FAILED
+    assert len(run.backend.launched) == 2
+    (finished,) = run.events("run_finished")
+    assert finished["outcome"] == "repeated_failure"
+    assert (
+        "attempts 1 and 2 both failed with WeightSyncFatalError in phase update_weights at global step 3"
+        in (finished["reason"])
+    )
+    failed = run.history().attempts
+    assert [(a.failed_at_step, a.error_message) for a in failed] == [(3, WEIGHT_SYNC.message)] * 2
+    assert supervise(tmp_path / "off", attempts, "restart.stop_on_repeated_failure=false").code is ExitCode.DONE
+
+
 def test_a_run_that_lost_its_checkpoints_refuses_to_start_over(tmp_path: Path) -> None:
     def damage(run_dir: RunDirectory, checkpoints: Path) -> None:
         history = RunHistory(run_id="lost", newest_checkpoint_step=4)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import random
 import signal
+import traceback
+from pathlib import Path
 
 import pytest
 
 from supervisor.cli import compose_config, to_supervisor_config
 from supervisor.config import RestartConfig
 from supervisor.policy.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
+from supervisor.policy.repeats import normalise
 from supervisor.policy.restart import (
     Restart,
     StartFrom,
@@ -108,6 +111,49 @@ def test_shipped_rules(shipped, evidence: AttemptEvidence, action: Action, rule:
     assert result.action is action
     if rule is not None:
         assert result.rule == rule
+
+
+def _verl_config_error(*overrides: str) -> BaseException:
+    """What verl's own checks raise for ``overrides`` of its ppo_trainer config (composing it instantiates verl's
+    worker config dataclasses, whose checks run too), as its TaskRunner would after start-up."""
+    import verl.trainer.main_ppo
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import validate_config
+
+    config_dir = Path(verl.trainer.main_ppo.__file__).parent / "config"
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            config = compose("ppo_trainer", overrides=list(overrides))
+        validate_config(config, use_reference_policy=False, use_critic=False)
+    except Exception as exc:  # whatever verl raises is the evidence
+        return exc
+    raise AssertionError(f"verl accepted {overrides}")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("data.train_batch_size=3", "trainer.n_gpus_per_node=2"),
+        ("actor_rollout_ref.actor.ppo_micro_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"),
+    ],
+    ids=["batch-not-divisible", "both-micro-batch-sizes"],
+)
+def test_verls_own_configuration_errors_after_start_up_are_not_restarted(shipped, overrides) -> None:
+    """The driver sees them wrapped in Ray's RayTaskError (no error type of verl's to match): its output names them."""
+    exc = _verl_config_error(*overrides)
+    output = "".join(traceback.format_exception(exc))
+    evidence = AttemptEvidence(ExitStatus(code=1), _record("ray.exceptions.RayTaskError"), output)
+    result = classify(evidence, shipped.rules, shipped.default_action)
+    assert (result.action, result.rule) == (Action.fail, "verl-config-error")
+
+
+def test_an_out_of_memory_is_named_and_restarted(shipped) -> None:
+    import torch
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    output = "".join(traceback.format_exception(oom))
+    result = classify(AttemptEvidence(ExitStatus(code=1), None, output), shipped.rules, shipped.default_action)
+    assert (result.action, result.rule) == (Action.restart, "out-of-memory")
 
 
 def test_first_matching_rule_wins_and_all_criteria_must_hold(shipped) -> None:
@@ -267,3 +313,82 @@ def test_resume_check_answers_once_from_the_first_two_distinct_steps() -> None:
     assert isinstance(wrong, MismatchedResume)
     assert wrong.seen_step == 1
     assert "first weight sync" in wrong.reason
+
+
+def _failed(
+    number: int,
+    resumed: int | None,
+    reached: int | None,
+    *,
+    step: int | None = 3,
+    message: str = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total) at 0x7f3a2c000000",
+    error_type: str | None = "torch.OutOfMemoryError",
+    phase: str | None = None,
+    rule: SupervisorRule | str = "oom",
+) -> AttemptRecord:
+    record = AttemptRecord(number, 0.0, resumed, reached_step=reached, error_type=error_type, phase=phase)
+    record.judge(1.0, Action.restart, rule, "failed")
+    record.error_message, record.failed_at_step = message, step
+    return record
+
+
+def _run(*attempts: AttemptRecord) -> RunHistory:
+    return RunHistory(run_id="r", attempts=list(attempts))
+
+
+GENEROUS = RestartConfig(max_restarts=9, max_failures_without_progress=9, backoff_jitter_s=0.0)
+SAME_AGAIN = _failed(2, 2, 2, message="CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 79.15 GiB total) at 0x55")
+
+
+def test_the_same_failure_at_the_same_step_from_where_the_last_one_left_stops_with_exit_3() -> None:
+    history = _run(_failed(1, None, 2), SAME_AGAIN)
+    stop = decide(history, RESTART, GENEROUS)
+    assert isinstance(stop, Stop)
+    assert (stop.exit_code, stop.outcome_name) == (ExitCode.JOB_FAILED, "repeated_failure")
+    assert "attempts 1 and 2 both failed with OutOfMemoryError at global step 3" in stop.reason
+    assert "after resuming from global_step_2" in stop.reason
+    assert "attempts/1/error.json, attempts/2/error.json" in stop.reason
+    assert "restart.stop_on_repeated_failure=false" in stop.reason
+
+
+def test_the_key_turns_the_judgement_off() -> None:
+    off = RestartConfig(max_restarts=9, max_failures_without_progress=9, stop_on_repeated_failure=False)
+    assert isinstance(decide(_run(_failed(1, None, 2), SAME_AGAIN), RESTART, off), Restart)
+
+
+@pytest.mark.parametrize(
+    ("second", "why"),
+    [
+        (_failed(2, 2, 4, step=5), "another step"),
+        (_failed(2, 2, 2, error_type="builtins.ValueError"), "another error type"),
+        (_failed(2, 2, 2, phase="update_weights"), "another phase"),
+        (_failed(2, 2, 2, message="NaN in the reward"), "another message"),
+        (_failed(2, 0, 2), "another starting point than where the first left off"),
+        (_failed(2, 2, 4), "the second saved a newer step than it resumed from"),
+        (_failed(2, 2, 2, error_type=None), "no error record"),
+        (_failed(2, 2, 2, step=None), "no known step"),
+    ],
+)
+def test_a_failure_that_differs_is_restarted(second: AttemptRecord, why: str) -> None:
+    assert isinstance(decide(_run(_failed(1, None, 2), second), RESTART, GENEROUS), Restart), why
+
+
+def test_attempts_the_supervisors_death_or_a_stop_signal_ended_are_passed_over() -> None:
+    interrupted = _failed(2, 2, 2, rule=SupervisorRule.INTERRUPTED, message="stopped")
+    history = _run(_failed(1, None, 2), interrupted, _failed(3, 2, 2))
+    stop = decide(history, RESTART, GENEROUS)
+    assert isinstance(stop, Stop)
+    assert "attempts 1 and 3" in stop.reason
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("worker pid=1234 on 10.0.0.7:6379 died", "worker pid=98 on 10.0.0.9:6380 died"),
+        ("actor 3f2a9c1be0d44e5f8a7b lost", "actor 9d8e7f6a5b4c3d2e1f0a lost"),
+        ("failed  in\nattempt 1", "failed in attempt 2"),
+    ],
+)
+def test_numbers_ids_and_spacing_do_not_make_two_messages_differ(first: str, second: str) -> None:
+    assert normalise(first) == normalise(second)
+    assert normalise("NaN in the loss") != normalise("NaN in the reward")

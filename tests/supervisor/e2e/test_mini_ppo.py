@@ -101,6 +101,37 @@ def test_weight_sync_failure_is_restarted_from_its_emergency_checkpoint_bit_iden
     assert [name.rsplit("-", 2)[-2:] for name in wandb_offline_runs(tmp_path)] == [["verl", run_id]] * 2
 
 
+# Without the emergency save, a relaunch trains the failed step again from the step before (saves at 2, 4, 6).
+NO_EMERGENCY_SAVE = "restart.emergency_save=false"
+
+
+def test_a_failure_that_repeats_at_the_same_step_stops_after_the_second_attempt_with_exit_3(runs) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor_with_faults(run_dir, "naive:raise@3", NO_EMERGENCY_SAVE)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    exited = events_of(run_dir, "attempt_exited")
+    assert [(e["exit_code"], e["phase"], e["global_step"]) for e in exited] == [(75, "naive", 3)] * 2
+    assert [e["resume_step"] for e in events_of(run_dir, "attempt_started")] == [None, 2]
+    (finished,) = events_of(run_dir, "run_finished")
+    assert (finished["exit_code"], finished["outcome"]) == (3, "repeated_failure")
+    assert (
+        "attempts 1 and 2 both failed with WeightSyncFatalError in phase naive at global step 3" in (finished["reason"])
+    )
+    assert "the same failure repeated" in proc.stdout + proc.stderr, "the console says why the run stopped"
+    assert all((run_dir / "attempts" / str(n) / "error.json").exists() for n in (1, 2)), "both records are kept"
+
+
+@pytest.mark.slow  # the judgement of steps that differ: tests/supervisor/test_policy.py, in milliseconds
+def test_a_failure_at_another_step_after_progress_is_restarted(runs, reference) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor_with_faults(run_dir, "naive:raise@3#1,naive:raise@5#2", NO_EMERGENCY_SAVE)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exited = events_of(run_dir, "attempt_exited")
+    assert [(e["exit_code"], e["global_step"]) for e in exited] == [(75, 3), (75, 5), (0, None)]
+    assert [e["resume_step"] for e in events_of(run_dir, "attempt_started")] == [None, 2, 4]
+    assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+
+
 @pytest.mark.slow  # in-process: tests/supervisor/test_loop.py (every mismatch)
 def test_a_relaunch_that_ignores_the_chosen_checkpoint_is_stopped_at_its_first_sync(runs) -> None:
     """A job preset whose resume arguments verl does not honour (here: resume disabled, the path ignored)."""
@@ -156,7 +187,7 @@ def test_hang_in_each_weight_sync_phase_ends_at_the_deadline_and_is_restarted(
         f"restart.max_restarts={len(hung_phases)}",
         f"restart.max_failures_without_progress={len(hung_phases) + 1}",
         job_args=(*JOB_ARGS, *MULTI_PHASE),
-        timeout_s=60 + 45 * (len(hung_phases) + 1),  # under pytest's timeout: a stuck run says where it was
+        timeout_s=60 + 45 * (len(hung_phases) + 1),  # with STOP_TIMEOUT_S, under pytest's timeout
         VERL_HOOKS_SYNC_TIMEOUT_S=str(GUARD_DEADLINE_S),
         VERL_HOOKS_FAULT_LOG=str(fault_log),
     )
