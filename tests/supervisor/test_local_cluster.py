@@ -84,15 +84,17 @@ def test_a_cluster_whose_agent_died_or_whose_raylet_is_stopped_is_unhealthy(tmp_
         raylet = raylet_of(cluster)
         raylet.send_signal(signal.SIGSTOP)
         try:
+            assert wait_for(lambda: cluster.dead_core_processes() == [f"raylet[{raylet.pid}]"], 10)
             assert not cluster.is_healthy()
-            assert cluster.dead_core_processes() == [f"raylet[{raylet.pid}]"]
         finally:
             raylet.send_signal(signal.SIGCONT)
         assert cluster.is_healthy(), "running again"
 
         agent = next(c for c in raylet.children() if c.name() == "ray::DashboardAgent")
         agent.suspend()
-        assert cluster.dead_core_processes() == [f"ray::DashboardAgent[{agent.pid}]"]
+        # SIGSTOP is delivered asynchronously: the kernel shows the agent stopped a moment later.
+        stopped = [f"ray::DashboardAgent[{agent.pid}]"]
+        assert wait_for(lambda: cluster.dead_core_processes() == stopped, 10), cluster.dead_core_processes()
         agent.kill()
         assert wait_for(lambda: not cluster.is_healthy(), 10)
         assert wait_for(lambda: f"raylet[{raylet.pid}]" in cluster.dead_core_processes(), 60), "it follows its agent"
