@@ -246,6 +246,17 @@ class NotifyConfig:
 
 
 @dataclass
+class NodesConfig:
+    exclude: bool = True
+    """After a failed attempt, drain in Ray (as ``ray drain-node`` does) each node it used that the probe found
+    unhealthy (a GPU unreachable, uncorrectable ECC errors, pages pending retirement, a row-remapping failure,
+    hardware slowdown, a failed compute check) or that was the place of the failure on two attempts in a row,
+    never the head; stop (exit 9) when the nodes left cannot hold what the job reserved, or when the one machine
+    of an embedded cluster has an unhealthy GPU. Off: the health is still read and reported, nothing is drained
+    or stopped for it."""
+
+
+@dataclass
 class SupervisorConfig:
     run_dir: str = MISSING
     job: JobConfig = field(default_factory=JobConfig)
@@ -256,6 +267,7 @@ class SupervisorConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    nodes: NodesConfig = field(default_factory=NodesConfig)
     rules: list[RuleConfig] = field(default_factory=list)
     default_action: Action = Action.restart
     """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound."""

@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Protocol, TextIO
 
 import verl_hooks.contract as contract
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob
+from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
 from supervisor.checkpoints import (
     CheckpointInfo,
     choose_resume_checkpoint,
@@ -42,9 +42,10 @@ from supervisor.config import SupervisorConfig
 from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
 from supervisor.job.trackers import tracker_env
+from supervisor.mechanisms.gpu_health import NodeReading
 from supervisor.mechanisms.processes import tail
 from supervisor.mechanisms.volume import folder_bytes, volume_of
-from supervisor.policy import disk
+from supervisor.policy import disk, nodes
 from supervisor.policy import restart as policy
 from supervisor.policy.disk import CheckpointSpace
 from supervisor.policy.outcomes import ExitCode, ExitStatus
@@ -63,6 +64,8 @@ from supervisor.run.events import (
     ErrorRecordReceived,
     Event,
     EventLog,
+    NodeExcluded,
+    NodeHealthChecked,
     ResumeMismatch,
     ResumeVerified,
     RunFinished,
@@ -193,6 +196,9 @@ class Supervisor:
         self._checkpoint_facts = facts_from_overrides([*config.job.args, *self.user_args])
         self._in_flight = _InFlight()
         self._standby_for: tuple[int, list[str]] | None = None
+        # Each node's last GPU reading (ECC counters are judged since the last look) and the nodes drained.
+        self._node_readings: dict[str, NodeReading] = {}
+        self._drained: set[str] = set()
         self._stop_signal: int | None = None
         self._stop_repeated = False
         self._interruptible = False
@@ -262,11 +268,14 @@ class Supervisor:
     ) -> Decision:
         """The one way an attempt ends: record the verdict, tear the attempt down and fence it, decide."""
         self._record_end(record, evidence, classification)
-        fenced, problems = self._teardown(job)
-        after_fence = policy.after_teardown(fenced, problems)
+        torn_down = self._teardown(job)
+        after_fence = policy.after_teardown(torn_down.fenced, torn_down.problems)
         if after_fence is not None:
             return after_fence
-        return policy.after_attempt(self.history, classification, self.config.restart, self.rng)
+        decision = policy.after_attempt(self.history, classification, self.config.restart, self.rng)
+        if isinstance(decision, Restart):
+            return self._judge_nodes(job, record, evidence, torn_down) or decision
+        return decision
 
     # --- steps ---
 
@@ -625,7 +634,7 @@ class Supervisor:
             )
         )
 
-    def _teardown(self, job: RunningJob) -> tuple[bool, tuple[str, ...]]:
+    def _teardown(self, job: RunningJob) -> TeardownResult:
         with self._signals_deferred():
             result = self.backend.teardown(job)
             self._in_flight.torn_down = True
@@ -637,7 +646,62 @@ class Supervisor:
         self.events.emit(
             Teardown(attempt=job.attempt, fenced=result.fenced, reached_step=reached, **result.event_fields())
         )
-        return result.fenced, result.problems
+        return result
+
+    def _judge_nodes(
+        self, job: RunningJob, record: AttemptRecord, evidence: AttemptEvidence, torn_down: TeardownResult
+    ) -> Stop | None:
+        """Before a relaunch: the health of the nodes the attempt used; drain those it must not land on again,
+        and stop when what is left cannot run the job (``supervisor/policy/nodes.py``)."""
+        with self._signals_deferred():
+            seen = self.backend.nodes_after(job, torn_down)
+        health = [nodes.judge_node(n, host, r, self._node_readings.get(n)) for n, host, r in seen.readings]
+        health += nodes.dead_nodes(seen.ran_on - seen.used, seen.nodes)
+        self._node_readings.update({n: r for n, _, r in seen.readings})
+        for verdict in health:
+            self.events.emit(
+                NodeHealthChecked(
+                    job.attempt,
+                    verdict.node_id,
+                    verdict.hostname,
+                    verdict.healthy,
+                    list(verdict.problems),
+                    verdict.checked,
+                )
+            )
+        error = evidence.record
+        record.failure_nodes = sorted(
+            nodes.failure_nodes(error.hostname, error.message, seen.nodes) if error is not None else set()
+        )
+        self.run_dir.save_history(self.history)
+        if not self.config.nodes.exclude:
+            return None
+        if seen.single_machine:
+            verdict = nodes.unhealthy_machine(health)
+            return Stop(ExitCode.NO_HEALTHY_CAPACITY, verdict) if verdict else None
+        failed = [set(a.failure_nodes) for a in self.history.attempts if a.failed and not a.interrupted][-2:]
+        drained = []
+        for exclusion in nodes.exclusions(health, failed, seen.used, seen.nodes, self._drained):
+            message = f"verl-supervisor run {self.history.run_id}, after attempt {job.attempt}: {exclusion.reason}"
+            with self._signals_deferred():
+                outcome = self.backend.exclude_node(exclusion.node_id, message)
+            self.events.emit(
+                NodeExcluded(
+                    job.attempt,
+                    exclusion.node_id,
+                    exclusion.hostname,
+                    exclusion.reason,
+                    outcome.accepted,
+                    outcome.message,
+                )
+            )
+            if outcome.accepted:
+                self._drained.add(exclusion.node_id)
+                drained.append(exclusion)
+        missing = nodes.shortfall(seen.demand, seen.nodes, self._drained) if drained else {}
+        if missing:
+            return Stop(ExitCode.NO_HEALTHY_CAPACITY, nodes.capacity_lost(missing, seen.demand, drained))
+        return None
 
     def _back_off(self, decision: Restart) -> None:
         self.history.move_to(RunState.BACKING_OFF)

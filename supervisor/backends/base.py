@@ -7,19 +7,27 @@ writes to the run's log.
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from supervisor.backends.fence import AttemptView, FenceResult, fence, fence_rules
 from supervisor.clock import Clock
 from supervisor.config import TeardownConfig
+from supervisor.mechanisms.gpu_health import NodeReading, read_node
+from supervisor.mechanisms.node_probe import COMPUTE_CHECK_MAX_S
 from supervisor.mechanisms.processes import ProcessInfo
+from supervisor.mechanisms.ray_drain import DrainOutcome
+from supervisor.mechanisms.ray_state import NodeInfo, RayStateClient
 from supervisor.mechanisms.stacks import StackDump
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import Event
+
+logger = logging.getLogger(__name__)
 
 
 class Waker(Protocol):
@@ -87,6 +95,8 @@ class TeardownResult(FenceResult):
         they are, so a field added to the fence's result reaches the event without another copy by hand."""
         values = {}
         for f in fields(self):
+            if not f.metadata.get("event", True):
+                continue
             value = getattr(self, f.name)
             if isinstance(value, tuple):
                 value = [f"{v.name}[{v.pid}]" if isinstance(v, ProcessInfo) else v for v in value]
@@ -98,6 +108,44 @@ class TeardownResult(FenceResult):
         """Nothing of the attempt is left: the next attempt may start."""
         left = self.survivors or self.actors_alive or self.placement_groups_alive or self.resources_held
         return not left and not self.problems
+
+
+@dataclass(frozen=True)
+class NodesSeen:
+    """What the loop judges the nodes by after a failed attempt (``supervisor/policy/nodes.py``)."""
+
+    readings: tuple[tuple[str, str, NodeReading], ...] = ()
+    """(node id, host name, its GPUs' reading) of each node the attempt used."""
+    nodes: tuple[NodeInfo, ...] = ()
+    """Every node of the cluster, as Ray knows it (empty: one machine, or Ray did not say)."""
+    demand: dict[str, float] = field(default_factory=dict)
+    """What the attempt's placement groups reserved: what the next attempt needs."""
+    single_machine: bool = False
+    """The embedded cluster: every node is this machine, and nothing can be drained."""
+    ran_on: frozenset[str] = frozenset()
+    """Every node where an actor of the attempt ran, the dead ones included (they were not swept)."""
+
+    @property
+    def used(self) -> set[str]:
+        return {node_id for node_id, _, _ in self.readings}
+
+
+def cluster_nodes_seen(result: TeardownResult, state: RayStateClient | None) -> NodesSeen:
+    """A cluster of several machines: what the fence's sweep read on each node of the attempt, and what Ray says
+    of the cluster's nodes and of the attempt's reservations (left empty when it does not answer)."""
+    readings = tuple((scan.node_id, scan.hostname, scan.health) for scan in result.node_readings)
+    nodes: tuple[NodeInfo, ...] = ()
+    demand: dict[str, float] = {}
+    ran_on: set[str] = set()
+    if state is not None:
+        try:
+            nodes = tuple(state.nodes())
+            if result.ray_job_id:
+                demand = state.job_demand(result.ray_job_id)
+                ran_on = state.job_actor_nodes(result.ray_job_id)
+        except Exception as exc:  # noqa: BLE001 - without them nothing is drained; the attempt is still judged
+            logger.warning("state API did not describe the cluster's nodes: %s", exc)
+    return NodesSeen(readings, nodes, demand, ran_on=frozenset(ran_on))
 
 
 class ClusterStartFailed(RuntimeError):
@@ -156,6 +204,16 @@ class JobBackend(ABC):
         fenced = fence(view, fence_rules(self.teardown_config, view), self.clock)
         self.drain_output(job, self.teardown_config.output_drain_s)
         return TeardownResult.of(stopped, fenced, self.clock.monotonic() - started)
+
+    def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:
+        """After a failed attempt: what its nodes' GPUs read. This default is one machine, this one, read here
+        (NVML, and the compute check in a child process)."""
+        reading = read_node(compute_timeout_s=COMPUTE_CHECK_MAX_S)
+        return NodesSeen(readings=(("local", socket.gethostname(), reading),), single_machine=True)
+
+    def exclude_node(self, node_id: str, message: str) -> DrainOutcome:
+        """Keep the next attempts off ``node_id`` (drain it in Ray, with ``message``)."""
+        return DrainOutcome(node_id, False, "this backend cannot drain a node")
 
     @abstractmethod
     def stale_processes(self) -> list[ProcessInfo]:

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.backends.base import JobBackend, LaunchSpec, RunningJob, Stopped, Waker
+from supervisor.backends.base import (
+    JobBackend,
+    LaunchSpec,
+    NodesSeen,
+    RunningJob,
+    Stopped,
+    TeardownResult,
+    Waker,
+    cluster_nodes_seen,
+)
 from supervisor.backends.clusters import Cluster
 from supervisor.backends.driver import DriverProcess, StandbyDriver, standby_module
 from supervisor.backends.fence import AttemptView, Sweeper, resources_now
@@ -29,6 +38,7 @@ from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.processes import ProcessInfo, terminate_processes
 from supervisor.mechanisms.ray_auth import auth_env
+from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
@@ -172,6 +182,16 @@ class ChildDriverBackend(JobBackend):
 
     def drain_output(self, job: RunningJob, timeout_s: float) -> None:
         self._attempts.pop(job.attempt).driver.join_output(timeout_s)
+
+    def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:
+        if not self.cluster.spans_machines:
+            return super().nodes_after(job, result)
+        return cluster_nodes_seen(result, self.cluster.state_client())
+
+    def exclude_node(self, node_id: str, message: str) -> DrainOutcome:
+        if not self.cluster.spans_machines:
+            return super().exclude_node(node_id, message)
+        return drain_node(self.cluster.gcs_address, node_id, message, self._ray.api_timeout_s)
 
     def _sweeper(self, job: RunningJob) -> Sweeper | None:
         if not (self.cluster.spans_machines and self.teardown_config.sweep_nodes):

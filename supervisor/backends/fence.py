@@ -26,6 +26,7 @@ from supervisor.clock import Clock
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import GpuMemoryCheck, gpu_memory_holders
 from supervisor.mechanisms.node_probe import NodeSweep
+from supervisor.mechanisms.node_scan import NodeScan
 from supervisor.mechanisms.processes import ProcessInfo, terminate_processes
 from supervisor.mechanisms.ray_kill import KillOutcome, KillResult, kill_actors, remove_placement_groups
 from supervisor.mechanisms.ray_resources import cluster_resources, still_held
@@ -75,6 +76,8 @@ class FenceResult:
     """What the sweep of the attempt's nodes found (``NodeSweep.summary``); None: not swept (one machine)."""
     ray_job_id: str | None = None
     problems: tuple[str, ...] = ()
+    node_readings: tuple[NodeScan, ...] = field(default=(), metadata={"event": False})
+    """Each swept node's answer, its GPUs' health included (for the judgement of the nodes, not the event)."""
 
 
 @dataclass
@@ -266,6 +269,7 @@ def _result(seen: Seen, done: _Done, view: AttemptView, problems: tuple[str, ...
         nodes=None if seen.nodes is None else seen.nodes.summary(),
         ray_job_id=view.ray_job_id,
         problems=(*view.problems, *problems),
+        node_readings=tuple((seen.nodes or seen.swept_before or NodeSweep()).scans),
     )
 
 

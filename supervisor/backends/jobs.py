@@ -26,7 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, Stopped, Waker
+from supervisor.backends.base import (
+    ClusterStartFailed,
+    JobBackend,
+    LaunchSpec,
+    NodesSeen,
+    RunningJob,
+    Stopped,
+    TeardownResult,
+    Waker,
+    cluster_nodes_seen,
+)
 from supervisor.backends.fence import AttemptView, resources_now
 from supervisor.clock import Clock
 from supervisor.config import RayConfig, TeardownConfig
@@ -35,6 +45,7 @@ from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.outage import BoundedCalls, Outage
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
+from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.policy.outcomes import ExitStatus
@@ -278,6 +289,14 @@ class JobsBackend(JobBackend):
 
     def drain_output(self, job: RunningJob, timeout_s: float) -> None:
         self._submissions.pop(job.attempt).tail.finish(timeout_s)
+
+    def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:
+        return cluster_nodes_seen(result, self._state)
+
+    def exclude_node(self, node_id: str, message: str) -> DrainOutcome:
+        if not self._ray.gcs_address:
+            return DrainOutcome(node_id, False, "no ray.gcs_address to drain it through")
+        return drain_node(self._ray.gcs_address, node_id, message, self._ray.api_timeout_s)
 
     def stale_processes(self) -> list[ProcessInfo]:
         """Stop this run's submissions that an earlier supervisor of the run left running (before any attempt:

@@ -46,7 +46,8 @@ class GpuMemoryCheck:
         return "held: " + ", ".join(holder.describe() for holder in self.holders)
 
 
-def _nvml() -> ModuleType | None:
+def nvml_binding() -> ModuleType | None:
+    """nvidia-ml-py, else the copy Ray ships; None when neither is installed."""
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
@@ -59,7 +60,7 @@ def _nvml() -> ModuleType | None:
 
 def gpu_memory_holders(pids: Collection[int], nvml: ModuleType | None = None) -> GpuMemoryCheck:
     """The processes among ``pids`` holding memory on this machine's NVIDIA GPUs."""
-    nvml = nvml if nvml is not None else _nvml()
+    nvml = nvml if nvml is not None else nvml_binding()
     if nvml is None:
         return GpuMemoryCheck(skipped="no NVML binding (nvidia-ml-py) is installed")
     try:

@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from supervisor.mechanisms.node_scan import NodeScan, scan_node
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, FORWARDED_ENV_PREFIXES
 
+COMPUTE_CHECK_MAX_S = 30.0
+"""The GPUs' compute check on a node (a child process importing torch, initialising CUDA, one small matmul per
+device) takes seconds when healthy; past this it counts as hung."""
+COMPUTE_CHECK_MIN_S = 10.0
+COMPUTE_CHECK_MARGIN_S = 3.0
 PROBE_OVERHEAD_S = 15.0
 """On top of a sweep's time limit, for the probe process's own start, Ray connection and shutdown: past it the
 probe is killed and every node it was to scan counts as unanswered."""
@@ -114,11 +119,18 @@ def attempt_sweeper(
     return lambda known, timeout_s: sweep_nodes(gcs_address, env, known, markers, timeout_s, grace_s)
 
 
-def _scan_task(markers: dict[str, str], known_pids: list[int], grace_s: float) -> dict:
+def _scan_task(markers: dict[str, str], known_pids: list[int], grace_s: float, compute_timeout_s: float) -> dict:
     import ray
 
     here = ray.get_runtime_context().get_node_id()  # where it ran, which the answer names: not where it was sent
-    return scan_node(here, markers, known_pids, grace_s).to_json()
+    return scan_node(here, markers, known_pids, grace_s, compute_timeout_s).to_json()
+
+
+def compute_check_time(timeout_s: float, grace_s: float) -> float:
+    """What a scan may give its GPUs' compute check within a sweep of ``timeout_s``: what is left after the
+    process sweep's two graces and a margin, at most ``COMPUTE_CHECK_MAX_S`` (0: no time for one)."""
+    left = timeout_s - 2 * grace_s - COMPUTE_CHECK_MARGIN_S
+    return min(COMPUTE_CHECK_MAX_S, left) if left >= COMPUTE_CHECK_MIN_S else 0.0
 
 
 def main() -> int:
@@ -127,9 +139,9 @@ def main() -> int:
     import ray.cloudpickle
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from supervisor.mechanisms import gpu_memory, marked, node_scan
+    from supervisor.mechanisms import gpu_health, gpu_memory, marked, node_scan
 
-    for module in (marked, gpu_memory, node_scan):
+    for module in (marked, gpu_memory, gpu_health, node_scan):
         ray.cloudpickle.register_pickle_by_value(module)  # the nodes need not have the supervisor installed
     started = time.monotonic()
     ray.init(address=request["address"], log_to_driver=False, logging_level="ERROR")
@@ -138,7 +150,8 @@ def main() -> int:
         pending = {}
         for node, pids in request["nodes"].items():
             pinned = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            pending[pinned.remote(request["markers"], pids, request["grace_s"])] = node
+            compute_s = compute_check_time(request["timeout_s"], request["grace_s"])
+            pending[pinned.remote(request["markers"], pids, request["grace_s"], compute_s)] = node
         # The tasks are sent: at least a second to hear from them, however long connecting took.
         remaining = max(1.0, request["timeout_s"] - (time.monotonic() - started))
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=remaining)

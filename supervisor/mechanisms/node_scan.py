@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from supervisor.mechanisms.gpu_health import NodeReading, read_node
 from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck, gpu_memory_holders
 from supervisor.mechanisms.marked import find_marked_processes
 
@@ -35,6 +36,8 @@ class NodeScan:
     survivors: list[tuple[int, str]] = field(default_factory=list)
     """(pid, name) of those still alive after SIGKILL (a process in uninterruptible sleep)."""
     gpu: GpuMemoryCheck = field(default_factory=GpuMemoryCheck)
+    health: NodeReading = field(default_factory=NodeReading)
+    """What the node's GPUs read (``gpu_health``), for the judgement of whether the next attempt may use it."""
 
     @property
     def clean(self) -> bool:
@@ -53,11 +56,16 @@ class NodeScan:
             terminated=[tuple(p) for p in data.get("terminated", [])],
             survivors=[tuple(p) for p in data.get("survivors", [])],
             gpu=GpuMemoryCheck(skipped=gpu.get("skipped"), devices=gpu.get("devices", 0), holders=holders),
+            health=NodeReading.from_json(data.get("health")),
         )
 
 
 def scan_node(
-    node_id: str, markers: Mapping[str, str], known_pids: Collection[int] = (), grace_s: float = 2.0
+    node_id: str,
+    markers: Mapping[str, str],
+    known_pids: Collection[int] = (),
+    grace_s: float = 2.0,
+    compute_timeout_s: float = 0.0,
 ) -> NodeScan:
     """End the processes here that carry every one of ``markers``, then ask NVML whether any of them, or of
     ``known_pids`` (the attempt's actors here, and what earlier scans ended), still holds GPU memory: a process
@@ -71,12 +79,17 @@ def scan_node(
     _send(alive, psutil.Process.kill)
     survivors = _wait_gone(alive, grace_s)
     gpu = gpu_memory_holders({*known_pids, *(p.pid for p in found)})
+    try:
+        health = read_node(compute_timeout_s=compute_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a health read that fails must not cost the sweep its answer
+        health = NodeReading(skipped=f"the GPUs' health could not be read: {type(exc).__name__}: {exc}")
     return NodeScan(
         node_id=node_id,
         hostname=socket.gethostname(),
         terminated=[(p.pid, names[p.pid]) for p in found],
         survivors=[(p.pid, names[p.pid]) for p in survivors],
         gpu=gpu,
+        health=health,
     )
 
 

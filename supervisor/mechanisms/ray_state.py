@@ -37,6 +37,21 @@ class LivePlacementGroup:
     is_detached: bool | None = None
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node of the cluster as the state API describes it."""
+
+    node_id: str
+    hostname: str = ""
+    ip: str = ""
+    is_head: bool = False
+    alive: bool = True
+    resources: dict[str, float] | None = None
+    """Its total resources (None: unknown)."""
+    state_message: str = ""
+    """Why Ray says it died, or is draining."""
+
+
 class RayStateClient:
     """A thin client of one cluster's dashboard (state API); every call is bounded by ``timeout_s``."""
 
@@ -111,6 +126,35 @@ class RayStateClient:
                     if node.get("node_ip") == driver.get("node_ip_address"):
                         nodes.setdefault(node["node_id"], [])
         return nodes
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node the cluster knows, dead ones included."""
+        return [
+            NodeInfo(
+                node["node_id"],
+                hostname=node.get("node_name") or "",
+                ip=node.get("node_ip") or "",
+                is_head=bool(node.get("is_head_node")),
+                alive=node.get("state") == "ALIVE",
+                resources={k: float(v) for k, v in (node.get("resources_total") or {}).items()},
+                state_message=node.get("state_message") or "",
+            )
+            for node in self._list("nodes", [], detail=True)
+        ]
+
+    def job_actor_nodes(self, job_id: str) -> set[str]:
+        """Every node where an actor of the job ran, live or dead."""
+        return {a["node_id"] for a in self._list("actors", [("job_id", "=", job_id)]) if a.get("node_id")}
+
+    def job_demand(self, job_id: str) -> dict[str, float]:
+        """What the job's placement groups reserve (or reserved: removed ones count), summed over their bundles:
+        what a relaunch of the same job needs the cluster to hold."""
+        demand: dict[str, float] = {}
+        for group in self._list("placement_groups", [("creator_job_id", "=", job_id)], detail=True):
+            for bundle in group.get("bundles") or []:
+                for name, amount in (bundle.get("unit_resources") or {}).items():
+                    demand[name] = demand.get(name, 0.0) + float(amount)
+        return demand
 
     def job_of_submission(self, submission_id: str) -> str | None:
         """The Ray job id of a Jobs API submission (None until its driver has connected)."""

@@ -137,18 +137,21 @@ def ray_module_path(*parts: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
-@functools.cache
-def gcs_protos() -> tuple[types.ModuleType, types.ModuleType]:
-    """(``gcs_service_pb2``, ``gcs_service_pb2_grpc``) of the installed Ray, without running ``ray/__init__``."""
+def generated(name: str) -> types.ModuleType:
+    """A module of the installed Ray's ``ray/core/generated`` (``autoscaler_pb2``), without running
+    ``ray/__init__``."""
     if _PROTOS_PACKAGE not in sys.modules:
         package = types.ModuleType(_PROTOS_PACKAGE)
         package.__path__ = [str(ray_module_path("core", "generated"))]
         package.__package__ = _PROTOS_PACKAGE
         sys.modules[_PROTOS_PACKAGE] = package
-    return (
-        importlib.import_module(f"{_PROTOS_PACKAGE}.gcs_service_pb2"),
-        importlib.import_module(f"{_PROTOS_PACKAGE}.gcs_service_pb2_grpc"),
-    )
+    return importlib.import_module(f"{_PROTOS_PACKAGE}.{name}")
+
+
+@functools.cache
+def gcs_protos() -> tuple[types.ModuleType, types.ModuleType]:
+    """(``gcs_service_pb2``, ``gcs_service_pb2_grpc``) of the installed Ray."""
+    return generated("gcs_service_pb2"), generated("gcs_service_pb2_grpc")
 
 
 def gcs_channel(address: str) -> grpc.Channel:

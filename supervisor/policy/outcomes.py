@@ -71,6 +71,9 @@ class ExitCode(IntEnum):
     from, set aside or removed."""
     RESUME_NOT_HONOURED = 8
     """A relaunched attempt did not resume from the checkpoint the supervisor chose; it was stopped at once."""
+    NO_HEALTHY_CAPACITY = 9
+    """The hardware left cannot run the job: a GPU of the embedded cluster's one machine is unhealthy, or the
+    nodes left once the unhealthy ones were drained cannot hold what the job reserved."""
     INTERRUPTED_SIGINT = 130
     INTERRUPTED_SIGTERM = 143
 
@@ -95,6 +98,7 @@ _SHORT = {
     ExitCode.ENVIRONMENT_FAILURE: "Ray cluster or fence failure",
     ExitCode.UNKNOWN_CHECKPOINT_LAYOUT: "unknown checkpoint layout",
     ExitCode.RESUME_NOT_HONOURED: "resume not honoured",
+    ExitCode.NO_HEALTHY_CAPACITY: "unhealthy hardware, no capacity left",
     ExitCode.INTERRUPTED_SIGINT: "interrupted (SIGINT)",
     ExitCode.INTERRUPTED_SIGTERM: "interrupted (SIGTERM)",
 }

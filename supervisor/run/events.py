@@ -349,6 +349,46 @@ class Teardown(Event):
 
 
 @dataclass(frozen=True)
+class NodeHealthChecked(Event):
+    """After a failed attempt: what the probe read of one node it used (``supervisor/policy/nodes.py``)."""
+
+    kind: ClassVar[str] = "node_health"
+    attempt: int
+    node_id: str
+    hostname: str
+    healthy: bool
+    problems: list[str]
+    checked: str
+    """What was read (``2 GPU(s)``), or why nothing was."""
+
+    def describe(self) -> str:
+        where = f"node {self.hostname}/{self.node_id[:8]}"
+        if self.healthy:
+            return f"{where} healthy after attempt {self.attempt} ({self.checked})"
+        return f"WARNING: {where} UNHEALTHY after attempt {self.attempt}: {'; '.join(self.problems)}"
+
+
+@dataclass(frozen=True)
+class NodeExcluded(Event):
+    """A node the next attempt must not use, drained in Ray (``ray drain-node``'s call) with the reason."""
+
+    kind: ClassVar[str] = "node_excluded"
+    attempt: int
+    node_id: str
+    hostname: str
+    reason: str
+    drained: bool
+    """Ray accepted the drain; False: ``message`` says why not (the next attempt may land there)."""
+    message: str = ""
+
+    def describe(self) -> str:
+        where = f"node {self.hostname}/{self.node_id[:8]}"
+        if self.drained:
+            return f"{where} drained before attempt {self.attempt + 1}: {self.reason}"
+        return f"WARNING: {where} could not be drained ({self.message}): {self.reason}"
+
+
+@dataclass(frozen=True)
 class Backoff(Event):
     kind: ClassVar[str] = "backoff"
     next_attempt: int

@@ -59,6 +59,9 @@ class AttemptRecord:
     failed_at_step: int | None = None
     """The global step it failed at: the error record's, else the last step its weight syncs carried."""
 
+    failure_nodes: list[str] = field(default_factory=list)
+    """The Ray nodes its error record names as the place of its failure (``policy.nodes.failure_nodes``)."""
+
     MESSAGE_CHARS: ClassVar[int] = 2000
 
     FROM_RECORD: ClassVar[tuple[str, ...]] = ("error_type", "phase", "emergency_checkpoint")

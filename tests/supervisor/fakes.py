@@ -12,13 +12,22 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, Stopped
+from supervisor.backends.base import (
+    ClusterStartFailed,
+    JobBackend,
+    LaunchSpec,
+    NodesSeen,
+    RunningJob,
+    Stopped,
+    TeardownResult,
+)
 from supervisor.backends.fence import AttemptView
 from supervisor.clock import Clock
 from supervisor.config import TeardownConfig
 from supervisor.job.heartbeats import Heartbeat
 from supervisor.mechanisms.gpu_memory import GpuMemoryCheck
 from supervisor.mechanisms.processes import ProcessInfo
+from supervisor.mechanisms.ray_drain import DrainOutcome
 from supervisor.mechanisms.stacks import StackDump
 from supervisor.policy.outcomes import ExitStatus
 from supervisor.run.events import ClusterStarted, Event
@@ -86,6 +95,8 @@ class Attempt:
     output: str = ""
     fence_problems: tuple[str, ...] = ()
     """What the fence finds left of it."""
+    nodes: NodesSeen = field(default_factory=NodesSeen)
+    """What its nodes read after it failed (by default: nothing, as on a machine the fake knows nothing of)."""
 
 
 class FakeBackend(JobBackend):
@@ -112,6 +123,9 @@ class FakeBackend(JobBackend):
         self.cluster_fails = cluster_fails
         self.stale = stale or []
         self.calls: list[str] = []
+        self.drained: list[tuple[str, str]] = []
+        """(node id, message) of each drain asked for."""
+        self.undrainable: set[str] = set()
         self.launched: list[LaunchSpec] = []
         self.standbys: list[tuple[float, LaunchSpec]] = []
         """(when, spec) of each standby driver the loop asked for; the next launch of a spec that fits uses it."""
@@ -210,6 +224,14 @@ class FakeBackend(JobBackend):
             gpu_check=lambda pids: GpuMemoryCheck(skipped="no GPU in a fake"),
             problems=tuple(self._script(job.attempt).fence_problems),
         )
+
+    def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:
+        self._step("nodes_after")
+        return self._script(job.attempt).nodes
+
+    def exclude_node(self, node_id: str, message: str) -> DrainOutcome:
+        self.drained.append((node_id, message))
+        return DrainOutcome(node_id, node_id not in self.undrainable, "refused" if node_id in self.undrainable else "")
 
     def stale_processes(self) -> list[ProcessInfo]:
         self._step("stale_processes")

@@ -72,6 +72,7 @@ def supervise(
     prepare_run_dir=None,
     user_args: tuple[str, ...] = (),
     wire_events=None,
+    prepare_backend=None,
 ) -> Run:
     run_path = tmp_path / "run"
     config = to_supervisor_config(
@@ -87,6 +88,8 @@ def supervise(
     backend = FakeBackend(
         attempts, clock, beats, Path(config.checkpoints.dir), signal_at=signal_at, cluster_fails=cluster_fails
     )
+    if prepare_backend is not None:
+        prepare_backend(backend)
     console = io.StringIO()
     events = EventLog(run_dir.events_path, history.run_id, console=console, now=lambda: clock.wall)
     if wire_events is not None:
