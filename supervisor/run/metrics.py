@@ -64,6 +64,14 @@ class RunCollector(Collector):
         yield gauge("lost_seconds", "Wall time lost to failures (see the README)", status.lost_s)
         yield gauge("restarts_left", "Restarts the budget still allows", status.restarts_left)
         yield gauge("exit_code", "The supervisor's exit code once the run finished (NaN before)", status.exit_code)
+        yield gauge(
+            "unhealthy_nodes",
+            "Nodes whose last health check after a failure found them unhealthy",
+            len(status.unhealthy_nodes),
+        )
+        yield gauge(
+            "excluded_nodes", "Nodes drained in Ray so that no attempt lands there again", len(status.excluded_nodes)
+        )
 
         state = GaugeMetricFamily(f"{PREFIX}_state", "1 for the run's current state", labels=["run_id", "state"])
         for value in RunState:

@@ -1,4 +1,5 @@
-"""Alerts to a webhook (``notify.webhook_url``): a Slack-compatible JSON POST on a restart, a give-up and the end.
+"""Alerts to a webhook (``notify.webhook_url``): a Slack-compatible JSON POST on a restart, a node drained, a give-up
+and the end.
 
 The notifier listens to the run's events and hands each message to a thread of its own through a bounded queue:
 a slow or failing webhook never blocks the loop, and what becomes of each message is an event of its own
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.run.events import AttemptExited, Backoff, Notification, RunFinished
+from supervisor.run.events import AttemptExited, Backoff, NodeExcluded, Notification, RunFinished
 from supervisor.run.status import error_line
 
 MAX_QUEUED = 32
@@ -27,7 +28,7 @@ MAX_QUEUED = 32
 @dataclass(frozen=True)
 class Message:
     about: str
-    """``restart``, ``give_up``, ``finish`` or ``interrupted``."""
+    """``restart``, ``node_excluded``, ``give_up``, ``finish`` or ``interrupted``."""
     text: str
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -44,6 +45,11 @@ def message_for(entry: Mapping[str, Any], last_exit: Mapping[str, Any] | None) -
             f"restart {entry['restarts_used'] + 1} of {entry['max_restarts']} in {entry['delay_s']:.1f} s"
         )
         return Message("restart", text, {"next_attempt": entry["next_attempt"], "error": error})
+    if entry["event"] == NodeExcluded.kind:
+        node = f"{entry['hostname']}/{str(entry['node_id'])[:8]}"
+        done = "drained (no attempt lands there again)" if entry["drained"] else f"NOT drained ({entry['message']})"
+        text = f"verl-supervisor run {run}: node {node} {done}: {entry['reason']}"
+        return Message("node_excluded", text, {"node_id": entry["node_id"], "drained": entry["drained"]})
     if entry["event"] != RunFinished.kind:
         return None
     code = entry["exit_code"]

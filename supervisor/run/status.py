@@ -60,6 +60,10 @@ class RunStatus:
     seconds_since_progress: float | None
     checkpoints_dir: str | None
     restarts_by_rule: dict[str, int] = field(default_factory=dict)
+    unhealthy_nodes: dict[str, str] = field(default_factory=dict)
+    """``host/node`` to its problems, for each node whose last health check after a failure found it unhealthy."""
+    excluded_nodes: dict[str, str] = field(default_factory=dict)
+    """``host/node`` to why, for each node drained in Ray so that no attempt lands there again."""
     table: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,8 +223,21 @@ class StatusReader:
             seconds_since_progress=since_progress,
             checkpoints_dir=checkpoints_dir,
             restarts_by_rule=by_rule,
+            unhealthy_nodes=_unhealthy_nodes(events),
+            excluded_nodes={
+                _node_name(e): e["reason"] for e in events if e["event"] == "node_excluded" and e.get("drained")
+            },
             table=attempts_table(history),
         )
+
+
+def _node_name(event: dict[str, Any]) -> str:
+    return f"{event.get('hostname') or '?'}/{str(event.get('node_id'))[:8]}"
+
+
+def _unhealthy_nodes(events: list[dict[str, Any]]) -> dict[str, str]:
+    last = {e["node_id"]: e for e in events if e["event"] == "node_health"}
+    return {_node_name(e): "; ".join(e["problems"]) for e in last.values() if not e["healthy"]}
 
 
 def read_status(run_dir: Path, now: float | None = None) -> RunStatus:
@@ -268,5 +285,7 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
     if status.max_restarts is not None:
         lines.append(f"restarts: {status.restarts_used} used, {status.restarts_left} left of {status.max_restarts}")
     lines.append(f"time lost to failures: {status.lost_s:.1f} s")
+    lines += [f"node unhealthy: {node}: {problems}" for node, problems in status.unhealthy_nodes.items()]
+    lines += [f"node excluded (drained in Ray): {node}: {why}" for node, why in status.excluded_nodes.items()]
     lines += ["", status.table]
     return "\n".join(lines)

@@ -29,7 +29,9 @@ from supervisor.mechanisms import node_probe
 from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck
 from supervisor.mechanisms.node_probe import NodeSweep, probe_env, sweep_nodes
 from supervisor.mechanisms.node_scan import NodeScan
+from supervisor.mechanisms.processes import wait_for
 from supervisor.mechanisms.ray_cluster import LocalRayCluster
+from supervisor.mechanisms.ray_drain import drain_node
 from tests.conftest import start_test_cluster, stop_test_cluster
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
@@ -117,6 +119,10 @@ def test_a_task_on_the_node_ends_the_attempts_processes_and_waits_for_their_gpu_
         assert {h.pid for h in scan.gpu.holders} == {stuck.pid, dead_actor_pid}, "another attempt's is not ours"
         assert not sweep.clean
         assert f"GPU held: pid {stuck.pid} on GPU 0, 2048 MB" in sweep.summary()
+        # The same task read the GPU's health; this stand-in answers none of its queries (an older binding).
+        assert scan.health.skipped is None
+        assert [gpu.index for gpu in scan.health.gpus] == [0]
+        assert scan.health.compute_skipped == "no CUDA device visible to torch", "the check ran, on a CPU node"
 
         fake_nvml_file.write_text(json.dumps([[other_attempt.pid, 1]]))  # the driver released the memory
         again = sweep_nodes(
@@ -130,6 +136,28 @@ def test_a_task_on_the_node_ends_the_attempts_processes_and_waits_for_their_gpu_
         for proc in (stuck, other_attempt):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.ray
+def test_a_drained_node_takes_no_new_work_and_leaves_with_the_reason_in_rays_state(two_nodes: LocalRayCluster) -> None:
+    """The drain the loop asks for after an unhealthy reading (the whole path: e2e/test_node_health.py)."""
+    from ray.util.state import list_nodes
+
+    before = {n.node_id for n in list_nodes(address=two_nodes.dashboard_url)}
+    two_nodes.add_node(num_cpus=1, resources={"doomed": 1})
+    (doomed,) = [n.node_id for n in list_nodes(address=two_nodes.dashboard_url) if n.node_id not in before]
+    outcome = drain_node(two_nodes.address, doomed, "verl-supervisor run r, after attempt 1: GPU 0: 1 ECC error")
+    assert (outcome.accepted, outcome.message) == (True, "")
+
+    def state() -> tuple[str, str]:
+        (node,) = [n for n in list_nodes(address=two_nodes.dashboard_url, detail=True) if n.node_id == doomed]
+        return node.state, node.state_message or ""
+
+    assert wait_for(lambda: state()[0] == "DEAD", 30), state()
+    assert state()[1] == "Terminated due to preemption: verl-supervisor run r, after attempt 1: GPU 0: 1 ECC error"
+    unreachable = drain_node("127.0.0.1:9", doomed, "no GCS there", timeout_s=2)
+    assert unreachable.accepted is False
+    assert unreachable.message.startswith("UNAVAILABLE"), unreachable.message
 
 
 @pytest.mark.ray

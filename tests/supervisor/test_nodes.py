@@ -21,6 +21,9 @@ from supervisor.policy.nodes import (
     shortfall,
 )
 from supervisor.policy.outcomes import ExitCode, ExitStatus
+from supervisor.run.metrics import RunCollector
+from supervisor.run.notify import message_for
+from supervisor.run.status import read_status, render_status
 from tests.supervisor.fakes import Attempt
 from tests.supervisor.test_loop import WEIGHT_SYNC, success, supervise
 
@@ -247,3 +250,36 @@ def test_an_older_binding_without_a_query_reads_it_as_unknown() -> None:
     del nvml.nvmlDeviceGetRemappedRows, nvml.nvmlDeviceGetCurrentClocksEventReasons
     (gpu,) = read_node(nvml).gpus
     assert (gpu.ecc_uncorrected_volatile, gpu.remap_failure, gpu.slowdown) == (1, None, ())
+
+
+def test_a_node_that_died_under_the_attempt_is_reported_and_not_drained(tmp_path: Path) -> None:
+    gone = NodeInfo(NODE_B, "host-b", alive=False, state_message="Unexpected termination: health check failed")
+    seen = NodesSeen(
+        readings=((NODE_A, "host-a", FINE),),
+        nodes=(CLUSTER[0], CLUSTER[1], gone),
+        ran_on=frozenset({NODE_A, NODE_B}),
+    )
+    run = supervise(tmp_path, [Attempt(exit=ExitStatus(code=1), nodes=seen), success()])
+    assert run.code is ExitCode.DONE
+    health = {e["node_id"]: e for e in run.events("node_health")}
+    assert health[NODE_A]["healthy"] is True
+    assert health[NODE_B]["problems"] == ["dead in Ray: Unexpected termination: health check failed"]
+    assert run.backend.drained == []
+
+
+def test_status_metrics_and_alerts_show_the_unhealthy_and_the_drained_node(tmp_path: Path) -> None:
+    run = supervise(tmp_path, [failed_on(ECC), success()])
+    status = read_status(run.run_dir)
+    name = f"host-a/{NODE_A[:8]}"
+    assert status.unhealthy_nodes == {name: ECC_SINCE_LOAD}
+    assert status.excluded_nodes == {name: ECC_SINCE_LOAD}
+    text = render_status(status)
+    assert f"node unhealthy: {name}: {ECC_SINCE_LOAD}" in text
+    assert f"node excluded (drained in Ray): {name}: {ECC_SINCE_LOAD}" in text
+    gauges = {m.name: m.samples[0].value for m in RunCollector(run.run_dir).collect() if m.type == "gauge"}
+    assert (gauges["verl_supervisor_unhealthy_nodes"], gauges["verl_supervisor_excluded_nodes"]) == (1, 1)
+    (excluded,) = run.events("node_excluded")
+    alert = message_for(excluded, None)
+    assert alert is not None
+    assert alert.about == "node_excluded"
+    assert f"node {name} drained (no attempt lands there again): {ECC_SINCE_LOAD}" in alert.text

@@ -105,6 +105,7 @@ def test_weight_sync_failure_is_restarted_from_its_emergency_checkpoint_bit_iden
 NO_EMERGENCY_SAVE = "restart.emergency_save=false"
 
 
+@pytest.mark.slow  # the judgement: tests/supervisor/test_policy.py; the loop: test_loop.py (fake backend)
 def test_a_failure_that_repeats_at_the_same_step_stops_after_the_second_attempt_with_exit_3(runs) -> None:
     run_dir = runs.new()
     proc = run_supervisor_with_faults(run_dir, "naive:raise@3", NO_EMERGENCY_SAVE)

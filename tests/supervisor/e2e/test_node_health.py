@@ -87,6 +87,9 @@ def alive_actor_nodes(cluster: LocalRayCluster) -> set[str]:
     return {a.node_id for a in list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])}
 
 
+# Slow, both: the judgement and the loop's drain are tests/supervisor/test_nodes.py's, the drain on Ray
+# tests/supervisor/test_node_sweep.py's; these are the whole path, three raylets and two attempts each.
+@pytest.mark.slow
 def test_a_node_whose_gpu_reports_an_ecc_error_is_drained_and_the_relaunch_runs_elsewhere(
     runs, reference, three_nodes: LocalRayCluster, fake_nvml_dir: Path
 ) -> None:
@@ -136,6 +139,7 @@ def raylet_of(cluster: LocalRayCluster, node_id: str) -> psutil.Process:
     return raylet
 
 
+@pytest.mark.slow
 def test_a_node_whose_raylet_died_during_an_attempt_is_reported_and_not_used_by_the_next(
     runs, reference, three_nodes: LocalRayCluster
 ) -> None:
