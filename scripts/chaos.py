@@ -31,7 +31,8 @@ target existed); drawn faults whose moment never came are listed, not counted.
 
 Invariants checked after every run (a column each in results.md):
   outcome     exit 0 with final weights bit-identical to the fault-free run's, or the exit code the README gives
-              for a give-up (4 budget, 5 crash loop or no valid checkpoint, and 3 disk-full once a disk:fill
+              for a give-up (3 when two attempts in a row drew the same fault at the same step from the same
+              checkpoint, 4 budget, 5 crash loop or no valid checkpoint, and 3 disk-full once a disk:fill
               fired: the run must stop at the first attempt that failed on the full disk) with a run_finished
               event naming it
   failures_explained  every attempt that failed had a fault fire while it ran (or shortly before it began): a
@@ -124,7 +125,7 @@ GUARD_ENV = {
     "VERL_HOOKS_SYNC_ADAPTIVE": "1",
     "VERL_HOOKS_SYNC_ADAPTIVE_FLOOR_S": "3",
 }
-GIVE_UPS = {4: ("budget_exhausted",), 5: ("crash_loop", "no_valid_checkpoint")}
+GIVE_UPS = {3: ("repeated_failure",), 4: ("budget_exhausted",), 5: ("crash_loop", "no_valid_checkpoint")}
 """The documented give-ups: exit code, and the outcomes its run_finished event may name."""
 BACKENDS = ("naive", "cpu_gloo")
 PHASES = {"naive": (SyncPhase.NAIVE.value,), "cpu_gloo": tuple(phase.value for phase in MULTI_PHASE_ORDER)}

@@ -118,6 +118,8 @@ def test_a_failed_attempt_is_explained_only_by_a_fault_while_it_ran_or_just_befo
         (5, {"exit_code": 5, "outcome": "no_valid_checkpoint", "reason": "no valid checkpoint"}, None, True),
         (5, {"exit_code": 5, "outcome": "budget_exhausted", "reason": "crash loop"}, None, False),
         (5, {"exit_code": 5, "reason": "crash loop: no outcome named"}, None, False),
+        (3, {"exit_code": 3, "outcome": "repeated_failure", "reason": "the same failure repeated"}, None, True),
+        (3, {"exit_code": 3, "outcome": "job_failed", "reason": "not restarting: exit 78"}, None, False),
         (6, {"exit_code": 6, "outcome": "environment_failure", "reason": "could not be fenced"}, None, False),
         (2, {"exit_code": 0, "reason": "the job finished"}, "ref", False),
         (None, None, None, False),
