@@ -23,6 +23,7 @@ from supervisor.policy.nodes import (
 from supervisor.policy.outcomes import ExitCode, ExitStatus
 from supervisor.run.metrics import RunCollector
 from supervisor.run.notify import message_for
+from supervisor.run.report import write_report
 from supervisor.run.status import read_status, render_status
 from tests.supervisor.fakes import Attempt
 from tests.supervisor.test_loop import WEIGHT_SYNC, success, supervise
@@ -278,6 +279,8 @@ def test_status_metrics_and_alerts_show_the_unhealthy_and_the_drained_node(tmp_p
     assert f"node excluded (drained in Ray): {name}: {ECC_SINCE_LOAD}" in text
     gauges = {m.name: m.samples[0].value for m in RunCollector(run.run_dir).collect() if m.type == "gauge"}
     assert (gauges["verl_supervisor_unhealthy_nodes"], gauges["verl_supervisor_excluded_nodes"]) == (1, 1)
+    report, _ = write_report(run.run_dir, tmp_path / "report")
+    assert f"- **Node excluded** (drained in Ray): {name}: {ECC_SINCE_LOAD}" in report.read_text()
     (excluded,) = run.events("node_excluded")
     alert = message_for(excluded, None)
     assert alert is not None
