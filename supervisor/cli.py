@@ -3,6 +3,7 @@
     verl-supervisor [--config-dir DIR] [--config-name NAME] [--cfg] [OVERRIDE ...] [-- JOB ARG ...]
     verl-supervisor status RUN_DIR [--json]
     verl-supervisor report RUN_DIR [--out DIR]
+    verl-supervisor check        (the installed Ray, verl, torch and NVML: what is verified; exit 2 if not)
 
 Configuration errors (an unknown key, a wrong type, a bad value) are one line on stderr and exit code 2,
 before anything is started. Hydra's compose API is used rather than ``@hydra.main`` so that the supervisor
@@ -75,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="verl-supervisor",
         description="Run a verl job, restart it from its last complete checkpoint when it fails.",
         epilog="Overrides are Hydra's (key=value, job=verl_ppo, +job.env.NAME=value). Arguments after -- go to "
-        "the job. Exit codes: " + ", ".join(f"{int(code)} {code.short}" for code in ExitCode) + ".",
+        "the job. Other commands: status RUN_DIR, report RUN_DIR, check (what of Ray, verl, torch and NVML is "
+        "installed and verified). Exit codes: " + ", ".join(f"{int(code)} {code.short}" for code in ExitCode) + ".",
     )
     parser.add_argument("--config-dir", type=Path, help="a folder of presets of your own (job/<name>.yaml, ...)")
     parser.add_argument("--config-name", default="supervisor", help="the primary config (default: supervisor)")
@@ -179,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in INSPECT_COMMANDS:
         sys.exit(int(inspect_main(argv)))
+    if argv[:1] == ["check"]:
+        from supervisor.check import main as check_main
+
+        sys.exit(check_main())
     ours, job_args = split_job_args(argv)
     args = _parser().parse_args(ours)
     try:

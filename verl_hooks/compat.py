@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -22,7 +23,9 @@ from verl_hooks.errors import IncompatibleVerlError
 
 logger = logging.getLogger(__name__)
 
-TESTED_VERL_VERSIONS = ("0.9.1",)
+TESTED_VERL_VERSIONS = ("0.9.0", "0.9.1")
+VERL_MANAGER_MODULE = "verl.checkpoint_engine.base"
+"""Where verl defines ``CheckpointEngineManager`` (verl 0.9.x)."""
 
 # The update_weights bodies the guard was verified against, by fingerprint (update_weights_fingerprint: the AST
 # of verl/checkpoint_engine/base.py's CheckpointEngineManager.update_weights, decorators and docstring left out).
@@ -187,3 +190,31 @@ def subclass_update_weights(cls: type) -> Callable[..., Coroutine[Any, Any, Any]
 
     call_blocking.__qualname__, call_blocking.__doc__ = raw.__qualname__, raw.__doc__
     return call_blocking
+
+
+def verl_report() -> dict[str, Any]:
+    """What ``verl-supervisor check`` says of the installed verl: its version, its ``update_weights``
+    fingerprint, and whether the guard would patch it (a child process of the check runs this: importing verl
+    takes seconds and much memory, which the supervisor itself never pays)."""
+    report: dict[str, Any] = {"version": installed_verl_version(), "tested": list(TESTED_VERL_VERSIONS)}
+    try:
+        module = importlib.import_module(VERL_MANAGER_MODULE)
+    except Exception as exc:  # noqa: BLE001 - not installed, or broken: the report says which
+        return {**report, "guardable": False, "problem": f"cannot import {VERL_MANAGER_MODULE}: {exc}"}
+    manager = module.CheckpointEngineManager
+    raw = getattr(getattr(manager, "update_weights", None), "__wrapped__", None)
+    fingerprint = update_weights_fingerprint(raw) if raw is not None else None
+    report.update(fingerprint=fingerprint, verified=VERIFIED_UPDATE_WEIGHTS.get(fingerprint or ""))
+    try:
+        original_update_weights(manager)
+    except IncompatibleVerlError as exc:
+        return {**report, "guardable": False, "problem": str(exc)}
+    return {**report, "guardable": True, "problem": None}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    logging.basicConfig(level=logging.ERROR)
+    print(json.dumps(verl_report()), file=sys.stdout, flush=True)

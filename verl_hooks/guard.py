@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from verl_hooks import emergency, heartbeat, trainer_side
+from verl_hooks.compat import VERL_MANAGER_MODULE
 from verl_hooks.contract import HeartbeatKind, JobExitCode, RecordSource
 from verl_hooks.deadline import SyncDeadlines
 from verl_hooks.errors import (
@@ -47,7 +48,6 @@ from verl_hooks.trainer_side import TrainerTasks
 logger = logging.getLogger(__name__)
 
 GUARD_MARK = "__verl_hooks_guard__"
-VERL_MANAGER_MODULE = "verl.checkpoint_engine.base"
 
 # One history of sync durations per manager (verl's separate_async trainer has two); weakly held, so that a
 # manager's end ends its history.
