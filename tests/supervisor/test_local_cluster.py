@@ -44,8 +44,15 @@ def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> 
     agents: list[psutil.Process] = []
     try:
         raylet = raylet_of(cluster)
-        agents = [c for c in raylet.children() if cluster.marker.items() - c.environ().items()]
-        assert agents, "the raylet's agents carry no readable marker (else this test tests nothing)"
+
+        def unmarked_agents() -> list[psutil.Process]:
+            return [c for c in raylet.children() if cluster.marker.items() - c.environ().items()]
+
+        # They rewrite their title over their environment a moment after they start (later under load).
+        assert wait_for(unmarked_agents, 30), (
+            "the raylet's agents carry no readable marker (else this test tests nothing)"
+        )
+        agents = unmarked_agents()
         cluster.processes()  # a raylet child may start after the look above (under load): the cluster looks again
         assert {a.pid for a in agents} <= {p.pid for p in announced}, "announced (to the reaper) once seen"
         gcs = next(p for p in cluster.processes() if p.name() == "gcs_server")

@@ -308,6 +308,7 @@ def test_gpus_not_free_again_after_the_attempt_stop_the_run_naming_who_holds_the
         )
 
 
+@pytest.mark.slow  # the stall and the local dumps: test_stalls.py; this adds the dashboard's py-spy on another node
 def test_a_stall_collects_the_stacks_of_the_attempts_actors_on_the_other_node(runs, two_nodes, bystander) -> None:
     """Attempt 1 leaves an actor on the non-head node, then stalls: its stack is read there, through the dashboard
     (py-spy on that node), before the teardown; the driver's is read here, by signal."""
@@ -334,6 +335,7 @@ def test_a_stall_collects_the_stacks_of_the_attempts_actors_on_the_other_node(ru
     assert steady_alive(two_nodes)
 
 
+@pytest.mark.slow  # ray.mode=address itself runs above; this is the KubeRay example's submission around it
 def test_supervisor_as_the_entrypoint_of_a_ray_job_runs_each_attempt_as_a_job_of_its_own(
     runs, two_nodes, bystander
 ) -> None:

@@ -26,7 +26,17 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 # Ray 2.60 binds these to every interface whatever the flags (the GCS, the raylet's node and object managers, the
 # Ray Client server, which `ray start --head` always starts when grpcio is installed); each checks the token on
 # every call once RAY_AUTH_MODE=token (ray/_private/grpc_utils.py, create_grpc_server_with_interceptors).
-TOKEN_CHECKED = ("gcs_server", "raylet", "ray.util.client.server", "dashboard/agent.py", "runtime_env/agent/main.py")
+# The agents rewrite their process title a moment after they start (ray::DashboardAgent, ray::RuntimeEnvAgent):
+# either name may be read.
+TOKEN_CHECKED = (
+    "gcs_server",
+    "raylet",
+    "ray.util.client.server",
+    "dashboard/agent.py",
+    "ray::DashboardAgent",
+    "runtime_env/agent/main.py",
+    "ray::RuntimeEnvAgent",
+)
 # Read-only Prometheus endpoints Ray binds to every interface (dashboard/head.py, autoscaler/_private/monitor.py);
 # the supervisor gives them ports of the cluster's own through these variables.
 METRICS_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
