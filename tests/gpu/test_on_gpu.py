@@ -187,3 +187,21 @@ def test_a_standby_driver_holds_no_gpu_memory(holders: list[Holder]) -> None:
         if standby.poll() is None:
             standby.kill()
         standby.wait()
+
+
+def test_a_healthy_gpu_reads_healthy_and_its_compute_check_runs() -> None:
+    """The node health check on real GPUs: NVML's counters read (or unknown where the card has none), and the
+    matmul checked in a child process that sees every device."""
+    from supervisor.mechanisms.gpu_health import read_node
+    from supervisor.policy.nodes import judge_node
+
+    started = time.monotonic()
+    reading = read_node(compute_timeout_s=60)
+    took = time.monotonic() - started
+    verdict = judge_node("this-node", "here", reading, None)
+    print(f"\nhealth read in {took:.1f} s: {reading}\nverdict: {verdict}")
+    assert reading.skipped is None
+    assert len(reading.gpus) == _gpus()
+    assert reading.compute_skipped is None, "torch sees the GPUs: the matmul ran"
+    assert all(gpu.compute is None for gpu in reading.gpus)
+    assert verdict.healthy, verdict.problems
