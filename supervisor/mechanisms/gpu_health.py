@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
-from supervisor.mechanisms.gpu_memory import nvml_binding
+from supervisor.mechanisms.gpu_memory import NvmlUnavailable, nvml_open
 
 # nvmlClocksThrottleReasons / nvmlClocksEventReasons bits that mean the hardware itself slows the GPU down.
 HW_SLOWDOWN_REASONS = {0x8: "hardware slowdown", 0x40: "hardware thermal slowdown", 0x80: "hardware power brake"}
@@ -84,23 +84,14 @@ class _Compute:
 def read_node(nvml: ModuleType | None = None, compute_timeout_s: float = 0.0) -> NodeReading:
     """Read every GPU of this machine, then run the compute check on those NVML could reach (within
     ``compute_timeout_s``; 0: none)."""
-    nvml = nvml if nvml is not None else nvml_binding()
-    if nvml is None:
-        return NodeReading(skipped="no NVML binding (nvidia-ml-py) is installed")
     try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        return NodeReading(skipped=f"no NVIDIA driver here ({exc})")
-    try:
-        count = nvml.nvmlDeviceGetCount()
-        readings = [_read_gpu(nvml, index) for index in range(count)]
-    except nvml.NVMLError as exc:
-        return NodeReading(skipped=f"NVML could not count the GPUs ({exc})")
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except nvml.NVMLError:
-            pass
+        with nvml_open(nvml) as lib:
+            try:
+                readings = [_read_gpu(lib, index) for index in range(lib.nvmlDeviceGetCount())]
+            except lib.NVMLError as exc:
+                return NodeReading(skipped=f"NVML could not count the GPUs ({exc})")
+    except NvmlUnavailable as exc:
+        return NodeReading(skipped=str(exc))
     compute = _compute_check([g.index for g in readings if g.unreachable is None], compute_timeout_s)
     gpus = tuple(
         GpuReading(**{**asdict(g), "slowdown": g.slowdown, "compute": compute.problems.get(g.index)}) for g in readings

@@ -10,8 +10,9 @@ On a machine without NVIDIA's driver the check is skipped, and says why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -58,34 +59,49 @@ def nvml_binding() -> ModuleType | None:
     return pynvml
 
 
-def gpu_memory_holders(pids: Collection[int], nvml: ModuleType | None = None) -> GpuMemoryCheck:
-    """The processes among ``pids`` holding memory on this machine's NVIDIA GPUs."""
+class NvmlUnavailable(Exception):
+    """Why NVML cannot be read on this machine (no binding installed, no NVIDIA driver)."""
+
+
+@contextlib.contextmanager
+def nvml_open(nvml: ModuleType | None = None) -> Iterator[ModuleType]:
+    """NVML initialised for the block and shut down after it; raises ``NvmlUnavailable`` saying why not."""
     nvml = nvml if nvml is not None else nvml_binding()
     if nvml is None:
-        return GpuMemoryCheck(skipped="no NVML binding (nvidia-ml-py) is installed")
+        raise NvmlUnavailable("no NVML binding (nvidia-ml-py) is installed")
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:
-        return GpuMemoryCheck(skipped=f"no NVIDIA driver here ({exc})")
-    wanted = set(pids)
-    holders = []
+        raise NvmlUnavailable(f"no NVIDIA driver here ({exc})") from None
     try:
-        count = nvml.nvmlDeviceGetCount()
-        for index in range(count):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            running = [
-                *nvml.nvmlDeviceGetComputeRunningProcesses(handle),
-                *nvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
-            ]
-            for process in running:
-                if process.pid in wanted:
-                    used = getattr(process, "usedGpuMemory", None)
-                    holders.append(GpuHolder(index, process.pid, None if used is None else used / 2**20))
-    except nvml.NVMLError as exc:
-        return GpuMemoryCheck(skipped=f"NVML could not list the GPUs' processes ({exc})")
+        yield nvml
     finally:
         try:
             nvml.nvmlShutdown()
         except nvml.NVMLError as exc:
             logger.debug("nvmlShutdown: %s", exc)
+
+
+def gpu_memory_holders(pids: Collection[int], nvml: ModuleType | None = None) -> GpuMemoryCheck:
+    """The processes among ``pids`` holding memory on this machine's NVIDIA GPUs."""
+    wanted = set(pids)
+    holders = []
+    try:
+        with nvml_open(nvml) as lib:
+            try:
+                count = lib.nvmlDeviceGetCount()
+                for index in range(count):
+                    handle = lib.nvmlDeviceGetHandleByIndex(index)
+                    running = [
+                        *lib.nvmlDeviceGetComputeRunningProcesses(handle),
+                        *lib.nvmlDeviceGetGraphicsRunningProcesses(handle),
+                    ]
+                    for process in running:
+                        if process.pid in wanted:
+                            used = getattr(process, "usedGpuMemory", None)
+                            holders.append(GpuHolder(index, process.pid, None if used is None else used / 2**20))
+            except lib.NVMLError as exc:
+                return GpuMemoryCheck(skipped=f"NVML could not list the GPUs' processes ({exc})")
+    except NvmlUnavailable as exc:
+        return GpuMemoryCheck(skipped=str(exc))
     return GpuMemoryCheck(devices=count, holders=holders)
