@@ -120,6 +120,39 @@ def route_guard_into_ray_init(environ: Mapping[str, str]) -> None:
     ray.init = init
 
 
+VERL_CHECKPOINT_CALLBACK_MODULE = "verl.trainer.ppo.checkpoint_callback"
+"""verl 0.9.1's checkpoint callbacks; verl 0.9.0 has neither the module nor ``trainer.checkpoint_callback_class``."""
+
+
+def without_checkpoint_callback_where_verl_has_none(
+    args: Sequence[str], has_callbacks: bool | None = None
+) -> tuple[list[str], str | None]:
+    """The job's overrides without our ``trainer.checkpoint_callback_class`` when the installed verl has no
+    checkpoint callbacks (0.9.0: Hydra would refuse the key), and the note that says so (None: nothing dropped).
+    Its steps then carry no marker, and the supervisor judges them by their layout alone."""
+    ours = [arg for arg in args if (parsed := _callback_override(arg)) and parsed[1] == CHECKPOINT_CALLBACK_CLASS]
+    if not ours:
+        return list(args), None
+    if has_callbacks is None:
+        has_callbacks = _verl_has_checkpoint_callbacks()
+    if has_callbacks:
+        return list(args), None
+    kept = [arg for arg in args if arg not in ours]
+    return kept, (
+        f"the installed verl has no checkpoint callbacks ({VERL_CHECKPOINT_CALLBACK_MODULE}, verl 0.9.1+): "
+        f"{CHECKPOINT_CALLBACK_CLASS} is left out, and the supervisor judges each step by its layout alone"
+    )
+
+
+def _verl_has_checkpoint_callbacks() -> bool:
+    """Whether the installed verl ships the module, looked up as a file: importing verl's package costs seconds."""
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    relative = VERL_CHECKPOINT_CALLBACK_MODULE.split(".", 1)[1].replace(".", os.sep) + ".py"
+    return any(os.path.exists(os.path.join(root, relative)) for root in spec.submodule_search_locations)
+
+
 def chain_checkpoint_callback(args: Sequence[str]) -> tuple[list[str], str | None]:
     """The job's Hydra overrides with every ``trainer.checkpoint_callback_class`` naming ours, and the class the
     user named (the one Hydra would have picked had ours not been there), to be chained behind ours.
@@ -281,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         message = f"no module named {module!r} (is it installed in this environment?)"
         print(f"verl_hooks.launch: {message}", file=sys.stderr)
         _exit_recorded(JobExitCode.USAGE, "UsageError", message, settings)
+    job_args, dropped = without_checkpoint_callback_where_verl_has_none(job_args)
+    if dropped:
+        print(f"verl_hooks.launch: {dropped}", file=sys.stderr)
     job_args, chained = chain_checkpoint_callback(job_args)
     if chained is not None:
         # Before the runtime_env is built: the callback runs in verl's TaskRunner actor, not here.

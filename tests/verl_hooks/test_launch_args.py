@@ -11,7 +11,11 @@ from supervisor.cli import compose_config, to_supervisor_config
 from supervisor.job.command import job_argv
 from supervisor.policy.restart import StartFrom
 from verl_hooks.contract import CHECKPOINT_CALLBACK_CLASS
-from verl_hooks.launch import CHECKPOINT_CALLBACK_KEY, chain_checkpoint_callback
+from verl_hooks.launch import (
+    CHECKPOINT_CALLBACK_KEY,
+    chain_checkpoint_callback,
+    without_checkpoint_callback_where_verl_has_none,
+)
 
 OURS = f"{CHECKPOINT_CALLBACK_KEY}={CHECKPOINT_CALLBACK_CLASS}"
 
@@ -75,3 +79,28 @@ def test_the_verl_ppo_preset_names_our_callback_and_keeps_it_against_a_users_own
             verl_cfg = compose("ppo_trainer", overrides=overrides)
         assert verl_cfg.trainer.checkpoint_callback_class == CHECKPOINT_CALLBACK_CLASS
         assert type(build_checkpoint_callback(verl_cfg)) is SupervisorCheckpointCallback
+
+
+OURS = f"{CHECKPOINT_CALLBACK_KEY}={CHECKPOINT_CALLBACK_CLASS}"
+
+
+def test_a_verl_without_checkpoint_callbacks_gets_no_callback_override_and_says_why() -> None:
+    """verl 0.9.0 has no verl/trainer/ppo/checkpoint_callback.py and no trainer.checkpoint_callback_class: Hydra
+    would refuse the preset's override (the compatibility matrix's verl 0.9.0 run found it)."""
+    args = ["data.train_files=x", OURS]
+    kept, note = without_checkpoint_callback_where_verl_has_none(args, has_callbacks=False)
+    assert kept == ["data.train_files=x"]
+    assert note is not None
+    assert "the supervisor judges each step by its layout alone" in note
+    assert without_checkpoint_callback_where_verl_has_none(args, has_callbacks=True) == (args, None)
+    assert without_checkpoint_callback_where_verl_has_none(["a=1"], has_callbacks=False) == (["a=1"], None)
+
+
+def test_the_installed_verl_is_looked_up_without_importing_it() -> None:
+    import sys
+
+    from verl_hooks import launch
+
+    had_verl = "verl" in sys.modules
+    assert launch._verl_has_checkpoint_callbacks() is True, "verl 0.9.1 ships them"
+    assert ("verl" in sys.modules) is had_verl

@@ -20,7 +20,11 @@ from pathlib import Path
 import ray
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
+
+try:  # verl 0.9.1+; verl 0.9.0 has no checkpoint callbacks, and its steps carry no marker
+    from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
+except ModuleNotFoundError:
+    build_checkpoint_callback = None
 
 from mini_ppo.actor import ActorConfig
 from mini_ppo.checkpoint_io import (
@@ -109,7 +113,9 @@ class MiniPPOTrainer:
         # verl's step counter: the step whose state the trainer holds, incremented once the step is done.
         self.global_steps = 0
         # Built with the trainer, as verl's PPOTrainer.__init__ does: a bad class name fails before training.
-        self.checkpoint_callback = build_checkpoint_callback(callback_config(config))
+        self.checkpoint_callback = (
+            build_checkpoint_callback(callback_config(config)) if build_checkpoint_callback is not None else None
+        )
         spec = actor_config(config).policy
         self.task = BanditTask(spec, config.data.dataset_size, config.seed)
         self.data = BatchIterator(self.task.observations, config.data.batch_size, config.seed)
@@ -239,7 +245,10 @@ class MiniPPOTrainer:
         if trainer.trainer_mode is not TrainerMode.sync:
             save_transfer_queue(folder / TRANSFER_QUEUE_DIR, {"global_steps": step})
         write_tracker(self.root, step)
-        self.checkpoint_callback.on_save(trainer=self, global_step=step, checkpoint_dir=str(folder), async_save=False)
+        if self.checkpoint_callback is not None:
+            self.checkpoint_callback.on_save(
+                trainer=self, global_step=step, checkpoint_dir=str(folder), async_save=False
+            )
 
     def load_checkpoint(self) -> ResumePoint:
         trainer = self.config.trainer
