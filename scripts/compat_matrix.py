@@ -109,7 +109,13 @@ def freeze(python: Path) -> dict[str, str]:
 
 
 def interpreter(version: str) -> str | None:
-    return shutil.which(f"python{version}")
+    """A working ``python{version}``: on PATH, or one pyenv installed (its shim only runs the selected version)."""
+    candidates = [shutil.which(f"python{version}")]
+    candidates += sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob(f"{version}.*/bin/python{version}"))
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", "pass"], capture_output=True, check=False).returncode == 0:
+            return candidate
+    return None
 
 
 def build(combo: Combination, envs: Path, torch_spec: str, log: Path) -> tuple[Path | None, str, list[str]]:
