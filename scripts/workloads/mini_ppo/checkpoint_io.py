@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -145,6 +147,26 @@ class MiniCheckpointManager(BaseCheckpointManager):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(model, optimizer)
+
+    # verl 0.9.0 has no CPU platform: on a host without a GPU its get_device_name() is "cuda", and its
+    # get_rng_state / load_rng_state (verl/utils/checkpoint/checkpoint_manager.py:197-215 in 0.9.0) call CUDA after
+    # the CPU parts and fail. verl 0.9.1 asks is_device_available() first. verl's own code runs wherever it can;
+    # where it cannot, this CPU workload keeps what verl 0.9.1 keeps on such a host: the CPU, numpy and random states.
+    @staticmethod
+    def get_rng_state() -> dict[str, Any]:
+        try:
+            return BaseCheckpointManager.get_rng_state()
+        except (AssertionError, RuntimeError):  # "Torch not compiled with CUDA enabled", no device
+            return {"cpu": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+    @staticmethod
+    def load_rng_state(rng_state: dict[str, Any]) -> None:
+        try:
+            BaseCheckpointManager.load_rng_state(rng_state)
+        except (AssertionError, RuntimeError, KeyError):  # the CPU parts are set before verl 0.9.0 asks CUDA
+            torch.set_rng_state(rng_state["cpu"])
+            np.random.set_state(rng_state["numpy"])
+            random.setstate(rng_state["random"])
 
     def save_checkpoint(
         self, local_path: str, hdfs_path: str | None = None, global_step: int = 0, max_ckpt_to_keep: int | None = None
