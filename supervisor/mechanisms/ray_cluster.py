@@ -196,7 +196,18 @@ def _core_name(process: psutil.Process) -> str | None:
     name = process.name()
     if name in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
         return name
-    return "dashboard" if any(part.endswith("dashboard/dashboard.py") for part in process.cmdline()) else None
+    # Before their title is rewritten (Ray 2.52's agents keep theirs), the agents are known by their script.
+    for script, core in _CORE_SCRIPTS:
+        if any(part.endswith(script) for part in process.cmdline()):
+            return core
+    return None
+
+
+_CORE_SCRIPTS = (
+    ("dashboard/dashboard.py", "dashboard"),
+    ("dashboard/agent.py", "ray::DashboardAgent"),
+    ("runtime_env/agent/main.py", "ray::RuntimeEnvAgent"),
+)
 
 
 class LocalRayCluster:
