@@ -118,7 +118,9 @@ def interpreter(version: str) -> str | None:
     return None
 
 
-def build(combo: Combination, envs: Path, torch_spec: str, log: Path) -> tuple[Path | None, str, list[str]]:
+def build(
+    combo: Combination, envs: Path, torch_spec: str, log: Path, torch_from_index: bool = False
+) -> tuple[Path | None, str, list[str]]:
     """The environment with the user's packages, then the supervisor installed into it; returns its python, why
     not (when it could not be built), and the packages the supervisor's install changed."""
     base = interpreter(combo.python)
@@ -133,7 +135,7 @@ def build(combo: Combination, envs: Path, torch_spec: str, log: Path) -> tuple[P
         # torch first, its wheel from the local folder only (an index would hand a Python without a local CPU
         # wheel a CUDA build of several GB), then its dependencies from the index.
         wheels = os.environ.get("PIP_FIND_LINKS", "")
-        if wheels:
+        if wheels and not torch_from_index:
             local = ["--no-deps", "--no-index", "--find-links", wheels]
             if run([*pip, "install", *local, torch_spec], log).returncode != 0:
                 shutil.rmtree(env)
@@ -207,6 +209,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "compat-results")
     parser.add_argument("--envs", type=Path, default=REPO / ".compat")
     parser.add_argument("--torch", default=os.environ.get("TORCH_SPEC", "torch==2.13.0"))
+    parser.add_argument(
+        "--torch-from-index",
+        action="store_true",
+        help="take torch from the package index where no local wheel fits the Python (on Linux: a CUDA build of "
+        "several GB, which runs on a CPU too)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.envs.mkdir(parents=True, exist_ok=True)
@@ -217,7 +225,7 @@ def main() -> int:
         log = args.out / f"{combo.name}.log"
         log.write_text("")
         result = Result(combo)
-        python, why_not, changed = build(combo, args.envs, args.torch, log)
+        python, why_not, changed = build(combo, args.envs, args.torch, log, args.torch_from_index)
         if python is None:
             result.why_not = why_not
         else:
