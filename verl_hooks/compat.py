@@ -28,11 +28,12 @@ VERL_MANAGER_MODULE = "verl.checkpoint_engine.base"
 """Where verl defines ``CheckpointEngineManager`` (verl 0.9.x)."""
 
 # The update_weights bodies the guard was verified against, by fingerprint (update_weights_fingerprint: the AST
-# of verl/checkpoint_engine/base.py's CheckpointEngineManager.update_weights, decorators and docstring left out).
+# of verl/checkpoint_engine/base.py's CheckpointEngineManager.update_weights, decorators and docstring left out,
+# in a form that is the same on Python 3.10, 3.11 and 3.12: the compatibility matrix found 3.12's ast.dump apart).
 # A body that merely still uses the right names may have reordered or added phases, which the guard would then
 # mis-name or fail to undo: only these are guarded unless the user opts in (ENV_ALLOW_UNVERIFIED_VERL).
 VERIFIED_UPDATE_WEIGHTS = {
-    "03ee4c30596366805b4010950aec9af9b56a16dc909e57251e00336345e618dd": (
+    "f979c92e3c1edd084078510f8406b861a01a30387fb83b8abde184f580810429": (
         "verl 0.9.0, 0.9.1 and verl main at 1dda039 (2026-08-22): the same body"
     ),
 }
@@ -145,7 +146,22 @@ def update_weights_fingerprint(func: Callable[..., Any]) -> str | None:
     first = tree.body[0] if tree.body else None
     if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
         tree.body = tree.body[1:]
-    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+    return hashlib.sha256(_canonical(tree).encode()).hexdigest()
+
+
+def _canonical(node: Any) -> str:
+    """The AST as text, the same on every Python: ``ast.dump`` differs between versions in fields a version adds
+    (3.12's ``type_params=[]``) and in how it shows empty ones, so fields that are empty or None are left out."""
+    if isinstance(node, ast.AST):
+        fields = []
+        for name, value in ast.iter_fields(node):
+            if value is None or value == []:
+                continue
+            fields.append(f"{name}={_canonical(value)}")
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return f"[{', '.join(_canonical(item) for item in node)}]"
+    return repr(node)
 
 
 def _positional_names(func: Callable[..., Any]) -> tuple[str, ...]:

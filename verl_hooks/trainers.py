@@ -55,22 +55,22 @@ LEGACY_MODULE = "verl.trainer.ppo.ray_trainer"
 # the profiler's finish command: the same order.
 VERIFIED_TRAINER_METHODS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
     (V1_MODULE, "PPOTrainer"): {
-        "fit": frozenset({"57cca877e83b689cb38d280095a8ffc320f5e37d2acf6eebf1bdea1d3104a10e"}),
+        "fit": frozenset({"2baac965946158cfe78016366b8b729057bdfa37b4904715b284171d692dc5e2"}),
         "_save_checkpoint": frozenset(
             {
-                "8b1e2aa2d311ffb537f445a9dea92ce896c541f817eb89f25302b3e54c44a8d8",  # 0.9.1
-                "cfc874d554c40db24982dfc95e2c5ba95b407a974ed45ef7c4980ca9cc254152",  # 0.9.0
+                "2145ceb088ec87acb7697d60250b2abed4993a372b8b2f8526168c5c913836de",  # 0.9.1
+                "8afd31cf2c61a659169de5e5bcc4a8ad13b44c6bd48325ca236d3f8d5cd663ff",  # 0.9.0
             }
         ),
     },
     (LEGACY_MODULE, "RayPPOTrainer"): {
         "fit": frozenset(
             {
-                "94d1e6ce845c63aa889b2853162d750dedf34e407bbaaae341176944e462ead1",  # 0.9.1
-                "6374d31a9f94f1c7925892eaa53f00d259c1d3571a9954509477124c23dbefff",  # 0.9.0
+                "c454413e564b258ab44158f6a069a6e29a0b4709619ac8f379be6f6a8681a6c6",  # 0.9.1
+                "60e4c15b89facb8ecde1dc7b012982a115ecaa2d3fb1a13610e4098f38e4c55e",  # 0.9.0
             }
         ),
-        "_save_checkpoint": frozenset({"caad025cb9062583c41557d91616f7bbfbeba0efc12d0950f048aac1089cd02d"}),
+        "_save_checkpoint": frozenset({"a3eb07c6c3dd71aedc07a26aa507ed3513997fee861ebac3b9b0568578c52958"}),
     },
 }
 # verl's trainers whose order is not "save, then sync": a failed sync finds no state a periodic save would write.

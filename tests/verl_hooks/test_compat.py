@@ -109,3 +109,18 @@ def test_install_refuses_a_changed_manager_and_leaves_it_unpatched() -> None:
         _patch(SimpleNamespace(CheckpointEngineManager=changed))
     assert not is_guarded(changed)
     assert changed.__dict__["update_weights"] is _extra_arg_update
+
+
+def test_the_fingerprint_ignores_the_fields_a_python_version_adds() -> None:
+    """Python 3.12's ast gives every function ``type_params=[]``; 3.11's has no such field: the same body must
+    have one fingerprint (the compatibility matrix's Python 3.12 run refused verl 0.9.1 before)."""
+    import ast
+
+    from verl_hooks.compat import _canonical
+
+    tree = ast.parse("async def f(self, global_steps=None):\n    return await g(global_steps)\n").body[0]
+    before = _canonical(tree)
+    tree.type_params = []  # as 3.12 parses it
+    assert _canonical(tree) == before
+    tree.decorator_list = [ast.Name("d")]
+    assert _canonical(tree) != before, "a field with content still counts"
