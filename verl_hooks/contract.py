@@ -63,6 +63,9 @@ ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"
 # The emergency save (verl_hooks.emergency): "0" turns it off; its deadline when the job has timed no save yet.
 ENV_EMERGENCY_SAVE = "VERL_HOOKS_EMERGENCY_SAVE"
 ENV_EMERGENCY_SAVE_TIMEOUT_S = "VERL_HOOKS_EMERGENCY_SAVE_TIMEOUT_S"
+# The longest periodic save of the run's earlier attempts, in seconds (the supervisor's reading of their
+# ``checkpoint_saved`` beats): the emergency save's deadline before this attempt has timed a save of its own.
+ENV_PAST_SAVE_S = "VERL_HOOKS_PAST_SAVE_S"
 # Trainer classes of the job's own with verl's trainer shape, "module:Class" comma-separated, that get the
 # emergency save besides verl's own trainers (verl_hooks.trainers).
 ENV_TRAINER_CLASSES = "VERL_HOOKS_TRAINER_CLASSES"
@@ -160,6 +163,9 @@ class HeartbeatKind(str, Enum):
     ``deadline_s``, and the supervisor does not tear the job down meanwhile."""
     SAVE_END = "save_end"
     """From the trainer: the emergency save ended (``status``: an ``EmergencyStatus`` value)."""
+    CHECKPOINT_SAVED = "checkpoint_saved"
+    """From the trainer: its own ``_save_checkpoint`` of ``step`` returned after ``duration_s`` (a periodic save,
+    or an emergency one): what the next attempts' emergency saves take their deadline from."""
 
 
 HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
@@ -172,6 +178,7 @@ HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
     HeartbeatKind.TRACKER: ("backend", "run_id"),
     HeartbeatKind.SAVE_BEGIN: ("step", "trigger", "deadline_s"),
     HeartbeatKind.SAVE_END: ("step", "trigger", "status", "elapsed_s"),
+    HeartbeatKind.CHECKPOINT_SAVED: ("step", "duration_s"),
 }
 
 SAVE_REQUEST_FIELD = "save_requested"
@@ -373,6 +380,9 @@ class EmergencyTrigger(str, Enum):
     """A weight sync failed or hung; verl saves before it syncs, so the trainer holds exactly the step's state."""
     STOP_REQUEST = "stop_request"
     """The supervisor is being stopped (``restart.save_on_stop_s``): saved right after a successful sync."""
+    STEP_FAILURE = "step_failure"
+    """Anything else escaped the trainer's ``fit`` (generation, reward, a replica's death, data, validation): the
+    step the trainer last completed is saved, when its state is still that step's (``verl_hooks.step_progress``)."""
 
 
 class EmergencyStatus(str, Enum):
@@ -395,6 +405,8 @@ class EmergencyCheckpoint:
     """Why it was skipped, or the error that failed it."""
     elapsed_s: float | None = None
     deadline_s: float | None = None
+    failed_step: int | None = None
+    """For a failure outside the sync: the step the trainer was working on (``global_steps``) when it failed."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status.value, "trigger": self.trigger.value}
@@ -412,6 +424,7 @@ class EmergencyCheckpoint:
                 reason=data.get("reason"),
                 elapsed_s=data.get("elapsed_s"),
                 deadline_s=data.get("deadline_s"),
+                failed_step=data.get("failed_step"),
             )
         except (KeyError, ValueError):
             return None

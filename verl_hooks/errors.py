@@ -223,3 +223,25 @@ def find_weight_sync_error(exc: BaseException) -> WeightSyncFatalError | None:
             cause = getattr(current, "cause", None)
             return cause if isinstance(cause, WeightSyncFatalError) else current
     return None
+
+
+STEP_FAILURE_CHECKPOINT_ATTR = "verl_hooks_emergency_checkpoint"
+"""Set on an exception of the job's own that escaped the trainer's ``fit`` (a generation, reward or data failure):
+what the emergency save did about it, as ``EmergencyCheckpoint.to_dict()``. An exception's attributes travel with
+it through Ray (pickled with its ``__dict__``), so the driver's error record can say it."""
+
+
+def note_step_failure_checkpoint(exc: BaseException, outcome: dict[str, Any]) -> None:
+    try:
+        setattr(exc, STEP_FAILURE_CHECKPOINT_ATTR, outcome)
+    except (AttributeError, TypeError):  # an exception type with __slots__: the outcome is still printed and logged
+        pass
+
+
+def find_step_failure_checkpoint(exc: BaseException) -> dict[str, Any] | None:
+    """What the emergency save did about a failure outside the sync, from anywhere in ``exc``'s chain."""
+    for current in exception_chain(exc, with_context=True):
+        outcome = getattr(current, STEP_FAILURE_CHECKPOINT_ATTR, None)
+        if isinstance(outcome, dict):
+            return outcome
+    return None

@@ -6,7 +6,8 @@
 spec matches any step; without ``#ATTEMPT`` it matches every attempt. Each spec fires at most once per process.
 
 A fault fires when its phase is entered, after every earlier phase has really run, so the rollout is left in
-the state a real failure at that point would leave.
+the state a real failure at that point would leave. Outside the sync, ``generate``, ``reward`` and ``train``
+(``StepPoint``) fire in the trainer's step, and ``emergency_save`` (``SavePoint``) inside the emergency save.
 """
 
 from __future__ import annotations
@@ -55,21 +56,39 @@ class SavePoint(str, Enum):
     ``hang``: it runs past its deadline; ``exit``: the trainer process dies half-way)."""
 
 
+class StepPoint(str, Enum):
+    """Where a fault can fire in the trainer's step, outside the weight sync (``verl_hooks.trainers`` fires them
+    around verl's own trainer methods of those names)."""
+
+    GENERATE = "generate"
+    """Step N's generation: ``raise`` on the trainer's side of the call (V1 ``_submit_batch_to_rollout``, legacy
+    ``_get_gen_batch``: once the batch is drawn), ``exit`` SIGKILLs the process of a rollout replica's first server
+    as the generation starts, ``hang`` blocks the trainer there."""
+    REWARD = "reward"
+    """Step N's reward computation (``_compute_reward_colocate``): ``raise``, ``hang``, or ``exit`` (the trainer's
+    process dies, as a reward function that crashes its interpreter)."""
+    TRAIN = "train"
+    """A trainer worker's task of step N, the actor update (``_update_actor``): ``raise`` runs the update on the
+    workers, then raises as a rank's failure reaches the trainer; ``exit`` SIGKILLs the process of the trainer's
+    rank-0 worker before the update; ``hang`` blocks the trainer there."""
+
+
 _SPEC_RE = re.compile(r"^(?P<phase>[a-z_]+):(?P<action>[a-z]+)(?:@(?P<step>\d+))?(?:#(?P<attempt>\d+))?$")
-_INJECTABLE_PHASES: tuple[SyncPhase | SavePoint, ...] = (
+_INJECTABLE_PHASES: tuple[SyncPhase | SavePoint | StepPoint, ...] = (
     *(p for p in SyncPhase if p is not SyncPhase.UNKNOWN),
     *SavePoint,
+    *StepPoint,
 )
 
 
 @dataclass(frozen=True)
 class FaultSpec:
-    phase: SyncPhase | SavePoint
+    phase: SyncPhase | SavePoint | StepPoint
     action: FaultAction
     step: int | None = None
     attempt: int | None = None
 
-    def matches(self, phase: SyncPhase | SavePoint, step: int | None, attempt: int) -> bool:
+    def matches(self, phase: SyncPhase | SavePoint | StepPoint, step: int | None, attempt: int) -> bool:
         return (
             self.phase is phase
             and (self.step is None or self.step == step)
@@ -126,7 +145,7 @@ class FaultPlan:
         self._fired: set[FaultSpec] = set()
         self._lock = threading.Lock()
 
-    def take(self, phase: SyncPhase | SavePoint, step: int | None) -> FaultSpec | None:
+    def take(self, phase: SyncPhase | SavePoint | StepPoint, step: int | None) -> FaultSpec | None:
         """The fault to fire on entering ``phase`` at ``step``, marking it fired."""
         with self._lock:
             for spec in self.specs:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl_hooks import emergency, heartbeat, trainer_side
+from verl_hooks import emergency, heartbeat, step_progress, trainer_side
 from verl_hooks.compat import VERL_MANAGER_MODULE
 from verl_hooks.contract import HeartbeatKind, JobExitCode, RecordSource
 from verl_hooks.deadline import SyncDeadlines
@@ -111,12 +111,15 @@ class _SyncContext:
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when the guard gives up on the sync: its thread, if it ever wakes up, starts no further phase."""
 
+    def refuse_if_abandoned(self, what: str) -> None:
+        if self.abandoned.is_set():
+            # A blocked ray.get that returns after the deadline must not go on: to push weights into a rollout
+            # that the cleanup has already resumed, or to start trainer tasks beside the emergency save.
+            raise WeightSyncTimeout(f"the guard abandoned this weight sync; {what} not started")
+
     def enter(self, phase: SyncPhase) -> FaultSpec | None:
         """Note that the sync entered ``phase``; the fault planned there, if any, for the caller to fire."""
-        if self.abandoned.is_set():
-            # A blocked ray.get that returns after the deadline must not go on to push weights into a rollout
-            # that the cleanup has already resumed.
-            raise WeightSyncTimeout(f"the guard abandoned this weight sync; phase '{phase.value}' not started")
+        self.refuse_if_abandoned(f"phase '{phase.value}'")
         self.tracker.enter(phase)
         heartbeat.beat(HeartbeatKind.SYNC_PHASE, step=self.global_step, phase=phase.value)
         return self.faults.take(phase, self.global_step)
@@ -167,7 +170,9 @@ class _ActorGroupView:
             return self._sync.submit_trainer_tasks(
                 SyncPhase.FINALIZE, lambda: self._wg.execute_checkpoint_engine(*args, **kwargs)
             )
-        # prepare and init_process_group, from verl's build_process_group run over this view
+        # prepare and init_process_group, from verl's build_process_group run over this view. A prepare that
+        # returns after the guard gave up must not start init_process_group beside the emergency save.
+        self._sync.refuse_if_abandoned(f"execute_checkpoint_engine({methods[0] if methods else '?'})")
         refs = self._sync.trainer_tasks.note(self._wg.execute_checkpoint_engine(*args, **kwargs))
         strand = self._sync.strand_at_group_init
         if strand is not None and methods and methods[0] == "init_process_group":
@@ -447,6 +452,7 @@ async def run_guarded_sync(
             duration_s = time.monotonic() - started
             deadlines.record(duration_s)
             heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=duration_s)
+            step_progress.note_synced(global_steps)
             if heartbeat.save_requested() and emergency.a_trainer_can_save():
                 # The safe point the supervisor waits for: the sync is done, so no trainer task is in flight.
                 raise StopRequested(

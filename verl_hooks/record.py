@@ -12,6 +12,7 @@ from verl_hooks.contract import ErrorRecord, RecordSource, root_cause
 from verl_hooks.errors import (
     StopRequested,
     WeightSyncFatalError,
+    find_step_failure_checkpoint,
     find_stop_request,
     find_weight_sync_error,
     qualified_name,
@@ -41,13 +42,16 @@ def record_for_exception(
             emergency_checkpoint=stop.emergency_checkpoint,
         )
     root = root_cause(exc)
+    emergency = find_step_failure_checkpoint(exc)
     return ErrorRecord(
         error_type=qualified_name(type(root)),
         message=str(root) or type(root).__name__,
         source=source,
         exit_code=exit_code,
+        global_step=None if emergency is None else emergency.get("failed_step"),
         traceback=formatted,
         attempt=attempt,
+        emergency_checkpoint=emergency,
     )
 
 

@@ -7,7 +7,7 @@ trainer workers are async Ray actors (``async def update_weights``, engine_worke
 while a rank is still inside the sync would run beside it and hang or mis-pair the collectives. The guard's view
 of the manager stands between verl's body and the trainer's worker group, so it sees every trainer task the sync
 (and its cleanup) starts; the trainer side is idle when every one of them has finished and every trainer worker
-answers.
+answers, and none of them raised.
 
 ``judge`` decides from those facts and is pure; ``observe`` gathers them, awaiting ObjectRefs (no ``ray.get``, no
 import of Ray: a dead worker's probe fails, a live one's returns).
@@ -20,6 +20,8 @@ import threading
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from verl_hooks.contract import root_cause
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,15 @@ def judge(
     dead_workers: Collection[str],
     workers: int,
     waited_s: float,
+    raised: Sequence[str] = (),
 ) -> TrainerSide:
     """Idle only when nothing says otherwise: no phase whose trainer tasks went unseen and did not finish, no
-    task still running, every worker alive."""
+    task still running, none that raised, every worker alive.
+
+    A task that raised has settled but is not done with its collectives: in verl's NCCL engine only rank 0 sends,
+    the other ranks return with their all-gathers still queued on the GPU (checkpoint_engine/
+    nccl_checkpoint_engine.py:327-332), so one rank's raise leaves its peers' work pending, and the save's first
+    barrier (utils/checkpoint/fsdp_checkpoint_manager.py:300) would pair with it."""
     if unseen_phases:
         return TrainerSide(
             False,
@@ -86,6 +94,12 @@ def judge(
     if running:
         return TrainerSide(
             False, f"{running} of {total} trainer task(s) of the sync still running {waited_s:g} s after its cleanup"
+        )
+    if raised:
+        return TrainerSide(
+            False,
+            f"{len(raised)} of {total} trainer task(s) of the sync raised ({raised[0]}): their peers may still have "
+            "collectives pending",
         )
     if dead_workers:
         return TrainerSide(False, f"trainer worker(s) not answering: {', '.join(sorted(dead_workers))}")
@@ -100,17 +114,20 @@ async def _settle(awaitable: Any) -> BaseException | None:
     return None
 
 
-async def _running_after(refs: Sequence[Any], wait_s: float) -> int:
+async def _settled_after(refs: Sequence[Any], wait_s: float) -> tuple[int, list[str]]:
+    """How many of ``refs`` are still running after ``wait_s``, and the errors of those that raised."""
     if not refs:
-        return 0
+        return 0, []
     tasks = [asyncio.ensure_future(_settle(ref)) for ref in refs]
-    _, pending = await asyncio.wait(tasks, timeout=wait_s)
+    done, pending = await asyncio.wait(tasks, timeout=wait_s)
     for task in pending:
         task.cancel()  # stops waiting on the ref; the remote task itself is not touched
-    return len(pending)
+    errors = [root_cause(error) for error in (task.result() for task in done) if error is not None]
+    raised = [f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}" for error in errors]
+    return len(pending), raised
 
 
-async def _unanswering(workers: Sequence[Any], wait_s: float) -> list[str]:
+async def unanswering(workers: Sequence[Any], wait_s: float) -> list[str]:
     """Workers whose ``__ray_ready__`` (a method every Ray actor has) fails or does not return within ``wait_s``."""
     probes = {}
     for rank, worker in enumerate(workers):
@@ -134,7 +151,7 @@ async def observe(tasks: TrainerTasks, completed_phases: Collection[str], actor_
     """Wait up to ``wait_s`` for the noted trainer tasks to finish, then ask every trainer worker to answer."""
     unseen = [phase for phase in tasks.opaque_phases if phase not in completed_phases]
     refs = tasks.refs
-    running = await _running_after(refs, wait_s)
+    running, raised = await _settled_after(refs, wait_s)
     workers = list(getattr(actor_wg, "workers", None) or [])
-    dead = await _unanswering(workers, wait_s) if not running and not unseen else []
-    return judge(len(refs), running, unseen, dead, len(workers), wait_s)
+    dead = await unanswering(workers, wait_s) if not running and not unseen and not raised else []
+    return judge(len(refs), running, unseen, dead, len(workers), wait_s, raised)

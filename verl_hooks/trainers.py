@@ -24,11 +24,13 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from verl_hooks import heartbeat
 from verl_hooks.compat import installed_verl_version, update_weights_fingerprint
 from verl_hooks.contract import (
     ENV_ALLOW_UNVERIFIED_VERL,
@@ -36,9 +38,19 @@ from verl_hooks.contract import (
     EmergencyCheckpoint,
     EmergencyStatus,
     EmergencyTrigger,
+    HeartbeatKind,
 )
 from verl_hooks.emergency import checkpoint_the_step, fitting, note_save_duration
-from verl_hooks.errors import IncompatibleVerlError, find_stop_request, find_weight_sync_error
+from verl_hooks.errors import (
+    IncompatibleVerlError,
+    find_step_failure_checkpoint,
+    find_stop_request,
+    find_weight_sync_error,
+    note_step_failure_checkpoint,
+)
+from verl_hooks.faults import FaultAction, FaultSpec, StepPoint, fire_blocking
+from verl_hooks.phases import MULTI_PHASE_ORDER, SyncPhase
+from verl_hooks.step_progress import TRACKED_MARK, TRAINER_CALLS, fitting_in_this_thread, trainer_call
 from verl_hooks.trainer_side import TrainerSide
 
 logger = logging.getLogger(__name__)
@@ -121,9 +133,91 @@ def is_hooked(cls: type) -> bool:
     return bool(getattr(cls.__dict__.get("fit"), _MARK, False))
 
 
+# Where the faults of a step fire (``verl_hooks.faults.StepPoint``): verl's trainer methods of these names, the
+# first the class has. Generation: V1 ``_submit_batch_to_rollout`` (trainer_base.py:1496, the batch drawn at 1471),
+# legacy ``_get_gen_batch`` (ray_trainer.py:1484, the batch drawn at 1466); reward: ``_compute_reward_colocate``
+# (trainer_base.py:1529, ray_trainer.py:1564; a V1 run with reward-loop workers computes its rewards inside the
+# generation instead); train: ``_update_actor`` (trainer_base.py:1827, ray_trainer.py:1327).
+STEP_FAULT_METHODS: dict[StepPoint, tuple[str, ...]] = {
+    StepPoint.GENERATE: ("_submit_batch_to_rollout", "_get_gen_batch"),
+    StepPoint.REWARD: ("_compute_reward_colocate",),
+    StepPoint.TRAIN: ("_update_actor",),
+}
+
+
+def _sigkill_self(_actor: Any) -> None:
+    """Run inside a Ray actor by ``__ray_call__``: its process dies at once, as on an OOM kill or a segfault."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_actor_process(handle: Any) -> None:
+    handle.__ray_call__.remote(_sigkill_self)
+
+
+def _first_rollout_server(trainer: Any) -> Any:
+    """verl's ``CheckpointEngineManager.replicas`` (checkpoint_engine/base.py), each ``RolloutReplica`` with its
+    server actors (``servers``)."""
+    replicas = getattr(getattr(trainer, "checkpoint_manager", None), "replicas", None) or []
+    servers = getattr(replicas[0], "servers", None) if replicas else None
+    if not servers:
+        raise RuntimeError("verl_hooks: generate:exit found no rollout server to kill (checkpoint_manager.replicas)")
+    return servers[0]
+
+
+def _fire_step_fault(trainer: Any, point: StepPoint, spec: FaultSpec, step: int | None, call: Callable[[], Any]) -> Any:
+    """Carry out ``spec`` at ``point`` around ``call`` (the trainer method's own body)."""
+    if spec.action is FaultAction.EXIT and point is StepPoint.GENERATE:
+        _kill_actor_process(_first_rollout_server(trainer))
+        return call()  # the generation meets the dead server, as it would
+    if spec.action is FaultAction.EXIT and point is StepPoint.TRAIN:
+        _kill_actor_process(trainer.actor_rollout_wg.workers[0])
+        return call()
+    if spec.action is FaultAction.RAISE and point is StepPoint.TRAIN:
+        call()  # the workers ran the update; a rank's failure reaches the trainer
+        fire_blocking(spec, step)
+    fire_blocking(spec, step)
+    return call()
+
+
+def _wrap_step_method(cls: type, name: str, state: Any, point: StepPoint | None) -> None:
+    original = cls.__dict__.get(name) or getattr(cls, name)
+    tracked = name in TRAINER_CALLS
+
+    @functools.wraps(original)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        step = getattr(self, "global_steps", None)
+        spec = state.faults.take(point, step) if point is not None else None
+
+        def body() -> Any:
+            if spec is None:
+                return original(self, *args, **kwargs)
+            return _fire_step_fault(self, point, spec, step, lambda: original(self, *args, **kwargs))
+
+        if not tracked:
+            return body()
+        with trainer_call(self, name):  # an injected failure of a trainer task counts as the task's own
+            return body()
+
+    method.__verl_hooks_original__ = cls.__dict__.get(name)  # type: ignore[attr-defined]
+    if tracked:
+        setattr(method, TRACKED_MARK, True)
+    setattr(cls, name, method)
+
+
+def _step_methods(cls: type) -> dict[str, StepPoint | None]:
+    """The methods of ``cls`` to wrap: every trainer call, and the first method of each fault point."""
+    methods: dict[str, StepPoint | None] = {name: None for name in TRAINER_CALLS if callable(getattr(cls, name, None))}
+    for point, names in STEP_FAULT_METHODS.items():
+        found = next((name for name in names if callable(getattr(cls, name, None))), None)
+        if found is not None:
+            methods[found] = point
+    return methods
+
+
 def hook_trainer(cls: type, state: Any, *, skips_critic_warmup: bool = False) -> None:
-    """Wrap ``cls.fit`` and ``cls._save_checkpoint``; ``state`` gives the current settings and faults
-    (``verl_hooks.installer``'s, which tests may change after the class is hooked)."""
+    """Wrap ``cls.fit``, ``cls._save_checkpoint`` and the step's trainer calls and fault points; ``state`` gives
+    the current settings and faults (``verl_hooks.installer``'s, which tests may change after the class is
+    hooked)."""
     if is_hooked(cls):
         return
     for name in ("fit", "_save_checkpoint"):
@@ -136,7 +230,7 @@ def hook_trainer(cls: type, state: Any, *, skips_critic_warmup: bool = False) ->
 
     @functools.wraps(original_fit)
     def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with fitting():
+        with fitting(), fitting_in_this_thread(self):
             try:
                 return original_fit(self, *args, **kwargs)
             except BaseException as exc:
@@ -147,11 +241,17 @@ def hook_trainer(cls: type, state: Any, *, skips_critic_warmup: bool = False) ->
     def _save_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         result = original_save(self, *args, **kwargs)
-        note_save_duration(self, time.monotonic() - started)
+        duration = time.monotonic() - started
+        note_save_duration(self, duration)
+        heartbeat.beat(HeartbeatKind.CHECKPOINT_SAVED, step=getattr(self, "global_steps", None), duration_s=duration)
         return result
 
+    wrapped = _step_methods(cls)
+    for name, point in wrapped.items():
+        _wrap_step_method(cls, name, state, point)
     setattr(fit, _MARK, True)
     fit.__verl_hooks_original__ = cls.__dict__.get("fit")  # type: ignore[attr-defined]
+    fit.__verl_hooks_wrapped__ = tuple(wrapped)  # type: ignore[attr-defined]
     _save_checkpoint.__verl_hooks_original__ = cls.__dict__.get("_save_checkpoint")  # type: ignore[attr-defined]
     cls.fit = fit
     cls._save_checkpoint = _save_checkpoint
@@ -206,7 +306,7 @@ def mark_unsaved(cls: type, reason: str) -> None:
 def unhook_trainer(cls: type) -> None:
     if not is_hooked(cls):
         return
-    for name in ("fit", "_save_checkpoint"):
+    for name in ("fit", "_save_checkpoint", *getattr(cls.__dict__["fit"], "__verl_hooks_wrapped__", ())):
         member = cls.__dict__.get(name)
         if member is None or not hasattr(member, "__verl_hooks_original__"):
             continue
@@ -217,34 +317,64 @@ def unhook_trainer(cls: type) -> None:
             setattr(cls, name, original)
 
 
+def _touched_rollout_weights(phase: Any) -> bool:
+    """The sync had begun writing the rollout's weights: the naive call, or update_weights and what follows it."""
+    try:
+        phase = SyncPhase(phase)
+    except ValueError:
+        return True  # unknown: assume the worst
+    if phase is SyncPhase.NAIVE:
+        return True
+    return phase in MULTI_PHASE_ORDER and MULTI_PHASE_ORDER.index(phase) >= MULTI_PHASE_ORDER.index(
+        SyncPhase.UPDATE_WEIGHTS
+    )
+
+
 def _checkpoint_after(trainer: Any, exc: BaseException, state: Any, skips_critic_warmup: bool) -> None:
-    """Save (or skip, saying why) the step the trainer is at, for a failed sync or a stop request; the outcome goes
-    into the error, which goes on. Never raises: the job's failure must reach the supervisor whatever happens."""
+    """Save (or skip, saying why) the step the trainer last completed, for a failed sync, a stop request or any
+    other failure that escaped ``fit``; the outcome goes into the error, which goes on. Never raises: the job's
+    failure must reach the supervisor whatever happens."""
     fatal = find_weight_sync_error(exc)
     stop = None if fatal is not None else find_stop_request(exc)
     error = fatal or stop
-    if error is None or error.emergency_checkpoint is not None:
-        return  # not ours, or an inner fit (a subclass calling super().fit) has dealt with it
+    if error is not None and error.emergency_checkpoint is not None:
+        return  # an inner fit (a subclass calling super().fit) has dealt with it
+    if error is None and (not isinstance(exc, Exception) or find_step_failure_checkpoint(exc) is not None):
+        return  # a KeyboardInterrupt or SystemExit is a stop, not a failure; or an inner fit dealt with it
+    touched = False
     if fatal is not None:
         trigger, sync_step = EmergencyTrigger.SYNC_FAILURE, fatal.global_step
         side = TrainerSide.from_dict(fatal.trainer_side) or TrainerSide(False, "the guard did not judge it")
-    else:
+        touched = _touched_rollout_weights(fatal.phase)
+    elif stop is not None:
         trigger, sync_step, side = EmergencyTrigger.STOP_REQUEST, stop.global_step, None
+    else:
+        trigger, sync_step, side = EmergencyTrigger.STEP_FAILURE, None, None
     try:
         outcome = checkpoint_the_step(
-            trainer, trigger, sync_step, side, state.settings, state.faults, skips_critic_warmup=skips_critic_warmup
-        )
+            trainer,
+            trigger,
+            sync_step,
+            side,
+            state.settings,
+            state.faults,
+            skips_critic_warmup=skips_critic_warmup,
+            rollout_weights_touched=touched,
+        ).to_dict()
     except Exception as exc2:  # a bug here must not mask the job's own failure
         logger.exception("verl_hooks: the emergency save failed unexpectedly")
-        error.emergency_checkpoint = {
+        outcome = {
             "status": "failed",
             "trigger": trigger.value,
             "step": getattr(trainer, "global_steps", None),
             "reason": f"{type(exc2).__name__}: {exc2}",
         }
-        return
-    error.emergency_checkpoint = outcome.to_dict()
-    print(f"verl_hooks: emergency checkpoint: {outcome.summary()}", flush=True)
+    if error is not None:
+        error.emergency_checkpoint = outcome
+    else:
+        note_step_failure_checkpoint(exc, outcome)
+    summary = EmergencyCheckpoint.from_dict(outcome)
+    print(f"verl_hooks: emergency checkpoint: {summary.summary() if summary else outcome}", flush=True)
 
 
 # --- what is hooked where ------------------------------------------------------------------------------------

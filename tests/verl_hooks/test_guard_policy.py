@@ -74,6 +74,36 @@ def test_an_abandoned_sync_starts_no_further_phase() -> None:
     assert sync.tracker.entered == [P.BUILD_PROCESS_GROUP]
 
 
+class _TrainerGroup:
+    """The trainer's worker group as verl's build_process_group calls it: notes what was submitted."""
+
+    world_size = 2
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def execute_checkpoint_engine(self, methods: list[str], *args, **kwargs) -> list[str]:
+        self.submitted.append(methods[0])
+        return [f"ref-{methods[0]}-{rank}" for rank in range(len(methods))]
+
+
+@pytest.mark.parametrize("method", ["prepare", "init_process_group", "finalize"])
+def test_an_abandoned_sync_starts_no_trainer_task_after_the_verdict(method: str) -> None:
+    """Finding 3 of the emergency save's review: a ``prepare`` that returns after the guard gave up must not go on
+    to submit ``init_process_group`` on the trainer's ranks while the emergency save runs there."""
+    from verl_hooks.guard import PhaseTracker, _ActorGroupView, _SyncContext
+
+    sync = _SyncContext(PhaseTracker(), FaultPlan((), attempt=1), global_step=3, backend="nccl")
+    group = _TrainerGroup()
+    view = _ActorGroupView(group, sync)
+    assert view.execute_checkpoint_engine([method] * 2) == [f"ref-{method}-0", f"ref-{method}-1"]
+    sync.abandoned.set()
+    with pytest.raises(WeightSyncTimeout, match="abandoned this weight sync"):
+        view.execute_checkpoint_engine([method] * 2)
+    assert group.submitted == [method], "nothing submitted after the verdict"
+    assert len(sync.trainer_tasks.refs) == 2, "what was submitted before is still judged"
+
+
 def test_fault_specs_parse_every_part() -> None:
     specs = parse_fault_specs("update_weights:raise@3#1, abort:hang, naive:exit#2")
     assert specs == (

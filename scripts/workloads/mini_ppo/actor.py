@@ -136,11 +136,23 @@ class MiniActorWorker(Worker, RolloutServerMixin):
         """As verl's worker: send through the checkpoint engine, or (naive) load the colocated rollout."""
         effective_mode = mode if mode != "auto" else self.config.backend
         if effective_mode != "naive":
+            if getattr(self, "_misbehaviour", {}).get("update_weights") == "raise_on_rank_0":
+                return self._fail_on_rank_0_with_peers_pending()
             metrics = await self.checkpoint_engine.send_weights(named_weights(self.policy), global_steps=global_steps)
             return metrics or {}
         self.rollout_engine.resume(["weights"])
         self.rollout_engine.load_weights(named_weights(self.policy), global_steps)
         self.rollout_engine.resume(["kv_cache"])
+        return {}
+
+    def _fail_on_rank_0_with_peers_pending(self) -> dict[str, Any]:
+        """How verl's NCCL engine fails when its only sender raises: rank 0 raises, the other ranks have walked the
+        weight generator and returned with their collectives still queued, never waited on (checkpoint_engine/
+        nccl_checkpoint_engine.py:327-332). A gloo collective started with ``async_op=True`` leaves a rank so."""
+        if self.rank == 0:
+            raise RuntimeError("rank 0 failed while sending the weights (set_misbehaviour)")
+        flat = torch.cat([p.detach().reshape(-1) for p in self.policy.parameters()])
+        self._pending_collective = dist.all_reduce(flat, async_op=True)  # kept alive, never waited on
         return {}
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)

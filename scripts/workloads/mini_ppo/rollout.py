@@ -134,8 +134,9 @@ class RolloutServerMixin:
     _misbehaviour: dict[str, str]
 
     async def set_misbehaviour(self, method: str, action: str | None) -> None:
-        if action not in (None, "raise", "hang"):
-            raise ValueError(f"misbehaviour must be raise, hang or None, not {action!r}")
+        """``raise_on_rank_0`` is for a trainer worker's ``update_weights`` (``mini_ppo.actor``)."""
+        if action not in (None, "raise", "hang", "raise_on_rank_0"):
+            raise ValueError(f"misbehaviour must be raise, hang, raise_on_rank_0 or None, not {action!r}")
         if not hasattr(self, "_misbehaviour"):
             self._misbehaviour = {}
         if action is None:

@@ -118,7 +118,10 @@ class MiniPPOTrainer:
         )
         spec = actor_config(config).policy
         self.task = BanditTask(spec, config.data.dataset_size, config.seed)
-        self.data = BatchIterator(self.task.observations, config.data.batch_size, config.seed)
+        # verl's names: the train dataloader whose state_dict() the save stores as data.pt (trainer_base.py:743 and
+        # 999), and the weight-sync manager (trainer_base.py's checkpoint_manager).
+        self.train_dataloader = BatchIterator(self.task.observations, config.data.batch_size, config.seed)
+        self.checkpoint_manager = topology.manager
         self.root = config.trainer.default_local_dir
 
     @property
@@ -132,7 +135,7 @@ class MiniPPOTrainer:
         start = self.load_checkpoint()
         self.global_steps = start.step
         self.progress("start", start.step, resumed_from_step=None if start.folder is None else start.step)
-        manager = self.topology.manager
+        manager = self.checkpoint_manager
         if self.hybrid:
             # verl's colocated trainer puts the replicas to sleep at init; the first sync wakes them.
             manager.sleep_replicas()
@@ -186,35 +189,35 @@ class MiniPPOTrainer:
                 f.write(json.dumps(line) + "\n")
 
     def train_step(self, step: int) -> StepResult:
-        manager = self.topology.manager
-        obs = self.data.next_batch()
-        rollout = self.generate(obs, step)
+        """One step in verl's order and under verl's method names (V1 ``_step_once``, trainer_base.py:556-612),
+        which verl_hooks follows (the trainer calls) and injects faults at (generate, reward, train)."""
+        obs = self.train_dataloader.next_batch()
+        rollout = self._submit_batch_to_rollout(obs)
         if self.hybrid:
-            manager.sleep_replicas()
-        rewards = self.task.rewards(obs, rollout["actions"])
+            self.checkpoint_manager.sleep_replicas()  # verl's on_sample_end (trainer_sync.py:40-42)
+        rewards = self._compute_reward_colocate(obs, rollout["actions"])
         if self.critic_wg is not None:
-            # verl updates the critic before the actor; its values stay out of the advantages (GRPO-style here).
-            self.critic_wg.update_critic({"obs": obs, "returns": rewards})
+            self._update_critic(obs, rewards)
         batch = {
             "obs": obs,
             "actions": rollout["actions"],
             "old_log_probs": rollout["log_probs"],
             "advantages": normalised(rewards),
         }
-        metrics = self.topology.actor_wg.update_actor(batch)
-        self.check_ranks_agree()
+        metrics = self._update_actor(batch)
         trainer = self.config.trainer
         if should_save(step, trainer.save_freq, trainer.total_training_steps):
             self._save_checkpoint()
-        manager.update_weights(self.global_steps)
+        self.checkpoint_manager.update_weights(self.global_steps)
         loss = sum(rank_metrics["actor/loss"] for rank_metrics in metrics) / len(metrics)
         return StepResult(step, float(rewards.mean()), loss)
 
-    def generate(self, obs: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """Each replica samples a contiguous chunk with a seed of its own, so the result does not depend on
-        which replica answers first."""
+    def _submit_batch_to_rollout(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's generation. Each replica samples a contiguous chunk with a seed of its own, so the result does
+        not depend on which replica answers first."""
         replicas = self.topology.replicas
         chunks = torch.tensor_split(obs, len(replicas))
+        step = self.global_steps
 
         async def generate_all() -> list[dict[str, torch.Tensor]]:
             return await asyncio.gather(
@@ -226,6 +229,18 @@ class MiniPPOTrainer:
 
         outputs = asyncio.run(generate_all())
         return {key: torch.cat([out[key] for out in outputs]) for key in ("actions", "log_probs")}
+
+    def _compute_reward_colocate(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.task.rewards(obs, actions)
+
+    def _update_critic(self, obs: torch.Tensor, rewards: torch.Tensor) -> None:
+        # verl updates the critic before the actor; its values stay out of the advantages (GRPO-style here).
+        self.critic_wg.update_critic({"obs": obs, "returns": rewards})
+
+    def _update_actor(self, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+        metrics = self.actor_rollout_wg.update_actor(batch)
+        self.check_ranks_agree()
+        return metrics
 
     def _save_checkpoint(self) -> None:
         """verl's ``_save_checkpoint`` (``trainer_base.py`` lines 948-1030), for ``global_steps``: the actor's folder
@@ -241,7 +256,7 @@ class MiniPPOTrainer:
             self.critic_wg.save_checkpoint(
                 str(folder / CRITIC_DIR), None, step, max_ckpt_to_keep=trainer.max_critic_ckpt_to_keep
             )
-        save_data_state(folder, self.data.state_dict())
+        save_data_state(folder, self.train_dataloader.state_dict())
         if trainer.trainer_mode is not TrainerMode.sync:
             save_transfer_queue(folder / TRANSFER_QUEUE_DIR, {"global_steps": step})
         write_tracker(self.root, step)
@@ -265,7 +280,7 @@ class MiniPPOTrainer:
         if data_state is None:
             print(f"Warning: no data state in {start.folder}, the data starts over", flush=True)
         else:
-            self.data.load_state_dict(data_state)
+            self.train_dataloader.load_state_dict(data_state)
         queue = start.folder / TRANSFER_QUEUE_DIR
         if trainer.trainer_mode is not TrainerMode.sync and queue.exists():
             # verl restores it only when present; the step check is ours (a queue of another step would re-issue

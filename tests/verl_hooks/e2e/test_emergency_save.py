@@ -32,7 +32,7 @@ from mini_ppo.topology import WeightSyncTopology, build_topology, with_backend
 from tests.conftest import connect_driver
 from verl_hooks import installer, trainers
 from verl_hooks.contract import EmergencyStatus, EmergencyTrigger
-from verl_hooks.errors import StopRequested, WeightSyncFatalError
+from verl_hooks.errors import StopRequested, WeightSyncFatalError, find_step_failure_checkpoint
 from verl_hooks.faults import parse_fault_specs, rearm_injected_hangs, release_injected_hangs
 from verl_hooks.phases import MULTI_PHASE_ORDER, SyncPhase
 from verl_hooks.settings import HookSettings
@@ -242,6 +242,42 @@ def test_a_trainer_task_still_in_flight_is_never_saved_over(
     assert tracker(tmp_path) == str(SAVE_FREQ)
 
 
+@pytest.fixture
+def own_topology(driver) -> Iterator[WeightSyncTopology]:
+    """A multi-phase topology of its own, killed after the test: it may be left with collectives pending."""
+    topology = build_topology(
+        with_backend(ActorConfig(), "cpu_gloo"), world_size=2, num_replicas=2, name_prefix="emergency_pending_"
+    )
+    try:
+        yield topology
+    finally:
+        for actor in [*topology.actor_wg.workers, *(s for r in topology.replicas for s in r.servers)]:
+            ray.kill(actor)
+
+
+def test_a_sync_whose_sender_raised_with_its_peers_collectives_pending_is_never_saved_over(
+    own_topology: WeightSyncTopology, verl_config, no_transfer_queue, tmp_path: Path
+) -> None:
+    """Finding 2: rank 0 raises in update_weights; rank 1 returned with an all-reduce started and never waited on
+    (what NCCL leaves). Every task has settled, but one raised: the save's barrier would pair with rank 1's pending
+    collective, so nothing is saved."""
+    ray.get([w.set_misbehaviour.remote("update_weights", "raise_on_rank_0") for w in own_topology.actor_wg.workers])
+    trainer = v1_trainer(own_topology, verl_config, tmp_path)
+    arm("", trainer_idle_wait_s=2.0)
+
+    error = fit_until_failure(trainer)
+
+    assert error.phase is SyncPhase.UPDATE_WEIGHTS
+    assert error.trainer_side["idle"] is False
+    assert error.trainer_side["reason"].endswith(
+        "trainer task(s) of the sync raised (RuntimeError: rank 0 failed while sending the weights "
+        "(set_misbehaviour)): their peers may still have collectives pending"
+    )
+    assert error.emergency_checkpoint["status"] == EmergencyStatus.SKIPPED.value, error.emergency_checkpoint
+    assert error.emergency_checkpoint["reason"].startswith("the trainer side is not idle: ")
+    assert trainer.actor_rollout_wg.steps == [], "no save ran beside the pending collective"
+
+
 @pytest.mark.slow  # a deadline to wait out; the supervisor's benchmark measures the same on every hang
 def test_a_hung_sync_whose_trainer_tasks_never_started_is_saved(
     topologies, verl_config, no_transfer_queue, tmp_path: Path
@@ -408,3 +444,205 @@ def test_verls_fully_async_trainer_says_why_it_saved_nothing(topologies) -> None
     skipped = raised.value.emergency_checkpoint
     assert (skipped["status"], skipped["step"]) == (EmergencyStatus.SKIPPED.value, FAILING_STEP)
     assert skipped["reason"].startswith("verl's fully-async trainer syncs before it saves")
+
+
+# --- failures outside the sync, on verl's own V1 trainer ------------------------------------------------------
+
+
+class CountingLoader:
+    """The trainer's dataloader: its state counts the batches it yielded, as a StatefulDataLoader's does."""
+
+    def __init__(self) -> None:
+        self.served = 0
+
+    def draw(self) -> None:
+        self.served += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self.served}
+
+
+class RolloutGeneration:
+    """Stands in for verl's AgentLoopManager: generation on the topology's real rollout servers (Ray calls)."""
+
+    def __init__(self, topology: WeightSyncTopology) -> None:
+        self.topology = topology
+
+    def generate_sequences(self, batch: Any) -> None:
+        ray.get([server.generate.remote(ray_obs(), 0) for r in self.topology.replicas for server in r.servers[:1]])
+
+
+def ray_obs() -> Any:
+    import torch
+
+    return torch.zeros(2, ActorConfig().policy.obs_dim)
+
+
+class UpdatingWorkers(SavedSteps):
+    """verl's V1 ``_update_actor`` calls ``actor_rollout_wg.update_actor(batch)`` and reads its metrics
+    (trainer_base.py:1861-1864): here each rank answers (a real task on every worker) with metrics of verl's shape."""
+
+    def update_actor(self, batch: Any) -> dict:
+        self._wg.weights_digest()
+        return {"metrics": {"mfu": [0.0], "pg_loss": [0.0]}}
+
+
+def v1_stepping_trainer(topology: WeightSyncTopology, config: DictConfig, root: Path, after_updates: Any = None):
+    """verl's PPOTrainerSync whose step runs verl's own hooked methods in verl's order: the batch drawn, then
+    ``_submit_batch_to_rollout`` (trainer_base.py:1496; TransferQueue stood in for, generation on the real rollout
+    servers), ``on_sample_end`` (the colocated replicas to sleep; a standalone rollout stays awake),
+    ``_update_actor`` (trainer_base.py:1827)."""
+    trainer = v1_trainer(topology, config, root)
+    trainer.actor_rollout_wg = UpdatingWorkers(topology.actor_wg)
+    trainer.train_dataloader = loader = CountingLoader()
+    trainer.curr_step_profile = False
+
+    def step(metrics: dict, timing_raw: dict) -> Any:
+        loader.draw()  # verl draws the step's batch before it generates (trainer_base.py:1471)
+        trainer._submit_batch_to_rollout({"uid": [f"prompt-{trainer.global_steps}"]})
+        if topology.hybrid:
+            trainer.on_sample_end()  # sync mode's: the colocated replicas to sleep (trainer_sync.py:40-42)
+        trainer._update_actor(SimpleNamespace(extra_info={}), metrics)
+        if after_updates is not None:
+            after_updates(trainer.global_steps)
+        return SimpleNamespace(keys=[], partition_id="train")
+
+    trainer.step = step
+    return trainer
+
+
+@pytest.fixture
+def transfer_queue_put(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verl.trainer.ppo.v1 import trainer_base
+
+    monkeypatch.setattr(
+        trainer_base, "tq", SimpleNamespace(kv_clear=lambda **kwargs: None, kv_batch_put=lambda **kwargs: None)
+    )
+
+
+def fit_until(trainer: Any, topology: WeightSyncTopology, error: type[BaseException]) -> BaseException:
+    if topology.hybrid:
+        topology.manager.sleep_replicas()  # verl's colocated rollout starts asleep
+    trainer.on_init_end()  # verl's init_workers ends with it: the sync of the loaded step, before fit
+    with pytest.raises(error) as raised:
+        trainer.fit(agent_loop_manager=RolloutGeneration(topology))
+    return raised.value
+
+
+def saved_data_state(root: Path, step: int) -> dict:
+    import torch
+
+    return torch.load(root / f"global_step_{step}" / "data.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("backend", ["naive", "cpu_gloo"])
+def test_a_generation_failure_saves_the_step_before_with_its_dataloader_state(
+    topologies, verl_config, transfer_queue_put, tmp_path: Path, backend: str
+) -> None:
+    from verl_hooks.errors import InjectedFault
+
+    topology = topology_for(topologies, backend)
+    trainer = v1_stepping_trainer(topology, verl_config, tmp_path)
+    arm(f"generate:raise@{FAILING_STEP}")
+
+    error = fit_until(trainer, topology, InjectedFault)
+
+    saved = error.verl_hooks_emergency_checkpoint
+    assert (saved["status"], saved["trigger"], saved["step"], saved["failed_step"]) == (
+        EmergencyStatus.SAVED.value,
+        EmergencyTrigger.STEP_FAILURE.value,
+        FAILING_STEP - 1,
+        FAILING_STEP,
+    ), saved
+    assert trainer.actor_rollout_wg.steps == [SAVE_FREQ, FAILING_STEP - 1]
+    assert tracker(tmp_path) == str(FAILING_STEP - 1)
+    # Step 5's batch was drawn before the generation failed: step 4 is saved as its sync left the dataloader.
+    assert trainer.train_dataloader.served == FAILING_STEP
+    assert saved_data_state(tmp_path, FAILING_STEP - 1) == {"batches_served": FAILING_STEP - 1}
+    assert trainer.global_steps == FAILING_STEP, "the trainer itself is left as it was"
+
+
+@pytest.mark.parametrize("backend", ["cpu_gloo", "naive"])
+def test_a_rollout_servers_death_during_generation_saves_the_step_before_when_the_trainer_survives(
+    driver, verl_config, transfer_queue_put, tmp_path: Path, backend: str
+) -> None:
+    """A replica's server process SIGKILLed as step 5 generates. Standalone, the trainer survives and saves step 4;
+    colocated (naive), the server is a trainer worker: it does not answer, and nothing is saved."""
+    topology = build_topology(
+        with_backend(ActorConfig(), backend), world_size=2, num_replicas=2, name_prefix=f"emergency_death_{backend}_"
+    )
+    try:
+        trainer = v1_stepping_trainer(topology, verl_config, tmp_path)
+        arm(f"generate:exit@{FAILING_STEP}")
+
+        error = fit_until(trainer, topology, ray.exceptions.RayActorError)
+
+        outcome = find_step_failure_checkpoint(error)
+        if backend == "cpu_gloo":
+            assert (outcome["status"], outcome["step"]) == (EmergencyStatus.SAVED.value, FAILING_STEP - 1), outcome
+            assert saved_data_state(tmp_path, FAILING_STEP - 1) == {"batches_served": FAILING_STEP - 1}
+        else:
+            assert outcome["status"] == EmergencyStatus.SKIPPED.value
+            assert outcome["reason"] == "trainer worker(s) not answering: actor_rollout_wg rank 0"
+            assert trainer.actor_rollout_wg.steps == [SAVE_FREQ]
+    finally:
+        for actor in [*topology.actor_wg.workers, *(s for r in topology.replicas for s in r.servers)]:
+            ray.kill(actor)
+
+
+def test_an_update_that_raised_is_never_saved_over(topologies, verl_config, transfer_queue_put, tmp_path: Path) -> None:
+    from verl_hooks.errors import InjectedFault
+
+    topology = topology_for(topologies, "naive")
+    trainer = v1_stepping_trainer(topology, verl_config, tmp_path)
+    arm(f"train:raise@{FAILING_STEP}")
+
+    error = fit_until(trainer, topology, InjectedFault)
+
+    skipped = error.verl_hooks_emergency_checkpoint
+    assert skipped["status"] == EmergencyStatus.SKIPPED.value
+    assert skipped["reason"] == "trainer task(s) raised (_update_actor): a worker may be left inside a collective"
+    assert trainer.actor_rollout_wg.steps == [SAVE_FREQ]
+    assert tracker(tmp_path) == str(SAVE_FREQ)
+
+
+def test_a_failure_after_the_steps_updates_saves_that_step(
+    topologies, verl_config, transfer_queue_put, tmp_path: Path
+) -> None:
+    def fail_at_the_failing_step(step: int) -> None:
+        if step == FAILING_STEP:
+            raise ValueError("a bad sample after the updates")
+
+    topology = topology_for(topologies, "naive")
+    trainer = v1_stepping_trainer(topology, verl_config, tmp_path, after_updates=fail_at_the_failing_step)
+    arm("")
+
+    error = fit_until(trainer, topology, ValueError)
+
+    saved = error.verl_hooks_emergency_checkpoint
+    assert (saved["status"], saved["step"]) == (EmergencyStatus.SAVED.value, FAILING_STEP), saved
+    assert saved_data_state(tmp_path, FAILING_STEP) == {"batches_served": FAILING_STEP}
+
+
+def test_the_save_runs_with_the_colocated_replicas_asleep_as_verls_own_saves_do(
+    topologies, verl_config, no_transfer_queue, tmp_path: Path
+) -> None:
+    """Finding 5: the naive sync's cleanup wakes the replicas; verl saves with them asleep (trainer_sync.py:40-42)."""
+    topology = topology_for(topologies, "naive")
+    trainer = v1_trainer(topology, verl_config, tmp_path)
+    awake_at_save: list[list[bool]] = []
+    wg = trainer.actor_rollout_wg
+    original_save = wg.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        states = ray.get([s.rollout_state.remote() for r in topology.replicas for s in r.servers])
+        awake_at_save.append([state["awake"] for state in states])
+        return original_save(*args, **kwargs)
+
+    wg.save_checkpoint = save_checkpoint
+    arm(f"naive:raise@{FAILING_STEP}")
+
+    error = fit_until_failure(trainer)
+
+    assert error.emergency_checkpoint["status"] == EmergencyStatus.SAVED.value
+    assert awake_at_save == [[False, False], [False, False]], "the periodic save and the emergency one, asleep"
