@@ -53,6 +53,7 @@ from supervisor.policy.restart import Decision, Restart, StartFrom, Stop
 from supervisor.policy.resume import MismatchedResume, ResumeCheck, VerifiedResume
 from supervisor.policy.rules import AttemptEvidence, Classification, classify
 from supervisor.policy.watchdog import ProgressState, Stall, StallKind, check
+from supervisor.run.beats import BeatsReader
 from supervisor.run.events import (
     AttemptExited,
     AttemptStarted,
@@ -372,7 +373,7 @@ class Supervisor:
 
     def _rotate(self, infos: Sequence[CheckpointInfo], resume_step: int) -> None:
         facts = run_facts(Path(self.config.checkpoints.dir), self._checkpoint_facts)
-        for removal in plan_rotation(infos, facts, resume_step):
+        for removal in plan_rotation(infos, facts, resume_step, self.history.unproven_emergency_steps()):
             try:
                 remove(removal)
             except OSError as e:
@@ -397,6 +398,9 @@ class Supervisor:
         }
         user_env = {**self.inherited_env, **self.config.job.env}
         env.update(tracker_env(self.history.run_id, self.run_dir.path, user_env, self.history.trackers))
+        past_save_s = BeatsReader(self.run_dir.path).longest_save_s(range(1, number))
+        if past_save_s is not None:
+            env[contract.ENV_PAST_SAVE_S] = f"{past_save_s:.3f}"
         if self.heartbeats is not None:
             env[contract.ENV_HEARTBEAT_URL] = self.heartbeats.url
             env[contract.ENV_HEARTBEAT_TOKEN] = self.heartbeats.token
@@ -561,6 +565,8 @@ class Supervisor:
     def _check_resume(self, attempt: int, resume: ResumeCheck, step: int | None) -> MismatchedResume | None:
         verdict = resume.observe(step)
         if isinstance(verdict, VerifiedResume):
+            self.history.attempts[attempt - 1].resume_verified = True
+            self.run_dir.save_history(self.history)
             self.events.emit(ResumeVerified(attempt, verdict.resumed_step, verdict.first_step))
         elif isinstance(verdict, MismatchedResume):
             self.events.emit(ResumeMismatch(attempt, verdict.resumed_step, verdict.seen_step, verdict.reason))

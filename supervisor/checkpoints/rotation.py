@@ -30,11 +30,20 @@ class Removal:
     limit: int
 
 
-def plan_rotation(infos: Sequence[CheckpointInfo], facts: CheckpointFacts, resume_step: int | None) -> list[Removal]:
-    """The role folders to remove before resuming from ``resume_step``. Pure: touches no file."""
+def plan_rotation(
+    infos: Sequence[CheckpointInfo],
+    facts: CheckpointFacts,
+    resume_step: int | None,
+    unproven: frozenset[int] = frozenset(),
+) -> list[Removal]:
+    """The role folders to remove before resuming from ``resume_step``. Pure: touches no file.
+
+    ``unproven``: steps an emergency save wrote that no attempt has resumed from and verified yet. They neither
+    count against the limits nor are removed, so the newest periodic step survives until the emergency step
+    after it has been loaded and shown sound: a save made in a failing job is not trusted alone."""
     if resume_step is None:
         return []
-    kept = [info for info in infos if info.complete and info.step <= resume_step]
+    kept = [info for info in infos if info.complete and info.step <= resume_step and info.step not in unproven]
     removals: list[Removal] = []
     for role, limit in ((ACTOR_DIR, facts.max_actor_ckpt_to_keep), (CRITIC_DIR, facts.max_critic_ckpt_to_keep)):
         if not limit or limit < 1:

@@ -31,6 +31,8 @@ class AttemptBeats:
     saving it, so that is when step N's work was done; a resumed attempt's first sync carries the resumed step."""
     last_beat_by_source: dict[str, float] = field(default_factory=dict)
     """``host:pid`` of each process that sent beats, and when its last one arrived."""
+    longest_save_s: float | None = None
+    """The longest of the trainer's own saves (``checkpoint_saved`` beats) in this attempt."""
 
     def take(self, beat: dict[str, Any]) -> None:
         at = beat.get("received_at")
@@ -39,6 +41,9 @@ class AttemptBeats:
         self.last_beat_at = at if self.last_beat_at is None else max(self.last_beat_at, at)
         source = f"{beat.get('host', '?')}:{beat.get('pid', '?')}"
         self.last_beat_by_source[source] = at
+        duration = beat.get("duration_s")
+        if beat.get("kind") == HeartbeatKind.CHECKPOINT_SAVED.value and isinstance(duration, (int, float)):
+            self.longest_save_s = max(duration, self.longest_save_s or 0.0)
         if beat.get("kind") not in _PROGRESS:
             return
         self.first_progress_at = at if self.first_progress_at is None else min(self.first_progress_at, at)
@@ -63,6 +68,12 @@ class AttemptBeats:
 
 class BeatsReader:
     """Summaries of the attempts' heartbeat files, read incrementally (a live run's files only grow)."""
+
+    def longest_save_s(self, attempts: range) -> float | None:
+        """The longest save the trainer timed in any of ``attempts``: the next emergency save's deadline comes
+        from it until the new attempt has timed a save of its own."""
+        longest = [s for s in (self.of(n).longest_save_s for n in attempts) if s is not None]
+        return max(longest) if longest else None
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir

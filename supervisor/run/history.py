@@ -61,6 +61,8 @@ class AttemptRecord:
 
     failure_nodes: list[str] = field(default_factory=list)
     """The Ray nodes its error record names as the place of its failure (``policy.nodes.failure_nodes``)."""
+    resume_verified: bool = False
+    """Its weight syncs showed that it resumed from the checkpoint it was given (``policy.resume``)."""
 
     MESSAGE_CHARS: ClassVar[int] = 2000
 
@@ -141,6 +143,22 @@ class RunHistory:
                 break
             count += 1
         return count
+
+    def unproven_emergency_steps(self) -> frozenset[int]:
+        """Steps an emergency save wrote that no attempt has yet resumed from and shown to be sound (its resume
+        verified, or a step past it reached): until then the run's checkpoint limits must not remove what came
+        before them."""
+        saved = set()
+        for attempt in self.attempts:
+            data = attempt.emergency_checkpoint or {}
+            if data.get("status") == "saved" and isinstance(data.get("step"), int):
+                saved.add(data["step"])
+        proven = {
+            a.resumed_from_step
+            for a in self.attempts
+            if a.resumed_from_step is not None and (a.resume_verified or a.made_progress)
+        }
+        return frozenset(saved - proven)
 
     def move_to(self, state: RunState) -> None:
         if self.state is RunState.FINISHED and state is not RunState.FINISHED:

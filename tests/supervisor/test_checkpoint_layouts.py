@@ -242,6 +242,41 @@ def test_rotation_keeps_the_newest_complete_steps_up_to_the_resume_step(tmp_path
     assert plan_rotation(infos, CheckpointFacts(max_actor_ckpt_to_keep=1), None) == []
 
 
+def test_an_emergency_step_not_yet_resumed_and_verified_keeps_the_periodic_step_before_it(tmp_path: Path) -> None:
+    """Finding 4 of the emergency save's review: step 5, written by a failing job, is to be resumed from. Until an
+    attempt has loaded it and its syncs verified it, step 4 (the newest periodic save) must survive a keep of 1."""
+    for step in (1, 2, 3, 4, 5):
+        write_step(tmp_path, step)
+    infos = scan_checkpoints(tmp_path)
+    keep_one = CheckpointFacts(max_actor_ckpt_to_keep=1)
+    unproven = plan_rotation(infos, keep_one, 5, unproven=frozenset({5}))
+    assert [(r.step, r.role) for r in unproven] == [(1, "actor"), (2, "actor"), (3, "actor")]
+    proven = plan_rotation(infos, keep_one, 5)
+    assert [(r.step, r.role) for r in proven] == [(1, "actor"), (2, "actor"), (3, "actor"), (4, "actor")]
+
+
+def test_an_emergency_step_is_proven_once_an_attempt_resumed_from_it_and_verified_it() -> None:
+    from supervisor.run.history import AttemptRecord, RunHistory
+
+    saved = {"status": "saved", "trigger": "step_failure", "step": 5}
+    history = RunHistory("run", attempts=[AttemptRecord(1, 0.0, None, reached_step=5, emergency_checkpoint=saved)])
+    assert history.unproven_emergency_steps() == {5}
+    history.attempts.append(AttemptRecord(2, 1.0, 5))
+    assert history.unproven_emergency_steps() == {5}, "launched from it: not yet shown sound"
+    history.attempts[-1].resume_verified = True
+    assert history.unproven_emergency_steps() == frozenset()
+    history.attempts[-1].resume_verified = False
+    history.attempts[-1].reached_step = 6  # with checkpoints.verify_resume off: a step past it was saved
+    assert history.unproven_emergency_steps() == frozenset()
+    skipped = {"status": "skipped", "trigger": "step_failure", "step": None}
+    assert (
+        RunHistory(
+            "run", attempts=[AttemptRecord(1, 0.0, None, emergency_checkpoint=skipped)]
+        ).unproven_emergency_steps()
+        == frozenset()
+    )
+
+
 # --- FSDP folders written by verl's own FSDPCheckpointManager ------------------------------------------------------
 
 FSDP_VARIANTS = {

@@ -373,6 +373,21 @@ def test_each_attempt_gets_the_contracts_variables(tmp_path: Path) -> None:
     assert "fake-token" not in (tmp_path / "run" / "events.jsonl").read_text(), "the token is a secret"
 
 
+def test_an_attempt_gets_the_longest_save_its_predecessors_timed(tmp_path: Path) -> None:
+    """The emergency save's deadline before the relaunched job has timed a save of its own: from the earlier
+    attempts' saves, not the 600 s default (finding 2 of the emergency save's review)."""
+    saves = tuple(
+        (1.0 + i, HeartbeatKind.CHECKPOINT_SAVED, {"step": step, "duration_s": seconds})
+        for i, (step, seconds) in enumerate([(2, 4.25), (4, 7.5)])
+    )
+    first = Attempt(exit=ExitStatus(code=75), record=WEIGHT_SYNC, beats=saves, runs_s=60.0)
+    run = supervise(tmp_path, [first, success()])
+    assert run.code is ExitCode.DONE
+    first_env, second_env = (launched.env for launched in run.backend.launched)
+    assert "VERL_HOOKS_PAST_SAVE_S" not in first_env, "the first attempt has no earlier saves"
+    assert second_env["VERL_HOOKS_PAST_SAVE_S"] == "7.500"
+
+
 # --- checkpoints: layouts the supervisor cannot judge, rotation, resume verified -----------------------------------
 
 
