@@ -67,6 +67,57 @@ def test_a_failed_sync_whose_trainer_side_finished_resumes_at_its_step_with_noth
     assert "emergency checkpoint: saved step 5" in proc.stderr
 
 
+STEP_FAILURES = [
+    # The generation of step 5 raises on the trainer's side, once its batch is drawn: step 4 is whole in the
+    # trainer, and is saved with the dataloader as it was at step 4's sync.
+    pytest.param("generate:raise@5#1", (), id="generate-raise"),
+    pytest.param("reward:raise@5#1", (), id="reward-raise", marks=pytest.mark.slow),
+    # A standalone rollout replica's process SIGKILLed as step 5's generation starts: the trainer survives.
+    pytest.param("generate:exit@5#1", MULTI_PHASE, id="generate-exit", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("fault", "backend"), STEP_FAILURES)
+def test_a_failure_outside_the_sync_saves_the_last_completed_step_and_resumes_there(
+    runs, reference, fault: str, backend: tuple[str, ...]
+) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor_with_faults(run_dir, fault, job_args=(*JOB, *backend))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    saved = events_of(run_dir, "attempt_exited")[0]["emergency_checkpoint"]
+    assert (saved["status"], saved["trigger"], saved["step"], saved["failed_step"]) == (
+        "saved",
+        "step_failure",
+        4,
+        5,
+    ), saved
+    record = record_of(run_dir, 1)
+    assert record["emergency_checkpoint"] == saved
+    assert record["global_step"] == 5, "the record names the step that failed"
+    started = events_of(run_dir, "attempt_started")
+    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (4, 1)]
+    verified = events_of(run_dir, "resume_verified")
+    assert [(e["resume_step"], e["first_step"]) for e in verified] == [(4, 5)]
+    assert final_of(run_dir)["steps_run"] == 2, "steps 5 and 6 ran again: the failed step only"
+    assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_a_trainer_task_that_raised_saves_nothing_and_the_record_says_why(runs, reference) -> None:
+    run_dir = runs.new()
+    proc = run_supervisor_with_faults(run_dir, "train:raise@5#1", job_args=JOB)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    skipped = events_of(run_dir, "attempt_exited")[0]["emergency_checkpoint"]
+    assert (skipped["status"], skipped["trigger"], skipped["failed_step"]) == ("skipped", "step_failure", 5)
+    assert skipped["reason"] == "trainer task(s) raised (_update_actor): a worker may be left inside a collective"
+    assert record_of(run_dir, 1)["emergency_checkpoint"] == skipped
+    started = events_of(run_dir, "attempt_started")
+    assert [(e["resume_step"], e["emergency_of"]) for e in started] == [(None, None), (3, None)]
+    assert final_of(run_dir)["weights_sha256"] == reference["final"]["weights_sha256"]
+
+
 @pytest.mark.slow
 def test_a_failed_sync_with_a_trainer_task_in_flight_saves_nothing_and_resumes_from_the_periodic_step(
     runs, reference
