@@ -19,7 +19,9 @@ Launchers:
 Failures, injected into the job's weight sync at the same step on attempt 1 (VERL_HOOKS_FAULTS):
   raise    the sync raises;  kill  the trainer process is SIGKILLed;  hang  the sync never returns;
   rollout  the multi-phase sync (rollout.backend=cpu_gloo), the rollout side raising in resume_generation once
-           every trainer task has finished.
+           every trainer task has finished;
+  generate the step's generation raises (once its batch is drawn);  reward  the step's reward computation raises.
+Job shape: --step-time-s (extra seconds per step), --save-freq, --fault-step, --steps.
 The fault's step is not a multiple of the save frequency: what a launcher loses is the steps since the last
 periodic save, unless the trainer saves the step it is at (the supervisor's emergency save).
 
@@ -82,7 +84,11 @@ FAILURES = {
     "kill": "naive:exit@{step}#1",
     "hang": "naive:hang@{step}#1",
     "rollout": "resume_generation:raise@{step}#1",
+    "generate": "generate:raise@{step}#1",
+    "reward": "reward:raise@{step}#1",
 }
+DURING_STEP = frozenset({"generate", "reward"})
+"""Failures inside a step, before its updates: the step before the fault's is the last one trained."""
 FAILURE_JOB_ARGS = {"rollout": ("rollout.backend=cpu_gloo", "rollout.num_replicas=1")}
 """Failures that need another job: their runs have no fault-free run of their own to compare goodput with."""
 MARKER = "BENCH_RUN_ID"
@@ -663,13 +669,14 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
         metrics["after_deadline_s"] = round(metrics["detect_s"] - metrics["deadline_s"], 3)
     start_events = [p for p in progress if p["event"] == "start" and p["ts"] >= relaunch]
     resumed_from = (start_events[0].get("resumed_from_step") or 0) if start_events else None
-    # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not.
-    fault_step = faults[0]["step"]
-    metrics["steps_redone"] = None if resumed_from is None else fault_step - resumed_from
+    # verl syncs weights at the end of a step, after its save: the fault's step was trained, saved or not. A fault
+    # inside a step (generation, reward) comes before its updates: the step before it is the last one trained.
+    trained = faults[0]["step"] - (1 if record.failure in DURING_STEP else 0)
+    metrics["steps_redone"] = None if resumed_from is None else trained - resumed_from
     back = [
         p["ts"]
         for p in progress
-        if p["ts"] >= relaunch and p["event"] in ("start", "step") and (p.get("step") or 0) >= fault_step
+        if p["ts"] >= relaunch and p["event"] in ("start", "step") and (p.get("step") or 0) >= trained
     ]
     metrics["time_lost_s"] = round(min(back) - fault_at, 3) if back else None
     return metrics
@@ -786,7 +793,8 @@ def cost_rows(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     lines = [
         "## What a failure costs",
         "",
-        "Steps redone, and time lost (s): the fault to the job back at the fault's step. Medians.",
+        "Steps redone, and time lost (s): the fault to the job back at the last step trained before it (the fault's "
+        "step for a failure in its weight sync, the step before for one in its generation or reward). Medians.",
         "",
         "| failure | " + " | ".join(launchers) + " |",
         "|---|" + "---|" * len(launchers),
@@ -831,11 +839,12 @@ def goals(table: dict[str, dict[str, dict[str, Any]]], records: list[RunRecord],
                 f"{ours:.1f} s vs {loop:.1f} s: {ratio:.2f}x",
                 ratio <= 0.5,
             )
-    for failure in ("raise", "rollout"):
+    for failure in ("raise", "rollout", "generate", "reward"):
         redone = _median(table, failure, "supervisor", "steps_redone")
+        what = "a failed sync whose trainer side finished" if failure in ("raise", "rollout") else "a failure in a step"
         if redone is not None:
             add(
-                f"steps redone after a failed sync whose trainer side finished ({failure})",
+                f"steps redone after {what} ({failure})",
                 "0 (the emergency save)",
                 redone,
                 f"{redone:g}",
@@ -1074,6 +1083,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launchers", default=",".join(LAUNCHERS))
     parser.add_argument("--failures", default=",".join(FAILURES))
     parser.add_argument("--steps", type=int, default=Plan.steps)
+    parser.add_argument("--step-time-s", type=float, default=Plan.extra_step_time_s, help="extra seconds per step")
+    parser.add_argument("--save-freq", type=int, default=Plan.save_freq)
+    parser.add_argument(
+        "--fault-step", type=int, default=None, help=f"default: {Plan.fault_step}, or the last step but one"
+    )
     parser.add_argument("--limit-s", type=float, default=Plan.limit_s)
     parser.add_argument("--no-fault-free", action="store_true", help="skip the fault-free reference runs")
     parser.add_argument(
@@ -1093,7 +1107,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in launchers if n not in LAUNCHERS] + [f for f in failures if f not in FAILURES]
     if unknown:
         parser.error(f"unknown launcher or failure: {', '.join(unknown)}")
-    plan = Plan(steps=args.steps, fault_step=min(Plan.fault_step, args.steps - 1), limit_s=args.limit_s)
+    fault_step = args.fault_step if args.fault_step is not None else min(Plan.fault_step, args.steps - 1)
+    if not 1 <= fault_step < args.steps:
+        parser.error(f"--fault-step must be in 1..{args.steps - 1} (a step with one after it), got {fault_step}")
+    if args.save_freq < 1:
+        parser.error("--save-freq must be >= 1")
+    plan = Plan(
+        steps=args.steps,
+        save_freq=args.save_freq,
+        fault_step=fault_step,
+        extra_step_time_s=args.step_time_s,
+        limit_s=args.limit_s,
+    )
     args.out = args.out.resolve()  # each launcher runs in its own folder: a relative path would land inside it
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -15,6 +15,7 @@ verl's real ``_save_checkpoint`` and its critic warm-up rule (ray_trainer.py:168
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -562,6 +563,7 @@ def test_a_generation_failure_saves_the_step_before_with_its_dataloader_state(
     assert trainer.global_steps == FAILING_STEP, "the trainer itself is left as it was"
 
 
+@pytest.mark.slow  # a topology of its own per backend (the decisions: test_emergency_policy.py)
 @pytest.mark.parametrize("backend", ["cpu_gloo", "naive"])
 def test_a_rollout_servers_death_during_generation_saves_the_step_before_when_the_trainer_survives(
     driver, verl_config, transfer_queue_put, tmp_path: Path, backend: str
@@ -646,3 +648,88 @@ def test_the_save_runs_with_the_colocated_replicas_asleep_as_verls_own_saves_do(
 
     assert error.emergency_checkpoint["status"] == EmergencyStatus.SAVED.value
     assert awake_at_save == [[False, False], [False, False]], "the periodic save and the emergency one, asleep"
+
+
+LEGACY_CASES = {
+    # What happened in step 5 after step 4's sync, by the legacy trainer's own method names (ray_trainer.py
+    # 1586-1690), and what is saved.
+    "generation": ((), (EmergencyStatus.SAVED, FAILING_STEP - 1, None)),
+    "after-the-passes": (("_compute_old_log_prob", "_compute_ref_log_prob"), (EmergencyStatus.SAVED, 4, None)),
+    "actor-updated": (("_update_actor",), (EmergencyStatus.SAVED, FAILING_STEP, None)),
+    "actor-update-raised": (
+        ("raised:_update_actor",),
+        (EmergencyStatus.SKIPPED, None, "trainer task(s) raised (_update_actor)"),
+    ),
+    "update-in-flight": (
+        ("in-flight:_update_actor",),
+        (EmergencyStatus.SKIPPED, None, "trainer call(s) still running"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LEGACY_CASES))
+def test_verls_legacy_trainer_saves_the_right_step_for_a_failure_in_each_part_of_a_step(
+    topologies, verl_config, tmp_path: Path, case: str
+) -> None:
+    """verl's legacy RayPPOTrainer (instance by ``__new__``), its real ``_save_checkpoint`` through the hook's own
+    entry; its trainer methods are the hooked ones, and the step's calls are noted as they note them."""
+    import threading
+
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    from verl_hooks import step_progress
+
+    arm("")
+    for name in step_progress.TRAINER_CALLS:
+        assert step_progress.is_tracked(getattr(RayPPOTrainer, name)), f"RayPPOTrainer.{name} is followed"
+    topology = topology_for(topologies, "naive")
+    config = verl_config.copy()
+    with open_dict(config):
+        config.trainer.default_local_dir = str(tmp_path)
+        config.trainer.use_v1 = False
+    trainer = RayPPOTrainer.__new__(RayPPOTrainer)
+    trainer.config = config
+    trainer.actor_rollout_wg = SavedSteps(topology.actor_wg)
+    trainer.use_critic = False
+    trainer.train_dataloader = loader = CountingLoader()
+    calls, (status, step, reason) = LEGACY_CASES[case]
+    release = threading.Event()
+    with step_progress.fitting_in_this_thread(trainer):
+        for served in range(1, FAILING_STEP):
+            loader.draw()
+            trainer.global_steps = served
+            step_progress.note_synced(served)  # what the guard does when the sync of that step succeeds
+        trainer.global_steps = FAILING_STEP
+        loader.draw()  # step 5's batch (ray_trainer.py:1466)
+        for call in calls:
+            name = call.partition(":")[2] or call
+            if call.startswith("raised:"):
+                with contextlib.suppress(RuntimeError), step_progress.trainer_call(trainer, name):
+                    raise RuntimeError("rank 1 ran out of memory")
+            elif call.startswith("in-flight:"):
+                entered = threading.Event()
+
+                def in_flight(name: str = name, entered: threading.Event = entered) -> None:
+                    with step_progress.trainer_call(trainer, name):
+                        entered.set()
+                        release.wait(30)
+
+                threading.Thread(target=in_flight, daemon=True).start()
+                entered.wait(5)
+            else:
+                with step_progress.trainer_call(trainer, name):
+                    pass
+        error = RuntimeError("the reward function raised")
+        trainers._checkpoint_after(trainer, error, installer._state, skips_critic_warmup=True)
+        release.set()
+
+    outcome = error.verl_hooks_emergency_checkpoint
+    assert (outcome["status"], outcome["step"], outcome["failed_step"]) == (status.value, step, FAILING_STEP), outcome
+    if reason is not None:
+        assert outcome["reason"].startswith(reason), outcome["reason"]
+    if status is EmergencyStatus.SAVED:
+        assert trainer.actor_rollout_wg.steps == [step]
+        assert saved_data_state(tmp_path, step) == {"batches_served": step}
+        assert tracker(tmp_path) == str(step)
+    else:
+        assert trainer.actor_rollout_wg.steps == []
