@@ -139,7 +139,7 @@ def _step_failure_target(facts: SaveFacts) -> Save | Skip:
         if not facts.updates_tracked:
             return Skip(
                 "the trainer's updates run outside verl's _update_actor/_update_critic, where they cannot "
-                "be seen: whether step {step}'s began is unknown".replace("{step}", str(step))
+                f"be seen: whether step {step}'s began is unknown"
             )
         if not progress.has_data_state:
             return Skip(f"the dataloader's state at step {synced}'s sync was not captured")

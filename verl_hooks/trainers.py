@@ -173,9 +173,8 @@ def _fire_step_fault(trainer: Any, point: StepPoint, spec: FaultSpec, step: int 
         _kill_actor_process(trainer.actor_rollout_wg.workers[0])
         return call()
     if spec.action is FaultAction.RAISE and point is StepPoint.TRAIN:
-        call()  # the workers ran the update; a rank's failure reaches the trainer
-        fire_blocking(spec, step)
-    fire_blocking(spec, step)
+        call()  # the workers ran the update; a rank's failure reaches the trainer (fire_blocking raises below)
+    fire_blocking(spec, step)  # raise, hang or exit here; orphan goes on
     return call()
 
 

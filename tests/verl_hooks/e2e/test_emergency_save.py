@@ -209,18 +209,26 @@ def test_a_failed_sync_whose_trainer_side_finished_is_saved_at_its_step_by_verls
     assert tracker(tmp_path) == str(FAILING_STEP), "verl's tracker, written last, names the emergency step"
 
 
-@pytest.fixture
-def stranded_topology(driver) -> Iterator[WeightSyncTopology]:
-    """A topology of its own: its trainer rank 0 is left blocked in a rendezvous (a sync method of an async actor,
-    which holds the actor's loop until the group's timeout), so its actors are killed after the test."""
+@contextlib.contextmanager
+def topology_of_its_own(backend: str, prefix: str) -> Iterator[WeightSyncTopology]:
+    """A topology for one test, whose actors are killed after it: a test that leaves a rank blocked, with
+    collectives pending, or dead must not hand it on."""
     topology = build_topology(
-        with_backend(ActorConfig(), "cpu_gloo"), world_size=2, num_replicas=2, name_prefix="emergency_stranded_"
+        with_backend(ActorConfig(), backend), world_size=2, num_replicas=2, name_prefix=f"emergency_{prefix}_"
     )
     try:
         yield topology
     finally:
         for actor in [*topology.actor_wg.workers, *(s for r in topology.replicas for s in r.servers)]:
             ray.kill(actor)
+
+
+@pytest.fixture
+def stranded_topology(driver) -> Iterator[WeightSyncTopology]:
+    """Its trainer rank 0 is left blocked in a rendezvous (a sync method of an async actor, which holds the
+    actor's loop until the group's timeout)."""
+    with topology_of_its_own("cpu_gloo", "stranded") as topology:
+        yield topology
 
 
 @pytest.mark.slow  # a topology of its own, killed after (the decision itself: test_emergency_policy.py)
@@ -245,15 +253,9 @@ def test_a_trainer_task_still_in_flight_is_never_saved_over(
 
 @pytest.fixture
 def own_topology(driver) -> Iterator[WeightSyncTopology]:
-    """A multi-phase topology of its own, killed after the test: it may be left with collectives pending."""
-    topology = build_topology(
-        with_backend(ActorConfig(), "cpu_gloo"), world_size=2, num_replicas=2, name_prefix="emergency_pending_"
-    )
-    try:
+    """Its trainer rank 1 may be left with a collective pending."""
+    with topology_of_its_own("cpu_gloo", "pending") as topology:
         yield topology
-    finally:
-        for actor in [*topology.actor_wg.workers, *(s for r in topology.replicas for s in r.servers)]:
-            ray.kill(actor)
 
 
 def test_a_sync_whose_sender_raised_with_its_peers_collectives_pending_is_never_saved_over(
@@ -570,10 +572,7 @@ def test_a_rollout_servers_death_during_generation_saves_the_step_before_when_th
 ) -> None:
     """A replica's server process SIGKILLed as step 5 generates. Standalone, the trainer survives and saves step 4;
     colocated (naive), the server is a trainer worker: it does not answer, and nothing is saved."""
-    topology = build_topology(
-        with_backend(ActorConfig(), backend), world_size=2, num_replicas=2, name_prefix=f"emergency_death_{backend}_"
-    )
-    try:
+    with topology_of_its_own(backend, f"death_{backend}") as topology:
         trainer = v1_stepping_trainer(topology, verl_config, tmp_path)
         arm(f"generate:exit@{FAILING_STEP}")
 
@@ -587,9 +586,6 @@ def test_a_rollout_servers_death_during_generation_saves_the_step_before_when_th
             assert outcome["status"] == EmergencyStatus.SKIPPED.value
             assert outcome["reason"] == "trainer worker(s) not answering: actor_rollout_wg rank 0"
             assert trainer.actor_rollout_wg.steps == [SAVE_FREQ]
-    finally:
-        for actor in [*topology.actor_wg.workers, *(s for r in topology.replicas for s in r.servers)]:
-            ray.kill(actor)
 
 
 def test_an_update_that_raised_is_never_saved_over(topologies, verl_config, transfer_queue_put, tmp_path: Path) -> None:
