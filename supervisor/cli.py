@@ -46,7 +46,7 @@ from supervisor.mechanisms.reaper import Reaper, start_reaper
 from supervisor.policy.outcomes import ExitCode
 from supervisor.run.events import EventLog, MetricsServing
 from supervisor.run.history import RunHistory
-from supervisor.run.rundir import RunDirectory, RunDirectoryInUse
+from supervisor.run.rundir import DamagedRunFile, RunDirectory, RunDirectoryInUse
 from verl_hooks.contract import ENV_RUN_ID, exception_chain
 
 SCHEMA_NAME = "supervisor_schema"
@@ -165,7 +165,7 @@ def inspect_main(argv: Sequence[str]) -> ExitCode:
 
         run_dir = args.run_dir.expanduser().resolve()
         report, picture = write_report(run_dir, (args.out or run_dir / "report").expanduser().resolve())
-    except NotARunDirectory as exc:
+    except (NotARunDirectory, DamagedRunFile) as exc:
         print(f"verl-supervisor {command}: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     print(f"report: {report}")
@@ -290,7 +290,7 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         apply_auth_env(config.ray.auth_mode or "disabled", config.ray.auth_token_path, os.environ)
         try:
             history = new_history(run_dir)
-        except RunAlreadyFinished as exc:
+        except (RunAlreadyFinished, DamagedRunFile) as exc:
             raise UsageError(str(exc)) from None
         events = EventLog(run_dir.events_path, history.run_id)
         # What the job's processes orphan comes to this process, whatever its environment (see the module).

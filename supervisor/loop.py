@@ -123,6 +123,10 @@ def new_history(run_dir: RunDirectory) -> RunHistory:
     history = run_dir.load_history()
     if history is None:
         return RunHistory(run_id=uuid.uuid4().hex[:16])
+    if run_dir.state_problem is not None:
+        aside = run_dir.set_aside_damaged_state()
+        warning = f"verl-supervisor: warning: {run_dir.state_problem}; the damaged file is kept as {aside}"
+        print(warning, file=sys.stderr)
     if history.finished:
         raise RunAlreadyFinished(
             f"run directory {run_dir.path} holds a finished run ({history.outcome}, exit {history.exit_code}); "

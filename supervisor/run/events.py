@@ -497,8 +497,36 @@ class EventLog:
         return entry
 
 
+@dataclass(frozen=True)
+class EventsRead:
+    events: list[dict[str, Any]]
+    damaged: int
+    """Lines that are not a whole event: the last one cut short by a SIGKILL or a power loss during an append,
+    or a line garbled by hand. Skipped."""
+
+
+def read_events_counted(path: Path) -> EventsRead:
+    """Every whole event of a run, in order, and how many lines were not one."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return EventsRead([], 0)
+    events, damaged = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            damaged += 1
+            continue
+        if isinstance(event, dict) and isinstance(event.get("event"), str) and isinstance(event.get("ts"), int | float):
+            events.append(event)
+        else:
+            damaged += 1
+    return EventsRead(events, damaged)
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """Every event of a run, in order (for tests, reports and the benchmark)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every whole event of a run, in order (for status, reports, tests and the benchmark)."""
+    return read_events_counted(path).events

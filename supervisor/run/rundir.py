@@ -15,15 +15,27 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.run.history import RunHistory
+from supervisor.run.events import read_events
+from supervisor.run.history import SCHEMA_VERSION, RunHistory
+from supervisor.run.rebuild import history_from_events
 from verl_hooks.contract import write_atomically
 
 
 class RunDirectoryInUse(RuntimeError):
     """Another supervisor holds this run directory."""
+
+
+class DamagedRunFile(RuntimeError):
+    """A file of the run cannot be read and nothing else holds what it held: the message says which, what is
+    wrong with it and what the user can do."""
+
+    def __init__(self, path: Path, problem: str, advice: str) -> None:
+        super().__init__(f"{path} cannot be read: {problem}; {advice}")
+        self.path, self.problem, self.advice = path, problem, advice
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -35,6 +47,8 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path.resolve()
         self._lock_fd: int | None = None
+        self.state_problem: str | None = None
+        """Set by ``load_history`` when state.json was damaged and the history rebuilt from the events."""
 
     @property
     def state_path(self) -> Path:
@@ -83,11 +97,51 @@ class RunDirectory:
             self._lock_fd = None
 
     def load_history(self) -> RunHistory | None:
+        """The run's history: state.json, or, when that cannot be read (cut short, garbled), the history
+        ``events.jsonl`` tells (``state_problem`` then says what was wrong). None when there is no state.json.
+        Raises ``DamagedRunFile`` when neither can be read, or state.json is another version's."""
+        self.state_problem = None
         try:
-            data = json.loads(self.state_path.read_text())
+            text = self.state_path.read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return None
-        return RunHistory.from_dict(data)
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"not a JSON object but {type(data).__name__}")
+        except ValueError as exc:
+            problem = f"it is not whole JSON ({exc})"
+        else:
+            version = data.get("schema_version")
+            if isinstance(version, int) and version != SCHEMA_VERSION:
+                raise DamagedRunFile(
+                    self.state_path,
+                    f"its schema_version is {version!r}, this supervisor reads {SCHEMA_VERSION}",
+                    "read it with the version of verl-supervisor that wrote it",
+                )
+            try:
+                return RunHistory.from_dict(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                problem = f"it is not a run's history ({type(exc).__name__}: {exc})"
+        rebuilt = history_from_events(read_events(self.events_path))
+        if rebuilt is None:
+            raise DamagedRunFile(
+                self.state_path,
+                problem,
+                f"{self.events_path.name} holds no event of the run to rebuild it from: restore state.json from a "
+                "backup, or start the run again in a new run_dir (its checkpoints can be reused with "
+                "checkpoints.dir=...)",
+            )
+        self.state_problem = f"state.json could not be read ({problem}): rebuilt from {self.events_path.name}"
+        return rebuilt
+
+    def set_aside_damaged_state(self) -> Path | None:
+        """Before the supervisor writes a rebuilt history: the damaged state.json kept beside it, renamed."""
+        if self.state_problem is None or not self.state_path.exists():
+            return None
+        aside = self.state_path.with_name(f"state.json.damaged-{int(time.time())}")
+        self.state_path.rename(aside)
+        return aside
 
     def save_history(self, history: RunHistory) -> None:
         write_json_atomic(self.state_path, history.to_dict())

@@ -7,7 +7,6 @@ ended, and from another process than the supervisor.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ import psutil
 
 from supervisor.checkpoints import choose_resume_checkpoint, facts_from_overrides, read_tracker, scan_checkpoints
 from supervisor.run.beats import BeatsReader
-from supervisor.run.events import read_events
+from supervisor.run.events import read_events_counted
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
+from supervisor.run.rundir import RunDirectory
 from supervisor.run.table import attempts_table
 from verl_hooks.contract import EmergencyCheckpoint
 
@@ -65,6 +65,8 @@ class RunStatus:
     excluded_nodes: dict[str, str] = field(default_factory=dict)
     """``host/node`` to why, for each node drained in Ray so that no attempt lands there again."""
     table: str = ""
+    damage: list[str] = field(default_factory=list)
+    """What of the run's files could not be read, and what was done instead (skipped lines, a rebuilt history)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -171,14 +173,21 @@ class StatusReader:
 
     def read(self, now: float | None = None) -> RunStatus:
         now = time.time() if now is None else now
-        try:
-            history = RunHistory.from_dict(json.loads((self.run_dir / "state.json").read_text()))
-        except FileNotFoundError:
-            raise NotARunDirectory(f"{self.run_dir} holds no run of the supervisor (no state.json)") from None
-        events = read_events(self.run_dir / "events.jsonl")
+        files = RunDirectory(self.run_dir)
+        history = files.load_history()  # DamagedRunFile when neither state.json nor the events can be read
+        if history is None:
+            raise NotARunDirectory(f"{self.run_dir} holds no run of the supervisor (no state.json)")
+        read = read_events_counted(files.events_path)
+        events = read.events
+        damage = [] if files.state_problem is None else [files.state_problem]
+        if read.damaged:
+            damage.append(
+                f"events.jsonl: {read.damaged} line(s) that are not a whole event skipped (an append cut short by a "
+                "crash, or a garbled line)"
+            )
         started = [e for e in events if e["event"] == "run_started"]
         exited = [e for e in events if e["event"] == "attempt_exited"]
-        max_restarts = started[-1]["max_restarts"] if started else None
+        max_restarts = started[-1].get("max_restarts") if started else None
         checkpoints_dir = (started[-1].get("checkpoints_dir") if started else None) or str(self.run_dir / "checkpoints")
         pid = _supervisor_pid(self.run_dir)
 
@@ -194,7 +203,7 @@ class StatusReader:
         failed = [a for a in history.attempts if a.failed]
         last_error = None
         if failed:
-            event = next((e for e in reversed(exited) if e["attempt"] == failed[-1].number), None)
+            event = next((e for e in reversed(exited) if e.get("attempt") == failed[-1].number), None)
             last_error = error_line(event.get("record") if event else None, failed[-1].reason)
 
         by_rule: dict[str, int] = {}
@@ -225,9 +234,10 @@ class StatusReader:
             restarts_by_rule=by_rule,
             unhealthy_nodes=_unhealthy_nodes(events),
             excluded_nodes={
-                _node_name(e): e["reason"] for e in events if e["event"] == "node_excluded" and e.get("drained")
+                _node_name(e): e.get("reason") for e in events if e["event"] == "node_excluded" and e.get("drained")
             },
             table=attempts_table(history),
+            damage=damage,
         )
 
 
@@ -236,8 +246,8 @@ def _node_name(event: dict[str, Any]) -> str:
 
 
 def _unhealthy_nodes(events: list[dict[str, Any]]) -> dict[str, str]:
-    last = {e["node_id"]: e for e in events if e["event"] == "node_health"}
-    return {_node_name(e): "; ".join(e["problems"]) for e in last.values() if not e["healthy"]}
+    last = {e.get("node_id"): e for e in events if e["event"] == "node_health"}
+    return {_node_name(e): "; ".join(e.get("problems") or []) for e in last.values() if e.get("healthy") is False}
 
 
 def read_status(run_dir: Path, now: float | None = None) -> RunStatus:
@@ -287,5 +297,6 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
     lines.append(f"time lost to failures: {status.lost_s:.1f} s")
     lines += [f"node unhealthy: {node}: {problems}" for node, problems in status.unhealthy_nodes.items()]
     lines += [f"node excluded (drained in Ray): {node}: {why}" for node, why in status.excluded_nodes.items()]
+    lines += [f"warning: {damage}" for damage in status.damage]
     lines += ["", status.table]
     return "\n".join(lines)
