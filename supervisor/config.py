@@ -50,6 +50,9 @@ class JobConfig:
     """Extra environment variables for the job (add them with ``+job.env.NAME=value``)."""
     cwd: str | None = None
     """The job's working directory; null means the supervisor's."""
+    log_limit_mb: float | None = 200.0
+    """Each of an attempt's logs (``stdout.log``, ``stderr.log``) is kept under this many MB: its first quarter
+    and its newest part (``stdout.log.tail``, ``.tail.1``), what falls between dropped. null: unbounded."""
 
 
 @dataclass
@@ -304,6 +307,7 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(config.ray.num_gpus is None or config.ray.num_gpus >= 0, "ray.num_gpus must be >= 0")
     require(all(v >= 0 for v in config.ray.resources.values()), "ray.resources values must be >= 0")
     require(config.log_tail_bytes > 0, "log_tail_bytes must be > 0")
+    require(config.job.log_limit_mb is None or config.job.log_limit_mb > 0, "job.log_limit_mb must be > 0 or null")
     dog = config.watchdog
     for key in ("startup_timeout_s", "step_timeout_s", "adaptive_floor_s", "driver_timeout_s", "tick_s"):
         require(getattr(dog, key) > 0, f"watchdog.{key} must be > 0")

@@ -42,9 +42,9 @@ from supervisor.config import SupervisorConfig
 from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
 from supervisor.job.trackers import tracker_env
+from supervisor.mechanisms.bounded_log import read_tail
 from supervisor.mechanisms.gpu_health import NodeReading
-from supervisor.mechanisms.processes import tail
-from supervisor.mechanisms.volume import folder_bytes, volume_of
+from supervisor.mechanisms.volume import folder_bytes, run_logs_bytes, volume_of
 from supervisor.policy import disk, nodes
 from supervisor.policy import restart as policy
 from supervisor.policy.disk import CheckpointSpace
@@ -340,12 +340,15 @@ class Supervisor:
         """``incomplete``: step folders found incomplete and not set aside yet (a save the full disk cut short)."""
         root = Path(self.config.checkpoints.dir)
         aside = [*sorted(root.glob("global_step_*.incomplete-*")), *incomplete] if root.is_dir() else []
+        volume = volume_of(root)
+        logs = run_logs_bytes(self.run_dir.path) if volume_of(self.run_dir.path).mount == volume.mount else None
         return CheckpointSpace(
             checkpoints_dir=str(root),
-            volume=volume_of(root),
+            volume=volume,
             newest_step_bytes=folder_bytes(newest) if newest is not None else None,
             set_aside_bytes=sum(folder_bytes(path) for path in aside),
             set_aside_count=len(aside),
+            run_logs_bytes=logs,
         )
 
     def _disk_full(self, evidence: AttemptEvidence) -> Classification | None:
@@ -416,7 +419,7 @@ class Supervisor:
         log_dir = self.run_dir.attempt_dir(number)
         argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.backend.python)
         env = self._attempt_env(number, log_dir)
-        spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json")
+        spec = self._launch_spec(number, argv, env, log_dir)
         shown = redact_argv(argv)
         record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=shown)
         emergency_of = self._emergency_save_of(start.step)
@@ -440,6 +443,11 @@ class Supervisor:
         )
         self._standby_for = (number + 1, argv)
         return job, record
+
+    def _launch_spec(self, number: int, argv: list[str], env: dict[str, str], log_dir: Path) -> LaunchSpec:
+        limit_mb = self.config.job.log_limit_mb
+        limit = None if limit_mb is None else int(limit_mb * 1024 * 1024)
+        return LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json", limit)
 
     def _emergency_save_of(self, step: int | None) -> int | None:
         """The attempt whose emergency save wrote ``step``, when the relaunch resumes from one."""
@@ -522,7 +530,7 @@ class Supervisor:
         number, argv = wanted  # only argv's job module matters: the command line comes with the relaunch
         log_dir = self.run_dir.path / "attempts" / str(number)  # made when (if) the attempt is launched
         env = self._attempt_env(number, log_dir)  # now: the trackers the job reported are in it, as at relaunch
-        spec = LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json")
+        spec = self._launch_spec(number, argv, env, log_dir)
         with self._signals_deferred():
             self._emit_all(self.backend.start_standby(spec))
 
@@ -615,7 +623,7 @@ class Supervisor:
         log_dir = self.run_dir.attempt_dir(attempt)
         record = read_record(log_dir / "error.json")
         half = self.config.log_tail_bytes // 2
-        log_tail = tail(log_dir / "stdout.log", half) + "\n" + tail(log_dir / "stderr.log", half)
+        log_tail = read_tail(log_dir / "stdout.log", half) + "\n" + read_tail(log_dir / "stderr.log", half)
         return AttemptEvidence(end.status, record, log_tail, stalled=end.stall is not None, last_step=end.last_step)
 
     def _record_end(self, record: AttemptRecord, evidence: AttemptEvidence, classification: Classification) -> None:

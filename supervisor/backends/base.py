@@ -46,6 +46,8 @@ class LaunchSpec:
     cwd: str | None
     log_dir: Path
     error_file: Path
+    log_limit_bytes: int | None = None
+    """Each of the attempt's logs is kept under this (``supervisor.mechanisms.bounded_log``); None: unbounded."""
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,15 @@ class ChildDriverBackend(JobBackend):
             self._discard(standby)
             standby = None
         driver = DriverProcess(
-            spec.argv, env, spec.cwd, spec.log_dir, self._run_id, spec.attempt, echo=self._echo, standby=standby
+            spec.argv,
+            env,
+            spec.cwd,
+            spec.log_dir,
+            self._run_id,
+            spec.attempt,
+            echo=self._echo,
+            standby=standby,
+            log_limit_bytes=spec.log_limit_bytes,
         )
         self.cluster.attempt_launched()
         self._attempts[spec.attempt] = _Attempt(driver)

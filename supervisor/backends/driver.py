@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from supervisor.backends.base import Waker
 from supervisor.mechanisms import orphans
+from supervisor.mechanisms.bounded_log import BoundedLog
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import ChildProcess, TerminationReport, start_child, stop_group, with_descendants
 from supervisor.policy.outcomes import ExitStatus
@@ -45,23 +46,26 @@ def _send_command(standby: StandbyDriver, args: list[str], cwd: str | None) -> N
 class _Tee(threading.Thread):
     """Copies one of the child's pipes to a log file and to the console, as it arrives."""
 
-    def __init__(self, pipe: BinaryIO, log_path: Path, console: BinaryIO | None) -> None:
+    def __init__(self, pipe: BinaryIO, log_path: Path, console: BinaryIO | None, limit_bytes: int | None) -> None:
         super().__init__(name=f"tee-{log_path.name}", daemon=True)
         self._pipe = pipe
         self._log_path = log_path
         self._console = console
+        self._limit_bytes = limit_bytes
 
     def run(self) -> None:
-        with self._log_path.open("ab") as log:
+        log = BoundedLog(self._log_path, self._limit_bytes)
+        try:
             while chunk := os.read(self._pipe.fileno(), 65536):
                 log.write(chunk)
-                log.flush()
                 if self._console is not None:
                     try:
                         self._console.write(chunk)
                         self._console.flush()
                     except (OSError, ValueError):
                         self._console = None  # a closed console must not stop the log
+        finally:
+            log.close()
         self._pipe.close()
 
 
@@ -124,6 +128,7 @@ class DriverProcess:
         attempt: int,
         echo: bool = True,
         standby: StandbyDriver | None = None,
+        log_limit_bytes: int | None = None,
     ) -> None:
         """With ``standby`` (one that ``fits`` this attempt), that process becomes the driver: ``argv`` must be
         the launcher's (``PYTHON -m verl_hooks.launch ...``), and what follows ``verl_hooks.launch`` is sent to it."""
@@ -138,8 +143,8 @@ class DriverProcess:
         assert self.child.popen.stdout is not None
         assert self.child.popen.stderr is not None
         self._tees = [
-            _Tee(self.child.popen.stdout, log_dir / "stdout.log", sys.stdout.buffer if echo else None),
-            _Tee(self.child.popen.stderr, log_dir / "stderr.log", sys.stderr.buffer if echo else None),
+            _Tee(self.child.popen.stdout, log_dir / "stdout.log", sys.stdout.buffer if echo else None, log_limit_bytes),
+            _Tee(self.child.popen.stderr, log_dir / "stderr.log", sys.stderr.buffer if echo else None, log_limit_bytes),
         ]
         for tee in self._tees:
             tee.start()

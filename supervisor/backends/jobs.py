@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TypeVar
 
 from supervisor.backends.base import (
     ClusterStartFailed,
@@ -40,6 +40,7 @@ from supervisor.backends.base import (
 from supervisor.backends.fence import AttemptView, resources_now
 from supervisor.clock import Clock
 from supervisor.config import RayConfig, TeardownConfig
+from supervisor.mechanisms.bounded_log import BoundedLog
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.outage import BoundedCalls, Outage
@@ -179,7 +180,7 @@ class JobsBackend(JobBackend):
             self._outage.retried(lambda: self._sdk(submit, limit_s), limit_s)
         except Exception as exc:
             raise ClusterStartFailed(f"attempt {spec.attempt} could not be submitted as {job_id}: {exc}") from exc
-        tail = _LogTail(self._sdk, job_id, spec.log_dir / "stdout.log", self._echo)
+        tail = _LogTail(self._sdk, job_id, spec.log_dir / "stdout.log", self._echo, spec.log_limit_bytes)
         self._submissions[spec.attempt] = _Submission(job_id, tail)
         tail.start()
         return RunningJob(attempt=spec.attempt, started_at=self.clock.now(), resources_before=before)
@@ -328,20 +329,23 @@ class _LogTail(threading.Thread):
     ray/dashboard/modules/job/utils.py): after a dropped connection the tail connects again and skips what it
     has already copied, so the attempt's log goes on whole, once."""
 
-    def __init__(self, sdk: Callable[..., Any], job_id: str, log_path: Path, echo: bool) -> None:
+    def __init__(
+        self, sdk: Callable[..., Any], job_id: str, log_path: Path, echo: bool, limit_bytes: int | None = None
+    ) -> None:
         """``sdk``: ``JobsBackend._sdk``, a bounded call to the Jobs SDK's client."""
         super().__init__(name=f"tail-{job_id}", daemon=True)
         self._sdk = sdk
         self._job_id = job_id
         self._log_path = log_path
         self._echo = echo
+        self._limit_bytes = limit_bytes
         self._finishing = threading.Event()
         self.copied = 0
         """Characters of the log copied so far."""
         self._dropped_since: float | None = None
 
     def run(self) -> None:
-        with self._log_path.open("a") as log:
+        with contextlib.closing(_TextLog(BoundedLog(self._log_path, self._limit_bytes))) as log:
             while True:
                 try:
                     asyncio.run(self._follow(log))
@@ -365,7 +369,7 @@ class _LogTail(threading.Thread):
         except Exception:  # noqa: BLE001 - unknown: connect again
             return False
 
-    async def _follow(self, log: TextIO) -> None:
+    async def _follow(self, log: _TextLog) -> None:
         replayed = 0
         # The stream's own connection: a silent one ends with the submission, or drops and is connected again.
         async for chunk in self._sdk(lambda jobs: jobs).tail_job_logs(self._job_id):
@@ -389,6 +393,22 @@ class _LogTail(threading.Thread):
         """Let it copy what is left (the submission has ended), for ``timeout_s`` at most; no reconnecting."""
         self._finishing.set()
         self.join(timeout_s)
+
+
+class _TextLog:
+    """The Jobs API streams text: written to a ``BoundedLog`` as UTF-8."""
+
+    def __init__(self, log: BoundedLog) -> None:
+        self._log = log
+
+    def write(self, text: str) -> None:
+        self._log.write(text.encode("utf-8", errors="replace"))
+
+    def flush(self) -> None:
+        pass  # BoundedLog flushes each write
+
+    def close(self) -> None:
+        self._log.close()
 
 
 @contextlib.contextmanager

@@ -43,6 +43,9 @@ from verl_hooks.contract import ENV_CLUSTER_ID
 
 logger = logging.getLogger(__name__)
 
+RAY_LOG_ROTATION = {"RAY_ROTATION_MAX_BYTES": str(64 * 1024 * 1024), "RAY_ROTATION_BACKUP_COUNT": "2"}
+"""The embedded cluster's logs: each file rotated at 64 MB, 2 backups kept (at most 192 MB a file)."""
+
 ABANDONED_START_GRACE_S = 5.0
 """For the processes of a start that failed (a port taken): they run no job and hold nothing worth a longer
 grace before SIGKILL."""
@@ -330,6 +333,11 @@ class LocalRayCluster:
             "RAY_DASHBOARD_ENABLE_PROFILING": "1",
         }
         env.pop("RAY_ADDRESS", None)  # never let `ray start` look for another cluster
+        # Ray keeps 5 backups of 512 MB per log file by default (ray/_common/ray_constants.py) and rotates a
+        # worker's stdout and stderr only when RAY_ROTATION_MAX_BYTES is set (_private/workers/default_worker.py):
+        # a week of a verl job's output would fill the run directory. The user's own setting wins.
+        for name, value in RAY_LOG_ROTATION.items():
+            env.setdefault(name, value)
         # The dashboard agent runs the py-spy found on PATH: the one installed with this interpreter's Ray comes
         # first (a virtual environment's bin is not on PATH unless it was activated).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

@@ -52,3 +52,12 @@ def folder_bytes(path: str | os.PathLike[str]) -> int:
             except OSError:  # removed meanwhile
                 continue
     return total
+
+
+RUN_LOG_FOLDERS = ("attempts", "ray")
+"""What the supervisor writes in a run directory that grows with the run: the attempts' logs, Ray's logs."""
+
+
+def run_logs_bytes(run_dir: str | os.PathLike[str]) -> int:
+    """What the run directory's logs take (the checkpoints, the user's, are not counted)."""
+    return sum(folder_bytes(Path(run_dir) / name) for name in RUN_LOG_FOLDERS if (Path(run_dir) / name).is_dir())

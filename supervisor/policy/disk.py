@@ -29,6 +29,8 @@ class CheckpointSpace:
     set_aside_bytes: int = 0
     set_aside_count: int = 0
     """Incomplete steps on it: set aside already, or to be at the next start (a save the full disk cut short)."""
+    run_logs_bytes: int | None = None
+    """What the run directory's own logs take (attempt logs, Ray's logs) when they are on the same volume."""
 
     @property
     def needed_bytes(self) -> int:
@@ -45,6 +47,8 @@ class CheckpointSpace:
             said += f"; the newest complete step takes {_size(self.newest_step_bytes)}"
         if self.set_aside_count:
             said += f"; {self.set_aside_count} incomplete steps on it hold {_size(self.set_aside_bytes)}"
+        if self.run_logs_bytes is not None:
+            said += f"; the run directory's logs on it take {_size(self.run_logs_bytes)}"
         return said
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from supervisor.checkpoints import choose_resume_checkpoint, facts_from_overrides, read_tracker, scan_checkpoints
+from supervisor.mechanisms.volume import folder_bytes
 from supervisor.run.beats import BeatsReader
 from supervisor.run.events import read_events_counted
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
@@ -67,6 +68,8 @@ class RunStatus:
     table: str = ""
     damage: list[str] = field(default_factory=list)
     """What of the run's files could not be read, and what was done instead (skipped lines, a rebuilt history)."""
+    written_bytes: dict[str, int] = field(default_factory=dict)
+    """What the supervisor has written in the run directory, by part (the checkpoints, the job's, not counted)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -238,7 +241,23 @@ class StatusReader:
             },
             table=attempts_table(history),
             damage=damage,
+            written_bytes=written_bytes(self.run_dir),
         )
+
+
+def written_bytes(run_dir: Path) -> dict[str, int]:
+    """The supervisor's own files in a run directory: attempt logs (bounded by ``job.log_limit_mb`` each), Ray's
+    logs (rotated), and the run's records."""
+    records = sum(p.stat().st_size for p in run_dir.glob("*") if p.is_file())
+    return {
+        "attempt logs": folder_bytes(run_dir / "attempts") if (run_dir / "attempts").is_dir() else 0,
+        "Ray logs": folder_bytes(run_dir / "ray") if (run_dir / "ray").is_dir() else 0,
+        "records": records,
+    }
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
 def _node_name(event: dict[str, Any]) -> str:
@@ -297,6 +316,9 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
     lines.append(f"time lost to failures: {status.lost_s:.1f} s")
     lines += [f"node unhealthy: {node}: {problems}" for node, problems in status.unhealthy_nodes.items()]
     lines += [f"node excluded (drained in Ray): {node}: {why}" for node, why in status.excluded_nodes.items()]
+    if status.written_bytes:
+        parts = ", ".join(f"{name} {_megabytes(n)}" for name, n in status.written_bytes.items())
+        lines.append(f"written by the supervisor: {parts} (checkpoints not counted)")
     lines += [f"warning: {damage}" for damage in status.damage]
     lines += ["", status.table]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,14 @@ def test_no_room_on_a_checkpoint_volume_that_cannot_hold_the_next_save_is_a_verd
         "2 incomplete steps on it hold 3.0 GiB."
     )
     assert "the last complete step is kept. Free space on /ckpt (the incomplete steps can go)" in verdict.reason
+
+
+def test_the_verdict_says_how_much_of_the_volume_the_runs_own_logs_hold() -> None:
+    """A disk the supervisor's own logs filled must say so, next to the checkpoints."""
+    full = dataclasses.replace(space(free=512 << 20), run_logs_bytes=40 * GiB)
+    verdict = disk_full([ENOSPC], full)
+    assert verdict is not None
+    assert "the newest complete step takes 2.0 GiB; the run directory's logs on it take 40.0 GiB." in verdict.reason
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,9 @@ def test_status_of_a_finished_run_names_its_error_its_resume_point_and_the_time_
     assert started[1] - started[0] == 10
     assert status.lost_s == pytest.approx(10 + 3 - 6)
     text = render_status(status, now=run.clock.wall)
+    assert set(status.written_bytes) == {"attempt logs", "Ray logs", "records"}
+    assert status.written_bytes["records"] > 0, "state.json and events.jsonl"
+    assert "written by the supervisor: attempt logs " in text
     assert "finished: done (exit 0)" in text
     assert "newest complete checkpoint: global_step_6" in text, "a finished run resumes from nothing"
     assert "time lost to failures: 7.0 s" in text
