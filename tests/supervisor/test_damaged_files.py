@@ -201,3 +201,27 @@ def test_emergency_status_values_are_kept_in_the_rebuilt_history(tmp_path: Path)
     rebuilt = history_from_events(read_events_counted(run.run_dir / "events.jsonl").events)
     assert rebuilt.attempts[0].emergency_checkpoint == saved
     assert rebuilt.unproven_emergency_steps() == RunDirectory(run.run_dir).load_history().unproven_emergency_steps()
+
+
+def test_a_run_with_its_events_state_and_error_record_all_cut_is_read_and_continued(tmp_path: Path) -> None:
+    """The issue's case: a run stopped by a signal, then its events.jsonl, state.json and error.json all cut."""
+    sigterm = int(signal.SIGTERM)
+    first = supervise(tmp_path, [weight_sync_failure()], "restart.max_restarts=2", signal_at={"wait": sigterm})
+    assert first.code is ExitCode.INTERRUPTED_SIGTERM
+    (first.run_dir / "attempts" / "1" / "error.json").write_text('{"error_type": "WeightSyncFat')
+    for name, cut in (("events.jsonl", 15), ("state.json", 300)):
+        whole = (first.run_dir / name).read_bytes()
+        (first.run_dir / name).write_bytes(whole[:-cut] if name == "events.jsonl" else whole[:cut])
+
+    code, said = inspect(first.run_dir, "status")
+    assert code is ExitCode.DONE, said
+    assert "warning: state.json could not be read" in said
+    assert "warning: events.jsonl: 1 line(s)" in said
+
+    again = supervise(tmp_path, [weight_sync_failure(), success()], "restart.max_restarts=2")
+    assert again.code is ExitCode.DONE, again.console
+    assert [a.number for a in again.history().attempts] == [1, 2, 3]
+    # The report of a stopped run draws its note at the real clock's now, which the fake clock of these runs is
+    # far from: it is read once the run is finished.
+    code, said = inspect(first.run_dir, "report")
+    assert code is ExitCode.DONE, said

@@ -18,7 +18,13 @@ import pytest
 
 from supervisor.config import RayConfig
 from supervisor.mechanisms.processes import free_ports, wait_for
-from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster, _move_home, bring_left_dirs_home
+from supervisor.mechanisms.ray_cluster import (
+    RAY_LOG_ROTATION,
+    ClusterSpec,
+    LocalRayCluster,
+    _move_home,
+    bring_left_dirs_home,
+)
 from tests.multi_node import MultiNodeCluster
 
 START_TIMEOUT_S = RayConfig().start_timeout_s
@@ -52,6 +58,8 @@ def test_a_cluster_whose_gcs_died_is_stopped_with_its_agents(tmp_path: Path) -> 
     agents: list[psutil.Process] = []
     try:
         raylet = raylet_of(cluster)
+        rotation = {name: raylet.environ().get(name) for name in RAY_LOG_ROTATION}
+        assert rotation == RAY_LOG_ROTATION, "Ray's logs, worker output included, rotate in the embedded cluster"
 
         def hidden(agent: psutil.Process) -> bool:
             return bool(cluster.marker.items() - agent.environ().items())
