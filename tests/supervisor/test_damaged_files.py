@@ -225,3 +225,23 @@ def test_a_run_with_its_events_state_and_error_record_all_cut_is_read_and_contin
     # far from: it is read once the run is finished.
     code, said = inspect(first.run_dir, "report")
     assert code is ExitCode.DONE, said
+
+
+def test_a_checkpoint_marker_cut_anywhere_makes_its_step_incomplete_never_an_error(tmp_path: Path) -> None:
+    from supervisor.checkpoints.steps import inspect_checkpoint
+    from tests.supervisor.checkpoint_files import write_step
+    from verl_hooks.contract import CHECKPOINT_MARKER, CheckpointFacts, CheckpointMarker, write_checkpoint_marker
+
+    folder = write_step(tmp_path, 3, world_size=1)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    marker = write_checkpoint_marker(folder, CheckpointMarker(3, files, True, CheckpointFacts()))
+    whole = marker.read_bytes()
+    assert inspect_checkpoint(folder).complete
+    for offset in [*offsets(len(whole)), *(-1 - i for i in range(len(GARBAGE)))]:
+        damaged = whole[:offset] if offset >= 0 else GARBAGE[-1 - offset]
+        if damaged.strip() == whole.strip():
+            continue
+        (folder / CHECKPOINT_MARKER).write_bytes(damaged)
+        info = inspect_checkpoint(folder)
+        assert not info.complete, offset
+        assert any(CHECKPOINT_MARKER in problem for problem in info.problems), info.problems
