@@ -228,6 +228,11 @@ def launcher_env(launcher: str, failure: str | None, plan: Plan, workdir: Path, 
             "VERL_HOOKS_SYNC_ADAPTIVE_FLOOR_S": str(plan.guard_adaptive_floor_s),
         }
     )
+    if launcher not in SUPERVISORS:
+        # The faults of a step fire around the trainer's methods, so its hook must be on for every launcher (the
+        # supervisor's preset names the trainer); for the baselines, without the emergency save, which verl has not.
+        env["VERL_HOOKS_TRAINER_CLASSES"] = "mini_ppo.trainer:MiniPPOTrainer"
+        env["VERL_HOOKS_EMERGENCY_SAVE"] = "0"
     if failure is not None:
         env["VERL_HOOKS_FAULTS"] = FAILURES[failure].format(step=plan.fault_step)
     return env
@@ -644,6 +649,8 @@ def compute_metrics(record: RunRecord, plan: Plan) -> dict[str, Any]:
     if attempts:
         # A cold attempt: its launch (the cluster already up) to its first training step.
         metrics["attempt_to_first_step_s"] = _first_step_after(progress, attempts[0]["launched_at"], 0.0)
+    if record.failure is not None:
+        metrics["fault_fired"] = bool(faults)
     if not faults or record.failure is None:
         return metrics
     fault_at = faults[0]["ts"]
@@ -1006,6 +1013,8 @@ def validity_problems(records: list[RunRecord]) -> list[str]:
         if r.failure is None and not r.metrics.get("finished"):
             why = f"cut off after {r.metrics['wall_s']:.0f} s" if r.cut_off else f"exit {r.exit_code}"
             problems.append(f"{name}: the fault-free run did not finish ({why}); see {r.workdir}")
+        if r.failure is not None and r.metrics.get("fault_fired") is False:
+            problems.append(f"{name}: the fault never fired (VERL_HOOKS_FAULT_LOG is empty); see {r.workdir}")
         for problem in r.metrics.get("breakdown_problems") or []:
             problems.append(f"{name}: {problem}")
     return problems
