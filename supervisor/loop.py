@@ -53,7 +53,7 @@ from supervisor.policy.restart import Decision, Restart, StartFrom, Stop
 from supervisor.policy.resume import MismatchedResume, ResumeCheck, VerifiedResume
 from supervisor.policy.rules import AttemptEvidence, Classification, classify
 from supervisor.policy.watchdog import ProgressState, Stall, StallKind, check
-from supervisor.run.beats import BeatsReader
+from supervisor.run.beats import ALIVE_FILE, BeatsReader
 from supervisor.run.events import (
     AttemptExited,
     AttemptStarted,
@@ -81,7 +81,7 @@ from supervisor.run.events import (
     TrackerRun,
 )
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
-from supervisor.run.rundir import RunDirectory
+from supervisor.run.rundir import RunDirectory, write_json_atomic
 from supervisor.run.table import attempts_table
 from verl_hooks.contract import ErrorRecord, HeartbeatKind, RecordSource, read_record, record_from_payload, write_record
 
@@ -158,6 +158,8 @@ class _Watch:
     resume: ResumeCheck | None
     beats_log: Path
     record_at: float | None = None
+    alive: dict[str, float] = field(default_factory=dict)
+    """``host:pid`` of each process of the attempt that sent an ``alive`` beat, and when the last arrived."""
 
 
 @dataclass
@@ -541,6 +543,7 @@ class Supervisor:
         if not beats:
             return None
         mismatch = None
+        alive_before = dict(watch.alive)
         with watch.beats_log.open("a") as f:
             for beat in beats:
                 if beat.kind is HeartbeatKind.ERROR_RECORD:
@@ -550,9 +553,16 @@ class Supervisor:
                     self._take_tracker(attempt, beat)
                     continue
                 watch.progress.observe(beat)
+                if beat.kind is HeartbeatKind.ALIVE:
+                    # One every few seconds from each process for as long as the attempt lives: kept as the last
+                    # of each process (alive.json), so that heartbeats.jsonl grows with the steps, not the hours.
+                    watch.alive[f"{beat.fields.get('host', '?')}:{beat.fields.get('pid', '?')}"] = self.clock.now()
+                    continue
                 f.write(json.dumps({"received_at": self.clock.now(), **beat.fields}) + "\n")
                 if watch.resume is not None and beat.kind is HeartbeatKind.SYNC_BEGIN:
                     mismatch = mismatch or self._check_resume(attempt, watch.resume, beat.step)
+        if watch.alive != alive_before:
+            write_json_atomic(watch.beats_log.with_name(ALIVE_FILE), watch.alive)
         return mismatch
 
     def _take_tracker(self, attempt: int, beat: Heartbeat) -> None:

@@ -66,6 +66,11 @@ class AttemptBeats:
         return min(times) if times else None
 
 
+ALIVE_FILE = "alive.json"
+"""Beside heartbeats.jsonl: ``host:pid`` of each process that sent ``alive`` beats, and when its last arrived.
+The loop keeps only the last of each (they come every few seconds for as long as the attempt lives)."""
+
+
 class BeatsReader:
     """Summaries of the attempts' heartbeat files, read incrementally (a live run's files only grow)."""
 
@@ -82,6 +87,7 @@ class BeatsReader:
 
     def of(self, attempt: int) -> AttemptBeats:
         summary = self._summaries.setdefault(attempt, AttemptBeats())
+        self._take_alive(summary, self.run_dir / "attempts" / str(attempt) / ALIVE_FILE)
         path = self.run_dir / "attempts" / str(attempt) / "heartbeats.jsonl"
         try:
             with path.open("rb") as f:
@@ -100,3 +106,16 @@ class BeatsReader:
             if isinstance(beat, dict):
                 summary.take(beat)
         return summary
+
+    @staticmethod
+    def _take_alive(summary: AttemptBeats, path: Path) -> None:
+        try:
+            alive = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # none yet, or one a crash cut short: the next write replaces it whole
+        if not isinstance(alive, dict):
+            return
+        for source, at in alive.items():
+            if isinstance(at, int | float) and not isinstance(at, bool):
+                summary.last_beat_by_source[str(source)] = max(at, summary.last_beat_by_source.get(str(source), at))
+                summary.last_beat_at = at if summary.last_beat_at is None else max(summary.last_beat_at, at)

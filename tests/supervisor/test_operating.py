@@ -114,6 +114,22 @@ def test_status_while_an_attempt_runs_shows_its_step_and_heartbeat_ages(tmp_path
     assert "next resume from: global_step_6" in render_status(status, now=now)
 
 
+def test_alive_beats_are_kept_as_each_processs_last_so_the_beats_file_grows_with_the_steps(tmp_path: Path) -> None:
+    """A week-long attempt sends an ``alive`` beat every few seconds from each process: heartbeats.jsonl keeps the
+    progress beats, alive.json the last alive of each process, and status reads the ages from it."""
+    alive = tuple((0.5 + 0.5 * n, HeartbeatKind.ALIVE, {"host": "node-a", "pid": 100 + n % 2}) for n in range(400))
+    attempt = Attempt(exit=ExitStatus(code=0), runs_s=250, saves=(6,), beats=(*syncs((1, 0), (2, 1)), *alive))
+    run = supervise(tmp_path, [attempt])
+    assert run.code is ExitCode.DONE
+    beats = run.run_dir / "attempts" / "1" / "heartbeats.jsonl"
+    kinds = [json.loads(line)["kind"] for line in beats.read_text().splitlines()]
+    assert kinds == ["sync_begin", "sync_end", "sync_begin", "sync_end"], "no alive line"
+    last = json.loads((run.run_dir / "attempts" / "1" / "alive.json").read_text())
+    assert set(last) == {"node-a:100", "node-a:101"}
+    started = read_status(run.run_dir).attempts[0]["started_at"]
+    assert max(last.values()) == pytest.approx(started + 200, abs=1.0), "the last beat, at its loop tick"
+
+
 def test_a_run_that_gave_up_counts_its_lost_time_until_its_end(tmp_path: Path) -> None:
     run = supervise(tmp_path, [weight_sync_failure(saves=())], "restart.max_restarts=0")
     assert run.code is ExitCode.BUDGET_EXHAUSTED
