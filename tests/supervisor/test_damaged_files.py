@@ -30,7 +30,7 @@ from tests.supervisor.test_loop import WEIGHT_SYNC, success, supervise, weight_s
 from tests.supervisor.test_operating import failed_then_resumed
 from verl_hooks.contract import EmergencyStatus
 
-OFFSETS = 24
+OFFSETS = 12
 """Byte offsets tried per file: spread over the file, its first and last bytes included."""
 GARBAGE = (b"", b"\x00\xff\xfe garbage", b"[1, 2, 3]\n", b'{"event": "run_started"}\n', b"{}")
 

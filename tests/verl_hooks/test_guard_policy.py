@@ -231,6 +231,25 @@ def test_fatal_error_keeps_every_field_through_pickling(dumps) -> None:
     assert "resume_kv_cache" in str(copy)
 
 
+def test_a_step_failures_emergency_outcome_reaches_the_drivers_record_through_ray() -> None:
+    """What the trainer hook notes on a failure outside the sync (in the TaskRunner actor) travels on the exception
+    to the driver, wrapped as Ray wraps it, into the error record (the slow e2e: test_emergency_checkpoint.py)."""
+    from ray.exceptions import RayTaskError
+
+    from verl_hooks.errors import find_step_failure_checkpoint, note_step_failure_checkpoint
+
+    failure = ValueError("the reward function raised")
+    outcome = {"status": "saved", "trigger": "step_failure", "step": 4, "failed_step": 5, "reason": None}
+    note_step_failure_checkpoint(failure, outcome)
+    wrapped = RayTaskError("TaskRunner.run", "Traceback ...", failure).as_instanceof_cause()
+    at_driver = pickle.loads(cloudpickle.dumps(wrapped))  # Ray's serializer for errors is cloudpickle
+
+    assert find_step_failure_checkpoint(at_driver) == outcome
+    record = record_for_exception(at_driver, exit_code=1, source=RecordSource.LAUNCHER)
+    assert record.error_type == "ValueError"
+    assert (record.emergency_checkpoint, record.global_step) == (outcome, 5)
+
+
 def test_fatal_error_is_found_through_wrappers_and_chains() -> None:
     fatal = _fatal()
 

@@ -70,7 +70,9 @@ def test_a_failed_sync_whose_trainer_side_finished_resumes_at_its_step_with_noth
 STEP_FAILURES = [
     # The generation of step 5 raises on the trainer's side, once its batch is drawn: step 4 is whole in the
     # trainer, and is saved with the dataloader as it was at step 4's sync.
-    pytest.param("generate:raise@5#1", (), id="generate-raise"),
+    # -m slow: the decision and the save on verl's own trainers are in the default suite (test_emergency_save.py),
+    # and so is the outcome's way through Ray into the record (test_guard_policy.py).
+    pytest.param("generate:raise@5#1", (), id="generate-raise", marks=pytest.mark.slow),
     pytest.param("reward:raise@5#1", (), id="reward-raise", marks=pytest.mark.slow),
     # A standalone rollout replica's process SIGKILLed as step 5's generation starts: the trainer survives.
     pytest.param("generate:exit@5#1", MULTI_PHASE, id="generate-exit", marks=pytest.mark.slow),
