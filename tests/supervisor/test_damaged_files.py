@@ -30,7 +30,7 @@ from tests.supervisor.test_loop import WEIGHT_SYNC, success, supervise, weight_s
 from tests.supervisor.test_operating import failed_then_resumed
 from verl_hooks.contract import EmergencyStatus
 
-OFFSETS = 12
+OFFSETS = 8
 """Byte offsets tried per file: spread over the file, its first and last bytes included."""
 GARBAGE = (b"", b"\x00\xff\xfe garbage", b"[1, 2, 3]\n", b'{"event": "run_started"}\n', b"{}")
 
@@ -61,7 +61,15 @@ def copy_of(run_dir: Path, where: Path) -> Path:
     return where
 
 
-@pytest.mark.parametrize("name", ["events.jsonl", "attempts/1/error.json", "attempts/1/heartbeats.jsonl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "events.jsonl",
+        # -m slow: their readers are the loop's and the beats' own (test_guard_policy.py, test_operating.py)
+        pytest.param("attempts/1/error.json", marks=pytest.mark.slow),
+        pytest.param("attempts/1/heartbeats.jsonl", marks=pytest.mark.slow),
+    ],
+)
 def test_status_and_report_read_a_run_whatever_is_cut_from_its_logs(finished_run: Path, tmp_path: Path, name: str):
     whole = (finished_run / name).read_bytes()
     for offset in [*offsets(len(whole)), *(-1 - i for i in range(len(GARBAGE)))]:

@@ -258,6 +258,7 @@ def own_topology(driver) -> Iterator[WeightSyncTopology]:
         yield topology
 
 
+@pytest.mark.slow  # a topology of its own, killed after (the verdict itself: test_emergency_policy.py's judge table)
 def test_a_sync_whose_sender_raised_with_its_peers_collectives_pending_is_never_saved_over(
     own_topology: WeightSyncTopology, verl_config, no_transfer_queue, tmp_path: Path
 ) -> None:
@@ -538,7 +539,7 @@ def saved_data_state(root: Path, step: int) -> dict:
     return torch.load(root / f"global_step_{step}" / "data.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("backend", ["naive", "cpu_gloo"])
+@pytest.mark.parametrize("backend", ["naive", pytest.param("cpu_gloo", marks=pytest.mark.slow)])
 def test_a_generation_failure_saves_the_step_before_with_its_dataloader_state(
     topologies, verl_config, transfer_queue_put, tmp_path: Path, backend: str
 ) -> None:
@@ -663,7 +664,13 @@ LEGACY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(LEGACY_CASES))
+@pytest.mark.parametrize(
+    "case",
+    [
+        case if case in ("generation", "update-in-flight") else pytest.param(case, marks=pytest.mark.slow)
+        for case in LEGACY_CASES
+    ],
+)
 def test_verls_legacy_trainer_saves_the_right_step_for_a_failure_in_each_part_of_a_step(
     topologies, verl_config, tmp_path: Path, case: str
 ) -> None:
