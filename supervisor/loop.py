@@ -407,9 +407,6 @@ class Supervisor:
         }
         user_env = {**self.inherited_env, **self.config.job.env}
         env.update(tracker_env(self.history.run_id, self.run_dir.path, user_env, self.history.trackers))
-        past_save_s = BeatsReader(self.run_dir.path).longest_save_s(range(1, number))
-        if past_save_s is not None:
-            env[contract.ENV_PAST_SAVE_S] = f"{past_save_s:.3f}"
         if self.heartbeats is not None:
             env[contract.ENV_HEARTBEAT_URL] = self.heartbeats.url
             env[contract.ENV_HEARTBEAT_TOKEN] = self.heartbeats.token
@@ -425,6 +422,8 @@ class Supervisor:
         shown = redact_argv(argv)
         record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=shown)
         emergency_of = self._emergency_save_of(start.step)
+        if self.heartbeats is not None:
+            self.heartbeats.past_save_s = BeatsReader(self.run_dir.path).longest_save_s(range(1, number))
         self.history.attempts.append(record)
         self.history.move_to(RunState.ATTEMPT_RUNNING)
         self.run_dir.save_history(self.history)

@@ -63,9 +63,6 @@ ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"
 # The emergency save (verl_hooks.emergency): "0" turns it off; its deadline when the job has timed no save yet.
 ENV_EMERGENCY_SAVE = "VERL_HOOKS_EMERGENCY_SAVE"
 ENV_EMERGENCY_SAVE_TIMEOUT_S = "VERL_HOOKS_EMERGENCY_SAVE_TIMEOUT_S"
-# The longest periodic save of the run's earlier attempts, in seconds (the supervisor's reading of their
-# ``checkpoint_saved`` beats): the emergency save's deadline before this attempt has timed a save of its own.
-ENV_PAST_SAVE_S = "VERL_HOOKS_PAST_SAVE_S"
 # Trainer classes of the job's own with verl's trainer shape, "module:Class" comma-separated, that get the
 # emergency save besides verl's own trainers (verl_hooks.trainers).
 ENV_TRAINER_CLASSES = "VERL_HOOKS_TRAINER_CLASSES"
@@ -180,6 +177,11 @@ HEARTBEAT_FIELDS: dict[HeartbeatKind, tuple[str, ...]] = {
     HeartbeatKind.SAVE_END: ("step", "trigger", "status", "elapsed_s"),
     HeartbeatKind.CHECKPOINT_SAVED: ("step", "duration_s"),
 }
+
+PAST_SAVE_FIELD = "past_save_s"
+"""In the JSON answer to a heartbeat: the longest save the trainer timed in the run's earlier attempts (the
+supervisor's reading of their ``checkpoint_saved`` beats), for the emergency save's deadline before this attempt
+has timed a save of its own. In an answer, not the environment: it grows while a standby driver waits."""
 
 SAVE_REQUEST_FIELD = "save_requested"
 """In the JSON answer to a heartbeat: true once the supervisor asks the job to save at its next safe point and

@@ -538,7 +538,7 @@ def checkpoint_the_step(
         reason = f"the colocated rollout could not be put to sleep for the save, as verl's own saves have it: {asleep}"
         logger.warning("verl_hooks: emergency save of step %d skipped: %s", decision.step, reason)
         return EmergencyCheckpoint(EmergencyStatus.SKIPPED, trigger, decision.step, reason, failed_step=failed_step)
-    limit = deadline_s(save_durations(trainer), settings.emergency_save_timeout_s, settings.past_save_s)
+    limit = deadline_s(save_durations(trainer), settings.emergency_save_timeout_s, heartbeat.past_save_s())
     data_state = synced_data_state(trainer) if decision.rewind else _NOT_REWOUND
     result = save_step(trainer, decision.step, trigger, limit, faults, data_state)
     if failed_step is not None:

@@ -36,6 +36,7 @@ from verl_hooks.contract import (
     ENV_HEARTBEAT_TOKEN,
     ENV_HEARTBEAT_URL,
     ENV_STACKS_DIR,
+    PAST_SAVE_FIELD,
     SAVE_REQUEST_FIELD,
     ErrorRecord,
     HeartbeatKind,
@@ -87,8 +88,8 @@ class HeartbeatSender:
         )
         with self._opener.open(request, timeout=SEND_TIMEOUT_S) as response:
             answer = response.read()
-        if answer and _asks_to_save(answer):
-            _save_requested.set()
+        if answer:
+            _take_answer(answer)
 
     def _run(self) -> None:
         while True:
@@ -101,16 +102,30 @@ class HeartbeatSender:
                     self._warned = True
 
 
-def _asks_to_save(answer: bytes) -> bool:
+def _take_answer(answer: bytes) -> None:
+    """What the supervisor says in its answer to a beat: a request to save and stop, the run's longest save."""
+    global _past_save_s
     try:
         data = json.loads(answer)
     except ValueError:
-        return False
-    return isinstance(data, dict) and data.get(SAVE_REQUEST_FIELD) is True
+        return
+    if not isinstance(data, dict):
+        return
+    if data.get(SAVE_REQUEST_FIELD) is True:
+        _save_requested.set()
+    past = data.get(PAST_SAVE_FIELD)
+    if isinstance(past, int | float) and not isinstance(past, bool) and past > 0:
+        _past_save_s = float(past)
 
 
 # Set once an answer of the supervisor asked this job to save at its next safe point and stop.
 _save_requested = threading.Event()
+_past_save_s: float | None = None
+
+
+def past_save_s() -> float | None:
+    """The longest save of the run's earlier attempts, as the supervisor's answers said (None: not said)."""
+    return _past_save_s
 
 
 def save_requested() -> bool:

@@ -20,7 +20,6 @@ from verl_hooks.contract import (
     ENV_FAULT_LOG,
     ENV_FAULTS,
     ENV_HARD_EXIT_GRACE_S,
-    ENV_PAST_SAVE_S,
     ENV_SYNC_ADAPTIVE,
     ENV_SYNC_ADAPTIVE_FLOOR_S,
     ENV_SYNC_ADAPTIVE_MULTIPLE,
@@ -60,9 +59,6 @@ class HookSettings:
     emergency_save_timeout_s: float = 600.0
     """The emergency save's deadline while the job has timed none of its periodic saves; once it has, the
     deadline is a multiple of the slowest of them, never above this."""
-    past_save_s: float | None = None
-    """The longest periodic save of the run's earlier attempts (the supervisor's reading): until this process has
-    timed a save of its own, the emergency save's deadline is taken from it, not ``emergency_save_timeout_s``."""
     trainer_idle_wait_s: float = 1.0
     """After a failed sync and its cleanup, how long the trainer's tasks of the sync get to finish before the
     trainer side counts as busy (no emergency save): a rollout that failed makes its trainer peers' collective
@@ -119,7 +115,6 @@ class HookSettings:
             verl_init_timeout_s=_optional_float(env, ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S),
             emergency_save=_flag(env, ENV_EMERGENCY_SAVE),
             emergency_save_timeout_s=_float(env, ENV_EMERGENCY_SAVE_TIMEOUT_S, defaults.emergency_save_timeout_s),
-            past_save_s=_optional_float(env, ENV_PAST_SAVE_S),
             trainer_classes=tuple(n.strip() for n in env.get(ENV_TRAINER_CLASSES, "").split(",") if n.strip()),
             faults=parse_fault_specs(env.get(ENV_FAULTS)),
             attempt=_int(env, ENV_ATTEMPT, 1),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from verl_hooks.contract import SAVE_REQUEST_FIELD, HeartbeatKind, heartbeat_kind
+from verl_hooks.contract import PAST_SAVE_FIELD, SAVE_REQUEST_FIELD, HeartbeatKind, heartbeat_kind
 
 MAX_BODY_BYTES = 65536
 MAX_QUEUED = 10_000
@@ -79,6 +79,8 @@ class HeartbeatServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="heartbeat-server", daemon=True)
         self._urgent = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._save_requested = threading.Event()
+        self.past_save_s: float | None = None
+        """The run's longest save in its earlier attempts, said to the job in every answer (``PAST_SAVE_FIELD``)."""
 
     @property
     def url(self) -> str:
@@ -104,6 +106,15 @@ class HeartbeatServer:
     @property
     def save_requested(self) -> bool:
         return self._save_requested.is_set()
+
+    def answer(self) -> dict[str, object]:
+        """What an accepted beat is answered with (nothing: 204)."""
+        answer: dict[str, object] = {}
+        if self._save_requested.is_set():
+            answer[SAVE_REQUEST_FIELD] = True
+        if self.past_save_s is not None:
+            answer[PAST_SAVE_FIELD] = self.past_save_s
+        return answer
 
     def drain(self) -> list[Heartbeat]:
         """The beats received since the last call, in order."""
@@ -165,8 +176,8 @@ def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
                 return
             if not server._accept(payload):
                 self._reply(429)
-            elif server.save_requested:
-                self._reply(200, json.dumps({SAVE_REQUEST_FIELD: True}).encode())
+            elif answer := server.answer():
+                self._reply(200, json.dumps(answer).encode())
             else:
                 self._reply(204)
 

@@ -74,6 +74,8 @@ class FakeHeartbeats:
         raise AssertionError("the fake backend does not wait on file descriptors")
 
     save_requested: bool = False
+    past_save_s: float | None = None
+    """What every answer to the job's beats says of the run's longest earlier save (the real server's field)."""
 
     def request_save(self) -> None:
         self.save_requested = True
@@ -127,6 +129,8 @@ class FakeBackend(JobBackend):
         """(node id, message) of each drain asked for."""
         self.undrainable: set[str] = set()
         self.launched: list[LaunchSpec] = []
+        self.past_save_at_launch: list[float | None] = []
+        """What the heartbeat answers said of the run's longest earlier save when each attempt was launched."""
         self.standbys: list[tuple[float, LaunchSpec]] = []
         """(when, spec) of each standby driver the loop asked for; the next launch of a spec that fits uses it."""
         self._started_at: dict[int, float] = {}
@@ -159,6 +163,7 @@ class FakeBackend(JobBackend):
         self._step("launch")
         assert len(self.launched) < len(self.attempts), f"the loop launched attempt {spec.attempt}, unscripted"
         self.launched.append(spec)
+        self.past_save_at_launch.append(self.heartbeats.past_save_s)
         self._specs[spec.attempt] = spec
         self._scripts[spec.attempt] = self.attempts[len(self.launched) - 1]
         self._started_at[spec.attempt] = self.fake_clock.mono

@@ -278,11 +278,20 @@ def test_the_server_answers_a_beat_with_the_save_request_only_once_asked() -> No
         assert sender.post_now(HeartbeatKind.ALIVE)
         assert not heartbeat.save_requested()
 
+        assert heartbeat.past_save_s() is None
+        server.past_save_s = 7.5  # the run's longest save in earlier attempts, for the emergency save's deadline
+        status, answer = post()
+        assert (status, json.loads(answer)) == (200, {"past_save_s": 7.5})
+        assert sender.post_now(HeartbeatKind.ALIVE)
+        assert heartbeat.past_save_s() == 7.5
+        assert not heartbeat.save_requested()
+
         server.request_save()
         status, answer = post()
-        assert (status, json.loads(answer)) == (200, {"save_requested": True})
+        assert (status, json.loads(answer)) == (200, {"save_requested": True, "past_save_s": 7.5})
         assert sender.post_now(HeartbeatKind.SYNC_END, step=4, duration_s=0.1)
         assert heartbeat.save_requested(), "the job learns it from the answer to its own beat"
     finally:
         heartbeat._save_requested.clear()
+        heartbeat._past_save_s = None
         server.stop()
