@@ -80,6 +80,7 @@ def test_status_and_report_read_a_run_whatever_is_cut_from_its_logs(finished_run
             assert code is ExitCode.DONE, f"{command} with {name} cut at {offset}: {said}"
 
 
+@pytest.mark.slow  # the default suite keeps the state file, the all-cut run and exit 2
 def test_a_cut_event_line_is_skipped_and_counted_in_status(finished_run: Path, tmp_path: Path) -> None:
     run_dir = copy_of(finished_run, tmp_path / "run")
     events = run_dir / "events.jsonl"
@@ -158,6 +159,7 @@ def test_the_events_tell_the_same_history_as_the_state_file(tmp_path: Path, atte
     assert rebuilt.newest_checkpoint_step == reference.newest_checkpoint_step
 
 
+@pytest.mark.slow  # the default suite keeps the state file, the all-cut run and exit 2
 def test_a_stopped_run_with_a_damaged_state_file_is_continued_from_the_events(tmp_path: Path) -> None:
     """``verl-supervisor run_dir=...`` on a run a signal stopped, whose state.json was then cut: it continues,
     says so, and keeps the damaged file beside the rebuilt one."""
@@ -193,6 +195,7 @@ def test_a_state_file_nothing_can_rebuild_ends_with_exit_2_naming_it_and_what_to
     assert "Traceback" not in said
 
 
+@pytest.mark.slow  # the default suite keeps the state file, the all-cut run and exit 2
 def test_a_state_file_of_another_version_is_not_rebuilt_over(finished_run: Path, tmp_path: Path) -> None:
     run_dir = copy_of(finished_run, tmp_path / "run")
     data = json.loads((run_dir / "state.json").read_text())
@@ -202,6 +205,7 @@ def test_a_state_file_of_another_version_is_not_rebuilt_over(finished_run: Path,
     assert "its schema_version is 99, this supervisor reads 1" in said
 
 
+@pytest.mark.slow  # the default suite keeps the state file, the all-cut run and exit 2
 def test_emergency_status_values_are_kept_in_the_rebuilt_history(tmp_path: Path) -> None:
     saved = {"status": EmergencyStatus.SAVED.value, "trigger": "sync_failure", "step": 3}
     record = dataclasses.replace(WEIGHT_SYNC, emergency_checkpoint=saved)
@@ -235,6 +239,7 @@ def test_a_run_with_its_events_state_and_error_record_all_cut_is_read_and_contin
     assert code is ExitCode.DONE, said
 
 
+@pytest.mark.slow  # the default suite keeps the state file, the all-cut run and exit 2
 def test_a_checkpoint_marker_cut_anywhere_makes_its_step_incomplete_never_an_error(tmp_path: Path) -> None:
     from supervisor.checkpoints.steps import inspect_checkpoint
     from tests.supervisor.checkpoint_files import write_step
