@@ -25,7 +25,7 @@ from typing import NoReturn
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from supervisor.backends.base import JobBackend
@@ -96,9 +96,52 @@ def compose_config(overrides: Sequence[str], config_dir: Path | None = None, con
         extra.append(f"hydra.searchpath=[file://{config_dir.resolve()}]")
     try:
         with initialize_config_dir(config_dir=str(builtin_config_dir()), version_base=None):
-            return compose(config_name, overrides=extra)
+            cfg = compose(config_name, overrides=extra, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(_one_line(exc)) from None
+    runtime = cfg.hydra.runtime
+    folders = [Path(source.path) for source in runtime.config_sources if source.schema == "file"]
+    problem = preset_keys_overridden(folders, config_name, runtime.choices.get("job"))
+    if problem:
+        raise UsageError(problem)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _first_file(folders: Sequence[Path], name: str) -> Path | None:
+    """The file Hydra takes for ``name``: the first of its search path's folders that holds it."""
+    return next((folder / name for folder in folders if (folder / name).is_file()), None)
+
+
+def _is_global(preset: Path) -> bool:
+    """The preset's header (its leading comment lines, as Hydra reads them) puts its keys at the top level."""
+    for line in preset.read_text().splitlines():
+        if not line.startswith("#"):
+            return False
+        if line.lstrip("# ").replace(" ", "").startswith("@package_global_"):
+            return True
+    return False
+
+
+def preset_keys_overridden(folders: Sequence[Path], config_name: str, job_choice: str | None) -> str | None:
+    """A global job preset's top-level keys that the primary config also sets are replaced by the primary's,
+    silently (the primary composes ``_self_`` last): the one line that says so and where such keys go, or None.
+    """
+    preset = _first_file(folders, f"job/{job_choice}.yaml") if job_choice else None
+    primary = _first_file(folders, f"{config_name}.yaml")
+    if preset is None or primary is None or not _is_global(preset):
+        return None
+    preset_keys, primary_keys = set(OmegaConf.load(preset)), set(OmegaConf.load(primary))
+    clashing = sorted((preset_keys & primary_keys) - {"defaults"})
+    if not clashing:
+        return None
+    where = {"rules": "put them under extra_rules:, matched before the built-in rules, which stay"}
+    advice = "; ".join(f"{key}: {where.get(key, 'set it on the command line')}" for key in clashing)
+    return (
+        f"job preset {preset} sets {', '.join(clashing)}, which {primary.name} sets too and would replace without "
+        f"a word (Hydra composes the primary config last): {advice}"
+    )
 
 
 def to_supervisor_config(cfg) -> SupervisorConfig:

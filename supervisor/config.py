@@ -19,6 +19,7 @@ from omegaconf import MISSING
 
 from supervisor.checkpoints import VerifyLevel
 from supervisor.policy.outcomes import Action, SupervisorRule
+from verl_hooks.phases import SyncPhase
 
 
 class RayMode(str, Enum):
@@ -271,10 +272,20 @@ class SupervisorConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     nodes: NodesConfig = field(default_factory=NodesConfig)
+    extra_rules: list[RuleConfig] = field(default_factory=list)
+    """Rules of your own, matched before ``rules`` (the built-in ones in conf/supervisor.yaml), which they keep:
+    add one on the command line with ``'extra_rules=[{name: x, action: fail, exit_codes: [3]}]'`` or in a job
+    preset. Setting ``rules`` instead replaces every built-in rule."""
     rules: list[RuleConfig] = field(default_factory=list)
     default_action: Action = Action.restart
-    """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound."""
+    """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound. (A driver
+    that exited 0 with no error record is done whatever this says.)"""
     log_tail_bytes: int = 65536
+
+
+def ordered_rules(config: SupervisorConfig) -> list[RuleConfig]:
+    """The classification rules in the order they are matched: the user's ``extra_rules``, then ``rules``."""
+    return [*config.extra_rules, *config.rules]
 
 
 def validate(config: SupervisorConfig) -> list[str]:
@@ -326,8 +337,20 @@ def validate(config: SupervisorConfig) -> list[str]:
             break
     else:
         require(not config.job.resume_args, "job.resume_args must contain {checkpoint}")
-    for index, rule in enumerate(config.rules):
-        where = f"rules[{index}] ({rule.name})"
+    seen_names: set[str] = set()
+    known_phases = [phase.value for phase in SyncPhase]
+    for key, index, rule in [
+        *(("extra_rules", i, r) for i, r in enumerate(config.extra_rules)),
+        *(("rules", i, r) for i, r in enumerate(config.rules)),
+    ]:
+        where = f"{key}[{index}] ({rule.name})"
+        require(rule.name not in seen_names, f"{where}: another rule has the name {rule.name!r}; names must be unique")
+        seen_names.add(rule.name)
+        for phase in rule.phases or []:
+            require(
+                phase in known_phases,
+                f"{where}.phases: {phase!r} is not a weight-sync phase (one of {', '.join(known_phases)})",
+            )
         require(
             rule.name not in SupervisorRule._value2member_map_,
             f"{where}: the name {rule.name!r} is the supervisor's own verdict; rules may not take "

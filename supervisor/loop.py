@@ -38,7 +38,7 @@ from supervisor.checkpoints import (
     set_aside,
 )
 from supervisor.clock import Clock
-from supervisor.config import SupervisorConfig
+from supervisor.config import SupervisorConfig, ordered_rules
 from supervisor.job.command import job_argv, redact_argv
 from supervisor.job.heartbeats import Heartbeat
 from supervisor.job.trackers import tracker_env
@@ -263,7 +263,7 @@ class Supervisor:
                 classification = policy.resume_not_honoured(end.mismatch.reason)
             else:
                 classification = self._disk_full(evidence) or classify(
-                    evidence, self.config.rules, self.config.default_action
+                    evidence, ordered_rules(self.config), self.config.default_action
                 )
             decision = self._conclude(job, record, evidence, classification)
             if isinstance(decision, Stop):

@@ -24,6 +24,10 @@ class SupervisorRule(str, Enum):
 
     DEFAULT = "default"
     """No configured rule matched: ``default_action``."""
+    CLEAN_EXIT = "clean-exit"
+    """No configured rule matched a driver that exited 0 on its own with no error record: the job finished.
+    ``default_action`` never restarts a job that says it is done (rules that replace the built-in ones may
+    leave exit 0 out)."""
     SUPERVISOR_RESTARTED = "supervisor-restarted"
     """The supervisor died while the attempt ran; a new one found it in state.json."""
     INTERRUPTED = "interrupted"

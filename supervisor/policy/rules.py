@@ -28,6 +28,11 @@ class AttemptEvidence:
     last_step: int | None = None
     """The last global step its weight syncs carried (None: none seen)."""
 
+    @property
+    def clean_exit(self) -> bool:
+        """The driver exited 0 by itself, with no error record and no stall: the job says it finished."""
+        return self.exit is not None and self.exit.code == 0 and self.record is None and not self.stalled
+
 
 @dataclass(frozen=True)
 class Classification:
@@ -57,9 +62,13 @@ def rule_matches(rule: RuleConfig, evidence: AttemptEvidence) -> bool:
 
 
 def classify(evidence: AttemptEvidence, rules: Sequence[RuleConfig], default_action: Action) -> Classification:
+    """The first rule that matches decides; a clean exit no rule matched is done, anything else
+    ``default_action``."""
     for rule in rules:
         if rule_matches(rule, evidence):
             return Classification(rule.action, rule.name, describe(evidence, rule.name))
+    if evidence.clean_exit:
+        return Classification(Action.done, SupervisorRule.CLEAN_EXIT, describe(evidence, "no rule matched"))
     return Classification(default_action, SupervisorRule.DEFAULT, describe(evidence, "no rule matched"))
 
 

@@ -11,7 +11,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from supervisor.cli import UsageError, compose_config, split_job_args, to_supervisor_config
-from supervisor.config import JobConfig, SupervisorConfig
+from supervisor.config import JobConfig, SupervisorConfig, ordered_rules
 from supervisor.job.command import conflicting_args, job_argv
 from supervisor.policy.outcomes import Action
 from supervisor.policy.restart import StartFrom
@@ -43,6 +43,13 @@ from tests.conftest import REPO_ROOT
             "rules[0] (interrupted): the name 'interrupted' is the supervisor's own verdict",
         ),
         (["rules.1.name=resume-mismatch"], "the name 'resume-mismatch' is the supervisor's own verdict"),
+        # As a new user writes it: a misspelled phase would never match, so it is refused.
+        (
+            ["rules=[{name: x, action: restart, phases: [update_weigths]}]"],
+            "rules[0] (x).phases: 'update_weigths' is not a weight-sync phase",
+        ),
+        (["extra_rules=[{name: x, action: fail, phases: [abort, nope]}]"], "extra_rules[0] (x).phases: 'nope'"),
+        (["extra_rules=[{name: success, action: fail, exit_codes: [3]}]"], "another rule has the name 'success'"),
     ],
 )
 def test_config_errors_are_one_line_usage_errors(overrides: list[str], complaint: str) -> None:
@@ -72,6 +79,32 @@ def test_user_presets_come_from_config_dir(tmp_path: Path) -> None:
     assert (config.job.name, config.job.argv) == ("mine", ["my-trainer"])
     # A preset's settings of the supervisor hold: conf/supervisor.yaml, composed after it, repeats no default.
     assert (config.restart.max_restarts, config.teardown.grace_s, config.ray.dashboard) == (7, 30, False)
+
+
+def test_a_presets_own_rules_are_refused_with_where_rules_go(tmp_path: Path) -> None:
+    """conf/supervisor.yaml's `rules:`, composed last, would replace the preset's without a word."""
+    (tmp_path / "job").mkdir()
+    preset = (
+        "# @package _global_\njob:\n  name: mine\n  argv: [my-trainer]\n"
+        "{key}:\n  - {{name: mine, action: fail, exit_codes: [3]}}\n"
+    )
+    (tmp_path / "job" / "mine.yaml").write_text(preset.format(key="rules"))
+    with pytest.raises(UsageError, match=r"mine.yaml sets rules, which supervisor.yaml sets too.*extra_rules"):
+        compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path)
+
+    (tmp_path / "job" / "mine.yaml").write_text(preset.format(key="extra_rules"))
+    config = to_supervisor_config(compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path))
+    assert [rule.name for rule in ordered_rules(config)][:3] == ["mine", "stalled", "success"]
+
+
+def test_extra_rules_on_the_command_line_keep_the_built_in_ones() -> None:
+    config = to_supervisor_config(
+        compose_config(["run_dir=/tmp/unused", "extra_rules=[{name: x, action: fail, exit_codes: [3]}]"])
+    )
+    names = [rule.name for rule in ordered_rules(config)]
+    assert names[0] == "x"
+    assert names[1:] == [rule.name for rule in config.rules]
+    assert "success" in names
 
 
 def test_verl_ppo_preset_composes_against_verls_own_config(tmp_path: Path) -> None:

@@ -169,6 +169,25 @@ def test_first_matching_rule_wins_and_all_criteria_must_hold(shipped) -> None:
     assert classify(in_update, rules, Action.restart).rule == "weight-sync-failure"
 
 
+@pytest.mark.parametrize(
+    ("evidence", "action", "rule"),
+    [
+        (AttemptEvidence(ExitStatus(code=0)), Action.done, SupervisorRule.CLEAN_EXIT),
+        (AttemptEvidence(ExitStatus(code=0), stalled=True), Action.restart, SupervisorRule.DEFAULT),
+        (AttemptEvidence(ExitStatus(code=0), _record("RuntimeError")), Action.restart, SupervisorRule.DEFAULT),
+        (AttemptEvidence(None), Action.restart, SupervisorRule.DEFAULT),
+        (AttemptEvidence(ExitStatus(code=1)), Action.restart, SupervisorRule.DEFAULT),
+    ],
+)
+def test_a_clean_exit_no_rule_matched_is_done_whatever_the_default(evidence, action, rule) -> None:
+    """Rules that replace the built-in ones may leave exit 0 out: a job that says it finished is not restarted."""
+    from supervisor.config import RuleConfig
+
+    only_mine = [RuleConfig(name="x", action=Action.restart, phases=["update_weights"])]
+    result = classify(evidence, only_mine, Action.restart)
+    assert (result.action, result.rule) == (action, rule)
+
+
 def _history(*attempts: tuple[int | None, int | None, str]) -> RunHistory:
     """Attempts as (resumed_from_step, reached_step, action)."""
     history = RunHistory(run_id="r")
