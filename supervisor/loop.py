@@ -608,7 +608,7 @@ class Supervisor:
         )
 
     def _capture_stall(self, job: RunningJob, stall: Stall) -> None:
-        self.events.emit(StallDetected(attempt=job.attempt, **stall.event_fields()))
+        self.events.emit(StallDetected(job.attempt, stall.event_fields()))
         log_dir = self.run_dir.attempt_dir(job.attempt)
         started = self.clock.monotonic()
         with self._signals_deferred():
@@ -670,9 +670,7 @@ class Supervisor:
         attempt.reached_step = reached
         self.history.saw_checkpoint(reached)
         self.run_dir.save_history(self.history)
-        self.events.emit(
-            Teardown(attempt=job.attempt, fenced=result.fenced, reached_step=reached, **result.event_fields())
-        )
+        self.events.emit(Teardown(job.attempt, reached, result.event_fields()))
         return result
 
     def _judge_nodes(

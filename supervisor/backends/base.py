@@ -103,6 +103,7 @@ class TeardownResult(FenceResult):
             if isinstance(value, tuple):
                 value = [f"{v.name}[{v.pid}]" if isinstance(v, ProcessInfo) else v for v in value]
             values[f.name] = value
+        values["fenced"] = self.fenced
         return values
 
     @property

@@ -11,8 +11,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
@@ -26,6 +26,29 @@ class Event:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def payload(self) -> dict[str, Any]:
+        """The event's fields as its line holds them: a field marked ``flatten`` (a mapping that another type
+        derived from itself) is written at the top level, so the event does not copy that type's fields."""
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("flatten"):
+                values.update(asdict_value(value))
+            else:
+                values[f.name] = asdict_value(value)
+        return values
+
+
+def asdict_value(value: Any) -> Any:
+    """A field's value as JSON takes it (dataclasses as dicts, mappings as dicts)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, Mapping):
+        return {key: asdict_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [asdict_value(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -282,18 +305,15 @@ class SaveOnStop(Event):
 
 @dataclass(frozen=True)
 class StallDetected(Event):
+    """The watchdog's finding, every field of ``supervisor.policy.watchdog.Stall`` as it writes them (``stall``
+    is written at the top level of the line, not nested: a field added to the finding reaches the event)."""
+
     kind: ClassVar[str] = "stall_detected"
     attempt: int
-    stall_kind: str
-    silent_s: float
-    limit_s: float
-    last_step: int | None
-    phase: str | None
-    heartbeat_ages_s: dict[str, float]
-    reason: str
+    stall: Mapping[str, Any] = field(metadata={"flatten": True})
 
     def describe(self) -> str:
-        return f"attempt {self.attempt} STALLED ({self.stall_kind}): {self.reason}"
+        return f"attempt {self.attempt} STALLED ({self.stall['stall_kind']}): {self.stall['reason']}"
 
 
 @dataclass(frozen=True)
@@ -311,41 +331,27 @@ class StacksDumped(Event):
 
 @dataclass(frozen=True)
 class Teardown(Event):
+    """An attempt torn down and fenced: every field of ``supervisor.backends.base.TeardownResult`` as it writes
+    them (``result``, at the top level of the line: a field added to the fence's result reaches the event with no
+    other edit), and the newest complete checkpoint once the attempt is gone (what it may still have been writing
+    included)."""
+
     kind: ClassVar[str] = "teardown"
     attempt: int
-    duration_s: float
-    terminated: list[str]
-    killed: list[str]
-    survivors: list[str]
-    actors_alive: int | None
-    """Ray actors of the attempt's job still alive at the fence (None: not checked)."""
-    fenced: bool
-    actors_killed: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    placement_groups_removed: list[str] = field(default_factory=list)
-    placement_groups_alive: int | None = None
-    """Placement groups of the attempt's Ray job not removed at the fence (None: not checked)."""
-    resources_held: dict[str, float] = field(default_factory=dict)
-    """GPUs and custom resources available before the attempt and not available again at the fence's end."""
-    gpu_memory: str | None = None
-    """What NVML said of the attempt's processes on this machine's GPUs: free, held (by which), or skipped."""
-    nodes: str | None = None
-    """Cluster modes: per node of the attempt, the processes of it that the sweep ended and what NVML said there
-    (None: one machine, nothing to sweep)."""
-    ray_job_id: str | None = None
-    reached_step: int | None = None
-    """The newest complete checkpoint once the attempt is gone (what it may still have been writing included)."""
+    reached_step: int | None
+    result: Mapping[str, Any] = field(metadata={"flatten": True})
 
     def describe(self) -> str:
-        parts = [f"{len(self.terminated)} ended on SIGTERM", f"{len(self.killed)} SIGKILLed"]
-        if self.actors_killed:
-            parts.append(f"{len(self.actors_killed)} stray actors killed")
-        if self.placement_groups_removed:
-            parts.append(f"{len(self.placement_groups_removed)} stray placement groups removed")
-        if self.actors_alive is not None:
-            parts.append(f"{self.actors_alive} actors alive")
-        verdict = "fenced" if self.fenced else "FENCE FAILED: " + "; ".join(self.problems)
-        return f"attempt {self.attempt} torn down in {self.duration_s:.1f} s ({', '.join(parts)}): {verdict}"
+        result = self.result
+        parts = [f"{len(result['terminated'])} ended on SIGTERM", f"{len(result['killed'])} SIGKILLed"]
+        if result.get("actors_killed"):
+            parts.append(f"{len(result['actors_killed'])} stray actors killed")
+        if result.get("placement_groups_removed"):
+            parts.append(f"{len(result['placement_groups_removed'])} stray placement groups removed")
+        if result.get("actors_alive") is not None:
+            parts.append(f"{result['actors_alive']} actors alive")
+        verdict = "fenced" if result["fenced"] else "FENCE FAILED: " + "; ".join(result["problems"])
+        return f"attempt {self.attempt} torn down in {result['duration_s']:.1f} s ({', '.join(parts)}): {verdict}"
 
 
 @dataclass(frozen=True)
@@ -478,7 +484,7 @@ class EventLog:
 
     def emit(self, event: Event) -> dict[str, Any]:
         now = self.now()
-        entry = {"ts": now, "event": event.kind, "run_id": self.run_id, **asdict(event)}
+        entry = {"ts": now, "event": event.kind, "run_id": self.run_id, **event.payload()}
         line = json.dumps(entry, sort_keys=True, default=str)
         with self._lock:
             with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from supervisor.backends.base import Stopped, TeardownResult
-from supervisor.backends.fence import AttemptView, fence, fence_rules
+from supervisor.backends.fence import AttemptView, FenceResult, fence, fence_rules
 from supervisor.config import TeardownConfig
 from supervisor.mechanisms.gpu_memory import GpuHolder, GpuMemoryCheck
 from supervisor.mechanisms.node_probe import NodeScan, NodeSweep
@@ -34,7 +34,7 @@ from supervisor.policy.fence import (
     Wait,
     next_step,
 )
-from supervisor.run.events import Teardown
+from supervisor.run.events import EventLog, Teardown, read_events
 from tests.supervisor.fakes import FakeClock
 
 RULES = FenceRules(timeout_s=60, grace_s=2, reap_timeout_s=5)
@@ -325,9 +325,26 @@ def test_the_teardown_event_takes_every_field_of_the_result() -> None:
         ),
         1.5,
     )
-    event = Teardown(attempt=1, fenced=result.fenced, reached_step=None, **result.event_fields())
-    assert (event.terminated, event.killed, event.ray_job_id) == (["python[7]"], ["ray::Worker[41]"], "01000000")
-    assert (event.problems, event.gpu_memory, event.duration_s) == (["did not stop"], "free on 2 GPUs", 1.5)
+    line = Teardown(1, None, result.event_fields()).payload()
+    assert (line["terminated"], line["killed"], line["ray_job_id"]) == (["python[7]"], ["ray::Worker[41]"], "01000000")
+    assert (line["problems"], line["gpu_memory"], line["duration_s"]) == (["did not stop"], "free on 2 GPUs", 1.5)
+    assert (line["fenced"], line["attempt"], line["reached_step"]) == (False, 1, None)
+
+
+def test_a_field_added_to_the_fences_result_reaches_the_teardown_event_with_no_other_edit(tmp_path) -> None:
+    """The event is derived from the result: a new field of ``FenceResult`` is written without a copy by hand."""
+    grown = dataclasses.make_dataclass(
+        "GrownFenceResult", [("disks_unmounted", tuple, ("/scratch",))], bases=(FenceResult,), frozen=True
+    )
+    fenced = fence(AttemptView(leftovers=list, gpu_check=lambda pids: FREE), RULES, FakeClock().clock())
+    values = {f.name: getattr(fenced, f.name) for f in dataclasses.fields(FenceResult)}
+    teardown = dataclasses.make_dataclass("GrownTeardown", [], bases=(TeardownResult, grown), frozen=True)
+    result = teardown(**values, duration_s=0.5)
+    log = EventLog(tmp_path / "events.jsonl", run_id="r", console=None)
+    log.emit(Teardown(2, 10, result.event_fields()))
+    (line,) = read_events(tmp_path / "events.jsonl")
+    assert line["disks_unmounted"] == ["/scratch"]
+    assert (line["event"], line["attempt"], line["reached_step"], line["fenced"]) == ("teardown", 2, 10, True)
 
 
 class SilentState:
