@@ -43,7 +43,7 @@ from supervisor.mechanisms import orphans
 from supervisor.mechanisms.processes import local_ip_towards, terminate_processes, with_descendants
 from supervisor.mechanisms.ray_auth import apply_auth_env, ensure_run_token
 from supervisor.mechanisms.reaper import Reaper, start_reaper
-from supervisor.policy.outcomes import ExitCode
+from supervisor.outcomes import ExitCode
 from supervisor.run.events import EventLog, MetricsServing
 from supervisor.run.history import RunHistory
 from supervisor.run.rundir import DamagedRunFile, RunDirectory, RunDirectoryInUse

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING
 
 from supervisor.checkpoints import VerifyLevel
-from supervisor.policy.outcomes import Action, SupervisorRule
+from supervisor.outcomes import Action, SupervisorRule
 from verl_hooks.phases import SyncPhase
 
 

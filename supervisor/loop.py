@@ -1,17 +1,21 @@
 """The supervisor's loop: launch an attempt, learn of its end at once, judge it, tear it down, decide.
 
-One loop, one place that waits (``JobBackend.wait``, which a stop signal interrupts). Every attempt ends the same
-way, whichever way it ended (an exit, a stall, a signal to the supervisor): its evidence is classified and
-recorded (``attempt_exited``, state.json), then it is torn down and fenced (``teardown``), then the policy
-decides. Decisions come from ``supervisor.policy``; processes and Ray from the backend; files from
-``supervisor.run`` and ``supervisor.checkpoints``. Time, sleep and randomness are injected (``Clock``, ``rng``)
-so that the loop can be driven by a fake backend in tests.
+The story is ``_supervise``: choose where to start, launch, wait for the end, conclude, back off, again. Each
+attempt ends the same way, whichever way it ended (an exit, a stall, a signal to the supervisor): ``_conclude``
+asks ``supervisor.policy.judgement.next_step`` what to do with everything observed of it so far (its evidence,
+the checkpoint volume, the fence, its nodes) and carries each step out: record the verdict (``attempt_exited``,
+state.json), tear down and fence (``teardown``), read the nodes, drain some, then restart or stop. Decisions come
+from ``supervisor.policy``; processes and Ray from the backend; files from ``supervisor.run`` and
+``supervisor.checkpoints``; the heartbeats from ``supervisor.attempt_watch``.
+
+The loop blocks in two places only: ``_wait`` (on the job, through the backend, woken early by an urgent beat)
+and the backoff's sleep; a stop signal interrupts both. Time, sleep and randomness are injected (``Clock``,
+``rng``) so that the loop can be driven by a fake backend in tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -22,38 +26,30 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, assert_never
 
 import verl_hooks.contract as contract
+from supervisor.attempt_watch import AttemptWatch, Taken, mismatch_record, stall_record
 from supervisor.backends.base import ClusterStartFailed, JobBackend, LaunchSpec, RunningJob, TeardownResult
-from supervisor.checkpoints import (
-    CheckpointInfo,
-    choose_resume_checkpoint,
-    facts_from_overrides,
-    plan_rotation,
-    read_tracker,
-    remove,
-    run_facts,
-    scan_checkpoints,
-    set_aside,
-)
+from supervisor.checkpoints import facts_from_overrides, set_aside
+from supervisor.checkpoints.folder import CheckpointFolder
 from supervisor.clock import Clock
 from supervisor.config import SupervisorConfig, ordered_rules
-from supervisor.job.command import job_argv, redact_argv
-from supervisor.job.heartbeats import Heartbeat
-from supervisor.job.trackers import tracker_env
+from supervisor.job.beat import Heartbeat
+from supervisor.job.command import StartFrom, job_argv, redact_argv
+from supervisor.job.environment import HeartbeatAddress, attempt_env
 from supervisor.mechanisms.bounded_log import read_tail
 from supervisor.mechanisms.gpu_health import NodeReading
-from supervisor.mechanisms.volume import folder_bytes, run_logs_bytes, volume_of
-from supervisor.policy import disk, nodes
+from supervisor.outcomes import ExitCode, ExitStatus
+from supervisor.policy import disk, judgement, nodes
 from supervisor.policy import restart as policy
-from supervisor.policy.disk import CheckpointSpace
-from supervisor.policy.outcomes import ExitCode, ExitStatus
-from supervisor.policy.restart import Decision, Restart, StartFrom, Stop
-from supervisor.policy.resume import MismatchedResume, ResumeCheck, VerifiedResume
-from supervisor.policy.rules import AttemptEvidence, Classification, classify
-from supervisor.policy.watchdog import ProgressState, Stall, StallKind, check
-from supervisor.run.beats import ALIVE_FILE, BeatsReader
+from supervisor.policy.judgement import Exclude, Fence, Observed, ReadNodes, Record, TearDown
+from supervisor.policy.nodes import Exclusion, NodeFindings
+from supervisor.policy.restart import Decision, Restart, Stop
+from supervisor.policy.resume import MismatchedResume, ResumeCheck
+from supervisor.policy.rules import AttemptEvidence, Classification
+from supervisor.policy.watchdog import ProgressState, Stall, check
+from supervisor.run.beats import BeatsReader
 from supervisor.run.events import (
     AttemptExited,
     AttemptStarted,
@@ -81,9 +77,9 @@ from supervisor.run.events import (
     TrackerRun,
 )
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
-from supervisor.run.rundir import RunDirectory, write_json_atomic
+from supervisor.run.rundir import RunDirectory
 from supervisor.run.table import attempts_table
-from verl_hooks.contract import ErrorRecord, HeartbeatKind, RecordSource, read_record, record_from_payload, write_record
+from verl_hooks.contract import read_record, write_record
 
 
 class HeartbeatSource(Protocol):
@@ -151,18 +147,6 @@ class AttemptEnd:
 
 
 @dataclass
-class _Watch:
-    """What is followed while an attempt runs: its progress, its resume, when its error record arrived."""
-
-    progress: ProgressState
-    resume: ResumeCheck | None
-    beats_log: Path
-    record_at: float | None = None
-    alive: dict[str, float] = field(default_factory=dict)
-    """``host:pid`` of each process of the attempt that sent an ``alive`` beat, and when the last arrived."""
-
-
-@dataclass
 class _InFlight:
     """The attempt in flight, for the signal and error paths to end."""
 
@@ -199,8 +183,12 @@ class Supervisor:
         self.rng = rng or random.Random()
         # The environment the job inherits: a tracker variable the user set there is left alone.
         self.inherited_env = dict(inherited_env or {})
-        # What the user's overrides say the job's checkpoints hold; the job's own markers, when it writes them, win.
-        self._checkpoint_facts = facts_from_overrides([*config.job.args, *self.user_args])
+        self.checkpoints = CheckpointFolder(
+            Path(config.checkpoints.dir),
+            config.checkpoints.verify,
+            facts_from_overrides([*config.job.args, *self.user_args]),
+        )
+        self.rules = judgement.Rules(ordered_rules(config), config.default_action, config.restart, config.nodes)
         self._in_flight = _InFlight()
         self._standby_for: tuple[int, list[str]] | None = None
         # Each node's last GPU reading (ECC counters are judged since the last look) and the nodes drained.
@@ -253,38 +241,50 @@ class Supervisor:
             self._check_stop()  # a stop signal while the cluster started: launch nothing
             job, record = self._launch(start)
             end = self._wait_for_end(job, start.step)
-            if end.stall is not None:
-                # A stalled job is still running: capture what it is doing before it is ended.
-                self._capture_stall(job, end.stall)
-            if end.mismatch is not None:
-                self._record_mismatch(job, end.mismatch)
-            evidence = self._evidence(record.number, end)
-            if end.mismatch is not None:
-                classification = policy.resume_not_honoured(end.mismatch.reason)
-            else:
-                classification = self._disk_full(evidence) or classify(
-                    evidence, ordered_rules(self.config), self.config.default_action
-                )
-            decision = self._conclude(job, record, evidence, classification)
+            decision = self._conclude(job, record, end)
             if isinstance(decision, Stop):
                 return decision
             self._back_off(decision)
 
-    def _conclude(
-        self, job: RunningJob, record: AttemptRecord, evidence: AttemptEvidence, classification: Classification
-    ) -> Decision:
-        """The one way an attempt ends: record the verdict, tear the attempt down and fence it, decide."""
-        self._record_end(record, evidence, classification)
-        torn_down = self._teardown(job)
-        after_fence = policy.after_teardown(torn_down.fenced, torn_down.problems)
-        if after_fence is not None:
-            return after_fence
-        decision = policy.after_attempt(self.history, classification, self.config.restart, self.rng)
-        if isinstance(decision, Restart):
-            return self._judge_nodes(job, record, evidence, torn_down) or decision
-        return decision
+    def _conclude(self, job: RunningJob, record: AttemptRecord, end: AttemptEnd) -> Decision:
+        """The one way an attempt ends: what was observed of it goes to the judgement, step by step, until it
+        says restart or stop (``supervisor/policy/judgement.py``)."""
+        if end.stall is not None:
+            # A stalled job is still running: capture what it is doing before it is ended.
+            self._capture_stall(job, end.stall)
+        if end.mismatch is not None:
+            write_record(
+                self.run_dir.attempt_dir(job.attempt) / "error.json",
+                mismatch_record(end.mismatch, job.attempt, self.clock.now()),
+            )
+        evidence = self._evidence(record.number, end)
+        observed = Observed(
+            evidence,
+            mismatch=end.mismatch.reason if end.mismatch is not None else None,
+            space=None if end.mismatch is not None or evidence.clean_exit else self._space_now(),
+            drained_before=frozenset(self._drained),
+        )
+        torn_down = TeardownResult()
+        while True:
+            step = judgement.next_step(observed, self.history, self.rules, self.rng)
+            match step:
+                case Record(classification):
+                    self._record_end(record, evidence, classification)
+                    observed = replace(observed, recorded=classification)
+                case TearDown():
+                    torn_down = self._teardown(job)
+                    observed = replace(observed, fence=Fence(torn_down.fenced, tuple(torn_down.problems)))
+                case ReadNodes(restart):
+                    found = self._read_nodes(job, record, evidence, torn_down)
+                    observed = replace(observed, restart=restart, nodes=found)
+                case Exclude(exclusions):
+                    observed = replace(observed, drained=self._exclude(job.attempt, exclusions))
+                case Restart() | Stop():
+                    return step
+                case _:
+                    assert_never(step)
 
-    # --- steps ---
+    # --- before an attempt ---
 
     def _begin(self) -> Classification | None:
         """Start (or continue) the run; returns how the attempt a dead supervisor left in flight is judged."""
@@ -313,18 +313,13 @@ class Supervisor:
             if stale:
                 self.events.emit(StaleProcessesSwept([f"{p.name}[{p.pid}]" for p in stale]))
             if lost is not None:
-                history.attempts[-1].reached_step = self._newest_complete_step()
+                history.attempts[-1].reached_step = self.checkpoints.newest_complete_step()
                 self.run_dir.save_history(history)
         return lost
 
-    def _scan(self) -> list[CheckpointInfo]:
-        root = Path(self.config.checkpoints.dir)
-        return scan_checkpoints(root, verify=self.config.checkpoints.verify, facts=self._checkpoint_facts)
-
     def _choose_start(self) -> StartFrom | Stop:
-        root = Path(self.config.checkpoints.dir)
-        infos = self._scan()
-        choice = choose_resume_checkpoint(infos, read_tracker(root))
+        infos = self.checkpoints.scan()
+        choice = self.checkpoints.choose(infos)
         if choice.unjudgeable:
             problems = [info.problems[0] for info in choice.unjudgeable]
             self.events.emit(CheckpointsUnjudgeable([str(info.path) for info in choice.unjudgeable], problems))
@@ -335,39 +330,20 @@ class Supervisor:
         chosen = choice.checkpoint
         self.history.saw_checkpoint(chosen.step if chosen else None)
         if chosen is not None and self.config.checkpoints.rotate:
-            self._rotate(infos, chosen.step)
+            for done in self.checkpoints.rotate(infos, chosen.step, self.history.unproven_emergency_steps()):
+                removal = done.removal
+                self.events.emit(
+                    CheckpointRotated(
+                        removal.step, removal.role, str(removal.path), removal.limit, done.problem is None, done.problem
+                    )
+                )
         return policy.choose_start(chosen.step if chosen else None, str(chosen.path) if chosen else None, self.history)
 
-    def _checkpoint_space(self, newest: Path | None, incomplete: Sequence[Path] = ()) -> CheckpointSpace:
-        """``incomplete``: step folders found incomplete and not set aside yet (a save the full disk cut short)."""
-        root = Path(self.config.checkpoints.dir)
-        aside = [*sorted(root.glob("global_step_*.incomplete-*")), *incomplete] if root.is_dir() else []
-        volume = volume_of(root)
-        logs = run_logs_bytes(self.run_dir.path) if volume_of(self.run_dir.path).mount == volume.mount else None
-        return CheckpointSpace(
-            checkpoints_dir=str(root),
-            volume=volume,
-            newest_step_bytes=folder_bytes(newest) if newest is not None else None,
-            set_aside_bytes=sum(folder_bytes(path) for path in aside),
-            set_aside_count=len(aside),
-            run_logs_bytes=logs,
-        )
-
-    def _disk_full(self, evidence: AttemptEvidence) -> Classification | None:
-        """The supervisor's own verdict on an attempt that found no room on the checkpoint volume."""
-        error = evidence.record
-        if evidence.exit is not None and evidence.exit.code == 0 and error is None:
-            return None  # it did not fail
-        texts = [evidence.log_tail, *((error.message, error.traceback) if error is not None else ())]
-        infos = self._scan()
-        complete = [info for info in infos if info.complete]
-        newest = max(complete, key=lambda info: info.step).path if complete else None
-        incomplete = [info.path for info in infos if not info.complete]
-        return disk.disk_full(texts, self._checkpoint_space(newest, incomplete))
+    def _space_now(self) -> disk.CheckpointSpace:
+        return self.checkpoints.space_now(self.run_dir.path)
 
     def _warn_if_low_on_space(self, start: StartFrom) -> None:
-        newest = Path(start.checkpoint) if start.checkpoint else None
-        space = self._checkpoint_space(newest)
+        space = self.checkpoints.space(self.run_dir.path, Path(start.checkpoint) if start.checkpoint else None)
         warning = disk.space_warning(space)
         if warning is not None:
             self.events.emit(
@@ -380,45 +356,25 @@ class Supervisor:
                 )
             )
 
-    def _rotate(self, infos: Sequence[CheckpointInfo], resume_step: int) -> None:
-        facts = run_facts(Path(self.config.checkpoints.dir), self._checkpoint_facts)
-        for removal in plan_rotation(infos, facts, resume_step, self.history.unproven_emergency_steps()):
-            try:
-                remove(removal)
-            except OSError as e:
-                problem = f"{type(e).__name__}: {e}"
-                self.events.emit(
-                    CheckpointRotated(removal.step, removal.role, str(removal.path), removal.limit, False, problem)
-                )
-            else:
-                self.events.emit(CheckpointRotated(removal.step, removal.role, str(removal.path), removal.limit, True))
+    def _attempt_env(self, number: int) -> dict[str, str]:
+        heartbeat = HeartbeatAddress(self.heartbeats.url, self.heartbeats.token) if self.heartbeats else None
+        history = self.history
+        return attempt_env(
+            self.config, history.run_id, history.trackers, self.run_dir.path, number, self.inherited_env, heartbeat
+        )
 
-    def _attempt_env(self, number: int, log_dir: Path) -> dict[str, str]:
-        restart = self.config.restart
-        env = {
-            contract.ENV_EMERGENCY_SAVE: "1" if restart.emergency_save else "0",
-            contract.ENV_EMERGENCY_SAVE_TIMEOUT_S: str(restart.emergency_save_timeout_s),
-            **self.config.job.env,
-            contract.ENV_RUN_ID: self.history.run_id,
-            contract.ENV_ATTEMPT: str(number),
-            contract.ENV_ERROR_FILE: str(log_dir / "error.json"),
-            contract.ENV_RUN_DIR: str(self.run_dir.path),
-            contract.ENV_STACKS_DIR: str(log_dir / "stacks"),
-        }
-        user_env = {**self.inherited_env, **self.config.job.env}
-        env.update(tracker_env(self.history.run_id, self.run_dir.path, user_env, self.history.trackers))
-        if self.heartbeats is not None:
-            env[contract.ENV_HEARTBEAT_URL] = self.heartbeats.url
-            env[contract.ENV_HEARTBEAT_TOKEN] = self.heartbeats.token
-            env[contract.ENV_HEARTBEAT_INTERVAL_S] = str(self.config.watchdog.heartbeat_interval_s)
-        return env
+    def _launch_spec(self, number: int, argv: list[str]) -> LaunchSpec:
+        log_dir = self.run_dir.path / "attempts" / str(number)  # made when (if) the attempt is launched
+        limit_mb = self.config.job.log_limit_mb
+        limit = None if limit_mb is None else int(limit_mb * 1024 * 1024)
+        env = self._attempt_env(number)
+        return LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json", limit)
 
     def _launch(self, start: StartFrom) -> tuple[RunningJob, AttemptRecord]:
         number = len(self.history.attempts) + 1
         log_dir = self.run_dir.attempt_dir(number)
-        argv = job_argv(self.config.job, self.user_args, Path(self.config.checkpoints.dir), start, self.backend.python)
-        env = self._attempt_env(number, log_dir)
-        spec = self._launch_spec(number, argv, env, log_dir)
+        argv = job_argv(self.config.job, self.user_args, self.checkpoints.root, start, self.backend.python)
+        spec = self._launch_spec(number, argv)
         shown = redact_argv(argv)
         record = AttemptRecord(number=number, started_at=self.clock.now(), resumed_from_step=start.step, argv=shown)
         emergency_of = self._emergency_save_of(start.step)
@@ -445,11 +401,6 @@ class Supervisor:
         self._standby_for = (number + 1, argv)
         return job, record
 
-    def _launch_spec(self, number: int, argv: list[str], env: dict[str, str], log_dir: Path) -> LaunchSpec:
-        limit_mb = self.config.job.log_limit_mb
-        limit = None if limit_mb is None else int(limit_mb * 1024 * 1024)
-        return LaunchSpec(number, argv, env, self.config.job.cwd, log_dir, log_dir / "error.json", limit)
-
     def _emergency_save_of(self, step: int | None) -> int | None:
         """The attempt whose emergency save wrote ``step``, when the relaunch resumes from one."""
         for attempt in reversed(self.history.attempts):
@@ -457,6 +408,77 @@ class Supervisor:
             if saved is not None and saved.status is contract.EmergencyStatus.SAVED and saved.step == step:
                 return attempt.number
         return None
+
+    def _start_standby(self) -> None:
+        """Once the attempt is past its start-up (its first weight sync done), and a restart could still come,
+        start the next attempt's driver ahead: it does not compete with this attempt's start-up for CPUs."""
+        wanted, self._standby_for = self._standby_for, None
+        restarts_left = self.history.restarts_used < self.config.restart.max_restarts
+        if wanted is None or not self.config.restart.warm_standby or not restarts_left:
+            return
+        number, argv = wanted  # only argv's job module matters: the command line comes with the relaunch
+        spec = self._launch_spec(number, argv)  # now: the trackers the job reported are in it, as at relaunch
+        with self._signals_deferred():
+            self._emit_all(self.backend.start_standby(spec))
+
+    # --- while an attempt runs ---
+
+    def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:
+        """Wait for the driver to end, looking at the heartbeats every tick: its exit, a stall, a resume that was
+        not honoured, or its error record with a driver that did not exit within ``teardown.record_grace_s``."""
+        verify = resumed_step is not None and self.config.checkpoints.verify_resume
+        watch = self._watch(job, ResumeCheck(resumed_step) if verify and resumed_step is not None else None)
+        dog, grace_s = self.config.watchdog, self.config.teardown.record_grace_s
+        tick = dog.tick_s if self.heartbeats is not None else None
+        while True:
+            waited = None if watch.record_at is None else self.clock.monotonic() - watch.record_at
+            timeout = tick if waited is None else max(0.0, min(tick or grace_s, grace_s - waited))
+            status, taken = self._wait(job, watch, timeout, interruptible=True)
+            if watch.progress.last_sync_end_at is not None:
+                self._start_standby()
+            last_step = watch.progress.last_step
+            if taken.mismatch is not None or status is not None:
+                return AttemptEnd(status=status, mismatch=taken.mismatch, last_step=last_step)
+            if watch.record_at is not None and self.clock.monotonic() - watch.record_at >= grace_s:
+                # The job said why it failed; a driver that takes long to die (rollout engines) is not waited for.
+                return AttemptEnd(record_grace_over=True, last_step=last_step)
+            stall = check(watch.progress, dog, self.clock.monotonic()) if dog.enabled else None
+            if stall is not None:
+                return AttemptEnd(stall=stall, last_step=last_step)
+
+    def _watch(self, job: RunningJob, resume: ResumeCheck | None = None) -> AttemptWatch:
+        progress = ProgressState(started_at=self.clock.monotonic())
+        return AttemptWatch(job.attempt, self.run_dir.attempt_dir(job.attempt), progress, resume)
+
+    def _wait(
+        self, job: RunningJob, watch: AttemptWatch, timeout_s: float | None, *, interruptible: bool
+    ) -> tuple[ExitStatus | None, Taken]:
+        """The one place the loop waits on a job: until its driver ends, ``timeout_s`` passes or an urgent beat
+        arrives; then what the heartbeats said. ``interruptible``: a stop signal ends the wait (``Interrupted``)."""
+        with self._signals_raise() if interruptible else self._signals_deferred():
+            status = self.backend.wait(job, timeout_s, wake=self.heartbeats)
+        beats: list[Heartbeat] = self.heartbeats.drain() if self.heartbeats is not None else []
+        taken = watch.take(beats, self.clock.now())
+        self._act_on(job.attempt, taken)
+        return status, taken
+
+    def _act_on(self, attempt: int, taken: Taken) -> None:
+        """What the heartbeats said that the run's history and events keep."""
+        if taken.record is not None:
+            record, grace_s = taken.record, self.config.teardown.record_grace_s
+            self.events.emit(ErrorRecordReceived(attempt, record.error_type, record.phase, record.global_step, grace_s))
+        for backend, run_id in taken.trackers:
+            if backend not in self.history.trackers:  # the first attempt's run is the run's
+                self.history.trackers[backend] = run_id
+                self.run_dir.save_history(self.history)
+                self.events.emit(TrackerRun(attempt, backend, run_id))
+        if taken.verified is not None:
+            self.history.attempts[attempt - 1].resume_verified = True
+            self.run_dir.save_history(self.history)
+            self.events.emit(ResumeVerified(attempt, taken.verified.resumed_step, taken.verified.first_step))
+        if taken.mismatch is not None:
+            mismatch = taken.mismatch
+            self.events.emit(ResumeMismatch(attempt, mismatch.resumed_step, mismatch.seen_step, mismatch.reason))
 
     def _save_before_stop(self, signum: int) -> AttemptEvidence | None:
         """On a stop, when ``restart.save_on_stop_s`` allows it: ask the job (over the heartbeat channel's answers)
@@ -469,17 +491,13 @@ class Supervisor:
             return None
         self.heartbeats.request_save()
         self.events.emit(SaveOnStopRequested(job.attempt, wait_s))
-        beats_log = self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl"
-        watch = _Watch(ProgressState(started_at=self.clock.monotonic()), resume=None, beats_log=beats_log)
+        watch = self._watch(job)
         started, status = self.clock.monotonic(), None
-        tick = self.config.watchdog.tick_s
         while status is None and not self._stop_repeated:
             left = wait_s - (self.clock.monotonic() - started)
             if left <= 0:
                 break
-            with self._signals_deferred():
-                status = self.backend.wait(job, min(tick, left), wake=self.heartbeats)
-            self._take_heartbeats(job.attempt, watch)
+            status, _ = self._wait(job, watch, min(self.config.watchdog.tick_s, left), interruptible=False)
         waited = self.clock.monotonic() - started
         evidence = self._evidence(job.attempt, AttemptEnd(status=status)) if status is not None else None
         saved = evidence.record.emergency_checkpoint if evidence is not None and evidence.record else None
@@ -487,125 +505,7 @@ class Supervisor:
         self.events.emit(SaveOnStop(job.attempt, round(waited, 3), wait_s, status is not None, saved, why))
         return evidence
 
-    def _wait_for_end(self, job: RunningJob, resumed_step: int | None) -> AttemptEnd:
-        """Wait for the driver to end, looking at the heartbeats every tick: its exit, a stall, or a resume that
-        was not honoured."""
-        watch = _Watch(
-            progress=ProgressState(started_at=self.clock.monotonic()),
-            resume=ResumeCheck(resumed_step)
-            if resumed_step is not None and self.config.checkpoints.verify_resume
-            else None,
-            beats_log=self.run_dir.attempt_dir(job.attempt) / "heartbeats.jsonl",
-        )
-        return replace(self._watch_until_end(job, watch), last_step=watch.progress.last_step)
-
-    def _watch_until_end(self, job: RunningJob, watch: _Watch) -> AttemptEnd:
-        dog, grace_s = self.config.watchdog, self.config.teardown.record_grace_s
-        tick = dog.tick_s if self.heartbeats is not None else None
-        while True:
-            waited = None if watch.record_at is None else self.clock.monotonic() - watch.record_at
-            timeout = tick if waited is None else max(0.0, min(tick or grace_s, grace_s - waited))
-            with self._signals_raise():
-                status = self.backend.wait(job, timeout, wake=self.heartbeats)
-            mismatch = self._take_heartbeats(job.attempt, watch)
-            if watch.progress.last_sync_end_at is not None:
-                self._start_standby()
-            if mismatch is not None:
-                return AttemptEnd(status=status, mismatch=mismatch)
-            if status is not None:
-                return AttemptEnd(status=status)
-            if watch.record_at is not None and self.clock.monotonic() - watch.record_at >= grace_s:
-                # The job said why it failed; a driver that takes long to die (rollout engines) is not waited for.
-                return AttemptEnd(record_grace_over=True)
-            stall = check(watch.progress, dog, self.clock.monotonic()) if dog.enabled else None
-            if stall is not None:
-                return AttemptEnd(stall=stall)
-
-    def _start_standby(self) -> None:
-        """Once the attempt is past its start-up (its first weight sync done), and a restart could still come,
-        start the next attempt's driver ahead: it does not compete with this attempt's start-up for CPUs."""
-        wanted, self._standby_for = self._standby_for, None
-        restarts_left = self.history.restarts_used < self.config.restart.max_restarts
-        if wanted is None or not self.config.restart.warm_standby or not restarts_left:
-            return
-        number, argv = wanted  # only argv's job module matters: the command line comes with the relaunch
-        log_dir = self.run_dir.path / "attempts" / str(number)  # made when (if) the attempt is launched
-        env = self._attempt_env(number, log_dir)  # now: the trackers the job reported are in it, as at relaunch
-        spec = self._launch_spec(number, argv, env, log_dir)
-        with self._signals_deferred():
-            self._emit_all(self.backend.start_standby(spec))
-
-    def _take_heartbeats(self, attempt: int, watch: _Watch) -> MismatchedResume | None:
-        if self.heartbeats is None:
-            return None
-        beats = [b for b in self.heartbeats.drain() if b.attempt == attempt]  # late beats of older attempts
-        if not beats:
-            return None
-        mismatch = None
-        alive_before = dict(watch.alive)
-        with watch.beats_log.open("a") as f:
-            for beat in beats:
-                if beat.kind is HeartbeatKind.ERROR_RECORD:
-                    self._take_record(attempt, watch, beat)
-                    continue
-                if beat.kind is HeartbeatKind.TRACKER:
-                    self._take_tracker(attempt, beat)
-                    continue
-                watch.progress.observe(beat)
-                if beat.kind is HeartbeatKind.ALIVE:
-                    # One every few seconds from each process for as long as the attempt lives: kept as the last
-                    # of each process (alive.json), so that heartbeats.jsonl grows with the steps, not the hours.
-                    watch.alive[f"{beat.fields.get('host', '?')}:{beat.fields.get('pid', '?')}"] = self.clock.now()
-                    continue
-                f.write(json.dumps({"received_at": self.clock.now(), **beat.fields}) + "\n")
-                if watch.resume is not None and beat.kind is HeartbeatKind.SYNC_BEGIN:
-                    mismatch = mismatch or self._check_resume(attempt, watch.resume, beat.step)
-        if watch.alive != alive_before:
-            write_json_atomic(watch.beats_log.with_name(ALIVE_FILE), watch.alive)
-        return mismatch
-
-    def _take_tracker(self, attempt: int, beat: Heartbeat) -> None:
-        backend, run_id = beat.fields.get("backend"), beat.fields.get("run_id")
-        if not isinstance(backend, str) or not isinstance(run_id, str) or backend in self.history.trackers:
-            return  # the first attempt's run is the run's
-        self.history.trackers[backend] = run_id
-        self.run_dir.save_history(self.history)
-        self.events.emit(TrackerRun(attempt, backend, run_id))
-
-    def _take_record(self, attempt: int, watch: _Watch, beat: Heartbeat) -> None:
-        """The job's error record, posted before its driver exits: written here (from a driver on another machine
-        the file is out of reach; the first record wins) and the clock of the driver's grace started."""
-        record = record_from_payload(beat.fields.get("record"))
-        if record is None or watch.record_at is not None:
-            return
-        write_record(watch.beats_log.with_name("error.json"), record)
-        watch.record_at = beat.received_at
-        grace_s = self.config.teardown.record_grace_s
-        self.events.emit(ErrorRecordReceived(attempt, record.error_type, record.phase, record.global_step, grace_s))
-
-    def _check_resume(self, attempt: int, resume: ResumeCheck, step: int | None) -> MismatchedResume | None:
-        verdict = resume.observe(step)
-        if isinstance(verdict, VerifiedResume):
-            self.history.attempts[attempt - 1].resume_verified = True
-            self.run_dir.save_history(self.history)
-            self.events.emit(ResumeVerified(attempt, verdict.resumed_step, verdict.first_step))
-        elif isinstance(verdict, MismatchedResume):
-            self.events.emit(ResumeMismatch(attempt, verdict.resumed_step, verdict.seen_step, verdict.reason))
-            return verdict
-        return None
-
-    def _record_mismatch(self, job: RunningJob, mismatch: MismatchedResume) -> None:
-        write_record(
-            self.run_dir.attempt_dir(job.attempt) / "error.json",
-            ErrorRecord(
-                error_type="supervisor.resume_mismatch",
-                message=mismatch.reason,
-                source=RecordSource.SUPERVISOR_RESUME_CHECK,
-                global_step=mismatch.seen_step,
-                attempt=job.attempt,
-                timestamp=self.clock.now(),
-            ),
-        )
+    # --- after an attempt: the judgement's steps ---
 
     def _capture_stall(self, job: RunningJob, stall: Stall) -> None:
         self.events.emit(StallDetected(job.attempt, stall.event_fields()))
@@ -614,19 +514,7 @@ class Supervisor:
         with self._signals_deferred():
             dumps = self.backend.dump_stacks(job, log_dir / "stacks", self.config.watchdog.stack_dump_timeout_s)
         self.events.emit(StacksDumped(job.attempt, self.clock.monotonic() - started, [asdict(d) for d in dumps]))
-        write_record(
-            log_dir / "error.json",
-            ErrorRecord(
-                error_type=f"supervisor.watchdog.{stall.kind.value}",
-                message=stall.reason,
-                source=RecordSource.SUPERVISOR_WATCHDOG,
-                phase=stall.phase if stall.kind is StallKind.WEIGHT_SYNC_HANG else None,
-                global_step=stall.last_step,
-                hang=True,
-                attempt=job.attempt,
-                timestamp=self.clock.now(),
-            ),
-        )
+        write_record(log_dir / "error.json", stall_record(stall, job.attempt, self.clock.now()))
 
     def _evidence(self, attempt: int, end: AttemptEnd) -> AttemptEvidence:
         log_dir = self.run_dir.attempt_dir(attempt)
@@ -665,7 +553,7 @@ class Supervisor:
         with self._signals_deferred():
             result = self.backend.teardown(job)
             self._in_flight.torn_down = True
-        reached = self._newest_complete_step()
+        reached = self.checkpoints.newest_complete_step()
         attempt = self.history.attempts[-1]
         attempt.reached_step = reached
         self.history.saw_checkpoint(reached)
@@ -673,17 +561,17 @@ class Supervisor:
         self.events.emit(Teardown(job.attempt, reached, result.event_fields()))
         return result
 
-    def _judge_nodes(
+    def _read_nodes(
         self, job: RunningJob, record: AttemptRecord, evidence: AttemptEvidence, torn_down: TeardownResult
-    ) -> Stop | None:
-        """Before a relaunch: the health of the nodes the attempt used; drain those it must not land on again,
-        and stop when what is left cannot run the job (``supervisor/policy/nodes.py``)."""
+    ) -> NodeFindings:
+        """The health of the nodes the attempt used, and the nodes its error names as the place of its failure."""
         with self._signals_deferred():
             seen = self.backend.nodes_after(job, torn_down)
-        health = [nodes.judge_node(n, host, r, self._node_readings.get(n)) for n, host, r in seen.readings]
-        health += nodes.dead_nodes(seen.ran_on - seen.used, seen.nodes)
+        found = nodes.findings(
+            seen.readings, self._node_readings, seen.ran_on, seen.nodes, seen.demand, seen.single_machine
+        )
         self._node_readings.update({n: r for n, _, r in seen.readings})
-        for verdict in health:
+        for verdict in found.health:
             self.events.emit(
                 NodeHealthChecked(
                     job.attempt,
@@ -699,20 +587,18 @@ class Supervisor:
             nodes.failure_nodes(error.hostname, error.message, seen.nodes) if error is not None else set()
         )
         self.run_dir.save_history(self.history)
-        if not self.config.nodes.exclude:
-            return None
-        if seen.single_machine:
-            verdict = nodes.unhealthy_machine(health)
-            return Stop(ExitCode.NO_HEALTHY_CAPACITY, verdict) if verdict else None
-        failed = [set(a.failure_nodes) for a in self.history.attempts if a.failed and not a.interrupted][-2:]
+        return found
+
+    def _exclude(self, attempt: int, exclusions: Sequence[Exclusion]) -> tuple[Exclusion, ...]:
+        """Drain each node in Ray; the ones Ray accepted."""
         drained = []
-        for exclusion in nodes.exclusions(health, failed, seen.used, seen.nodes, self._drained):
-            message = f"verl-supervisor run {self.history.run_id}, after attempt {job.attempt}: {exclusion.reason}"
+        for exclusion in exclusions:
+            message = f"verl-supervisor run {self.history.run_id}, after attempt {attempt}: {exclusion.reason}"
             with self._signals_deferred():
                 outcome = self.backend.exclude_node(exclusion.node_id, message)
             self.events.emit(
                 NodeExcluded(
-                    job.attempt,
+                    attempt,
                     exclusion.node_id,
                     exclusion.hostname,
                     exclusion.reason,
@@ -723,10 +609,7 @@ class Supervisor:
             if outcome.accepted:
                 self._drained.add(exclusion.node_id)
                 drained.append(exclusion)
-        missing = nodes.shortfall(seen.demand, seen.nodes, self._drained) if drained else {}
-        if missing:
-            return Stop(ExitCode.NO_HEALTHY_CAPACITY, nodes.capacity_lost(missing, seen.demand, drained))
-        return None
+        return tuple(drained)
 
     def _back_off(self, decision: Restart) -> None:
         self.history.move_to(RunState.BACKING_OFF)
@@ -763,10 +646,6 @@ class Supervisor:
     def _emit_all(self, events: Iterable[Event]) -> None:
         for event in events:
             self.events.emit(event)
-
-    def _newest_complete_step(self) -> int | None:
-        complete = [info.step for info in self._scan() if info.complete]
-        return max(complete) if complete else None
 
     # --- signals: raised as an exception only while waiting; otherwise noted and acted on at the next step ---
 

@@ -24,7 +24,7 @@ from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_drain import DrainOutcome
 from supervisor.mechanisms.ray_state import NodeInfo, RayStateClient
 from supervisor.mechanisms.stacks import StackDump
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.outcomes import ExitStatus
 from supervisor.run.events import Event
 
 logger = logging.getLogger(__name__)

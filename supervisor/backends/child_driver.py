@@ -41,7 +41,7 @@ from supervisor.mechanisms.ray_auth import auth_env
 from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.outcomes import ExitStatus
 from supervisor.run.events import Event, StandbyStarted
 from verl_hooks.contract import ENV_RUN_ID, RAY_INJECTED_JOB_CONFIG, injected_job_config
 

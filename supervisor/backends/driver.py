@@ -17,7 +17,7 @@ from supervisor.mechanisms import orphans
 from supervisor.mechanisms.bounded_log import BoundedLog
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.processes import ChildProcess, TerminationReport, start_child, stop_group, with_descendants
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.outcomes import ExitStatus
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID
 
 LAUNCHER = ("-m", "verl_hooks.launch")

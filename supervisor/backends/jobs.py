@@ -49,7 +49,7 @@ from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
 from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node
 from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.outcomes import ExitStatus
 from supervisor.run.events import Event
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, SETUP_HOOK, SUPERVISOR_LOCAL_ENV, forwarded_env
 

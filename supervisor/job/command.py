@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import JobConfig
-from supervisor.policy.restart import StartFrom
+
+
+@dataclass(frozen=True)
+class StartFrom:
+    """Where the next attempt starts: a checkpoint folder, or from scratch (both None)."""
+
+    checkpoint: str | None
+    step: int | None
 
 
 def _key(override: str) -> str:

@@ -19,10 +19,10 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from supervisor.job.beat import Heartbeat
 from verl_hooks.contract import PAST_SAVE_FIELD, SAVE_REQUEST_FIELD, HeartbeatKind, heartbeat_kind
 
 MAX_BODY_BYTES = 65536
@@ -48,24 +48,6 @@ class _TokenBucket:
                 return False
             self._tokens -= 1
             return True
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    kind: HeartbeatKind | None
-    """None: a kind this supervisor does not know."""
-    attempt: int | None
-    received_at: float
-    """``time.monotonic()`` on the supervisor when the beat arrived (the watchdog's clock)."""
-    fields: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def step(self) -> int | None:
-        return self.fields.get("step")
-
-    @property
-    def phase(self) -> str | None:
-        return self.fields.get("phase")
 
 
 class HeartbeatServer:

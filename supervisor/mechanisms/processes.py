@@ -24,7 +24,7 @@ from typing import IO, Any
 import psutil
 
 from supervisor.mechanisms import orphans
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.outcomes import ExitStatus
 
 _PR_SET_PDEATHSIG = 1
 REAP_TIMEOUT_S = 5.0

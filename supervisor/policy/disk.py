@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supervisor.mechanisms.volume import Volume
-from supervisor.policy.outcomes import Action, SupervisorRule
+from supervisor.outcomes import Action, SupervisorRule
 from supervisor.policy.rules import Classification
 
 OUT_OF_SPACE_MARKS = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")

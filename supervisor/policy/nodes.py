@@ -93,6 +93,36 @@ def failure_nodes(record_hostname: str | None, record_message: str | None, nodes
 
 
 @dataclass(frozen=True)
+class NodeFindings:
+    """What was read of the nodes after the attempt was torn down (``supervisor.backends.base.NodesSeen``)."""
+
+    health: tuple[NodeHealth, ...] = ()
+    """The verdict on each node the attempt used, and on those it ran on that Ray says are dead."""
+    used: frozenset[str] = frozenset()
+    cluster: tuple[NodeInfo, ...] = ()
+    """Every node of the cluster as Ray knows it (empty: one machine, or Ray did not say)."""
+    demand: tuple[tuple[str, float], ...] = ()
+    """What the attempt's placement groups reserved: what the next attempt needs."""
+    single_machine: bool = False
+
+
+def findings(
+    readings: Sequence[tuple[str, str, NodeReading]],
+    last: Mapping[str, NodeReading],
+    ran_on: Iterable[str],
+    cluster: Sequence[NodeInfo],
+    demand: Mapping[str, float],
+    single_machine: bool,
+) -> NodeFindings:
+    """The verdict on each node the attempt used, from its reading and the one before (``last``), and on the nodes
+    it ran on that Ray says are dead."""
+    used = frozenset(node_id for node_id, _, _ in readings)
+    health = [judge_node(n, host, reading, last.get(n)) for n, host, reading in readings]
+    health += dead_nodes(set(ran_on) - used, cluster)
+    return NodeFindings(tuple(health), used, tuple(cluster), tuple(sorted(demand.items())), single_machine)
+
+
+@dataclass(frozen=True)
 class Exclusion:
     node_id: str
     hostname: str

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from supervisor.config import RestartConfig
-from supervisor.policy.outcomes import Action, ExitCode, SupervisorRule
+from supervisor.job.command import StartFrom
+from supervisor.outcomes import Action, ExitCode, SupervisorRule
 from supervisor.policy.repeats import repeated_failure
 from supervisor.policy.rules import Classification
 from supervisor.run.history import RunHistory
@@ -51,14 +52,6 @@ NO_VALID_CHECKPOINT = "no_valid_checkpoint"
 """The outcome of a run that had a complete checkpoint and finds none valid (exit 5, like a crash loop)."""
 REPEATED_FAILURE = "repeated_failure"
 """The outcome of a run whose failure repeated itself at the same step from the same checkpoint (exit 3)."""
-
-
-@dataclass(frozen=True)
-class StartFrom:
-    """Where the next attempt starts: a checkpoint folder, or from scratch (both None)."""
-
-    checkpoint: str | None
-    step: int | None
 
 
 def backoff_s(failures_in_a_row: int, policy: RestartConfig, rng: random.Random) -> float:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from supervisor.config import RuleConfig
-from supervisor.policy.outcomes import Action, ExitStatus, RuleName, SupervisorRule
+from supervisor.outcomes import Action, ExitStatus, RuleName, SupervisorRule
 from verl_hooks.contract import ErrorRecord
 
 

@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Any
 
 from supervisor.config import WatchdogConfig
-from supervisor.job.heartbeats import Heartbeat
+from supervisor.job.beat import Heartbeat
 from verl_hooks.contract import PROGRESS_KINDS, HeartbeatKind
 
 SAVE_EXIT_MARGIN_S = 30.0

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-from supervisor.policy.outcomes import Action, RuleName, SupervisorRule
+from supervisor.outcomes import Action, RuleName, SupervisorRule
 from verl_hooks.contract import ErrorRecord
 
 SCHEMA_VERSION = 1

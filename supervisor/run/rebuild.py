@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from supervisor.outcomes import Action, SupervisorRule
 from supervisor.policy import restart as policy
-from supervisor.policy.outcomes import Action, SupervisorRule
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 
 

@@ -24,12 +24,12 @@ from supervisor.backends.base import (
 from supervisor.backends.fence import AttemptView
 from supervisor.clock import Clock
 from supervisor.config import TeardownConfig
-from supervisor.job.heartbeats import Heartbeat
+from supervisor.job.beat import Heartbeat
 from supervisor.mechanisms.gpu_memory import GpuMemoryCheck
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_drain import DrainOutcome
 from supervisor.mechanisms.stacks import StackDump
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.outcomes import ExitStatus
 from supervisor.run.events import ClusterStarted, Event
 from tests.supervisor.checkpoint_files import write_step
 from verl_hooks.contract import ErrorRecord, HeartbeatKind, write_record

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.cli import inspect_main
-from supervisor.policy.outcomes import ExitCode, ExitStatus
+from supervisor.outcomes import ExitCode, ExitStatus
 from supervisor.run.events import read_events_counted
 from supervisor.run.history import RunHistory, RunState
 from supervisor.run.rebuild import history_from_events

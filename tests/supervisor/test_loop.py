@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import loop
+from supervisor.checkpoints import folder
 from supervisor.cli import compose_config, to_supervisor_config
 from supervisor.loop import Supervisor, new_history
 from supervisor.mechanisms.volume import Volume
-from supervisor.policy.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
+from supervisor.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
 from supervisor.run.events import EventLog, read_events
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
@@ -521,7 +521,7 @@ def test_no_standby_when_turned_off_or_no_restart_can_come(tmp_path: Path, overr
 
 def full_volume_under(monkeypatch: pytest.MonkeyPatch, free_bytes: int) -> None:
     """The checkpoint folder's volume, as the loop measures it, with ``free_bytes`` left."""
-    monkeypatch.setattr(loop, "volume_of", lambda path: Volume("/ckpt", "/dev/nvme1n1", 100 << 30, free_bytes))
+    monkeypatch.setattr(folder, "volume_of", lambda path: Volume("/ckpt", "/dev/nvme1n1", 100 << 30, free_bytes))
 
 
 def test_a_failed_attempt_on_a_volume_that_cannot_hold_the_next_save_stops_the_run_with_exit_3(

@@ -13,6 +13,7 @@ import pytest
 from supervisor.backends.base import NodesSeen
 from supervisor.mechanisms.gpu_health import GpuReading, NodeReading, read_node
 from supervisor.mechanisms.ray_state import NodeInfo
+from supervisor.outcomes import ExitCode, ExitStatus
 from supervisor.policy.nodes import (
     exclusions,
     failure_nodes,
@@ -20,7 +21,6 @@ from supervisor.policy.nodes import (
     judge_node,
     shortfall,
 )
-from supervisor.policy.outcomes import ExitCode, ExitStatus
 from supervisor.run.metrics import RunCollector
 from supervisor.run.notify import message_for
 from supervisor.run.report import write_report

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.cli import inspect_main
-from supervisor.policy.outcomes import ExitCode, ExitStatus
+from supervisor.outcomes import ExitCode, ExitStatus
 from supervisor.run.events import Backoff, EventLog, read_events
 from supervisor.run.metrics import serve_metrics
 from supervisor.run.notify import WebhookNotifier

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from supervisor.cli import UsageError, compose_config, split_job_args, to_supervisor_config
 from supervisor.config import JobConfig, SupervisorConfig, ordered_rules
 from supervisor.job.command import conflicting_args, job_argv
-from supervisor.policy.outcomes import Action
+from supervisor.outcomes import Action
 from supervisor.policy.restart import StartFrom
 from supervisor.run.events import AttemptStarted, Event, EventLog, RunFinished, read_events
 from supervisor.run.history import AttemptRecord, IllegalTransition, RunHistory, RunState

@@ -12,7 +12,7 @@ import pytest
 
 from supervisor.cli import compose_config, to_supervisor_config
 from supervisor.config import RestartConfig
-from supervisor.policy.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
+from supervisor.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
 from supervisor.policy.repeats import normalise
 from supervisor.policy.restart import (
     Restart,

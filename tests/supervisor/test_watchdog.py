@@ -10,8 +10,9 @@ import urllib.request
 import pytest
 
 from supervisor.config import Action, WatchdogConfig
-from supervisor.job.heartbeats import Heartbeat, HeartbeatServer
-from supervisor.policy.outcomes import ExitStatus
+from supervisor.job.beat import Heartbeat
+from supervisor.job.heartbeats import HeartbeatServer
+from supervisor.outcomes import ExitStatus
 from supervisor.policy.rules import AttemptEvidence, classify
 from supervisor.policy.watchdog import ProgressState, StallKind, check, progress_limit_s
 from verl_hooks.contract import HeartbeatKind
