@@ -27,9 +27,9 @@ import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
-from verl_hooks import emergency, heartbeat, step_progress, trainer_side
+from verl_hooks import emergency, heartbeat, step_progress, sync_verdict, trainer_side
 from verl_hooks.compat import VERL_MANAGER_MODULE
 from verl_hooks.contract import HeartbeatKind, JobExitCode, RecordSource
 from verl_hooks.deadline import SyncDeadlines
@@ -43,6 +43,7 @@ from verl_hooks.errors import (
 from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, fire_awaited, fire_blocking
 from verl_hooks.phases import CleanupStep, SyncPhase, plan_cleanup
 from verl_hooks.settings import HookSettings
+from verl_hooks.sync_verdict import Failed, PassOn, Synced
 from verl_hooks.trainer_side import TrainerTasks
 
 logger = logging.getLogger(__name__)
@@ -406,6 +407,44 @@ class _Backstop:
         sys.stderr.flush()
 
 
+async def _failed(
+    manager: Any,
+    sync: _SyncContext,
+    settings: HookSettings,
+    phase: SyncPhase,
+    primary: BaseException,
+    hang: bool,
+    stuck_stack: str | None,
+    started: float,
+) -> WeightSyncFatalError:
+    """After a failed sync (in ``phase``, as the wait ended): the bounded cleanup its phases call for, the trainer
+    side observed (for the emergency save), then the typed error that says all of it."""
+    steps = plan_cleanup(sync.tracker.entered, sync.tracker.completed)
+    outcomes = await run_cleanup(
+        steps, manager, sync.tracker.rollout_wg, settings.cleanup_step_timeout_s, sync.trainer_tasks
+    )
+    side = None
+    if settings.emergency_save:
+        completed = {p.value for p in sync.tracker.completed}
+        side = await trainer_side.observe(
+            sync.trainer_tasks, completed, getattr(manager, "actor_wg", None), settings.trainer_idle_wait_s
+        )
+    fatal = WeightSyncFatalError.from_failure(
+        primary,
+        phase=phase,
+        global_step=sync.global_step,
+        backend=sync.backend,
+        elapsed_s=time.monotonic() - started,
+        cleanup=outcomes,
+        hang=hang,
+        stuck_stack=stuck_stack,
+        trainer_side=None if side is None else side.to_dict(),
+    )
+    logger.error("%s", fatal.message)
+    heartbeat.beat(HeartbeatKind.SYNC_FAILED, step=sync.global_step, phase=phase.value, hang=hang)
+    return fatal
+
+
 async def run_guarded_sync(
     manager: Any,
     original: Callable[..., Coroutine[Any, Any, Any]],
@@ -446,62 +485,45 @@ async def run_guarded_sync(
     try:
         runner.start()
         done, _ = await asyncio.wait({waiter}, timeout=deadline.seconds)
-        stuck_stack = None
-        if done and waiter.exception() is None:
-            sync.tracker.complete_all()
-            duration_s = time.monotonic() - started
-            deadlines.record(duration_s)
-            heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=duration_s)
-            step_progress.note_synced(global_steps)
-            if heartbeat.save_requested() and emergency.a_trainer_can_save():
-                # The safe point the supervisor waits for: the sync is done, so no trainer task is in flight.
-                raise StopRequested(
-                    f"the supervisor asked the job to stop; the weight sync of step {global_steps} is done",
-                    global_step=global_steps,
-                )
-            return waiter.result()
-        phase = sync.tracker.current
-        if done:
-            primary: BaseException = waiter.exception()  # type: ignore[assignment]
-            if not isinstance(primary, Exception) or isinstance(primary, WeightSyncFatalError):
-                raise primary  # a guarded sync inside this one (a subclass calling super()) has cleaned up already
-            hang = False
-        else:
-            hang = True
-            stuck_stack = runner.stack()
-            sync.abandoned.set()
-            runner.cancel()
-            await asyncio.wait({waiter}, timeout=settings.cancel_grace_s)
-            if waiter.done() and not waiter.cancelled():
-                waiter.exception()  # retrieved so asyncio does not warn; the deadline is the failure
-            primary = WeightSyncTimeout(
-                f"weight sync did not finish within {deadline.seconds:.3g} s ({deadline.reason}); stuck in phase "
-                f"'{phase.value}'"
-            )
-        steps = plan_cleanup(sync.tracker.entered, sync.tracker.completed)
-        outcomes = await run_cleanup(
-            steps, manager, sync.tracker.rollout_wg, settings.cleanup_step_timeout_s, sync.trainer_tasks
+        finished, phase = bool(done), sync.tracker.current
+        error = waiter.exception() if finished else None
+        succeeded = finished and error is None
+        verdict = sync_verdict.judge(
+            finished,
+            error,
+            deadline,
+            phase,
+            stop_requested=succeeded and heartbeat.save_requested(),
+            trainer_can_save=succeeded and emergency.a_trainer_can_save(),
         )
-        side = None
-        if settings.emergency_save:
-            completed = {p.value for p in sync.tracker.completed}
-            side = await trainer_side.observe(
-                sync.trainer_tasks, completed, getattr(manager, "actor_wg", None), settings.trainer_idle_wait_s
-            )
-        fatal = WeightSyncFatalError.from_failure(
-            primary,
-            phase=phase,
-            global_step=global_steps,
-            backend=sync.backend,
-            elapsed_s=time.monotonic() - started,
-            cleanup=outcomes,
-            hang=hang,
-            stuck_stack=stuck_stack,
-            trainer_side=None if side is None else side.to_dict(),
-        )
-        logger.error("%s", fatal.message)
-        heartbeat.beat(HeartbeatKind.SYNC_FAILED, step=global_steps, phase=phase.value, hang=hang)
-        raise fatal from primary
+        match verdict:
+            case Synced(stop):
+                sync.tracker.complete_all()
+                duration_s = time.monotonic() - started
+                deadlines.record(duration_s)
+                heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=duration_s)
+                step_progress.note_synced(global_steps)
+                if stop:
+                    # The safe point the supervisor waits for: the sync is done, so no trainer task is in flight.
+                    raise StopRequested(
+                        f"the supervisor asked the job to stop; the weight sync of step {global_steps} is done",
+                        global_step=global_steps,
+                    )
+                return waiter.result()
+            case PassOn(error):
+                raise error
+            case Failed(primary, hang):
+                stuck_stack = None
+                if hang:
+                    stuck_stack = runner.stack()
+                    sync.abandoned.set()
+                    runner.cancel()
+                    await asyncio.wait({waiter}, timeout=settings.cancel_grace_s)
+                    if waiter.done() and not waiter.cancelled():
+                        waiter.exception()  # retrieved so asyncio does not warn; the deadline is the failure
+                raise await _failed(manager, sync, settings, phase, primary, hang, stuck_stack, started) from primary
+            case _:
+                assert_never(verdict)
     except asyncio.CancelledError:
         runner.cancel()
         raise
