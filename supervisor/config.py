@@ -19,7 +19,7 @@ from omegaconf import MISSING
 
 from supervisor.checkpoints import VerifyLevel
 from supervisor.outcomes import Action, SupervisorRule
-from verl_hooks.phases import SyncPhase
+from verl_hooks.contract import SYNC_PHASES
 
 
 class RayMode(str, Enum):
@@ -338,7 +338,6 @@ def validate(config: SupervisorConfig) -> list[str]:
     else:
         require(not config.job.resume_args, "job.resume_args must contain {checkpoint}")
     seen_names: set[str] = set()
-    known_phases = [phase.value for phase in SyncPhase]
     for key, index, rule in [
         *(("extra_rules", i, r) for i, r in enumerate(config.extra_rules)),
         *(("rules", i, r) for i, r in enumerate(config.rules)),
@@ -348,8 +347,8 @@ def validate(config: SupervisorConfig) -> list[str]:
         seen_names.add(rule.name)
         for phase in rule.phases or []:
             require(
-                phase in known_phases,
-                f"{where}.phases: {phase!r} is not a weight-sync phase (one of {', '.join(known_phases)})",
+                phase in SYNC_PHASES,
+                f"{where}.phases: {phase!r} is not a weight-sync phase (one of {', '.join(SYNC_PHASES)})",
             )
         require(
             rule.name not in SupervisorRule._value2member_map_,

@@ -5,11 +5,11 @@ What crosses the boundary, and nothing else:
   Ray worker of the job through the runtime_env the launcher sets up);
 - **exit codes** of the job's launcher;
 - **heartbeats**: their kinds and the fields each kind carries;
-- **the error record**: a versioned JSON document, its reader and its writer;
+- **the error record**: a versioned JSON document, its reader and its writer, and the phases it names;
 - **the checkpoint marker**: what the job's checkpoint callback says about each step it saved;
 - **how a failure travels**: the chain of causes through Ray's wrappers.
 
-Light on imports on purpose (no verl, Ray or torch): the supervisor imports this module and nothing else of
+Light on imports on purpose (no verl, Ray or torch; of ``verl_hooks`` only ``phases``, which imports nothing): the supervisor imports this module and nothing else of
 ``verl_hooks``, and every Ray worker of a job imports it through the setup hook.
 """
 
@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, ClassVar
+
+from verl_hooks.phases import SyncPhase
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +220,9 @@ def heartbeat_kind(payload: Mapping[str, Any]) -> HeartbeatKind | None:
 
 
 # --- the error record ------------------------------------------------------------------------------------------
+
+SYNC_PHASES: tuple[str, ...] = tuple(phase.value for phase in SyncPhase)
+"""The weight-sync phases an error record's ``phase`` can name (``verl_hooks.phases``, which imports nothing)."""
 
 RECORD_SCHEMA_VERSION = 1
 

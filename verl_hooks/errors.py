@@ -9,7 +9,7 @@ exception is also kept as text (type, message, formatted traceback) in fields th
 from __future__ import annotations
 
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -47,49 +47,65 @@ class CleanupOutcome:
         )
 
 
+@dataclass
+class SyncFailure:
+    """What a failed weight sync leaves behind: the fields of ``WeightSyncFatalError``, declared once (its
+    constructor, its pickling and the error record are derived from them)."""
+
+    message: str
+    phase: SyncPhase
+    global_step: int | None
+    backend: str
+    elapsed_s: float
+    cleanup: tuple[CleanupOutcome, ...] = ()
+    """How each step of the guard's cleanup went."""
+    hang: bool = False
+    cause_type: str | None = None
+    cause_message: str | None = None
+    cause_traceback: str | None = None
+    stuck_stack: str | None = None
+    trainer_side: dict[str, Any] | None = None
+    """``TrainerSide.to_dict()``: whether every trainer task of the sync and its cleanup had finished, on live
+    workers (the facts an emergency save of the step needs)."""
+    emergency_checkpoint: dict[str, Any] | None = None
+    """``EmergencyCheckpoint.to_dict()``, set by the trainer's hook once it has saved or skipped the step."""
+
+    def __post_init__(self) -> None:
+        self.phase = SyncPhase(self.phase)
+        self.cleanup = tuple(o if isinstance(o, CleanupOutcome) else CleanupOutcome.from_dict(o) for o in self.cleanup)
+
+
+SYNC_FAILURE_FIELDS = tuple(f.name for f in fields(SyncFailure))
+
+
 class WeightSyncFatalError(RuntimeError):
     """A weight sync from trainer to rollout failed or hung; the job cannot continue and must be restarted.
 
     By the time this is raised the guard has already tried to put the rollout back into a running state;
     ``cleanup`` says how each step of that went. The original exception is ``__cause__`` in the process that
     raised this, and is also kept as text (``cause_type``, ``cause_message``, ``cause_traceback``) because
-    ``__cause__`` does not survive pickling across Ray.
+    ``__cause__`` does not survive pickling across Ray. Its attributes are ``SyncFailure``'s fields.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        phase: SyncPhase | str,
-        global_step: int | None,
-        backend: str,
-        elapsed_s: float,
-        cleanup: tuple[CleanupOutcome, ...] | list[CleanupOutcome] = (),
-        hang: bool = False,
-        cause_type: str | None = None,
-        cause_message: str | None = None,
-        cause_traceback: str | None = None,
-        stuck_stack: str | None = None,
-        trainer_side: dict[str, Any] | None = None,
-        emergency_checkpoint: dict[str, Any] | None = None,
-    ) -> None:
+    message: str
+    phase: SyncPhase
+    global_step: int | None
+    backend: str
+    elapsed_s: float
+    cleanup: tuple[CleanupOutcome, ...]
+    hang: bool
+    cause_type: str | None
+    cause_message: str | None
+    cause_traceback: str | None
+    stuck_stack: str | None
+    trainer_side: dict[str, Any] | None
+    emergency_checkpoint: dict[str, Any] | None
+
+    def __init__(self, message: str, **facts: Any) -> None:
+        """``facts``: ``SyncFailure``'s fields past the message, by keyword (a name it lacks is a TypeError)."""
         super().__init__(message)
-        self.message = message
-        self.phase = SyncPhase(phase)
-        self.global_step = global_step
-        self.backend = backend
-        self.elapsed_s = elapsed_s
-        self.cleanup = tuple(cleanup)
-        self.hang = hang
-        self.cause_type = cause_type
-        self.cause_message = cause_message
-        self.cause_traceback = cause_traceback
-        self.stuck_stack = stuck_stack
-        self.trainer_side = trainer_side
-        """``TrainerSide.to_dict()``: whether every trainer task of the sync and its cleanup had finished, on
-        live workers (the facts an emergency save of the step needs)."""
-        self.emergency_checkpoint = emergency_checkpoint
-        """``EmergencyCheckpoint.to_dict()``, set by the trainer's hook once it has saved or skipped the step."""
+        failure = SyncFailure(message, **facts)
+        vars(self).update({name: getattr(failure, name) for name in SYNC_FAILURE_FIELDS})
 
     @classmethod
     def from_failure(
@@ -130,28 +146,13 @@ class WeightSyncFatalError(RuntimeError):
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON-able values (used for pickling and for the error record)."""
-        return {
-            "message": self.message,
-            "phase": self.phase.value,
-            "global_step": self.global_step,
-            "backend": self.backend,
-            "elapsed_s": self.elapsed_s,
-            "cleanup": [o.to_dict() for o in self.cleanup],
-            "hang": self.hang,
-            "cause_type": self.cause_type,
-            "cause_message": self.cause_message,
-            "cause_traceback": self.cause_traceback,
-            "stuck_stack": self.stuck_stack,
-            "trainer_side": self.trainer_side,
-            "emergency_checkpoint": self.emergency_checkpoint,
-        }
+        values = {name: getattr(self, name) for name in SYNC_FAILURE_FIELDS}
+        return {**values, "phase": self.phase.value, "cleanup": [o.to_dict() for o in self.cleanup]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeightSyncFatalError:
-        fields = dict(data)
-        message = fields.pop("message")
-        fields["cleanup"] = [CleanupOutcome.from_dict(o) for o in fields.get("cleanup", [])]
-        return cls(message, **fields)
+        facts = dict(data)
+        return cls(facts.pop("message"), **facts)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The default reduction calls cls(*self.args) and would lose every keyword-only field.

@@ -10,6 +10,7 @@ import traceback
 
 from verl_hooks.contract import ErrorRecord, RecordSource, root_cause
 from verl_hooks.errors import (
+    SYNC_FAILURE_FIELDS,
     StopRequested,
     WeightSyncFatalError,
     find_step_failure_checkpoint,
@@ -70,19 +71,18 @@ def record_for_weight_sync_error(
         text = f"{text}\nOriginal failure inside the weight sync:\n{data['cause_traceback']}"
     if data["stuck_stack"]:
         text = f"{text}\nWhere the weight sync was stuck:\n{data['stuck_stack']}"
+    shared = {name: data[name] for name in RECORDED_SYNC_FIELDS}
     return ErrorRecord(
         error_type=qualified_name(WeightSyncFatalError),
-        message=data["message"],
         source=source,
         exit_code=exit_code,
-        phase=data["phase"],
-        global_step=data["global_step"],
-        backend=data["backend"],
-        elapsed_s=data["elapsed_s"],
-        hang=data["hang"],
-        cleanup=data["cleanup"],
-        cause_type=data["cause_type"],
         traceback=text or None,
         attempt=attempt,
-        emergency_checkpoint=data["emergency_checkpoint"],
+        **shared,
     )
+
+
+RECORDED_SYNC_FIELDS = tuple(name for name in SYNC_FAILURE_FIELDS if name in ErrorRecord.__dataclass_fields__)
+"""The fields of a failed sync its error record takes by the same name: every one the record has (the rest,
+``cause_message``, ``cause_traceback``, ``stuck_stack`` and ``trainer_side``, go into its traceback or stay in
+the job's log)."""
