@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from supervisor.config import TOKEN_AUTH_SINCE, token_auth_problem
+from supervisor.config import TOKEN_AUTH_SINCE, AuthMode, token_auth_problem
 
 VERL_CHECK_TIMEOUT_S = 180.0
 
@@ -41,7 +41,7 @@ def check_ray() -> list[Finding]:
         return [Finding("ray", "not installed", ok=False)]
     since = ".".join(map(str, TOKEN_AUTH_SINCE))
     findings = [Finding("ray", version)]
-    problem = token_auth_problem("token", version)
+    problem = token_auth_problem(AuthMode.token, version)
     findings.append(
         Finding("ray token authentication", f"available (Ray {since}+)" if problem is None else problem, ok=not problem)
     )

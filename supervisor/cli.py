@@ -34,6 +34,7 @@ from supervisor.config import (
     RayMode,
     SupervisorConfig,
     TeardownConfig,
+    auth_mode_of,
     host_of,
     resolve_cluster,
     validate,
@@ -330,7 +331,7 @@ def run(config: SupervisorConfig, job_args: Sequence[str]) -> ExitCode:
         _prepare_token(config, run_dir)
         # The supervisor is a client of the cluster too (state API, GCS), and the cluster's processes and the
         # job inherit its environment: the auth mode and the token's path are set once, here.
-        apply_auth_env(config.ray.auth_mode or "disabled", config.ray.auth_token_path, os.environ)
+        apply_auth_env(auth_mode_of(config.ray).value, config.ray.auth_token_path, os.environ)
         try:
             history = new_history(run_dir)
         except (RunAlreadyFinished, DamagedRunFile) as exc:

@@ -19,7 +19,16 @@ from omegaconf import MISSING
 
 from supervisor.checkpoints import VerifyLevel
 from supervisor.outcomes import Action, SupervisorRule
-from verl_hooks.contract import SYNC_PHASES
+from verl_hooks.contract import DEFAULT_EMERGENCY_SAVE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, SYNC_PHASES
+
+
+class AuthMode(str, Enum):
+    """RAY_AUTH_MODE: how a cluster takes work from its clients (Ray 2.52+)."""
+
+    disabled = "disabled"
+    """Anyone who reaches the cluster's ports may submit work: only on a machine or network you alone reach."""
+    token = "token"
+    """Every client presents the cluster's token."""
 
 
 class RayMode(str, Enum):
@@ -77,7 +86,7 @@ class RayConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom logical resources of the embedded cluster (``ray start --resources``), e.g. ``+ray.resources.x=1``."""
     object_store_memory_mb: int | None = None
-    auth_mode: str | None = None
+    auth_mode: AuthMode | None = None
     """RAY_AUTH_MODE of the cluster, the job and the supervisor's own calls to it (``disabled`` or ``token``).
     Null: ``token`` for the embedded cluster (closed by default); for the cluster modes $RAY_AUTH_MODE, else
     ``disabled``."""
@@ -121,7 +130,7 @@ class RestartConfig:
     """When a weight sync fails and every trainer task of it has finished, the trainer saves the step it is at
     through verl's own ``_save_checkpoint`` before the job ends, so the relaunch redoes nothing
     (``verl_hooks.emergency``; verl's V1 and legacy trainers)."""
-    emergency_save_timeout_s: float = 600.0
+    emergency_save_timeout_s: float = DEFAULT_EMERGENCY_SAVE_TIMEOUT_S
     """The emergency save's deadline while the job has timed none of its own periodic saves; once it has, 3x the
     slowest of them (at least 60 s), never above this. Past it the job gives up on the save and ends."""
     save_on_stop_s: float = 0.0
@@ -198,7 +207,7 @@ class WatchdogConfig:
     adaptive_min_steps: int = 3
     driver_timeout_s: float = 60.0
     """No alive heartbeat from the driver for this long: the driver process is frozen."""
-    heartbeat_interval_s: float = 5.0
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     """How often the driver sends its alive heartbeat."""
     tick_s: float = 1.0
     """How often the supervisor looks at the heartbeats while the job runs (detection granularity)."""
@@ -313,7 +322,6 @@ def validate(config: SupervisorConfig) -> list[str]:
         require(getattr(config.teardown, key) >= 0, f"teardown.{key} must be >= 0")
     require(config.ray.start_timeout_s > 0, "ray.start_timeout_s must be > 0")
     require(config.ray.api_timeout_s > 0, "ray.api_timeout_s must be > 0")
-    require(config.ray.auth_mode in (None, "disabled", "token"), "ray.auth_mode must be disabled or token")
     require(config.ray.num_cpus is None or config.ray.num_cpus > 0, "ray.num_cpus must be > 0")
     require(config.ray.num_gpus is None or config.ray.num_gpus >= 0, "ray.num_gpus must be >= 0")
     require(all(v >= 0 for v in config.ray.resources.values()), "ray.resources values must be >= 0")
@@ -385,10 +393,10 @@ TOKEN_AUTH_SINCE = (2, 52)
 """The first Ray whose clusters take ``RAY_AUTH_MODE=token``: an older one ignores the variable and is open."""
 
 
-def token_auth_problem(auth_mode: str | None, ray_version: str) -> str | None:
+def token_auth_problem(auth_mode: AuthMode | None, ray_version: str) -> str | None:
     """Token auth asked of a Ray that has none would be a lie: a cluster open while the supervisor says it is
     closed. The one line that says so, and what to choose instead; None when there is no lie."""
-    if auth_mode != "token":
+    if auth_mode is not AuthMode.token:
         return None
     release = tuple(int(part) for part in re.findall(r"\d+", ray_version)[:2])
     if release >= TOKEN_AUTH_SINCE:
@@ -401,6 +409,12 @@ def token_auth_problem(auth_mode: str | None, ray_version: str) -> str | None:
     )
 
 
+def auth_mode_of(ray: RayConfig) -> AuthMode:
+    """The cluster's auth mode as ``resolve_cluster`` settled it; a configuration built in code and never resolved
+    (tests, scripts) has ``disabled``, the Ray default."""
+    return ray.auth_mode or AuthMode.disabled
+
+
 def resolve_cluster(config: SupervisorConfig, environ: Mapping[str, str], ray_version: str | None = None) -> list[str]:
     """Fill in the cluster addresses a mode needs (from $RAY_ADDRESS and Ray's default ports); returns the
     problems, one line each. Resolved here, once: the backends get values, not environment lookups.
@@ -408,16 +422,18 @@ def resolve_cluster(config: SupervisorConfig, environ: Mapping[str, str], ray_ve
     ray = config.ray
     version = ray_version or importlib.metadata.version("ray")
     if ray.mode is RayMode.local:
-        ray.auth_mode = ray.auth_mode or "token"
-        if ray.auth_mode == "token" and ray.auth_token_path is None:
+        ray.auth_mode = ray.auth_mode or AuthMode.token
+        if ray.auth_mode is AuthMode.token and ray.auth_token_path is None:
             ray.auth_token_path = f"{config.run_dir}/{RUN_TOKEN_FILE}"
         problem = token_auth_problem(ray.auth_mode, version)
         return [problem] if problem else []
-    ray.auth_mode = ray.auth_mode or environ.get("RAY_AUTH_MODE") or "disabled"
-    if ray.auth_mode == "token" and ray.auth_token_path is None:
+    if ray.auth_mode is None:
+        from_env = environ.get("RAY_AUTH_MODE") or AuthMode.disabled.value
+        if from_env not in AuthMode._value2member_map_:
+            return [f"RAY_AUTH_MODE must be disabled or token, not {from_env!r}"]
+        ray.auth_mode = AuthMode(from_env)
+    if ray.auth_mode is AuthMode.token and ray.auth_token_path is None:
         ray.auth_token_path = environ.get("RAY_AUTH_TOKEN_PATH") or None
-    if ray.auth_mode not in ("disabled", "token"):
-        return [f"RAY_AUTH_MODE must be disabled or token, not {ray.auth_mode!r}"]
     problem = token_auth_problem(ray.auth_mode, version)
     if problem:
         return [problem]

@@ -92,6 +92,16 @@ class ExitCode(IntEnum):
         return "done" if self is ExitCode.DONE else self.name.lower()
 
 
+class SharedOutcome(str, Enum):
+    """The outcomes of an exit code that ends a run in more than one way (state.json and run_finished name the
+    run's outcome; an exit code's own is ``ExitCode.outcome``)."""
+
+    NO_VALID_CHECKPOINT = "no_valid_checkpoint"
+    """Exit 5: the run had a complete checkpoint and finds none valid."""
+    REPEATED_FAILURE = "repeated_failure"
+    """Exit 3: the failure repeated itself at the same step from the same checkpoint."""
+
+
 _SHORT = {
     ExitCode.DONE: "done",
     ExitCode.INTERNAL_ERROR: "supervisor bug",

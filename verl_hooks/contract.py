@@ -9,8 +9,9 @@ What crosses the boundary, and nothing else:
 - **the checkpoint marker**: what the job's checkpoint callback says about each step it saved;
 - **how a failure travels**: the chain of causes through Ray's wrappers.
 
-Light on imports on purpose (no verl, Ray or torch; of ``verl_hooks`` only ``phases``, which imports nothing): the supervisor imports this module and nothing else of
-``verl_hooks``, and every Ray worker of a job imports it through the setup hook.
+Light on imports on purpose (no verl, Ray or torch; of ``verl_hooks`` only ``phases``, which imports nothing):
+the supervisor imports this module and nothing else of ``verl_hooks``, and every Ray worker of a job imports it
+through the setup hook.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ ENV_STACKS_DIR = "VERL_SUPERVISOR_STACKS_DIR"
 ENV_HEARTBEAT_URL = "VERL_SUPERVISOR_HEARTBEAT_URL"
 ENV_HEARTBEAT_TOKEN = "VERL_SUPERVISOR_HEARTBEAT_TOKEN"  # a secret: never logged, never in an event
 ENV_HEARTBEAT_INTERVAL_S = "VERL_SUPERVISOR_HEARTBEAT_INTERVAL_S"
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
+"""The driver's alive beat interval when nothing sets it (``watchdog.heartbeat_interval_s``, the variable)."""
 # Marks the processes of the supervisor's embedded Ray cluster (never a job's).
 ENV_CLUSTER_ID = "VERL_SUPERVISOR_CLUSTER_ID"
 
@@ -65,6 +68,8 @@ ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"
 # The emergency save (verl_hooks.emergency): "0" turns it off; its deadline when the job has timed no save yet.
 ENV_EMERGENCY_SAVE = "VERL_HOOKS_EMERGENCY_SAVE"
 ENV_EMERGENCY_SAVE_TIMEOUT_S = "VERL_HOOKS_EMERGENCY_SAVE_TIMEOUT_S"
+DEFAULT_EMERGENCY_SAVE_TIMEOUT_S = 600.0
+"""The emergency save's deadline when nothing sets it (``restart.emergency_save_timeout_s``, the variable)."""
 # Trainer classes of the job's own with verl's trainer shape, "module:Class" comma-separated, that get the
 # emergency save besides verl's own trainers (verl_hooks.trainers).
 ENV_TRAINER_CLASSES = "VERL_HOOKS_TRAINER_CLASSES"

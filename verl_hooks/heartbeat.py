@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from verl_hooks.contract import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
     ENV_ATTEMPT,
     ENV_HEARTBEAT_INTERVAL_S,
     ENV_HEARTBEAT_TOKEN,
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 2.0
 """How long one post may take; a beat that does not arrive in time is dropped."""
-DEFAULT_INTERVAL_S = 5.0
 
 
 class HeartbeatSender:
@@ -175,7 +175,7 @@ def start_alive_beats() -> None:
     """In the driver: an ``alive`` beat every interval, so that a frozen driver (SIGSTOP) is noticed."""
     if _get_sender() is None:
         return
-    interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL_S) or DEFAULT_INTERVAL_S)
+    interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL_S) or DEFAULT_HEARTBEAT_INTERVAL_S)
 
     def loop() -> None:
         while True:

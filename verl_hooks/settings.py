@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from verl_hooks.contract import (
+    DEFAULT_EMERGENCY_SAVE_TIMEOUT_S,
     ENV_ATTEMPT,
     ENV_CLEANUP_STEP_TIMEOUT_S,
     ENV_EMERGENCY_SAVE,
@@ -56,7 +57,7 @@ class HookSettings:
     emergency_save: bool = True
     """After a failed sync whose trainer side is idle (and when the supervisor asks the job to stop), the trainer
     saves the step it is at through its own ``_save_checkpoint`` (``verl_hooks.emergency``)."""
-    emergency_save_timeout_s: float = 600.0
+    emergency_save_timeout_s: float = DEFAULT_EMERGENCY_SAVE_TIMEOUT_S
     """The emergency save's deadline while the job has timed none of its periodic saves; once it has, the
     deadline is a multiple of the slowest of them, never above this."""
     trainer_idle_wait_s: float = 1.0

@@ -32,7 +32,7 @@ from supervisor.backends.clusters import Cluster
 from supervisor.backends.driver import DriverProcess, StandbyDriver, standby_module
 from supervisor.backends.fence import AttemptView, Sweeper, resources_now
 from supervisor.clock import Clock
-from supervisor.config import RayConfig, TeardownConfig
+from supervisor.config import RayConfig, TeardownConfig, auth_mode_of
 from supervisor.mechanisms import orphans
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
@@ -88,7 +88,7 @@ class ChildDriverBackend(JobBackend):
         return self.cluster.close()
 
     def _driver_env(self, spec: LaunchSpec) -> dict[str, str]:
-        auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
+        auth = auth_env(auth_mode_of(self._ray).value, self._ray.auth_token_path)
         return as_a_job_of_its_own({**os.environ, **spec.env, "RAY_ADDRESS": self.cluster.gcs_address, **auth})
 
     def start_standby(self, spec: LaunchSpec) -> list[Event]:
@@ -204,7 +204,7 @@ class ChildDriverBackend(JobBackend):
     def _sweeper(self, job: RunningJob) -> Sweeper | None:
         if not (self.cluster.spans_machines and self.teardown_config.sweep_nodes):
             return None  # every node is this machine: the marked sweep above saw them all
-        auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
+        auth = auth_env(auth_mode_of(self._ray).value, self._ray.auth_token_path)
         return attempt_sweeper(
             self.cluster.gcs_address, auth, self._run_id, job.attempt, self.teardown_config.straggler_grace_s
         )

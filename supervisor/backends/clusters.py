@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from supervisor.backends.base import ClusterStartFailed
-from supervisor.config import RayConfig, TeardownConfig
+from supervisor.config import RayConfig, TeardownConfig, auth_mode_of
 from supervisor.mechanisms.outage import Outage
 from supervisor.mechanisms.processes import port_open
 from supervisor.mechanisms.ray_auth import refusal_hint
@@ -117,7 +117,7 @@ class EmbeddedCluster(Cluster):
             resources=dict(self._ray.resources),
             object_store_memory_mb=self._ray.object_store_memory_mb,
             dashboard=self._ray.dashboard,
-            auth_mode=self._ray.auth_mode or "disabled",
+            auth_mode=auth_mode_of(self._ray).value,
             auth_token_path=self._ray.auth_token_path,
             start_timeout_s=self._ray.start_timeout_s,
             # The run's marker on the cluster lets a restarted supervisor sweep what a dead one left.

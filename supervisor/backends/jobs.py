@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from supervisor.backends.base import (
     ClusterStartFailed,
@@ -39,7 +39,7 @@ from supervisor.backends.base import (
 )
 from supervisor.backends.fence import AttemptView, resources_now
 from supervisor.clock import Clock
-from supervisor.config import RayConfig, TeardownConfig
+from supervisor.config import RayConfig, TeardownConfig, auth_mode_of
 from supervisor.mechanisms.bounded_log import BoundedLog
 from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
@@ -51,6 +51,10 @@ from supervisor.mechanisms.ray_state import RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.outcomes import ExitStatus
 from supervisor.run.events import Event
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus
+
 from verl_hooks.contract import ENV_ATTEMPT, ENV_RUN_ID, SETUP_HOOK, SUPERVISOR_LOCAL_ENV, forwarded_env
 
 POLL_S = 0.2
@@ -64,7 +68,17 @@ _SDK_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 T = TypeVar("T")
 
-_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+def _job_status(value: str) -> JobStatus:
+    """A submission's status as Ray's Jobs SDK names it (imported here: the supervisor imports Ray only when a
+    backend needs it)."""
+    from ray.job_submission import JobStatus
+
+    return JobStatus(value)
+
+
+def _terminal(status: str) -> bool:
+    return _job_status(status).is_terminal()
 
 
 @dataclass
@@ -143,7 +157,7 @@ class JobsBackend(JobBackend):
         env_vars = {k: v for k, v in {**inherited, **spec.env}.items() if k not in local_only}
         env: dict[str, Any] = {
             # The driver runs on the cluster, which has its own token: only the mode travels, never a path of ours.
-            "env_vars": {**env_vars, "RAY_AUTH_MODE": self._ray.auth_mode or "disabled"},
+            "env_vars": {**env_vars, "RAY_AUTH_MODE": auth_mode_of(self._ray).value},
             "worker_process_setup_hook": SETUP_HOOK,
         }
         if self._ray.ship_verl_hooks:
@@ -193,12 +207,12 @@ class JobsBackend(JobBackend):
         deadline = None if timeout_s is None else self.clock.monotonic() + timeout_s
         while True:
             try:
-                status = self._outage.ask(
-                    lambda: str(self._sdk(lambda jobs: jobs.get_job_status(submitted.submission_id)).value)
+                status = _job_status(
+                    self._outage.ask(lambda: self._sdk(lambda jobs: jobs.get_job_status(submitted.submission_id)))
                 )
             except Exception:  # noqa: BLE001 - noted by the outage, asked again at the next poll
                 status = None
-            if status in _TERMINAL:
+            if status is not None and _terminal(status):
                 submitted.exit_status = self._exit_status(submitted, status)
                 return submitted.exit_status
             if deadline is not None and self.clock.monotonic() >= deadline:
@@ -207,10 +221,10 @@ class JobsBackend(JobBackend):
             if select.select([wake] if wake is not None else [], [], [], pause)[0]:
                 return None
 
-    def _exit_status(self, submitted: _Submission, status: str) -> ExitStatus:
-        """How the submission ended, from its details: its driver's exit code, and the Ray job it was (kept for
-        the fence). Without them (the API went away again), the error record that came over the heartbeat
-        channel still classifies the attempt."""
+    def _exit_status(self, submitted: _Submission, status: JobStatus) -> ExitStatus:
+        """How the submission ended (``status``: a terminal one), from its details: its driver's exit code, and
+        the Ray job it was (kept for the fence). Without them (the API went away again), the error record that
+        came over the heartbeat channel still classifies the attempt."""
         try:
             info = self._outage.retried(
                 lambda: self._sdk(lambda jobs: jobs.get_job_info(submitted.submission_id)), self._api_s
@@ -219,9 +233,9 @@ class JobsBackend(JobBackend):
             logger.warning("the details of %s are unknown: %s", submitted.submission_id, exc)
             info = None
         submitted.ray_job_id = getattr(info, "job_id", None) or submitted.ray_job_id
-        if status == "SUCCEEDED":
+        if status is _job_status("SUCCEEDED"):
             return ExitStatus(code=0)
-        if status == "STOPPED":
+        if status is _job_status("STOPPED"):
             return ExitStatus(signal=int(signal.SIGTERM))
         code = getattr(info, "driver_exit_code", None)
         return ExitStatus(code=code if code is not None else 1)
@@ -268,7 +282,7 @@ class JobsBackend(JobBackend):
     def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
         sweeper = None
         if self._ray.gcs_address and self.teardown_config.sweep_nodes:
-            auth = auth_env(self._ray.auth_mode or "disabled", self._ray.auth_token_path)
+            auth = auth_env(auth_mode_of(self._ray).value, self._ray.auth_token_path)
             sweeper = attempt_sweeper(
                 self._ray.gcs_address, auth, self._run_id, job.attempt, self.teardown_config.straggler_grace_s
             )
@@ -307,7 +321,7 @@ class JobsBackend(JobBackend):
         try:
             listed = self._outage.retried(lambda: self._sdk(lambda jobs: jobs.list_jobs()), self._ray.start_timeout_s)
             for details in listed:
-                if (details.submission_id or "").startswith(prefix) and str(details.status.value) not in _TERMINAL:
+                if (details.submission_id or "").startswith(prefix) and not _terminal(details.status):
                     stop = functools.partial(self._sdk, lambda jobs, sid=details.submission_id: jobs.stop_job(sid))
                     self._outage.retried(stop, self._api_s)
                     name = f"ray job {details.submission_id}"
@@ -365,7 +379,7 @@ class _LogTail(threading.Thread):
 
     def _submission_ended(self) -> bool:
         try:
-            return str(self._sdk(lambda jobs: jobs.get_job_status(self._job_id)).value) in _TERMINAL
+            return _terminal(self._sdk(lambda jobs: jobs.get_job_status(self._job_id)))
         except Exception:  # noqa: BLE001 - unknown: connect again
             return False
 

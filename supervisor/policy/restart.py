@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from supervisor.config import RestartConfig
 from supervisor.job.command import StartFrom
-from supervisor.outcomes import Action, ExitCode, SupervisorRule
+from supervisor.outcomes import Action, ExitCode, SharedOutcome, SupervisorRule
 from supervisor.policy.repeats import repeated_failure
 from supervisor.policy.rules import Classification
 from supervisor.run.history import RunHistory
@@ -37,21 +37,16 @@ class Restart:
 class Stop:
     exit_code: ExitCode
     reason: str
-    outcome: str | None = None
+    outcome: SharedOutcome | None = None
     """The run's outcome where its exit code is shared (exit 5: ``crash_loop`` or ``no_valid_checkpoint``); by
     default the exit code's own name."""
 
     @property
     def outcome_name(self) -> str:
-        return self.outcome or self.exit_code.outcome
+        return self.outcome.value if self.outcome is not None else self.exit_code.outcome
 
 
 Decision = Restart | Stop
-
-NO_VALID_CHECKPOINT = "no_valid_checkpoint"
-"""The outcome of a run that had a complete checkpoint and finds none valid (exit 5, like a crash loop)."""
-REPEATED_FAILURE = "repeated_failure"
-"""The outcome of a run whose failure repeated itself at the same step from the same checkpoint (exit 3)."""
 
 
 def backoff_s(failures_in_a_row: int, policy: RestartConfig, rng: random.Random) -> float:
@@ -76,7 +71,7 @@ def after_attempt(
         return Stop(ExitCode.JOB_FAILED, f"not restarting: {classification.reason}")
     repeated = repeated_failure(history) if policy.stop_on_repeated_failure else None
     if repeated is not None:
-        return Stop(ExitCode.JOB_FAILED, repeated.describe(), outcome=REPEATED_FAILURE)
+        return Stop(ExitCode.JOB_FAILED, repeated.describe(), outcome=SharedOutcome.REPEATED_FAILURE)
     streak = history.failures_without_progress()
     if streak >= policy.max_failures_without_progress:
         return Stop(
@@ -117,7 +112,7 @@ def choose_start(newest_valid_step: int | None, newest_valid_path: str | None, h
             f"no valid checkpoint to resume from, although this run had reached global_step_"
             f"{history.newest_checkpoint_step}; refusing to start over from step 0 (see the set-aside folders "
             f"and events.jsonl)",
-            outcome=NO_VALID_CHECKPOINT,
+            outcome=SharedOutcome.NO_VALID_CHECKPOINT,
         )
     return StartFrom(None, None)
 

@@ -32,7 +32,7 @@ from tests.conftest import REPO_ROOT
         (["restart.max_restarts=-1"], "restart.max_restarts must be >= 0"),
         (["job=nope"], "Could not find 'job/nope'"),
         (["ray.mode=cloud"], "ray.mode"),
-        (["ray.auth_mode=maybe"], "ray.auth_mode must be disabled or token"),
+        (["ray.auth_mode=maybe"], "Invalid value 'maybe', expected one of [disabled, token]"),
         (["teardown.fence_timeout_s=0"], "teardown.fence_timeout_s must be > 0"),
         (["rules.0.log_regex='(unclosed'"], "is not a valid regex"),
         (["+restart.bogus=1"], "Key 'bogus' not in 'RestartConfig'"),
