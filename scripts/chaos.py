@@ -1,7 +1,7 @@
 """Chaos campaign: randomized faults packed into supervised runs of the mini-PPO job, every run checked.
 
     .venv/bin/python scripts/chaos.py --quick                 # a fixed seed, 3 runs (a few minutes)
-    .venv/bin/python scripts/chaos.py --seed 2 --minutes 55   # the campaign, about an hour (README: chaos campaign)
+    .venv/bin/python scripts/chaos.py --seed 2 --minutes 55   # the campaign, about an hour (docs/chaos.md)
     .venv/bin/python scripts/chaos.py --seed 1 --only 17      # run 17 of seed 1 again, alone, with the same draws
 
 Each run draws (seeded, printed before it starts) a backend (naive or cpu_gloo) and several faults:
@@ -30,7 +30,7 @@ A fault "fires" when it is really delivered (a guard fault: when the injector lo
 target existed); drawn faults whose moment never came are listed, not counted.
 
 Invariants checked after every run (a column each in results.md):
-  outcome     exit 0 with final weights bit-identical to the fault-free run's, or the exit code the README gives
+  outcome     exit 0 with final weights bit-identical to the fault-free run's, or the documented exit code
               for a give-up (3 when two attempts in a row drew the same fault at the same step from the same
               checkpoint, 4 budget, 5 crash loop or no valid checkpoint, and 3 disk-full once a disk:fill
               fired: the run must stop at the first attempt that failed on the full disk) with a run_finished

@@ -17,7 +17,7 @@ added). Then the test tools, and in that environment:
   (``tests/supervisor/e2e/test_existing_cluster.py::...[address]``);
 - ``verl-supervisor check``.
 
-Writes ``results.json`` and ``results.md`` (the table the README copies) into ``--out``. A combination whose
+Writes ``results.json`` and ``results.md`` (the table docs/compatibility.md copies) into ``--out``. A combination whose
 environment cannot be built here (no torch wheel for that Python short of a multi-GB CUDA build) is reported as
 not run, with the reason. Environments are kept in ``--envs`` (default ``.compat/``, ignored by git) and reused.
 """

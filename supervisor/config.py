@@ -17,9 +17,21 @@ from urllib.parse import urlsplit
 
 from omegaconf import MISSING
 
-from supervisor.checkpoints import VerifyLevel
 from supervisor.outcomes import Action, SupervisorRule
 from verl_hooks.contract import DEFAULT_EMERGENCY_SAVE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, SYNC_PHASES
+
+
+class VerifyLevel(str, Enum):
+    """How hard to look at each ``.pt`` archive.
+
+    ``STRUCTURE`` reads the zip's central directory and its small ``data.pkl`` member (CRC-checked), never the
+    tensor payload, so it stays cheap for multi-GB shards; it catches empty, truncated and non-zip files.
+    ``CRC`` additionally reads every member and checks its CRC-32, which also catches damage inside tensor data
+    (a bit flip, a hole) at the cost of reading the whole checkpoint.
+    """
+
+    structure = "structure"
+    crc = "crc"
 
 
 class AuthMode(str, Enum):
@@ -68,6 +80,8 @@ class JobConfig:
 @dataclass
 class RayConfig:
     mode: RayMode = RayMode.local
+    """``local``: the supervisor starts and owns a Ray cluster on this machine; ``address``: the job's driver runs
+    here against an existing cluster; ``jobs``: each attempt is submitted through that cluster's Jobs API."""
     address: str | None = None
     """``ray.mode=address``: the cluster's GCS address (host:port); ``ray.mode=jobs``: the dashboard's URL
     (http://host:8265). Null: $RAY_ADDRESS."""
@@ -86,6 +100,7 @@ class RayConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom logical resources of the embedded cluster (``ray start --resources``), e.g. ``+ray.resources.x=1``."""
     object_store_memory_mb: int | None = None
+    """The embedded cluster's object store, in MB (null: Ray's own share of the machine's memory)."""
     auth_mode: AuthMode | None = None
     """RAY_AUTH_MODE of the cluster, the job and the supervisor's own calls to it (``disabled`` or ``token``).
     Null: ``token`` for the embedded cluster (closed by default); for the cluster modes $RAY_AUTH_MODE, else
@@ -109,9 +124,13 @@ class RestartConfig:
     max_restarts: int = 3
     """Restarts allowed over the whole run, across supervisor restarts on the same run directory."""
     backoff_initial_s: float = 1.0
+    """The wait before the first restart after a failure without progress; each further one multiplies it."""
     backoff_max_s: float = 60.0
+    """The longest wait between two attempts, jitter included."""
     backoff_multiplier: float = 2.0
+    """Each failure in a row without progress multiplies the wait by this."""
     backoff_jitter_s: float = 1.0
+    """A random wait of up to this much is added, so that runs restarted together do not start together."""
     max_failures_without_progress: int = 3
     """This many failed attempts in a row without the checkpoint step advancing is a crash loop: stop."""
     stop_on_repeated_failure: bool = True
@@ -194,6 +213,7 @@ class WatchdogConfig:
     """Stall detection from heartbeats (see supervisor/policy/watchdog.py). Times in seconds."""
 
     enabled: bool = True
+    """Stall detection, for jobs launched through ``verl_hooks.launch`` (their heartbeats)."""
     startup_timeout_s: float = 3600.0
     """Allowance before the first completed weight sync: model loading, the first rollout."""
     step_timeout_s: float = 3600.0
@@ -201,10 +221,12 @@ class WatchdogConfig:
     adaptive: bool = True
     """Once ``adaptive_min_steps`` steps are seen, the limit is ``adaptive_multiple`` x the slowest recent step."""
     adaptive_multiple: float = 5.0
+    """The adaptive limit: this many times the slowest recent step."""
     adaptive_floor_s: float = 600.0
     """The adaptive limit is never below this. A hang inside a weight sync ends at whichever comes first, this
     limit or the guard's own deadline (``VERL_HOOKS_SYNC_TIMEOUT_S``): both name the phase."""
     adaptive_min_steps: int = 3
+    """Timed steps needed before the adaptive limit replaces ``step_timeout_s``."""
     driver_timeout_s: float = 60.0
     """No alive heartbeat from the driver for this long: the driver process is frozen."""
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
@@ -225,14 +247,17 @@ class RuleConfig:
     """One classification rule: every criterion given must match; the first rule that matches decides."""
 
     name: str = MISSING
+    """Recorded as the attempt's ``rule``; unique, and not one of the supervisor's own verdicts."""
     action: Action = MISSING
+    """``restart``, ``fail`` (stop with exit 3) or ``done`` (stop with exit 0)."""
     exit_codes: list[int] | None = None
+    """The driver's exit codes it matches."""
     signals: list[str] | None = None
     """Signal names (SIGKILL) or "any" for a job killed by any signal."""
     error_type: str | None = None
     """Regex searched in the error record's error type."""
     phases: list[str] | None = None
-    """Weight-sync phases from the error record (verl_hooks' names)."""
+    """Weight-sync phases from the error record (``verl_hooks.phases``: ``abort``, ``update_weights``, ...)."""
     log_regex: str | None = None
     """Regex searched in the end of the attempt's output (stdout and stderr)."""
     stalled: bool | None = None
@@ -272,24 +297,39 @@ class NodesConfig:
 @dataclass
 class SupervisorConfig:
     run_dir: str = MISSING
+    """Where everything of the run lives (state.json, events.jsonl, the attempts' logs, the embedded cluster's
+    temp dir, by default the checkpoints). ``conf/supervisor.yaml``: ``runs/<time>-<job>``. Starting the
+    supervisor again on the same directory continues the run."""
     job: JobConfig = field(default_factory=JobConfig)
+    """The job: picked as a preset (``job=verl_ppo``, ``job=mini_ppo``, or one of yours with ``--config-dir``)."""
     ray: RayConfig = field(default_factory=RayConfig)
+    """Which Ray cluster the job runs on, and how the supervisor reaches it."""
     restart: RestartConfig = field(default_factory=RestartConfig)
+    """When a failed attempt is restarted, and what the job saves before it ends."""
     teardown: TeardownConfig = field(default_factory=TeardownConfig)
+    """How an attempt is ended and proven gone before the next one starts."""
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Where the job's checkpoints are, and how they are judged before a resume."""
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """Stall detection from the job's heartbeats."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Prometheus metrics of the run."""
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    """A webhook alerted on each restart, a give-up and the end."""
     nodes: NodesConfig = field(default_factory=NodesConfig)
+    """Node health after a failed attempt, and draining the nodes a relaunch must not use."""
     extra_rules: list[RuleConfig] = field(default_factory=list)
     """Rules of your own, matched before ``rules`` (the built-in ones in conf/supervisor.yaml), which they keep:
     add one on the command line with ``'extra_rules=[{name: x, action: fail, exit_codes: [3]}]'`` or in a job
     preset. Setting ``rules`` instead replaces every built-in rule."""
     rules: list[RuleConfig] = field(default_factory=list)
+    """The built-in classification rules (``conf/supervisor.yaml``), ordered, the first match deciding. Setting
+    ``rules`` replaces all of them; ``extra_rules`` adds yours in front."""
     default_action: Action = Action.restart
     """For an ended attempt no rule matches: a crash the restart budget and the crash-loop guard bound. (A driver
     that exited 0 with no error record is done whatever this says.)"""
     log_tail_bytes: int = 65536
+    """How much of the end of an attempt's output the ``log_regex`` rules search."""
 
 
 def ordered_rules(config: SupervisorConfig) -> list[RuleConfig]:

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Protocol, TextIO, assert_never
+from typing import Protocol, TextIO
 
 import verl_hooks.contract as contract
 from supervisor.attempt_watch import AttemptWatch, Taken, mismatch_record, stall_record
@@ -40,7 +40,7 @@ from supervisor.job.command import StartFrom, job_argv, redact_argv
 from supervisor.job.environment import HeartbeatAddress, attempt_env
 from supervisor.mechanisms.bounded_log import read_tail
 from supervisor.mechanisms.gpu_health import NodeReading
-from supervisor.outcomes import ExitCode, ExitStatus
+from supervisor.outcomes import INTERRUPTED_EXIT_CODES, ExitCode, ExitStatus
 from supervisor.policy import disk, judgement, nodes
 from supervisor.policy import restart as policy
 from supervisor.policy.judgement import Exclude, Fence, Observed, ReadNodes, Record, TearDown
@@ -80,6 +80,11 @@ from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
 from supervisor.run.table import attempts_table
 from verl_hooks.contract import read_record, write_record
+
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # Python 3.10
+    from typing_extensions import assert_never
 
 
 class HeartbeatSource(Protocol):
@@ -638,7 +643,7 @@ class Supervisor:
     def _finish(self, stop: Stop) -> None:
         code = stop.exit_code
         if not self.history.finished:
-            self.history.finish(int(code), stop.outcome_name, resumable=code in policy.INTERRUPTED_EXIT_CODES)
+            self.history.finish(int(code), stop.outcome_name, resumable=code in INTERRUPTED_EXIT_CODES)
         self.run_dir.save_history(self.history)
         self.events.emit(RunFinished(int(code), stop.outcome_name, stop.reason, len(self.history.attempts)))
         print(attempts_table(self.history), file=self.console, flush=True)

@@ -53,33 +53,43 @@ RuleName = str
 
 
 class ExitCode(IntEnum):
-    """The supervisor's exit codes (documented in README.md)."""
+    """The supervisor's exit codes (docs/reference/exit-codes.md is generated from them)."""
 
     DONE = 0
-    """The job finished successfully."""
+    """The job finished."""
     INTERNAL_ERROR = 1
-    """A bug in the supervisor itself; the traceback is printed and the job torn down."""
+    """A bug in the supervisor itself: the traceback is printed and the job was torn down."""
     USAGE = 2
-    """Bad command line or configuration, or the run directory is in use or already finished: nothing ran."""
+    """A bad command line or configuration, or the run directory is in use or already finished: nothing ran."""
     JOB_FAILED = 3
-    """The job failed in a way a restart cannot fix: its rules say so (e.g. a configuration error), the checkpoint
-    disk is full, or the same failure repeated at the same step from the same checkpoint."""
+    """The job failed in a way a restart cannot fix: its rules say so (e.g. a configuration error); or the
+    checkpoint disk is full (rule ``disk-full``: the message names the volume, the folder, the free space and what
+    incomplete steps hold there); or the same failure repeated at the same step from the same checkpoint (outcome
+    ``repeated_failure``)."""
     BUDGET_EXHAUSTED = 4
-    """The job kept failing and the restart budget (restart.max_restarts) is spent."""
+    """The job kept failing and the restart budget (``restart.max_restarts``) is spent."""
     CRASH_LOOP = 5
-    """Failed attempts in a row without the checkpoint step advancing, or no valid checkpoint to resume."""
+    """Failed attempts in a row without the checkpoint step advancing (outcome ``crash_loop``), or no valid
+    checkpoint to resume from although the run had one (outcome ``no_valid_checkpoint``)."""
     ENVIRONMENT_FAILURE = 6
-    """The Ray cluster could not be started, or an attempt's processes could not be fenced off."""
+    """The Ray cluster could not be started or reached, or an attempt could not be fenced off (something of it is
+    still alive)."""
     UNKNOWN_CHECKPOINT_LAYOUT = 7
     """A checkpoint newer than any complete one is in a layout the supervisor cannot judge: nothing was resumed
     from, set aside or removed."""
     RESUME_NOT_HONOURED = 8
-    """A relaunched attempt did not resume from the checkpoint the supervisor chose; it was stopped at once."""
+    """A relaunched attempt did not resume from the checkpoint the supervisor chose: it was stopped at its first
+    weight sync."""
     NO_HEALTHY_CAPACITY = 9
-    """The hardware left cannot run the job: a GPU of the embedded cluster's one machine is unhealthy, or the
-    nodes left once the unhealthy ones were drained cannot hold what the job reserved."""
+    """Unhealthy hardware and no capacity left: the embedded cluster's one machine has an unhealthy GPU, or the
+    nodes left once the unhealthy ones were drained cannot hold what the job reserved (the message names the nodes
+    taken out and what is short)."""
     INTERRUPTED_SIGINT = 130
+    """Interrupted by SIGINT: the job was torn down and the run is ``stopped``; started again on its run
+    directory, the supervisor continues it."""
     INTERRUPTED_SIGTERM = 143
+    """Interrupted by SIGTERM (after the save ``restart.save_on_stop_s`` allows): the job was torn down and the
+    run is ``stopped``; started again on its run directory, the supervisor continues it."""
 
     @property
     def short(self) -> str:
@@ -90,6 +100,13 @@ class ExitCode(IntEnum):
     def outcome(self) -> str:
         """The run's outcome as state.json and the run_finished event name it."""
         return "done" if self is ExitCode.DONE else self.name.lower()
+
+
+INTERRUPTED_EXIT_CODES = frozenset({ExitCode.INTERRUPTED_SIGINT, ExitCode.INTERRUPTED_SIGTERM})
+"""A run that ended with one of these is stopped, not finished: started again, the supervisor continues it."""
+
+LOST_ATTEMPT_REASON = "the supervisor stopped while this attempt ran"
+"""Why an attempt in flight when its supervisor died was judged (rule ``supervisor-restarted``, action restart)."""
 
 
 class SharedOutcome(str, Enum):

@@ -122,10 +122,11 @@ def injected_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 class JobExitCode(IntEnum):
-    """Exit codes of ``python -m verl_hooks.launch`` (documented in README.md), which the supervisor's rules
-    (``conf/supervisor.yaml``) classify."""
+    """Exit codes of ``python -m verl_hooks.launch`` (docs/reference/exit-codes.md is generated from them), which
+    the supervisor's rules (``conf/supervisor.yaml``) classify."""
 
     SUCCESS = 0
+    """The job finished."""
     FAILURE = 1
     """Any other failure (a job's own ``sys.exit(n)`` keeps its code)."""
     USAGE = 2
@@ -135,6 +136,7 @@ class JobExitCode(IntEnum):
     CONFIG_ERROR = 78
     """A configuration error a restart cannot fix (EX_CONFIG): Hydra/OmegaConf, bad settings, unsupported verl."""
     INTERRUPTED = 130
+    """Interrupted (SIGINT)."""
     STOPPED = 143
     """The supervisor asked the job to stop (it is being stopped: a preemption); the trainer saved the step it
     was at, when it could, and the job ended (as on SIGTERM)."""

@@ -27,7 +27,7 @@ import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any
 
 from verl_hooks import emergency, heartbeat, step_progress, sync_verdict, trainer_side
 from verl_hooks.compat import VERL_MANAGER_MODULE
@@ -45,6 +45,11 @@ from verl_hooks.phases import CleanupStep, SyncPhase, plan_cleanup
 from verl_hooks.settings import HookSettings
 from verl_hooks.sync_verdict import Failed, PassOn, Synced
 from verl_hooks.trainer_side import TrainerTasks
+
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # Python 3.10
+    from typing_extensions import assert_never
 
 logger = logging.getLogger(__name__)
 

@@ -9,25 +9,12 @@ from __future__ import annotations
 import re
 import struct
 import zipfile
-from enum import Enum
 from pathlib import Path
 
 from supervisor.checkpoints.problems import CheckpointProblem
+from supervisor.config import VerifyLevel
 
 _PICKLE_MEMBER_RE = re.compile(r"[^/]+/data\.pkl")
-
-
-class VerifyLevel(str, Enum):
-    """How hard to look at each ``.pt`` archive.
-
-    ``STRUCTURE`` reads the zip's central directory and its small ``data.pkl`` member (CRC-checked), never the
-    tensor payload, so it stays cheap for multi-GB shards; it catches empty, truncated and non-zip files.
-    ``CRC`` additionally reads every member and checks its CRC-32, which also catches damage inside tensor data
-    (a bit flip, a hole) at the cost of reading the whole checkpoint.
-    """
-
-    structure = "structure"
-    crc = "crc"
 
 
 def archive_problem(path: Path, verify: VerifyLevel) -> tuple[CheckpointProblem, str] | None:

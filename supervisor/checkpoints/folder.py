@@ -13,8 +13,7 @@ from supervisor.checkpoints.choice import ResumeChoice, choose_resume_checkpoint
 from supervisor.checkpoints.facts import run_facts
 from supervisor.checkpoints.rotation import Removal, plan_rotation, remove
 from supervisor.checkpoints.steps import CheckpointInfo
-from supervisor.mechanisms.volume import folder_bytes, run_logs_bytes, volume_of
-from supervisor.policy.disk import CheckpointSpace
+from supervisor.mechanisms.volume import CheckpointSpace, folder_bytes, run_logs_bytes, volume_of
 from verl_hooks.contract import CheckpointFacts
 
 

@@ -5,51 +5,13 @@ leave one more incomplete step set aside on the full volume. Pure functions of w
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from supervisor.mechanisms.volume import Volume
+from supervisor.mechanisms.volume import CheckpointSpace
 from supervisor.outcomes import Action, SupervisorRule
 from supervisor.policy.rules import Classification
 
 OUT_OF_SPACE_MARKS = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
 """How a job's error says that a write found no room (ENOSPC, EDQUOT), in Python's and the C library's words."""
-
-MIN_FREE_BYTES = 64 << 20
-"""Before any step is saved, below this much free space a volume counts as full."""
-
-
-@dataclass(frozen=True)
-class CheckpointSpace:
-    """The checkpoint folder's volume, and what needs room on it."""
-
-    checkpoints_dir: str
-    volume: Volume
-    newest_step_bytes: int | None
-    """What the newest complete step takes (None: there is none): the next save needs about as much."""
-    set_aside_bytes: int = 0
-    set_aside_count: int = 0
-    """Incomplete steps on it: set aside already, or to be at the next start (a save the full disk cut short)."""
-    run_logs_bytes: int | None = None
-    """What the run directory's own logs take (attempt logs, Ray's logs) when they are on the same volume."""
-
-    @property
-    def needed_bytes(self) -> int:
-        """What the next save needs: about what the newest complete step takes."""
-        return self.newest_step_bytes if self.newest_step_bytes is not None else MIN_FREE_BYTES
-
-    def describe(self) -> str:
-        volume = self.volume
-        said = (
-            f"the volume {volume.mount} ({volume.device}) holding {self.checkpoints_dir} has {_size(volume.free_bytes)}"
-            f" free of {_size(volume.total_bytes)}"
-        )
-        if self.newest_step_bytes is not None:
-            said += f"; the newest complete step takes {_size(self.newest_step_bytes)}"
-        if self.set_aside_count:
-            said += f"; {self.set_aside_count} incomplete steps on it hold {_size(self.set_aside_bytes)}"
-        if self.run_logs_bytes is not None:
-            said += f"; the run directory's logs on it take {_size(self.run_logs_bytes)}"
-        return said
 
 
 def out_of_space(texts: Iterable[str | None]) -> bool:
@@ -80,14 +42,3 @@ def space_warning(space: CheckpointSpace) -> str | None:
     if space.newest_step_bytes is None or space.volume.free_bytes >= space.newest_step_bytes:
         return None
     return f"the next checkpoint may not fit: {space.describe()}"
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} TiB"

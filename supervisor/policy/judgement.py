@@ -18,18 +18,23 @@ The order is the order of what a relaunch needs:
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import assert_never
 
 from supervisor.config import NodesConfig, RestartConfig, RuleConfig
+from supervisor.mechanisms.volume import CheckpointSpace
 from supervisor.outcomes import Action, ExitCode
 from supervisor.policy import disk, nodes
-from supervisor.policy.disk import CheckpointSpace
 from supervisor.policy.nodes import Exclusion, NodeFindings
 from supervisor.policy.restart import Decision, Restart, Stop, after_attempt, after_teardown, resume_not_honoured
 from supervisor.policy.rules import AttemptEvidence, Classification, classify
 from supervisor.run.history import RunHistory
+
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # Python 3.10
+    from typing_extensions import assert_never
 
 
 @dataclass(frozen=True)

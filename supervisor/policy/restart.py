@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 from supervisor.config import RestartConfig
 from supervisor.job.command import StartFrom
-from supervisor.outcomes import Action, ExitCode, SharedOutcome, SupervisorRule
+from supervisor.outcomes import (
+    LOST_ATTEMPT_REASON,
+    Action,
+    ExitCode,
+    SharedOutcome,
+    SupervisorRule,
+)
 from supervisor.policy.repeats import repeated_failure
 from supervisor.policy.rules import Classification
 from supervisor.run.history import RunHistory
@@ -120,8 +126,6 @@ def choose_start(newest_valid_step: int | None, newest_valid_path: str | None, h
 _INTERRUPTED = {signal.SIGINT: ExitCode.INTERRUPTED_SIGINT, signal.SIGTERM: ExitCode.INTERRUPTED_SIGTERM}
 STOP_SIGNALS = tuple(_INTERRUPTED)
 """The signals that stop a supervisor (after tearing the job down)."""
-INTERRUPTED_EXIT_CODES = frozenset(_INTERRUPTED.values())
-"""A run that ended with one of these is stopped, not finished: started again, the supervisor continues it."""
 
 
 def save_on_stop_wait(signum: int, save_on_stop_s: float) -> float:
@@ -147,9 +151,7 @@ def lost_attempt() -> Classification:
     """How a supervisor restarted on the run judges the attempt a dead one left in flight: a failed attempt,
     counted against the same budget (``after_attempt`` decides what follows, without a backoff: the time the
     supervisor was gone has passed already)."""
-    return Classification(
-        Action.restart, SupervisorRule.SUPERVISOR_RESTARTED, "the supervisor stopped while this attempt ran"
-    )
+    return Classification(Action.restart, SupervisorRule.SUPERVISOR_RESTARTED, LOST_ATTEMPT_REASON)
 
 
 def resume_not_honoured(reason: str) -> Classification:
@@ -163,7 +165,7 @@ def unknown_checkpoint_layout(folders: Sequence[str], first_problem: str) -> Sto
         ExitCode.UNKNOWN_CHECKPOINT_LAYOUT,
         f"cannot judge checkpoint folder(s) {', '.join(folders)} ({first_problem}); nothing was resumed from, set "
         f"aside or removed. Move them out of the checkpoint directory, or use a layout the supervisor knows "
-        f"(README: checkpoint layouts)",
+        f"(docs/how-it-works/checkpoint-layouts.md)",
     )
 
 

@@ -61,7 +61,7 @@ class RunCollector(Collector):
             "Seconds since the running attempt last made progress (a weight sync); NaN when none runs",
             status.seconds_since_progress,
         )
-        yield gauge("lost_seconds", "Wall time lost to failures (see the README)", status.lost_s)
+        yield gauge("lost_seconds", "Wall time lost to failures (docs/operating.md)", status.lost_s)
         yield gauge("restarts_left", "Restarts the budget still allows", status.restarts_left)
         yield gauge("exit_code", "The supervisor's exit code once the run finished (NaN before)", status.exit_code)
         yield gauge(

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from supervisor.outcomes import Action, SupervisorRule
-from supervisor.policy import restart as policy
+from supervisor.outcomes import INTERRUPTED_EXIT_CODES, LOST_ATTEMPT_REASON, Action, SupervisorRule
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 
 
@@ -65,7 +64,7 @@ def history_from_events(events: Iterable[dict[str, Any]]) -> RunHistory | None:
         elif kind == "run_finished" and isinstance(event.get("exit_code"), int):
             code = event["exit_code"]
             if not history.finished:
-                history.finish(code, str(event.get("outcome")), resumable=code in policy.INTERRUPTED_EXIT_CODES)
+                history.finish(code, str(event.get("outcome")), resumable=code in INTERRUPTED_EXIT_CODES)
     return history
 
 
@@ -77,8 +76,7 @@ def _supervisor_started(history: RunHistory) -> None:
         history.state = RunState.STARTING
     for attempt in history.attempts:
         if not attempt.ended:
-            lost = policy.lost_attempt()
-            attempt.judge(attempt.started_at, lost.action, lost.rule, lost.reason)
+            attempt.judge(attempt.started_at, Action.restart, SupervisorRule.SUPERVISOR_RESTARTED, LOST_ATTEMPT_REASON)
     if not history.finished:
         history.state = RunState.STARTING
 

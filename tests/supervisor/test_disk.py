@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.mechanisms.volume import Volume, folder_bytes, volume_of
+from supervisor.mechanisms.volume import MIN_FREE_BYTES, CheckpointSpace, Volume, folder_bytes, volume_of
 from supervisor.outcomes import Action, SupervisorRule
-from supervisor.policy.disk import MIN_FREE_BYTES, CheckpointSpace, disk_full, out_of_space, space_warning
+from supervisor.policy.disk import disk_full, out_of_space, space_warning
 
 ENOSPC = "OSError: [Errno 28] No space left on device: '/ckpt/global_step_6/actor/model_world_size_1_rank_0.pt'"
 GiB = 1 << 30

@@ -11,9 +11,8 @@ import pytest
 
 from supervisor.config import NodesConfig, RestartConfig, RuleConfig
 from supervisor.mechanisms.ray_state import NodeInfo
-from supervisor.mechanisms.volume import Volume
+from supervisor.mechanisms.volume import CheckpointSpace, Volume
 from supervisor.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
-from supervisor.policy.disk import CheckpointSpace
 from supervisor.policy.judgement import (
     Exclude,
     Fence,
