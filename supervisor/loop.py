@@ -96,7 +96,7 @@ class HeartbeatSource(Protocol):
     @property
     def token(self) -> str: ...
 
-    def drain(self) -> list[Heartbeat]: ...
+    def take_received(self) -> list[Heartbeat]: ...
 
     def fileno(self) -> int:
         """Readable when a beat that must be acted on at once (an error record) waits to be drained."""
@@ -462,7 +462,7 @@ class Supervisor:
         arrives; then what the heartbeats said. ``interruptible``: a stop signal ends the wait (``Interrupted``)."""
         with self._signals_raise() if interruptible else self._signals_deferred():
             status = self.backend.wait(job, timeout_s, wake=self.heartbeats)
-        beats: list[Heartbeat] = self.heartbeats.drain() if self.heartbeats is not None else []
+        beats: list[Heartbeat] = self.heartbeats.take_received() if self.heartbeats is not None else []
         taken = watch.take(beats, self.clock.now())
         self._act_on(job.attempt, taken)
         return status, taken

@@ -36,11 +36,11 @@ from verl_hooks.config_view import select as _select
 from verl_hooks.contract import (
     CHECKPOINT_CALLBACK_CLASS,
     CHECKPOINT_MARKER,
-    ENV_CHAINED_CHECKPOINT_CALLBACK,
     CheckpointFacts,
     CheckpointMarker,
     write_checkpoint_marker,
 )
+from verl_hooks.settings import chained_checkpoint_callback
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _is_marker(name: str) -> bool:
 def chained_callback(config: Any, environ: Mapping[str, str] | None = None) -> CheckpointCallback | None:
     """The user's own callback that ``verl_hooks.launch`` set aside, built as verl builds one
     (``checkpoint_callback.py:78-80``); None when there is none."""
-    fqn = (os.environ if environ is None else environ).get(ENV_CHAINED_CHECKPOINT_CALLBACK, "").strip()
+    fqn = chained_checkpoint_callback(environ)
     if not fqn or fqn == CHECKPOINT_CALLBACK_CLASS:
         return None
     callback_cls = load_class_from_fqn(fqn, "CheckpointCallback")

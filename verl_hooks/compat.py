@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import inspect
 import logging
-import os
 import textwrap
 from collections.abc import Callable, Coroutine
 from importlib import metadata
@@ -20,6 +19,7 @@ from typing import Any
 
 from verl_hooks.contract import ENV_ALLOW_UNVERIFIED_VERL
 from verl_hooks.errors import IncompatibleVerlError
+from verl_hooks.settings import unverified_verl_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def original_update_weights(manager_cls: type) -> Callable[..., Coroutine[Any, A
     fingerprint = None
     if not problems:
         fingerprint = update_weights_fingerprint(raw)
-        if fingerprint not in VERIFIED_UPDATE_WEIGHTS and os.environ.get(ENV_ALLOW_UNVERIFIED_VERL) != "1":
+        if fingerprint not in VERIFIED_UPDATE_WEIGHTS and not unverified_verl_allowed():
             problems.append(
                 f"its update_weights body (fingerprint {fingerprint or 'unavailable: no source'}) is not one the "
                 f"guard was verified against ({'; '.join(VERIFIED_UPDATE_WEIGHTS.values())}); to guard it anyway, "

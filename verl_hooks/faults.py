@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from verl_hooks.contract import ENV_FAULT_LOG
 from verl_hooks.errors import HookSettingsError, InjectedFault
 from verl_hooks.phases import SyncPhase
 
@@ -227,6 +226,8 @@ os._exit(0)
 
 def orphan_a_helper() -> None:
     """The ``orphan`` action: its intermediate process exits at once, leaving the helper nobody's child."""
-    fresh = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    log = os.environ.get(ENV_FAULT_LOG, "")
+    from verl_hooks.settings import fault_log  # here: settings imports this module
+
+    fresh = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # the helper's own environment, not one we read
+    log = fault_log() or ""
     subprocess.run([sys.executable, "-c", _ORPHAN, log], env=fresh, start_new_session=True, check=False)

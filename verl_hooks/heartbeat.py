@@ -30,13 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from verl_hooks import settings
 from verl_hooks.contract import (
-    DEFAULT_HEARTBEAT_INTERVAL_S,
-    ENV_ATTEMPT,
-    ENV_HEARTBEAT_INTERVAL_S,
-    ENV_HEARTBEAT_TOKEN,
-    ENV_HEARTBEAT_URL,
-    ENV_STACKS_DIR,
     PAST_SAVE_FIELD,
     SAVE_REQUEST_FIELD,
     ErrorRecord,
@@ -142,9 +137,9 @@ def _get_sender() -> HeartbeatSender | None:
     global _sender, _sender_resolved
     with _lock:
         if not _sender_resolved:
-            url, token = os.environ.get(ENV_HEARTBEAT_URL), os.environ.get(ENV_HEARTBEAT_TOKEN)
-            if url and token:
-                _sender = HeartbeatSender(url, token, int(os.environ.get(ENV_ATTEMPT) or 1))
+            channel = settings.heartbeat_channel()
+            if channel is not None:
+                _sender = HeartbeatSender(channel.url, channel.token, channel.attempt)
             _sender_resolved = True
         return _sender
 
@@ -175,7 +170,7 @@ def start_alive_beats() -> None:
     """In the driver: an ``alive`` beat every interval, so that a frozen driver (SIGSTOP) is noticed."""
     if _get_sender() is None:
         return
-    interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL_S) or DEFAULT_HEARTBEAT_INTERVAL_S)
+    interval = settings.heartbeat_interval_s()
 
     def loop() -> None:
         while True:
@@ -191,7 +186,7 @@ _stack_file: IO[str] | None = None
 def enable_stack_dumps() -> None:
     """Dump every thread's Python stack to the attempt's stacks folder on SIGUSR1 (once per process)."""
     global _stack_file
-    folder = os.environ.get(ENV_STACKS_DIR)
+    folder = settings.stacks_dir()
     if not folder or _stack_file is not None:
         return
     try:

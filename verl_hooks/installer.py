@@ -12,7 +12,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable, Coroutine
@@ -21,10 +20,9 @@ from typing import Any
 
 from verl_hooks import heartbeat
 from verl_hooks.compat import original_update_weights, subclass_update_weights
-from verl_hooks.contract import ENV_CHAINED_SETUP_HOOK
 from verl_hooks.faults import FaultPlan
 from verl_hooks.guard import GUARD_MARK, run_guarded_sync
-from verl_hooks.settings import HookSettings
+from verl_hooks.settings import HookSettings, chained_setup_hook
 from verl_hooks.trackers import TRACKING_MODULE, patch_tracking, unpatch_tracking
 from verl_hooks.trainers import unhook_all, user_trainer_patches, verl_trainer_patches
 
@@ -221,7 +219,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
 def _run_chained_setup_hook() -> None:
     """Run the job's own worker_process_setup_hook, which the launcher moved aside to put ours in its place."""
-    target = os.environ.get(ENV_CHAINED_SETUP_HOOK)
+    target = chained_setup_hook()
     with _state.lock:
         if not target or _state.chained_hook_done:
             return

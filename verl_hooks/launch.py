@@ -37,7 +37,6 @@ from verl_hooks.contract import (
     CHECKPOINT_CALLBACK_CLASS,
     ENV_CHAINED_CHECKPOINT_CALLBACK,
     ENV_CHAINED_SETUP_HOOK,
-    ENV_ERROR_FILE,
     SETUP_HOOK,
     EmergencyCheckpoint,
     ErrorRecord,
@@ -52,7 +51,7 @@ from verl_hooks.contract import (
 from verl_hooks.errors import HookSettingsError, IncompatibleVerlError, find_stop_request, find_weight_sync_error
 from verl_hooks.installer import install
 from verl_hooks.record import record_for_exception
-from verl_hooks.settings import HookSettings
+from verl_hooks.settings import HookSettings, error_file
 
 # How long the job's atexit handlers (Ray's shutdown, loggers) may take on the way out of a failed job.
 EXIT_HANDLERS_BUDGET_S = 10.0
@@ -304,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         settings = HookSettings.from_env()
     except HookSettingsError as exc:
-        fallback = HookSettings(error_file=os.environ.get(ENV_ERROR_FILE) or None)
+        fallback = HookSettings(error_file=error_file())
         _exit(report_failure(exc, fallback))
     if len(args) < 2 or args[0] != "-m":
         print(USAGE, file=sys.stderr)

@@ -1,19 +1,26 @@
-"""The guard's settings, resolved once from the environment when the hook is installed.
+"""Every variable of the job's environment that ``verl_hooks`` reads, read here and nowhere else.
 
 The environment is the only channel that reaches every Ray worker of a job (through the job's runtime_env), so
-that is where the launcher and the supervisor put them. Mechanisms receive a ``HookSettings`` value and never
-read the environment themselves.
+that is where the launcher and the supervisor put them. The guard's settings are resolved once, when the hook is
+installed (``HookSettings``), and handed to the guard as a value. The few variables the job's other parts need at
+the moment they act (the heartbeat channel, the stacks folder, the hook and callback the launcher set aside, the
+consent to an unverified verl) are read by the functions at the end of this module, at that moment, so that a
+worker started later with another environment reads its own. (``launch``, the job's entry point, sets them.)
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from verl_hooks.contract import (
     DEFAULT_EMERGENCY_SAVE_TIMEOUT_S,
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    ENV_ALLOW_UNVERIFIED_VERL,
     ENV_ATTEMPT,
+    ENV_CHAINED_CHECKPOINT_CALLBACK,
+    ENV_CHAINED_SETUP_HOOK,
     ENV_CLEANUP_STEP_TIMEOUT_S,
     ENV_EMERGENCY_SAVE,
     ENV_EMERGENCY_SAVE_TIMEOUT_S,
@@ -21,6 +28,10 @@ from verl_hooks.contract import (
     ENV_FAULT_LOG,
     ENV_FAULTS,
     ENV_HARD_EXIT_GRACE_S,
+    ENV_HEARTBEAT_INTERVAL_S,
+    ENV_HEARTBEAT_TOKEN,
+    ENV_HEARTBEAT_URL,
+    ENV_STACKS_DIR,
     ENV_SYNC_ADAPTIVE,
     ENV_SYNC_ADAPTIVE_FLOOR_S,
     ENV_SYNC_ADAPTIVE_MULTIPLE,
@@ -119,7 +130,7 @@ class HookSettings:
             trainer_classes=tuple(n.strip() for n in env.get(ENV_TRAINER_CLASSES, "").split(",") if n.strip()),
             faults=parse_fault_specs(env.get(ENV_FAULTS)),
             attempt=_int(env, ENV_ATTEMPT, 1),
-            error_file=env.get(ENV_ERROR_FILE) or None,
+            error_file=error_file(env),
             fault_log=env.get(ENV_FAULT_LOG) or None,
         )
 
@@ -151,3 +162,62 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise HookSettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+# --- what the job's other parts read when they act -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeartbeatChannel:
+    url: str
+    token: str = field(repr=False)
+    """A secret: never logged."""
+    attempt: int
+
+
+def heartbeat_channel(environ: Mapping[str, str] | None = None) -> HeartbeatChannel | None:
+    """Where this process sends heartbeats; None when no supervisor listens."""
+    env = os.environ if environ is None else environ
+    url, token = env.get(ENV_HEARTBEAT_URL), env.get(ENV_HEARTBEAT_TOKEN)
+    return HeartbeatChannel(url, token, _int(env, ENV_ATTEMPT, 1)) if url and token else None
+
+
+def heartbeat_interval_s(environ: Mapping[str, str] | None = None) -> float:
+    env = os.environ if environ is None else environ
+    return _float(env, ENV_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S)
+
+
+def stacks_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """The attempt's folder for stack dumps on SIGUSR1 (None: no supervisor asked for them)."""
+    return (os.environ if environ is None else environ).get(ENV_STACKS_DIR) or None
+
+
+def unverified_verl_allowed(environ: Mapping[str, str] | None = None) -> bool:
+    """The user's consent to guard (and hook) a verl whose methods the guard was not verified against."""
+    return (os.environ if environ is None else environ).get(ENV_ALLOW_UNVERIFIED_VERL) == "1"
+
+
+def chained_setup_hook(environ: Mapping[str, str] | None = None) -> str | None:
+    """The job's own ``worker_process_setup_hook``, which the launcher set aside to put ours in its place."""
+    return (os.environ if environ is None else environ).get(ENV_CHAINED_SETUP_HOOK) or None
+
+
+def chained_checkpoint_callback(environ: Mapping[str, str] | None = None) -> str | None:
+    """The job's own ``trainer.checkpoint_callback_class``, which the launcher set aside to chain it."""
+    return (os.environ if environ is None else environ).get(ENV_CHAINED_CHECKPOINT_CALLBACK, "").strip() or None
+
+
+def fault_log(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where an injected fault notes that it fired."""
+    return (os.environ if environ is None else environ).get(ENV_FAULT_LOG) or None
+
+
+def error_file(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where the job's error record goes (read alone when the other settings cannot be understood)."""
+    return (os.environ if environ is None else environ).get(ENV_ERROR_FILE) or None
+
+
+def mlflow_run_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """The MLflow run an attempt continues (set by the supervisor; MLflow's own variable, which verl's tracker
+    passes on by leaving it to MLflow)."""
+    return (os.environ if environ is None else environ).get("MLFLOW_RUN_ID") or None

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 from verl_hooks import heartbeat
 from verl_hooks.contract import HeartbeatKind
+from verl_hooks.settings import mlflow_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def patch_tracking(module: ModuleType) -> None:
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         mlflow_wanted = "mlflow" in _backends(args, kwargs)
-        attached = mlflow_wanted and bool(os.environ.get("MLFLOW_RUN_ID"))
+        attached = mlflow_wanted and mlflow_run_id() is not None
         with _params_of_the_first_attempt() if attached else contextlib.nullcontext():
             original(self, *args, **kwargs)
         if "mlflow" in getattr(self, "logger", {}):

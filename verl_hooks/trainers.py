@@ -50,6 +50,7 @@ from verl_hooks.errors import (
 )
 from verl_hooks.faults import FaultAction, FaultSpec, StepPoint, fire_blocking
 from verl_hooks.phases import MULTI_PHASE_ORDER, SyncPhase
+from verl_hooks.settings import unverified_verl_allowed
 from verl_hooks.step_progress import TRACKED_MARK, TRAINER_CALLS, fitting_in_this_thread, trainer_call
 from verl_hooks.trainer_side import TrainerSide
 
@@ -114,7 +115,7 @@ def check_verl_trainer(cls: type, module: str) -> None:
             problems.append(f"{cls.__name__}.{name} (fingerprint {fingerprint or 'unavailable'})")
     if not problems:
         return
-    if os.environ.get(ENV_ALLOW_UNVERIFIED_VERL) == "1":
+    if unverified_verl_allowed():
         logger.warning(
             "verl_hooks hooks the emergency save on unverified %s of verl %s because %s=1",
             ", ".join(problems),

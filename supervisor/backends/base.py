@@ -195,7 +195,7 @@ class JobBackend(ABC):
     def attempt_view(self, job: RunningJob, stopped: Stopped) -> AttemptView:
         """What the fence needs to find and end what is left of the attempt, on every node."""
 
-    def drain_output(self, job: RunningJob, timeout_s: float) -> None:  # noqa: B027 - not every backend copies output
+    def flush_output(self, job: RunningJob, timeout_s: float) -> None:  # noqa: B027 - not every backend copies output
         """Let the attempt's output reach its log files once its processes are gone."""
 
     def teardown(self, job: RunningJob) -> TeardownResult:
@@ -205,7 +205,7 @@ class JobBackend(ABC):
         stopped = self.stop(job)
         view = self.attempt_view(job, stopped)
         fenced = fence(view, fence_rules(self.teardown_config, view), self.clock)
-        self.drain_output(job, self.teardown_config.output_drain_s)
+        self.flush_output(job, self.teardown_config.output_drain_s)
         return TeardownResult.of(stopped, fenced, self.clock.monotonic() - started)
 
     def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:

@@ -188,7 +188,7 @@ class ChildDriverBackend(JobBackend):
             api_timeout_s=self._ray.api_timeout_s,
         )
 
-    def drain_output(self, job: RunningJob, timeout_s: float) -> None:
+    def flush_output(self, job: RunningJob, timeout_s: float) -> None:
         self._attempts.pop(job.attempt).driver.join_output(timeout_s)
 
     def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:

@@ -302,7 +302,7 @@ class JobsBackend(JobBackend):
             api_timeout_s=self._ray.api_timeout_s,
         )
 
-    def drain_output(self, job: RunningJob, timeout_s: float) -> None:
+    def flush_output(self, job: RunningJob, timeout_s: float) -> None:
         self._submissions.pop(job.attempt).tail.finish(timeout_s)
 
     def nodes_after(self, job: RunningJob, result: TeardownResult) -> NodesSeen:

@@ -5,7 +5,7 @@ supervisor is not even a Ray driver; a POST to a known address reaches it from a
 A bearer token generated per supervisor process keeps other users of a shared machine from feeding it beats;
 bodies are bounded in size and refused unless they are JSON objects; the beats accepted are bounded in rate and
 in number waiting, so that neither garbage nor a flood reaches the loop (each refusal is a 4xx, never a crash).
-The server only queues what it receives; the supervisor's loop drains the queue, so all decisions stay in the
+The server only queues what it receives; the supervisor's loop takes what it received, so all decisions stay in the
 one loop. An error record also makes ``fileno()`` readable: the loop, waiting on the driver, wakes at once to act
 on it instead of at its next tick.
 """
@@ -27,7 +27,7 @@ from verl_hooks.contract import PAST_SAVE_FIELD, SAVE_REQUEST_FIELD, HeartbeatKi
 
 MAX_BODY_BYTES = 65536
 MAX_QUEUED = 10_000
-"""Beats waiting for the loop (it drains them every tick); beyond this a beat is refused with 429."""
+"""Beats waiting for the loop (it takes them every tick); beyond this a beat is refused with 429."""
 RATE_PER_S = 500.0
 BURST = 2_000
 """The token bucket for accepted beats: a job sends a few per second; thousands are a bug or an attack."""
@@ -77,7 +77,7 @@ class HeartbeatServer:
         os.close(self._urgent)
 
     def fileno(self) -> int:
-        """Readable once an error record has arrived that ``drain`` has not returned yet."""
+        """Readable once an error record has arrived that ``take_received`` has not returned yet."""
         return self._urgent
 
     def request_save(self) -> None:
@@ -98,7 +98,7 @@ class HeartbeatServer:
             answer[PAST_SAVE_FIELD] = self.past_save_s
         return answer
 
-    def drain(self) -> list[Heartbeat]:
+    def take_received(self) -> list[Heartbeat]:
         """The beats received since the last call, in order."""
         try:
             os.eventfd_read(self._urgent)

@@ -66,7 +66,7 @@ class FakeHeartbeats:
     token: str = "fake-token"
     queue: list[Heartbeat] = field(default_factory=list)
 
-    def drain(self) -> list[Heartbeat]:
+    def take_received(self) -> list[Heartbeat]:
         beats, self.queue = self.queue, []
         return beats
 

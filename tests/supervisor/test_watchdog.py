@@ -135,9 +135,9 @@ def test_heartbeat_server_takes_only_beats_with_its_token() -> None:
 
         assert post("wrong") == 401
         assert post(server.token) == 204
-        beats = server.drain()
+        beats = server.take_received()
         assert [(b.kind, b.attempt, b.step) for b in beats] == [(HeartbeatKind.SYNC_END, 2, 7)]
-        assert server.drain() == []
+        assert server.take_received() == []
     finally:
         server.stop()
 
@@ -174,7 +174,7 @@ def test_heartbeat_server_refuses_garbage_without_affecting_the_beats() -> None:
         ]
         assert [raw_post(server, body, headers) for body, headers, _ in cases] == [code for *_, code in cases]
         assert raw_post(server, good, {**auth, "Content-Length": str(len(good))}) == 204
-        assert [(b.kind, b.attempt) for b in server.drain()] == [(HeartbeatKind.ALIVE, 1)]
+        assert [(b.kind, b.attempt) for b in server.take_received()] == [(HeartbeatKind.ALIVE, 1)]
     finally:
         server.stop()
 
@@ -190,7 +190,7 @@ def test_heartbeat_server_bounds_a_flood(monkeypatch: pytest.MonkeyPatch) -> Non
         headers = {"Authorization": f"Bearer {server.token}", "Content-Length": str(len(body))}
         codes = [raw_post(server, body, headers) for _ in range(8)]
         assert codes == [204] * 5 + [429] * 3, "beyond the bound, refused rather than queued"
-        assert len(server.drain()) == 5
+        assert len(server.take_received()) == 5
         assert raw_post(server, body, headers) == 204, "drained: accepted again"
     finally:
         server.stop()
@@ -219,7 +219,7 @@ def test_an_error_record_wakes_the_loop_waiting_on_the_driver() -> None:
         started = time.monotonic()
         assert driver.wait(30.0, wake=server) is None, "woken, not exited"
         assert time.monotonic() - started < 5.0, "woken long before the 30 s timeout"
-        assert [b.kind for b in server.drain()] == [HeartbeatKind.ALIVE, HeartbeatKind.ERROR_RECORD]
+        assert [b.kind for b in server.take_received()] == [HeartbeatKind.ALIVE, HeartbeatKind.ERROR_RECORD]
         assert select.select([server], [], [], 0)[0] == [], "drained: nothing urgent any more"
         assert driver.poll() is None
     finally:

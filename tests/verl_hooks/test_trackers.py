@@ -89,7 +89,7 @@ def test_two_attempts_write_into_one_run_of_each_tracker(tmp_path: Path, tracker
         heartbeat = {ENV_HEARTBEAT_URL: server.url, ENV_HEARTBEAT_TOKEN: server.token}
         first_env = tracker_env(run_id, run_dir, trackers_env, learnt={})
         assert run_attempt(1, {**trackers_env, **heartbeat, **first_env}, config_of("disable", None), [1, 2])
-        (beat,) = [b for b in server.drain() if b.kind is HeartbeatKind.TRACKER]
+        (beat,) = [b for b in server.take_received() if b.kind is HeartbeatKind.TRACKER]
         assert (beat.attempt, beat.fields["backend"]) == (1, "mlflow")
 
         learnt = {"mlflow": beat.fields["run_id"]}
