@@ -3,11 +3,13 @@ joined to it. Test code: the supervisor never adds nodes to a cluster."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from supervisor.mechanisms import ray_cluster
-from supervisor.mechanisms.processes import ChildProcess, start_child, tail, wait_for
+from supervisor.mechanisms.processes import ChildProcess, TerminationReport, start_child, tail, wait_for
 from supervisor.mechanisms.ray_cluster import ClusterStartError, LocalRayCluster
 
 
@@ -16,10 +18,17 @@ class MultiNodeCluster(LocalRayCluster):
         super().__init__(*args, **kwargs)
         self._nodes: list[ChildProcess] = []
 
-    def _ray_start_processes(self) -> list[ChildProcess]:
-        """The head's ``ray start`` and each joined node's: stopped and reaped with the cluster."""
-        processes, self._nodes = [*self._nodes, *super()._ray_start_processes()], []
-        return processes
+    def stop(self, grace_s: float, reap_timeout_s: float = ray_cluster.REAP_TIMEOUT_S) -> TerminationReport:
+        """Each joined node's ``ray start`` is signalled with the head's; the cluster's stop ends them (they carry
+        its marker) and they are reaped here, as the cluster reaps its head's."""
+        for node in self._nodes:
+            if node.poll() is None:
+                os.kill(node.pid, signal.SIGTERM)
+        report = super().stop(grace_s, reap_timeout_s)
+        for node in self._nodes:
+            node.wait(timeout_s=reap_timeout_s)
+        self._nodes = []
+        return report
 
     def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, num_gpus: int | None = None) -> None:
         """Another raylet on this machine joining the cluster, with ports and a temp dir of its own. It carries

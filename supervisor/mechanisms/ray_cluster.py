@@ -472,13 +472,9 @@ class LocalRayCluster:
         self._bring_temp_dirs_home()
         return report
 
-    def _ray_start_processes(self) -> list[ChildProcess]:
-        """The ``ray start --block`` children to signal and reap on a stop."""
-        return [self._process] if self._process is not None else []
-
     def _stop_processes(self, grace_s: float, reap_timeout_s: float) -> TerminationReport:
         marked = self.processes()
-        ray_starts = self._ray_start_processes()
+        ray_starts = [self._process] if self._process is not None else []
         for node in ray_starts:
             if node.poll() is None:
                 os.kill(node.pid, signal.SIGTERM)
