@@ -22,10 +22,9 @@ import signal
 import sys
 import traceback
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Protocol, TextIO
 
 import verl_hooks.contract as contract
@@ -79,6 +78,7 @@ from supervisor.run.events import (
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 from supervisor.run.rundir import RunDirectory
 from supervisor.run.table import attempts_table
+from supervisor.stop_signals import Interrupted, StopSignals
 from verl_hooks.contract import read_record, write_record
 
 if sys.version_info >= (3, 11):
@@ -105,14 +105,6 @@ class HeartbeatSource(Protocol):
     def request_save(self) -> None:
         """Ask the job, in the answers to its beats, to save at its next safe point and stop."""
         ...
-
-
-class Interrupted(Exception):
-    """A stop signal arrived while the supervisor waited."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class RunAlreadyFinished(RuntimeError):
@@ -199,33 +191,26 @@ class Supervisor:
         # Each node's last GPU reading (ECC counters are judged since the last look) and the nodes drained.
         self._node_readings: dict[str, NodeReading] = {}
         self._drained: set[str] = set()
-        self._stop_signal: int | None = None
-        self._stop_repeated = False
-        self._interruptible = False
+        self.signals = StopSignals()
 
     # --- the story ---
 
     def run(self) -> ExitCode:
-        previous = {signum: signal.getsignal(signum) for signum in policy.STOP_SIGNALS}
-        for signum in policy.STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
-        try:
-            stop = self._supervise()
-        except Interrupted as interrupt:
-            self.events.emit(SignalReceived(signal.Signals(interrupt.signum).name))
-            stop = policy.after_interrupt(interrupt.signum)
-            self._end_in_flight(policy.interrupted_attempt(), self._save_before_stop(interrupt.signum))
-        except ClusterStartFailed as exc:
-            stop = policy.after_cluster_failure(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug must still tear the job down and say so
-            traceback.print_exc(file=self.console)
-            stop = policy.after_internal_error(exc)
-            with contextlib.suppress(Exception):
-                self._end_in_flight(policy.failed_supervisor_attempt())
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        with self._signals_deferred():
+        with self.signals.handled():  # until the attempt in flight is ended: a second signal cuts its save short
+            try:
+                stop = self._supervise()
+            except Interrupted as interrupt:
+                self.events.emit(SignalReceived(signal.Signals(interrupt.signum).name))
+                stop = policy.after_interrupt(interrupt.signum)
+                self._end_in_flight(policy.interrupted_attempt(), self._save_before_stop(interrupt.signum))
+            except ClusterStartFailed as exc:
+                stop = policy.after_cluster_failure(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug must still tear the job down and say so
+                traceback.print_exc(file=self.console)
+                stop = policy.after_internal_error(exc)
+                with contextlib.suppress(Exception):
+                    self._end_in_flight(policy.failed_supervisor_attempt())
+        with self.signals.deferred():
             self._emit_all(self.backend.close())
         self._finish(stop)
         return stop.exit_code
@@ -237,13 +222,13 @@ class Supervisor:
             if isinstance(decision, Stop):
                 return decision
         while True:
-            self._check_stop()
+            self.signals.check()
             start = self._choose_start()
             if isinstance(start, Stop):
                 return start
             self._warn_if_low_on_space(start)
             self._emit_all(self.backend.prepare())
-            self._check_stop()  # a stop signal while the cluster started: launch nothing
+            self.signals.check()  # a stop signal while the cluster started: launch nothing
             job, record = self._launch(start)
             end = self._wait_for_end(job, start.step)
             decision = self._conclude(job, record, end)
@@ -388,7 +373,7 @@ class Supervisor:
         self.history.attempts.append(record)
         self.history.move_to(RunState.ATTEMPT_RUNNING)
         self.run_dir.save_history(self.history)
-        with self._signals_deferred():
+        with self.signals.deferred():
             job = self.backend.launch(spec)
             self._in_flight = _InFlight(job, record)
         self.events.emit(
@@ -423,7 +408,7 @@ class Supervisor:
             return
         number, argv = wanted  # only argv's job module matters: the command line comes with the relaunch
         spec = self._launch_spec(number, argv)  # now: the trackers the job reported are in it, as at relaunch
-        with self._signals_deferred():
+        with self.signals.deferred():
             self._emit_all(self.backend.start_standby(spec))
 
     # --- while an attempt runs ---
@@ -460,7 +445,7 @@ class Supervisor:
     ) -> tuple[ExitStatus | None, Taken]:
         """The one place the loop waits on a job: until its driver ends, ``timeout_s`` passes or an urgent beat
         arrives; then what the heartbeats said. ``interruptible``: a stop signal ends the wait (``Interrupted``)."""
-        with self._signals_raise() if interruptible else self._signals_deferred():
+        with self.signals.raising() if interruptible else self.signals.deferred():
             status = self.backend.wait(job, timeout_s, wake=self.heartbeats)
         beats: list[Heartbeat] = self.heartbeats.take_received() if self.heartbeats is not None else []
         taken = watch.take(beats, self.clock.now())
@@ -498,7 +483,7 @@ class Supervisor:
         self.events.emit(SaveOnStopRequested(job.attempt, wait_s))
         watch = self._watch(job)
         started, status = self.clock.monotonic(), None
-        while status is None and not self._stop_repeated:
+        while status is None and not self.signals.repeated:
             left = wait_s - (self.clock.monotonic() - started)
             if left <= 0:
                 break
@@ -506,7 +491,7 @@ class Supervisor:
         waited = self.clock.monotonic() - started
         evidence = self._evidence(job.attempt, AttemptEnd(status=status)) if status is not None else None
         saved = evidence.record.emergency_checkpoint if evidence is not None and evidence.record else None
-        why = None if status is not None else ("a second signal" if self._stop_repeated else "the wait ran out")
+        why = None if status is not None else ("a second signal" if self.signals.repeated else "the wait ran out")
         self.events.emit(SaveOnStop(job.attempt, round(waited, 3), wait_s, status is not None, saved, why))
         return evidence
 
@@ -516,7 +501,7 @@ class Supervisor:
         self.events.emit(StallDetected(job.attempt, stall.event_fields()))
         log_dir = self.run_dir.attempt_dir(job.attempt)
         started = self.clock.monotonic()
-        with self._signals_deferred():
+        with self.signals.deferred():
             dumps = self.backend.dump_stacks(job, log_dir / "stacks", self.config.watchdog.stack_dump_timeout_s)
         self.events.emit(StacksDumped(job.attempt, self.clock.monotonic() - started, [asdict(d) for d in dumps]))
         write_record(log_dir / "error.json", stall_record(stall, job.attempt, self.clock.now()))
@@ -555,7 +540,7 @@ class Supervisor:
         )
 
     def _teardown(self, job: RunningJob) -> TeardownResult:
-        with self._signals_deferred():
+        with self.signals.deferred():
             result = self.backend.teardown(job)
             self._in_flight.torn_down = True
         reached = self.checkpoints.newest_complete_step()
@@ -570,7 +555,7 @@ class Supervisor:
         self, job: RunningJob, record: AttemptRecord, evidence: AttemptEvidence, torn_down: TeardownResult
     ) -> NodeFindings:
         """The health of the nodes the attempt used, and the nodes its error names as the place of its failure."""
-        with self._signals_deferred():
+        with self.signals.deferred():
             seen = self.backend.nodes_after(job, torn_down)
         found = nodes.findings(
             seen.readings, self._node_readings, seen.ran_on, seen.nodes, seen.demand, seen.single_machine
@@ -599,7 +584,7 @@ class Supervisor:
         drained = []
         for exclusion in exclusions:
             message = f"verl-supervisor run {self.history.run_id}, after attempt {attempt}: {exclusion.reason}"
-            with self._signals_deferred():
+            with self.signals.deferred():
                 outcome = self.backend.exclude_node(exclusion.node_id, message)
             self.events.emit(
                 NodeExcluded(
@@ -627,7 +612,7 @@ class Supervisor:
                 max_restarts=self.config.restart.max_restarts,
             )
         )
-        with self._signals_raise():
+        with self.signals.raising():
             self.clock.sleep(decision.delay_s)
 
     def _end_in_flight(self, classification: Classification, evidence: AttemptEvidence | None = None) -> None:
@@ -651,35 +636,3 @@ class Supervisor:
     def _emit_all(self, events: Iterable[Event]) -> None:
         for event in events:
             self.events.emit(event)
-
-    # --- signals: raised as an exception only while waiting; otherwise noted and acted on at the next step ---
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self._stop_signal is None:
-            self._stop_signal = signum
-        else:
-            self._stop_repeated = True  # cuts short the wait for a save before the stop
-        if self._interruptible:
-            self._interruptible = False
-            raise Interrupted(signum)
-
-    def _check_stop(self) -> None:
-        if self._stop_signal is not None:
-            raise Interrupted(self._stop_signal)
-
-    @contextlib.contextmanager
-    def _signals_raise(self) -> Iterator[None]:
-        self._check_stop()
-        self._interruptible = True
-        try:
-            yield
-        finally:
-            self._interruptible = False
-
-    @contextlib.contextmanager
-    def _signals_deferred(self) -> Iterator[None]:
-        interruptible, self._interruptible = self._interruptible, False
-        try:
-            yield
-        finally:
-            self._interruptible = interruptible
