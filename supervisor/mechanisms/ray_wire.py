@@ -154,19 +154,32 @@ def gcs_protos() -> tuple[types.ModuleType, types.ModuleType]:
     return generated("gcs_service_pb2"), generated("gcs_service_pb2_grpc")
 
 
-def gcs_channel(address: str) -> grpc.Channel:
+TLS_FILES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+
+
+def tls_files(environ: Mapping[str, str] | None = None) -> tuple[Path, Path, Path] | None:
+    """The certificate chain, key and CA a cluster with ``RAY_USE_TLS`` wants from its clients, as Ray's own
+    clients find them: in the variables every process of the cluster shares (None: no TLS)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+        return None
+    missing = [name for name in TLS_FILES if name not in environ]
+    if missing:
+        raise RuntimeError(f"RAY_USE_TLS is set, but not {', '.join(missing)}")
+    chain, key, ca = (Path(environ[name]) for name in TLS_FILES)
+    return chain, key, ca
+
+
+def gcs_channel(address: str, environ: Mapping[str, str] | None = None) -> grpc.Channel:
     """A gRPC channel to the GCS at ``address`` (host:port), with TLS and the token as the cluster wants."""
-    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-        names = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
-        missing = [name for name in names if name not in os.environ]
-        if missing:
-            raise RuntimeError(f"RAY_USE_TLS is set, but not {', '.join(missing)}")
-        chain, key, ca = (Path(os.environ[name]).read_bytes() for name in names)
+    tls = tls_files(environ)
+    if tls is not None:
+        chain, key, ca = (path.read_bytes() for path in tls)
         credentials = grpc.ssl_channel_credentials(certificate_chain=chain, private_key=key, root_certificates=ca)
         channel = grpc.secure_channel(address, credentials)
     else:
         channel = grpc.insecure_channel(address)
-    metadata = tuple(auth_headers().items())
+    metadata = tuple(auth_headers(environ).items())
     return grpc.intercept_channel(channel, _AddMetadata(metadata)) if metadata else channel
 
 

@@ -202,3 +202,23 @@ def test_the_supervisors_calls_to_a_cluster_do_not_import_ray(token_cluster: Loc
     print(json.dumps(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))))
     """
     assert run_python(code, token_cluster.dashboard_url, token_cluster.address, env=with_token) == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"RAY_USE_TLS": "0", "RAY_TLS_CA_CERT": "/ca"}, None),
+        (
+            {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": "/c", "RAY_TLS_SERVER_KEY": "/k", "RAY_TLS_CA_CERT": "/ca"},
+            (Path("/c"), Path("/k"), Path("/ca")),
+        ),
+        ({"RAY_USE_TLS": "true", "RAY_TLS_SERVER_CERT": "/c"}, "RAY_USE_TLS is set, but not RAY_TLS_SERVER_KEY"),
+    ],
+)
+def test_the_gcs_channels_tls_is_what_rays_own_variables_say(environ: dict[str, str], expected) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(RuntimeError, match=expected):
+            ray_wire.tls_files(environ)
+    else:
+        assert ray_wire.tls_files(environ) == expected
