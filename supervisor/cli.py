@@ -116,11 +116,15 @@ def _first_file(folders: Sequence[Path], name: str) -> Path | None:
 
 
 def _is_global(preset: Path) -> bool:
-    """The preset's header (its leading comment lines, as Hydra reads them) puts its keys at the top level."""
+    """The preset's header puts its keys at the top level: ``# @package _global_`` among its leading comment
+    lines, blank and indented ones included, as Hydra reads a header."""
     for line in preset.read_text().splitlines():
-        if not line.startswith("#"):
+        text = line.strip()
+        if not text:
+            continue
+        if not text.startswith("#"):
             return False
-        if line.lstrip("# ").replace(" ", "").startswith("@package_global_"):
+        if text.lstrip("#").split() == ["@package", "_global_"]:
             return True
     return False
 

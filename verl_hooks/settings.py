@@ -1,11 +1,12 @@
-"""Every variable of the job's environment that ``verl_hooks`` reads, read here and nowhere else.
+"""Every ``VERL_HOOKS_*`` and ``VERL_SUPERVISOR_*`` variable the job's side reads (and MLflow's run id), read here
+and nowhere else (``contract`` names them; ``launch``, the job's entry point, writes what its workers get).
 
 The environment is the only channel that reaches every Ray worker of a job (through the job's runtime_env), so
 that is where the launcher and the supervisor put them. The guard's settings are resolved once, when the hook is
 installed (``HookSettings``), and handed to the guard as a value. The few variables the job's other parts need at
 the moment they act (the heartbeat channel, the stacks folder, the hook and callback the launcher set aside, the
 consent to an unverified verl) are read by the functions at the end of this module, at that moment, so that a
-worker started later with another environment reads its own. (``launch``, the job's entry point, sets them.)
+worker started later with another environment reads its own.
 """
 
 from __future__ import annotations

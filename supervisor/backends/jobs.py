@@ -78,7 +78,11 @@ def _job_status(value: str) -> JobStatus:
 
 
 def _terminal(status: str) -> bool:
-    return _job_status(status).is_terminal()
+    """A status this Ray does not name is not an end: the submission is asked again, or stopped."""
+    try:
+        return _job_status(status).is_terminal()
+    except ValueError:
+        return False
 
 
 @dataclass

@@ -88,9 +88,10 @@ def test_a_presets_own_rules_are_refused_with_where_rules_go(tmp_path: Path) -> 
         "# @package _global_\njob:\n  name: mine\n  argv: [my-trainer]\n"
         "{key}:\n  - {{name: mine, action: fail, exit_codes: [3]}}\n"
     )
-    (tmp_path / "job" / "mine.yaml").write_text(preset.format(key="rules"))
-    with pytest.raises(UsageError, match=r"mine.yaml sets rules, which supervisor.yaml sets too.*extra_rules"):
-        compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path)
+    for header in ("", "\n", "  "):  # Hydra reads a header after blank lines and indented too
+        (tmp_path / "job" / "mine.yaml").write_text(header + preset.format(key="rules"))
+        with pytest.raises(UsageError, match=r"mine.yaml sets rules, which supervisor.yaml sets too.*extra_rules"):
+            compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path)
 
     (tmp_path / "job" / "mine.yaml").write_text(preset.format(key="extra_rules"))
     config = to_supervisor_config(compose_config(["run_dir=/tmp/unused", "job=mine"], config_dir=tmp_path))
