@@ -491,25 +491,15 @@ async def run_guarded_sync(
         runner.start()
         done, _ = await asyncio.wait({waiter}, timeout=deadline.seconds)
         finished, phase = bool(done), sync.tracker.current
-        error = waiter.exception() if finished else None
-        succeeded = finished and error is None
-        verdict = sync_verdict.judge(
-            finished,
-            error,
-            deadline,
-            phase,
-            stop_requested=succeeded and heartbeat.save_requested(),
-            trainer_can_save=succeeded and emergency.a_trainer_can_save(),
-        )
+        verdict = sync_verdict.judge(finished, waiter.exception() if finished else None, deadline, phase)
         match verdict:
-            case Synced(stop):
+            case Synced():
                 sync.tracker.complete_all()
                 duration_s = time.monotonic() - started
                 deadlines.record(duration_s)
                 heartbeat.beat(HeartbeatKind.SYNC_END, step=global_steps, duration_s=duration_s)
                 step_progress.note_synced(global_steps)
-                if stop:
-                    # The safe point the supervisor waits for: the sync is done, so no trainer task is in flight.
+                if sync_verdict.stop_here(heartbeat.save_requested(), emergency.a_trainer_can_save()):
                     raise StopRequested(
                         f"the supervisor asked the job to stop; the weight sync of step {global_steps} is done",
                         global_step=global_steps,

@@ -17,11 +17,7 @@ from verl_hooks.phases import SyncPhase
 
 @dataclass(frozen=True)
 class Synced:
-    """The sync finished: note it and hand its result back to the trainer."""
-
-    stop: bool = False
-    """The supervisor asked the job to stop, and a trainer can save: the step's sync is the safe point
-    (``StopRequested`` is raised once the sync has been noted)."""
+    """The sync finished: note it, then hand its result back to the trainer, or stop there (``stop_here``)."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +45,9 @@ def judge(
     error: BaseException | None,
     deadline: Deadline,
     phase: SyncPhase,
-    stop_requested: bool,
-    trainer_can_save: bool,
 ) -> Verdict:
     """``finished``: the sync's thread ended within the deadline, raising ``error`` (None: it returned);
-    ``phase``: the phase it was in when the wait ended; ``stop_requested``: the supervisor asked for a stop."""
+    ``phase``: the phase it was in when the wait ended."""
     if not finished:
         return Failed(
             WeightSyncTimeout(
@@ -63,7 +57,14 @@ def judge(
             hang=True,
         )
     if error is None:
-        return Synced(stop=stop_requested and trainer_can_save)
+        return Synced()
     if not isinstance(error, Exception) or isinstance(error, WeightSyncFatalError):
         return PassOn(error)
     return Failed(error, hang=False)
+
+
+def stop_here(stop_requested: bool, trainer_can_save: bool) -> bool:
+    """After a sync that finished and was noted: the supervisor asked the job to stop, and a hooked trainer can
+    save the step, so this sync is the safe point (no trainer task is in flight): ``StopRequested`` is raised.
+    Without a trainer to save it, the job goes on until the supervisor's wait runs out."""
+    return stop_requested and trainer_can_save

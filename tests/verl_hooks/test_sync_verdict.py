@@ -9,7 +9,7 @@ import pytest
 from verl_hooks.deadline import Deadline
 from verl_hooks.errors import WeightSyncFatalError, WeightSyncTimeout
 from verl_hooks.phases import SyncPhase
-from verl_hooks.sync_verdict import Failed, PassOn, Synced, Verdict, judge
+from verl_hooks.sync_verdict import Failed, PassOn, Synced, Verdict, judge, stop_here
 
 DEADLINE = Deadline(30.0, adaptive=False, reason="VERL_HOOKS_SYNC_TIMEOUT_S")
 BROKEN = RuntimeError("NCCL error: unhandled system error")
@@ -19,26 +19,33 @@ INNER = WeightSyncFatalError.from_failure(
 CTRL_C = KeyboardInterrupt()
 
 CASES = [
-    # finished, error, stop requested, a trainer can save -> verdict
-    ("returned", (True, None, False, False), Synced(stop=False)),
-    ("returned, stop asked, a hooked fit can save: the safe point", (True, None, True, True), Synced(stop=True)),
-    ("returned, stop asked, no hooked fit to save it: go on", (True, None, True, False), Synced(stop=False)),
-    ("raised: clean up, record, raise", (True, BROKEN, False, False), Failed(BROKEN, hang=False)),
-    ("raised with a stop asked: the failure wins", (True, BROKEN, True, True), Failed(BROKEN, hang=False)),
-    ("an inner guarded sync's error: passed on as it is", (True, INNER, False, False), PassOn(INNER)),
-    ("not an Exception: passed on", (True, CTRL_C, False, False), PassOn(CTRL_C)),
+    # finished, error -> verdict
+    ("returned", (True, None), Synced()),
+    ("raised: clean up, record, raise", (True, BROKEN), Failed(BROKEN, hang=False)),
+    ("an inner guarded sync's error: passed on as it is", (True, INNER), PassOn(INNER)),
+    ("not an Exception: passed on", (True, CTRL_C), PassOn(CTRL_C)),
 ]
 
 
 @pytest.mark.parametrize(("seen", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_judge(seen: tuple, expected: Verdict) -> None:
-    finished, error, stop_requested, trainer_can_save = seen
-    verdict = judge(finished, error, DEADLINE, SyncPhase.UPDATE_WEIGHTS, stop_requested, trainer_can_save)
-    assert verdict == expected
+    finished, error = seen
+    assert judge(finished, error, DEADLINE, SyncPhase.UPDATE_WEIGHTS) == expected
+
+
+@pytest.mark.parametrize(
+    ("stop_requested", "trainer_can_save", "stop"),
+    [(False, False, False), (False, True, False), (True, False, False), (True, True, True)],
+    ids=["no-stop-asked", "no-stop-asked-a-trainer-could-save", "stop-asked-no-trainer-to-save-it", "the-safe-point"],
+)
+def test_a_synced_step_is_the_safe_point_of_a_stop_only_with_a_trainer_to_save_it(
+    stop_requested: bool, trainer_can_save: bool, stop: bool
+) -> None:
+    assert stop_here(stop_requested, trainer_can_save) is stop
 
 
 def test_the_deadline_passed_is_a_hang_named_by_its_phase_and_limit() -> None:
-    verdict = judge(False, None, DEADLINE, SyncPhase.BUILD_PROCESS_GROUP, stop_requested=True, trainer_can_save=True)
+    verdict = judge(False, None, DEADLINE, SyncPhase.BUILD_PROCESS_GROUP)
     assert isinstance(verdict, Failed)
     assert verdict.hang
     assert isinstance(verdict.primary, WeightSyncTimeout)
