@@ -295,6 +295,29 @@ class NodesConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    """Worker-node preemption notices: Ray draining a node that holds the attempt's actors or placement groups
+    (the autoscaler, KubeRay or a spot-termination handler calling Ray's ``DrainNode``; ``ray drain-node``)."""
+
+    watch: bool = True
+    """While an attempt runs on a cluster of several machines, read which nodes Ray is draining every
+    ``poll_s``; a drain of one of the attempt's nodes that the supervisor did not ask for asks the job to save
+    the step it is at (as ``restart.save_on_stop_s`` does), ends the attempt as a stop (not counted against
+    ``restart.max_restarts``) and relaunches it on the nodes that remain. Off: a preempted node is a failure like
+    any other, found when the node dies."""
+    poll_s: float = 2.0
+    """How often the draining nodes are read (one small GCS call)."""
+    margin_s: float = 10.0
+    """The job's save must end this long before the drain's deadline: the attempt is torn down then, while its
+    processes can still be stopped cleanly."""
+    wait_without_deadline_s: float = 120.0
+    """How long the save is waited for when the drain gives no deadline."""
+    replacement_wait_s: float = 300.0
+    """After a preemption, when the nodes left cannot hold what the job reserved: how long to wait for a node to
+    join (or come back) before stopping with exit 9. 0: stop at once."""
+
+
+@dataclass
 class SupervisorConfig:
     run_dir: str = MISSING
     """Where everything of the run lives (state.json, events.jsonl, the attempts' logs, the embedded cluster's
@@ -318,6 +341,8 @@ class SupervisorConfig:
     """A webhook alerted on each restart, a give-up and the end."""
     nodes: NodesConfig = field(default_factory=NodesConfig)
     """Node health after a failed attempt, and draining the nodes a relaunch must not use."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Saving and relaunching elsewhere when Ray drains one of the attempt's nodes (a preemption notice)."""
     extra_rules: list[RuleConfig] = field(default_factory=list)
     """Rules of your own, matched before ``rules`` (the built-in ones in conf/supervisor.yaml), which they keep:
     add one on the command line with ``'extra_rules=[{name: x, action: fail, exit_codes: [3]}]'`` or in a job
@@ -356,6 +381,10 @@ def validate(config: SupervisorConfig) -> list[str]:
     require(config.restart.backoff_jitter_s >= 0, "restart.backoff_jitter_s must be >= 0")
     require(config.restart.emergency_save_timeout_s > 0, "restart.emergency_save_timeout_s must be > 0")
     require(config.restart.save_on_stop_s >= 0, "restart.save_on_stop_s must be >= 0")
+    preemption = config.preemption
+    require(preemption.poll_s > 0, "preemption.poll_s must be > 0")
+    for key in ("margin_s", "wait_without_deadline_s", "replacement_wait_s"):
+        require(getattr(preemption, key) >= 0, f"preemption.{key} must be >= 0")
     require(config.teardown.grace_s >= 0, "teardown.grace_s must be >= 0")
     require(config.teardown.fence_timeout_s > 0, "teardown.fence_timeout_s must be > 0")
     for key in ("straggler_grace_s", "reap_timeout_s", "jobs_stop_timeout_s", "output_drain_s", "record_grace_s"):

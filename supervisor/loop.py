@@ -39,29 +39,46 @@ from supervisor.job.command import StartFrom, job_argv, redact_argv
 from supervisor.job.environment import HeartbeatAddress, attempt_env
 from supervisor.mechanisms.bounded_log import read_tail
 from supervisor.mechanisms.gpu_health import NodeReading
-from supervisor.outcomes import INTERRUPTED_EXIT_CODES, ExitCode, ExitStatus
-from supervisor.policy import disk, judgement, nodes
+from supervisor.outcomes import RESUMABLE_EXIT_CODES, ExitCode, ExitStatus
+from supervisor.policy import disk, judgement, nodes, preemption
 from supervisor.policy import restart as policy
-from supervisor.policy.judgement import Exclude, Fence, Observed, ReadNodes, Record, TearDown
+from supervisor.policy.judgement import (
+    AwaitCapacity,
+    Capacity,
+    Exclude,
+    Fence,
+    Observed,
+    Preemption,
+    ReadNodes,
+    Record,
+    TearDown,
+)
 from supervisor.policy.nodes import Exclusion, NodeFindings
+from supervisor.policy.preemption import AskToSave, Drain, Sorted
 from supervisor.policy.restart import Decision, Restart, Stop
 from supervisor.policy.resume import MismatchedResume, ResumeCheck
 from supervisor.policy.rules import AttemptEvidence, Classification
 from supervisor.policy.watchdog import ProgressState, Stall, check
+from supervisor.preemption_watch import PreemptionWatch
 from supervisor.run.beats import BeatsReader
 from supervisor.run.events import (
     AttemptExited,
     AttemptStarted,
     Backoff,
+    CapacityShort,
+    CapacityWait,
     CheckpointRotated,
     CheckpointSetAside,
     CheckpointSpaceLow,
     CheckpointsUnjudgeable,
+    DrainIgnored,
     ErrorRecordReceived,
     Event,
     EventLog,
     NodeExcluded,
     NodeHealthChecked,
+    PreemptionNotice,
+    PreemptionSave,
     ResumeMismatch,
     ResumeVerified,
     RunFinished,
@@ -102,8 +119,8 @@ class HeartbeatSource(Protocol):
         """Readable when a beat that must be acted on at once (an error record) waits to be drained."""
         ...
 
-    def request_save(self) -> None:
-        """Ask the job, in the answers to its beats, to save at its next safe point and stop."""
+    def request_save(self, attempt: int) -> None:
+        """Ask the attempt, in the answers to its beats, to save at its next safe point and stop."""
         ...
 
 
@@ -141,6 +158,8 @@ class AttemptEnd:
     """The job's error record arrived and its driver did not exit within ``teardown.record_grace_s``."""
     last_step: int | None = None
     """The last global step the attempt's weight syncs carried."""
+    preemption: Preemption | None = None
+    """Ray drained nodes the attempt held while it ran; the wait for its save is over."""
 
 
 @dataclass
@@ -185,13 +204,18 @@ class Supervisor:
             config.checkpoints.verify,
             facts_from_overrides([*config.job.args, *self.user_args]),
         )
-        self.rules = judgement.Rules(ordered_rules(config), config.default_action, config.restart, config.nodes)
+        self.rules = judgement.Rules(
+            ordered_rules(config), config.default_action, config.restart, config.nodes, config.preemption
+        )
         self._in_flight = _InFlight()
         self._standby_for: tuple[int, list[str]] | None = None
         # Each node's last GPU reading (ECC counters are judged since the last look) and the nodes drained.
         self._node_readings: dict[str, NodeReading] = {}
         self._drained: set[str] = set()
         self.signals = StopSignals()
+        poll_s = config.preemption.poll_s
+        watch = PreemptionWatch(backend, poll_s, self.clock.monotonic, self._drained)
+        self._preemptions = watch if config.preemption.watch else None
 
     # --- the story ---
 
@@ -253,6 +277,7 @@ class Supervisor:
             mismatch=end.mismatch.reason if end.mismatch is not None else None,
             space=None if end.mismatch is not None or evidence.clean_exit else self._space_now(),
             drained_before=frozenset(self._drained),
+            preemption=end.preemption,
         )
         torn_down = TeardownResult()
         while True:
@@ -269,6 +294,8 @@ class Supervisor:
                     observed = replace(observed, restart=restart, nodes=found)
                 case Exclude(exclusions):
                     observed = replace(observed, drained=self._exclude(job.attempt, exclusions))
+                case AwaitCapacity():
+                    observed = replace(observed, capacity=self._await_capacity(job.attempt, step))
                 case Restart() | Stop():
                     return step
                 case _:
@@ -420,6 +447,8 @@ class Supervisor:
         watch = self._watch(job, ResumeCheck(resumed_step) if verify and resumed_step is not None else None)
         dog, grace_s = self.config.watchdog, self.config.teardown.record_grace_s
         tick = dog.tick_s if self.heartbeats is not None else None
+        if self._preemptions is not None:
+            tick = min(tick or self._preemptions.poll_s, self._preemptions.poll_s)
         while True:
             waited = None if watch.record_at is None else self.clock.monotonic() - watch.record_at
             timeout = tick if waited is None else max(0.0, min(tick or grace_s, grace_s - waited))
@@ -429,6 +458,9 @@ class Supervisor:
             last_step = watch.progress.last_step
             if taken.mismatch is not None or status is not None:
                 return AttemptEnd(status=status, mismatch=taken.mismatch, last_step=last_step)
+            notices = self._drains(job)
+            if notices:
+                return self._on_preemption(job, watch, notices)
             if watch.record_at is not None and self.clock.monotonic() - watch.record_at >= grace_s:
                 # The job said why it failed; a driver that takes long to die (rollout engines) is not waited for.
                 return AttemptEnd(record_grace_over=True, last_step=last_step)
@@ -479,7 +511,7 @@ class Supervisor:
         ended = in_flight.record is None or in_flight.record.ended  # judged already: its teardown was under way
         if job is None or ended or in_flight.torn_down or wait_s <= 0 or self.heartbeats is None:
             return None
-        self.heartbeats.request_save()
+        self.heartbeats.request_save(job.attempt)
         self.events.emit(SaveOnStopRequested(job.attempt, wait_s))
         watch = self._watch(job)
         started, status = self.clock.monotonic(), None
@@ -494,6 +526,94 @@ class Supervisor:
         why = None if status is not None else ("a second signal" if self.signals.repeated else "the wait ran out")
         self.events.emit(SaveOnStop(job.attempt, round(waited, 3), wait_s, status is not None, saved, why))
         return evidence
+
+    # --- a preemption notice ---
+
+    def _drains(self, job: RunningJob, force: bool = False) -> tuple[Drain, ...]:
+        """The preemption notices Ray gave since the last look; the other drains are said once."""
+        if self._preemptions is None:
+            return ()
+        found: Sorted = self._preemptions.look(job, force)
+        names = self._hostnames() if found.notices or found.ignored else {}
+        for drain, why in found.ignored:
+            if why != preemption.OUR_OWN:  # said already, as node_excluded
+                deadline = drain.deadline_ms / 1000 if drain.deadline_ms else None
+                self.events.emit(DrainIgnored(job.attempt, drain.node_id, names.get(drain.node_id, ""), deadline, why))
+        return found.notices
+
+    def _hostnames(self) -> dict[str, str]:
+        try:
+            return {node.node_id: node.hostname for node in self.backend.cluster_nodes()}
+        except Exception:  # noqa: BLE001 - only for messages
+            return {}
+
+    def _on_preemption(self, job: RunningJob, watch: AttemptWatch, notices: Sequence[Drain]) -> AttemptEnd:
+        """Ask the job to save at its next safe point (or not, when no save can be had before the node goes),
+        wait for its driver within the drain's deadline less ``preemption.margin_s``, and end the attempt as a
+        preemption. Further notices meanwhile shorten the wait to the earliest deadline."""
+        config, drains = self.config.preemption, list(notices)
+        started = self.clock.monotonic()
+        window_s = preemption.save_window_s(drains, self._now_ms(), config)
+        response = preemption.respond(
+            window_s,
+            preemption.typical_step_s(watch.progress.step_intervals_s),
+            BeatsReader(self.run_dir.path).longest_save_s(range(1, job.attempt + 1)),
+            can_ask=self.heartbeats is not None,
+            saving=watch.progress.saving_step is not None,
+        )
+        self._say_notice(job.attempt, drains, response)
+        status, cut_short_by = None, None
+        if isinstance(response, AskToSave):
+            assert self.heartbeats is not None
+            self.heartbeats.request_save(job.attempt)
+            while status is None:
+                left = window_s - (self.clock.monotonic() - started)
+                if left <= 0:
+                    cut_short_by = "the drain's deadline, less preemption.margin_s, came first"
+                    break
+                status, _ = self._wait(job, watch, min(config.poll_s, left), interruptible=True)
+                more = self._drains(job) if status is None else ()
+                if more:
+                    drains += more
+                    later = preemption.save_window_s(drains, self._now_ms(), config)
+                    window_s = min(window_s, self.clock.monotonic() - started + later)
+                    self._say_notice(job.attempt, list(more), AskToSave(later))
+        else:
+            cut_short_by = response.reason
+        waited = round(self.clock.monotonic() - started, 3)
+        evidence = self._evidence(job.attempt, AttemptEnd(status=status)) if status is not None else None
+        saved = evidence.record.emergency_checkpoint if evidence is not None and evidence.record else None
+        ended = status is not None
+        self.events.emit(PreemptionSave(job.attempt, waited, round(window_s, 3), ended, saved, cut_short_by))
+        summary = contract.EmergencyCheckpoint.from_dict(saved)
+        what = summary.summary() if summary is not None else f"nothing saved ({cut_short_by or 'the job said nothing'})"
+        reason = f"Ray drained {preemption.describe_nodes(drains, self._hostnames())} (a preemption notice); {what}"
+        nodes_gone = frozenset(drain.node_id for drain in drains)
+        return AttemptEnd(status=status, preemption=Preemption(nodes_gone, reason), last_step=watch.progress.last_step)
+
+    def _say_notice(self, attempt: int, drains: Sequence[Drain], response: preemption.Response) -> None:
+        names, now_ms = self._hostnames(), self._now_ms()
+        deadline_ms = preemption.earliest_deadline_ms(drains)
+        self.events.emit(
+            PreemptionNotice(
+                attempt,
+                [
+                    {
+                        "node_id": d.node_id,
+                        "hostname": names.get(d.node_id, ""),
+                        "deadline": d.deadline_ms / 1000 if d.deadline_ms else None,
+                    }
+                    for d in drains
+                ],
+                None if deadline_ms is None else round((deadline_ms - now_ms) / 1000, 3),
+                "save" if isinstance(response, AskToSave) else "end_now",
+                round(response.window_s, 3) if isinstance(response, AskToSave) else 0.0,
+                "" if isinstance(response, AskToSave) else response.reason,
+            )
+        )
+
+    def _now_ms(self) -> int:
+        return int(self.clock.now() * 1000)
 
     # --- after an attempt: the judgement's steps ---
 
@@ -601,6 +721,30 @@ class Supervisor:
                 drained.append(exclusion)
         return tuple(drained)
 
+    def _await_capacity(self, attempt: int, step: AwaitCapacity) -> Capacity:
+        """Wait (at most ``step.wait_s``, reading the cluster every ``preemption.poll_s``) until the live nodes
+        that are neither gone nor draining hold what the job reserved."""
+        demand, started = dict(step.demand), self.clock.monotonic()
+        missing, said = demand, False
+        while True:
+            try:
+                with self.signals.deferred():
+                    seen, draining = self.backend.cluster_nodes(), self.backend.draining_nodes()
+                missing = nodes.shortfall(demand, seen, {*step.gone, *draining})
+            except Exception as exc:  # noqa: BLE001 - the wait goes on; its end says what was short last
+                print(f"verl-supervisor: the cluster's nodes could not be read: {exc}", file=self.console)
+            waited = self.clock.monotonic() - started
+            if not missing or waited >= step.wait_s:
+                break
+            if not said:
+                self.events.emit(CapacityShort(attempt, demand, missing, step.wait_s))
+                said = True
+            with self.signals.raising():
+                self.clock.sleep(min(self.config.preemption.poll_s, step.wait_s - waited))
+        capacity = Capacity(not missing, round(waited, 3), tuple(sorted(missing.items())))
+        self.events.emit(CapacityWait(attempt, demand, capacity.waited_s, capacity.met, dict(capacity.missing)))
+        return capacity
+
     def _back_off(self, decision: Restart) -> None:
         self.history.move_to(RunState.BACKING_OFF)
         self.run_dir.save_history(self.history)
@@ -628,7 +772,7 @@ class Supervisor:
     def _finish(self, stop: Stop) -> None:
         code = stop.exit_code
         if not self.history.finished:
-            self.history.finish(int(code), stop.outcome_name, resumable=code in INTERRUPTED_EXIT_CODES)
+            self.history.finish(int(code), stop.outcome_name, resumable=code in RESUMABLE_EXIT_CODES)
         self.run_dir.save_history(self.history)
         self.events.emit(RunFinished(int(code), stop.outcome_name, stop.reason, len(self.history.attempts)))
         print(attempts_table(self.history), file=self.console, flush=True)

@@ -32,6 +32,9 @@ class SupervisorRule(str, Enum):
     """The supervisor died while the attempt ran; a new one found it in state.json."""
     INTERRUPTED = "interrupted"
     """The supervisor was stopped (SIGINT, SIGTERM) while the attempt ran."""
+    PREEMPTED = "preempted"
+    """Ray drained a node the attempt held (a preemption notice): it saved what it could and was relaunched on
+    the nodes that remain, not counted against the restart budget (``supervisor/policy/preemption.py``)."""
     SUPERVISOR_ERROR = "supervisor-error"
     """A bug in the supervisor ended the run while the attempt ran."""
     RESUME_MISMATCH = "resume-mismatch"
@@ -103,7 +106,11 @@ class ExitCode(IntEnum):
 
 
 INTERRUPTED_EXIT_CODES = frozenset({ExitCode.INTERRUPTED_SIGINT, ExitCode.INTERRUPTED_SIGTERM})
-"""A run that ended with one of these is stopped, not finished: started again, the supervisor continues it."""
+"""The exit codes of a supervisor stopped by a signal."""
+
+RESUMABLE_EXIT_CODES = INTERRUPTED_EXIT_CODES | {ExitCode.NO_HEALTHY_CAPACITY}
+"""A run that ended with one of these is stopped, not finished: started again, the supervisor continues it (after
+a stop signal; after exit 9, once nodes were added or repaired, as its message says)."""
 
 LOST_ATTEMPT_REASON = "the supervisor stopped while this attempt ran"
 """Why an attempt in flight when its supervisor died was judged (rule ``supervisor-restarted``, action restart)."""

@@ -50,7 +50,7 @@ LAYERS = [
     {"mechanisms", "checkpoints", "run", "job"},
     {"policy"},
     {"backends"},
-    {"attempt_watch", "stop_signals", "loop", "cli", "check", "reference", "__main__", "__init__"},
+    {"attempt_watch", "preemption_watch", "stop_signals", "loop", "cli", "check", "reference", "__main__", "__init__"},
 ]
 """The supervisor's layers, lowest first (docs/code-layout.md): a module imports from its own layer and those
 below it, never above, so that decisions and values never pull in what acts on processes, Ray or files."""

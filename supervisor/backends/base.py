@@ -218,6 +218,21 @@ class JobBackend(ABC):
         """Keep the next attempts off ``node_id`` (drain it in Ray, with ``message``)."""
         return DrainOutcome(node_id, False, "this backend cannot drain a node")
 
+    def draining_nodes(self) -> dict[str, int]:
+        """The nodes Ray is draining, each with its deadline (ms since the epoch, 0: none). This default is one
+        machine, which nobody drains from under the job. Raises when the cluster does not answer."""
+        return {}
+
+    def nodes_holding(self, job: RunningJob) -> set[str]:
+        """The nodes that hold the attempt's live actors or placement-group bundles. Raises when the cluster does
+        not answer."""
+        return set()
+
+    def cluster_nodes(self) -> list[NodeInfo]:
+        """Every node of the cluster as Ray knows it (empty: one machine). Raises when the cluster does not
+        answer."""
+        return []
+
     @abstractmethod
     def stale_processes(self) -> list[ProcessInfo]:
         """End processes of this run left by an earlier supervisor (which died) and say which they were."""

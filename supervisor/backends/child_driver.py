@@ -38,8 +38,8 @@ from supervisor.mechanisms.marked import find_marked_processes
 from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.processes import ProcessInfo, terminate_processes
 from supervisor.mechanisms.ray_auth import auth_env
-from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node
-from supervisor.mechanisms.ray_state import RayStateClient
+from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node, draining_nodes
+from supervisor.mechanisms.ray_state import NodeInfo, RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.outcomes import ExitStatus
 from supervisor.run.events import Event, StandbyStarted
@@ -200,6 +200,24 @@ class ChildDriverBackend(JobBackend):
         if not self.cluster.spans_machines:
             return super().exclude_node(node_id, message)
         return drain_node(self.cluster.gcs_address, node_id, message, self._ray.api_timeout_s)
+
+    def draining_nodes(self) -> dict[str, int]:
+        if not self.cluster.spans_machines:
+            return super().draining_nodes()
+        return draining_nodes(self.cluster.gcs_address, self._ray.api_timeout_s)
+
+    def nodes_holding(self, job: RunningJob) -> set[str]:
+        state = self.cluster.state_client()
+        ray_job_id = self._ray_job_id(job, state)
+        if state is None or ray_job_id is None:
+            return set()  # its driver has not connected yet: nothing placed anywhere
+        return state.nodes_holding(ray_job_id)
+
+    def cluster_nodes(self) -> list[NodeInfo]:
+        state = self.cluster.state_client()
+        if not self.cluster.spans_machines or state is None:
+            return super().cluster_nodes()
+        return state.nodes()
 
     def _sweeper(self, job: RunningJob) -> Sweeper | None:
         if not (self.cluster.spans_machines and self.teardown_config.sweep_nodes):

@@ -46,8 +46,8 @@ from supervisor.mechanisms.node_probe import attempt_sweeper
 from supervisor.mechanisms.outage import BoundedCalls, Outage
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_auth import auth_env, refusal_hint
-from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node
-from supervisor.mechanisms.ray_state import RayStateClient
+from supervisor.mechanisms.ray_drain import DrainOutcome, drain_node, draining_nodes
+from supervisor.mechanisms.ray_state import NodeInfo, RayStateClient
 from supervisor.mechanisms.stacks import StackDump, dump_remote_stacks, dump_stacks
 from supervisor.outcomes import ExitStatus
 from supervisor.run.events import Event
@@ -316,6 +316,18 @@ class JobsBackend(JobBackend):
         if not self._ray.gcs_address:
             return DrainOutcome(node_id, False, "no ray.gcs_address to drain it through")
         return drain_node(self._ray.gcs_address, node_id, message, self._ray.api_timeout_s)
+
+    def draining_nodes(self) -> dict[str, int]:
+        if not self._ray.gcs_address:
+            return super().draining_nodes()  # the GCS is how Ray tells; without its address nothing is watched
+        return draining_nodes(self._ray.gcs_address, self._ray.api_timeout_s)
+
+    def nodes_holding(self, job: RunningJob) -> set[str]:
+        ray_job_id = self._ray_job_id(job)
+        return self._state.nodes_holding(ray_job_id) if ray_job_id is not None else set()
+
+    def cluster_nodes(self) -> list[NodeInfo]:
+        return self._state.nodes()
 
     def stale_processes(self) -> list[ProcessInfo]:
         """Stop this run's submissions that an earlier supervisor of the run left running (before any attempt:

@@ -60,7 +60,7 @@ class HeartbeatServer:
         self._advertise_host = advertise_host or listen_host
         self._thread = threading.Thread(target=self._server.serve_forever, name="heartbeat-server", daemon=True)
         self._urgent = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._save_requested = threading.Event()
+        self._save_requested: set[int] = set()  # attempts; written by the loop, read by the handler threads
         self.past_save_s: float | None = None
         """The run's longest save in its earlier attempts, said to the job in every answer (``PAST_SAVE_FIELD``)."""
 
@@ -80,19 +80,19 @@ class HeartbeatServer:
         """Readable once an error record has arrived that ``take_received`` has not returned yet."""
         return self._urgent
 
-    def request_save(self) -> None:
-        """From now on, every accepted beat is answered with the request to save at the next safe point and stop
-        (``SAVE_REQUEST_FIELD``): only the run's own processes, which hold the token, ever learn of it."""
-        self._save_requested.set()
+    def request_save(self, attempt: int) -> None:
+        """From now on, every accepted beat of ``attempt`` is answered with the request to save at the next safe
+        point and stop (``SAVE_REQUEST_FIELD``): only the run's own processes, which hold the token, ever learn
+        of it, and the next attempt (after a preemption) is not asked."""
+        self._save_requested = self._save_requested | {attempt}
 
-    @property
-    def save_requested(self) -> bool:
-        return self._save_requested.is_set()
+    def save_requested(self, attempt: int) -> bool:
+        return attempt in self._save_requested
 
-    def answer(self) -> dict[str, object]:
-        """What an accepted beat is answered with (nothing: 204)."""
+    def answer(self, attempt: object = None) -> dict[str, object]:
+        """What an accepted beat of ``attempt`` is answered with (nothing: 204)."""
         answer: dict[str, object] = {}
-        if self._save_requested.is_set():
+        if attempt in self._save_requested:
             answer[SAVE_REQUEST_FIELD] = True
         if self.past_save_s is not None:
             answer[PAST_SAVE_FIELD] = self.past_save_s
@@ -158,7 +158,7 @@ def _handler_for(server: HeartbeatServer) -> type[BaseHTTPRequestHandler]:
                 return
             if not server._accept(payload):
                 self._reply(429)
-            elif answer := server.answer():
+            elif answer := server.answer(payload.get("attempt")):
                 self._reply(200, json.dumps(answer).encode())
             else:
                 self._reply(204)

@@ -142,6 +142,15 @@ class RayStateClient:
             for node in self._list("nodes", [], detail=True)
         ]
 
+    def nodes_holding(self, job_id: str) -> set[str]:
+        """The nodes that hold something of the job now: a live actor, or a bundle of a placement group it
+        created that is not removed (reserved, with or without an actor in it)."""
+        held = {actor.node_id for actor in self.live_actors(job_id) if actor.node_id}
+        filters = [("creator_job_id", "=", job_id), ("state", "!=", "REMOVED")]
+        for group in self._list("placement_groups", filters, detail=True):
+            held.update(bundle["node_id"] for bundle in group.get("bundles") or [] if bundle.get("node_id"))
+        return held
+
     def job_actor_nodes(self, job_id: str) -> set[str]:
         """Every node where an actor of the job ran, live or dead."""
         return {a["node_id"] for a in self._list("actors", [("job_id", "=", job_id)]) if a.get("node_id")}

@@ -12,22 +12,31 @@ The order is the order of what a relaunch needs:
 2. the teardown and its fence (``TearDown``): nothing may start next to what is left of an attempt;
 3. the restart policy (budget, crash loop, repeated failure, backoff);
 4. before a restart, the nodes the attempt used (``ReadNodes``), then those to drain (``Exclude``), then whether
-   what is left can hold the job.
+   what is left can hold the job: after a preemption, waiting a bounded time for a node to take the preempted
+   one's place (``AwaitCapacity``).
 """
 
 from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from supervisor.config import NodesConfig, RestartConfig, RuleConfig
+from supervisor.config import NodesConfig, PreemptionConfig, RestartConfig, RuleConfig
 from supervisor.mechanisms.volume import CheckpointSpace
 from supervisor.outcomes import Action, ExitCode
 from supervisor.policy import disk, nodes
 from supervisor.policy.nodes import Exclusion, NodeFindings
-from supervisor.policy.restart import Decision, Restart, Stop, after_attempt, after_teardown, resume_not_honoured
+from supervisor.policy.restart import (
+    Decision,
+    Restart,
+    Stop,
+    after_attempt,
+    after_teardown,
+    preempted_attempt,
+    resume_not_honoured,
+)
 from supervisor.policy.rules import AttemptEvidence, Classification, classify
 from supervisor.run.history import RunHistory
 
@@ -43,6 +52,25 @@ class Fence:
 
     fenced: bool
     problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """Ray drained nodes the attempt held while it ran (a preemption notice)."""
+
+    nodes: frozenset[str]
+    reason: str
+    """What happened, for the attempt's verdict (the nodes, the deadline, what was saved)."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How the wait for the cluster to hold the job again ended."""
+
+    met: bool
+    waited_s: float
+    missing: tuple[tuple[str, float], ...] = ()
+    """What was still short when the wait ended (resource name, amount)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,10 @@ class Observed:
     """Nodes the supervisor drained after earlier attempts."""
     drained: tuple[Exclusion, ...] | None = None
     """The exclusions Ray accepted before the next attempt (None: none asked for yet)."""
+    preemption: Preemption | None = None
+    """The attempt's nodes Ray drained while it ran (None: no preemption notice)."""
+    capacity: Capacity | None = None
+    """How the wait for capacity ended (None: not waited)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +124,16 @@ class Exclude:
     exclusions: tuple[Exclusion, ...]
 
 
-Step = Record | TearDown | ReadNodes | Exclude | Restart | Stop
+@dataclass(frozen=True)
+class AwaitCapacity:
+    """Wait at most ``wait_s`` until the live nodes, less ``gone`` and those Ray is draining, hold ``demand``."""
+
+    demand: tuple[tuple[str, float], ...]
+    gone: frozenset[str]
+    wait_s: float
+
+
+Step = Record | TearDown | ReadNodes | Exclude | AwaitCapacity | Restart | Stop
 
 
 @dataclass(frozen=True)
@@ -103,14 +144,20 @@ class Rules:
     default_action: Action
     restart: RestartConfig
     nodes: NodesConfig
+    preemption: PreemptionConfig
 
 
 def verdict(observed: Observed, rules: Sequence[RuleConfig], default_action: Action) -> Classification:
-    """The attempt's classification: a resume not honoured, a full checkpoint disk, else the rules."""
+    """The attempt's classification: a resume not honoured, a full checkpoint disk, a preemption (unless the job
+    finished), else the rules."""
     if observed.mismatch is not None:
         return resume_not_honoured(observed.mismatch)
     full = disk_verdict(observed.evidence, observed.space)
-    return full or classify(observed.evidence, rules, default_action)
+    if full is not None:
+        return full
+    if observed.preemption is not None and not observed.evidence.clean_exit:
+        return preempted_attempt(observed.preemption.reason)
+    return classify(observed.evidence, rules, default_action)
 
 
 def disk_verdict(evidence: AttemptEvidence, space: CheckpointSpace | None) -> Classification | None:
@@ -135,29 +182,50 @@ def next_step(observed: Observed, history: RunHistory, rules: Rules, rng: random
         return decision if isinstance(decision, Stop) else ReadNodes(decision)
     if observed.nodes is None:
         return ReadNodes(observed.restart)
-    return after_nodes(observed, observed.restart, history, rules.nodes)
+    return after_nodes(observed, observed.restart, history, rules)
 
 
-def after_nodes(observed: Observed, restart: Restart, history: RunHistory, config: NodesConfig) -> Step:
-    """Drain the nodes the next attempt must not land on, and stop when what is left cannot run the job."""
+def after_nodes(observed: Observed, restart: Restart, history: RunHistory, rules: Rules) -> Step:
+    """Drain the nodes the next attempt must not land on; after a preemption, wait for what the job needs; stop
+    when what is left cannot run the job."""
     found = observed.nodes
     assert found is not None
-    if not config.exclude:
-        return restart
     if found.single_machine:
-        unhealthy = nodes.unhealthy_machine(found.health)
+        unhealthy = nodes.unhealthy_machine(found.health) if rules.nodes.exclude else None
         return Stop(ExitCode.NO_HEALTHY_CAPACITY, unhealthy) if unhealthy else restart
-    if observed.drained is None:
+    if rules.nodes.exclude and observed.drained is None:
         failed = [set(a.failure_nodes) for a in history.attempts if a.failed and not a.interrupted][-2:]
         wanted = nodes.exclusions(found.health, failed, found.used, found.cluster, observed.drained_before)
-        return Exclude(tuple(wanted)) if wanted else restart
-    if not observed.drained:
+        if wanted:
+            return Exclude(tuple(wanted))
+    drained = observed.drained or ()
+    preempted = observed.preemption.nodes if observed.preemption is not None else frozenset()
+    if not drained and not preempted:
         return restart
     demand = dict(found.demand)
-    missing = nodes.shortfall(demand, found.cluster, {*observed.drained_before, *_ids(observed.drained)})
-    if missing:
-        return Stop(ExitCode.NO_HEALTHY_CAPACITY, nodes.capacity_lost(missing, demand, observed.drained))
-    return restart
+    gone = frozenset({*observed.drained_before, *_ids(drained), *preempted})
+    missing = nodes.shortfall(demand, found.cluster, gone)
+    if not missing:
+        return restart
+    if not preempted:
+        return Stop(ExitCode.NO_HEALTHY_CAPACITY, nodes.capacity_lost(missing, demand, drained))
+    if observed.capacity is None and rules.preemption.replacement_wait_s > 0:
+        return AwaitCapacity(tuple(sorted(demand.items())), gone, rules.preemption.replacement_wait_s)
+    if observed.capacity is not None and observed.capacity.met:
+        return restart
+    short = dict(observed.capacity.missing) if observed.capacity is not None else missing
+    return Stop(ExitCode.NO_HEALTHY_CAPACITY, capacity_after_preemption(short, demand, rules.preemption))
+
+
+def capacity_after_preemption(
+    missing: Mapping[str, float], demand: Mapping[str, float], config: PreemptionConfig
+) -> str:
+    needs = ", ".join(f"{name} {demand[name]:g} ({lack:g} short)" for name, lack in sorted(missing.items()))
+    return (
+        f"after the preemption, the nodes left cannot hold the job: it reserved {needs}, and no node made up for "
+        f"it within preemption.replacement_wait_s={config.replacement_wait_s:g} s. Add nodes, then start the "
+        f"supervisor again on this run directory: it resumes from the checkpoint the preempted attempt saved"
+    )
 
 
 def _ids(exclusions: Collection[Exclusion]) -> set[str]:
@@ -175,6 +243,8 @@ def describe(step: Step) -> str:
             return "read the nodes"
         case Exclude(exclusions):
             return f"drain {', '.join(e.node_id[:8] for e in exclusions)}"
+        case AwaitCapacity(demand, _, wait_s):
+            return f"wait up to {wait_s:g} s for {', '.join(f'{name} {amount:g}' for name, amount in demand)}"
         case Restart(delay_s):
             return f"restart in {delay_s:g} s"
         case Stop(exit_code):

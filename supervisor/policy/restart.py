@@ -75,6 +75,8 @@ def after_attempt(
         return Stop(ExitCode.RESUME_NOT_HONOURED, f"not restarting: {classification.reason}")
     if classification.action is Action.fail:
         return Stop(ExitCode.JOB_FAILED, f"not restarting: {classification.reason}")
+    if classification.rule is SupervisorRule.PREEMPTED:
+        return Restart(0.0, f"relaunching on the nodes that remain: {classification.reason}")
     repeated = repeated_failure(history) if policy.stop_on_repeated_failure else None
     if repeated is not None:
         return Stop(ExitCode.JOB_FAILED, repeated.describe(), outcome=SharedOutcome.REPEATED_FAILURE)
@@ -167,6 +169,12 @@ def unknown_checkpoint_layout(folders: Sequence[str], first_problem: str) -> Sto
         f"aside or removed. Move them out of the checkpoint directory, or use a layout the supervisor knows "
         f"(docs/how-it-works/checkpoint-layouts.md)",
     )
+
+
+def preempted_attempt(reason: str) -> Classification:
+    """An attempt Ray took a node from: a stop, relaunched at once (the budget and the backoff are for the job's
+    failures)."""
+    return Classification(Action.restart, SupervisorRule.PREEMPTED, reason)
 
 
 def interrupted_attempt() -> Classification:

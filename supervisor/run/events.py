@@ -395,6 +395,105 @@ class NodeExcluded(Event):
 
 
 @dataclass(frozen=True)
+class PreemptionNotice(Event):
+    """Ray is draining nodes that hold the attempt's work (``supervisor/policy/preemption.py``): what the
+    supervisor does about it (``response``: ``save``, asking the job to save at its next safe point within
+    ``window_s``; ``end_now``, tearing the attempt down at once, ``reason`` says why)."""
+
+    kind: ClassVar[str] = "preemption_notice"
+    attempt: int
+    nodes: list[dict[str, Any]]
+    """Each node drained: ``node_id``, ``hostname``, ``deadline`` (unix seconds; None: no deadline)."""
+    deadline_in_s: float | None
+    """From the notice to the earliest deadline (None: no drain gave one)."""
+    response: str
+    window_s: float
+    reason: str = ""
+
+    def describe(self) -> str:
+        where = ", ".join(f"{n['hostname'] or '?'}/{str(n['node_id'])[:8]}" for n in self.nodes)
+        deadline = "no deadline" if self.deadline_in_s is None else f"deadline in {self.deadline_in_s:.0f} s"
+        if self.response == "save":
+            what = f"asked attempt {self.attempt} to save at its next safe point, waiting up to {self.window_s:.0f} s"
+        else:
+            what = f"ending attempt {self.attempt} at once: {self.reason}"
+        return f"PREEMPTION notice: Ray is draining {where} ({deadline}); {what}"
+
+
+@dataclass(frozen=True)
+class DrainIgnored(Event):
+    """A node Ray is draining that is not a notice for this run (said once per node)."""
+
+    kind: ClassVar[str] = "drain_ignored"
+    attempt: int
+    node_id: str
+    hostname: str
+    deadline: float | None
+    reason: str
+
+    def describe(self) -> str:
+        return f"node {self.hostname or '?'}/{self.node_id[:8]} is draining in Ray; ignored: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PreemptionSave(Event):
+    """How the wait for the job's save after a preemption notice ended."""
+
+    kind: ClassVar[str] = "preemption_save"
+    attempt: int
+    waited_s: float
+    window_s: float
+    exited: bool
+    emergency_checkpoint: dict[str, Any] | None = None
+    cut_short_by: str | None = None
+    """Why the driver was not waited for any longer (``exited`` false)."""
+
+    def describe(self) -> str:
+        saved = EmergencyCheckpoint.from_dict(self.emergency_checkpoint)
+        if not self.exited:
+            return f"attempt {self.attempt} saved nothing before its node went: {self.cut_short_by}"
+        what = saved.summary() if saved is not None else "its driver exited without saying what it saved"
+        return f"attempt {self.attempt} ended for the preemption after {self.waited_s:.1f} s: {what}"
+
+
+@dataclass(frozen=True)
+class CapacityShort(Event):
+    """After a preemption, the nodes left cannot hold what the job reserved: the supervisor waits for more."""
+
+    kind: ClassVar[str] = "capacity_short"
+    attempt: int
+    demand: dict[str, float]
+    missing: dict[str, float]
+    wait_s: float
+
+    def describe(self) -> str:
+        short = ", ".join(f"{name} {lack:g}" for name, lack in sorted(self.missing.items()))
+        return (
+            f"the nodes left after the preemption cannot hold the job ({short} short): waiting up to "
+            f"{self.wait_s:g} s for a node to join (preemption.replacement_wait_s)"
+        )
+
+
+@dataclass(frozen=True)
+class CapacityWait(Event):
+    """After a preemption, the wait for the nodes left to hold what the job reserved."""
+
+    kind: ClassVar[str] = "capacity_wait"
+    attempt: int
+    demand: dict[str, float]
+    waited_s: float
+    met: bool
+    missing: dict[str, float]
+    """What was still short at the end (empty when met)."""
+
+    def describe(self) -> str:
+        if self.met:
+            return f"the cluster holds the job again after {self.waited_s:.1f} s: relaunching"
+        short = ", ".join(f"{name} {lack:g}" for name, lack in sorted(self.missing.items()))
+        return f"no node made up for the preempted ones in {self.waited_s:.1f} s ({short} short)"
+
+
+@dataclass(frozen=True)
 class Backoff(Event):
     kind: ClassVar[str] = "backoff"
     next_attempt: int

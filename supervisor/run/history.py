@@ -90,8 +90,9 @@ class AttemptRecord:
 
     @property
     def interrupted(self) -> bool:
-        """Ended because the supervisor was stopped by a signal: not the job's failure."""
-        return self.rule is SupervisorRule.INTERRUPTED
+        """Ended because the supervisor was stopped by a signal, or because Ray drained one of its nodes (a
+        preemption): not the job's failure."""
+        return self.rule is SupervisorRule.INTERRUPTED or self.rule is SupervisorRule.PREEMPTED  # members, not names
 
     @property
     def lost(self) -> bool:
@@ -120,7 +121,8 @@ class RunHistory:
 
     @property
     def counted_attempts(self) -> int:
-        """Attempts the restart budget counts: all but those a stop signal ended (a preemption is not a failure)."""
+        """Attempts the restart budget counts: all but those a stop signal or a preemption notice ended (neither is the
+        job's failure)."""
         return sum(not a.interrupted for a in self.attempts)
 
     @property
@@ -166,7 +168,7 @@ class RunHistory:
         self.state = state
 
     def finish(self, exit_code: int, outcome: str, *, resumable: bool = False) -> None:
-        """The supervisor is done with the run: FINISHED, or STOPPED when ``resumable`` (a stop signal)."""
+        """The supervisor is done with the run: FINISHED, or STOPPED when ``resumable`` (``RESUMABLE_EXIT_CODES``)."""
         if self.state is RunState.FINISHED:
             raise IllegalTransition(f"run {self.run_id} already finished ({self.outcome})")
         self.state = RunState.STOPPED if resumable else RunState.FINISHED

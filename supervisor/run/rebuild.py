@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from supervisor.outcomes import INTERRUPTED_EXIT_CODES, LOST_ATTEMPT_REASON, Action, SupervisorRule
+from supervisor.outcomes import LOST_ATTEMPT_REASON, RESUMABLE_EXIT_CODES, Action, SupervisorRule
 from supervisor.run.history import AttemptRecord, RunHistory, RunState
 
 
@@ -64,7 +64,7 @@ def history_from_events(events: Iterable[dict[str, Any]]) -> RunHistory | None:
         elif kind == "run_finished" and isinstance(event.get("exit_code"), int):
             code = event["exit_code"]
             if not history.finished:
-                history.finish(code, str(event.get("outcome")), resumable=code in INTERRUPTED_EXIT_CODES)
+                history.finish(code, str(event.get("outcome")), resumable=code in RESUMABLE_EXIT_CODES)
     return history
 
 

@@ -9,7 +9,7 @@ folders, the supervisor's checkpoint code reads them) as a real job does.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from supervisor.backends.base import (
@@ -28,11 +28,20 @@ from supervisor.job.beat import Heartbeat
 from supervisor.mechanisms.gpu_memory import GpuMemoryCheck
 from supervisor.mechanisms.processes import ProcessInfo
 from supervisor.mechanisms.ray_drain import DrainOutcome
+from supervisor.mechanisms.ray_state import NodeInfo
 from supervisor.mechanisms.stacks import StackDump
 from supervisor.outcomes import ExitStatus
 from supervisor.run.events import ClusterStarted, Event
 from tests.supervisor.checkpoint_files import write_step
-from verl_hooks.contract import ErrorRecord, HeartbeatKind, write_record
+from verl_hooks.contract import (
+    EmergencyCheckpoint,
+    EmergencyStatus,
+    EmergencyTrigger,
+    ErrorRecord,
+    HeartbeatKind,
+    RecordSource,
+    write_record,
+)
 
 
 class FakeClock:
@@ -73,12 +82,16 @@ class FakeHeartbeats:
     def fileno(self) -> int:
         raise AssertionError("the fake backend does not wait on file descriptors")
 
-    save_requested: bool = False
+    saves_requested: list[int] = field(default_factory=list)
+    """The attempts asked to save and stop, in order."""
     past_save_s: float | None = None
     """What every answer to the job's beats says of the run's longest earlier save (the real server's field)."""
 
-    def request_save(self) -> None:
-        self.save_requested = True
+    def request_save(self, attempt: int) -> None:
+        self.saves_requested.append(attempt)
+
+    def save_requested(self, attempt: int) -> bool:
+        return attempt in self.saves_requested
 
 
 @dataclass
@@ -99,6 +112,38 @@ class Attempt:
     """What the fence finds left of it."""
     nodes: NodesSeen = field(default_factory=NodesSeen)
     """What its nodes read after it failed (by default: nothing, as on a machine the fake knows nothing of)."""
+    drains: tuple[tuple[float, str, float | None], ...] = ()
+    """(seconds after launch, node id, deadline in seconds after that, None: none) of each node Ray starts
+    draining while it runs (a drain stays for the rest of the run, as in Ray until the node is gone)."""
+    holds: frozenset[str] = frozenset()
+    """The nodes that hold its actors or placement-group bundles."""
+    on_save_request: SaveAnswer | None = None
+    """How it answers a request to save and stop (None: it does not hear it, as a job without the hook)."""
+
+
+@dataclass(frozen=True)
+class SaveAnswer:
+    """A job asked to save at its next safe point: it ends ``takes_s`` after the request, with exit 143 and the
+    record the launcher writes for ``StopRequested``, having saved ``step`` (None: saved nothing)."""
+
+    takes_s: float
+    step: int | None
+
+    def record(self) -> ErrorRecord:
+        saved = EmergencyCheckpoint(
+            EmergencyStatus.SAVED if self.step is not None else EmergencyStatus.SKIPPED,
+            EmergencyTrigger.STOP_REQUEST,
+            self.step,
+            elapsed_s=self.takes_s / 2,
+        )
+        return ErrorRecord(
+            error_type="verl_hooks.errors.StopRequested",
+            message="the supervisor asked the job to stop",
+            source=RecordSource.LAUNCHER,
+            exit_code=143,
+            global_step=self.step,
+            emergency_checkpoint=saved.to_dict(),
+        )
 
 
 class FakeBackend(JobBackend):
@@ -139,6 +184,15 @@ class FakeBackend(JobBackend):
         self._specs: dict[int, LaunchSpec] = {}
         self._scripts: dict[int, Attempt] = {}
         """The scripts in launch order: attempt numbers continue a run's history."""
+        self.draining: dict[str, int] = {}
+        """What Ray drains (node id to deadline in ms), as the attempts' ``drains`` add to it."""
+        self.drains_unanswered = False
+        """``draining_nodes`` raises, as a GCS that does not answer."""
+        self.cluster: list[NodeInfo] = []
+        """What ``cluster_nodes`` says (the loop's wait for capacity reads it)."""
+        self.joins: list[tuple[float, NodeInfo]] = []
+        """(monotonic time, node) of nodes that join the cluster then."""
+        self._save_asked_at: dict[int, float] = {}
 
     def _step(self, name: str) -> None:
         self.calls.append(name)
@@ -178,6 +232,12 @@ class FakeBackend(JobBackend):
         script = self._script(job.attempt)
         elapsed = self.fake_clock.mono - self._started_at[job.attempt]
         ends_in = script.runs_s - elapsed if script.exit is not None else None
+        answer, saving = script.on_save_request, False
+        if answer is not None and self.heartbeats.save_requested(job.attempt):
+            asked_at = self._save_asked_at.setdefault(job.attempt, self.fake_clock.mono)
+            saved_in = asked_at + answer.takes_s - self.fake_clock.mono
+            if ends_in is None or saved_in < ends_in:
+                ends_in, saving = saved_in, True
         if timeout_s is None:
             assert ends_in is not None, "the loop would wait forever for a job that never ends"
             step = ends_in
@@ -186,6 +246,11 @@ class FakeBackend(JobBackend):
         self.fake_clock.advance(max(0.0, step))
         self._deliver_beats(job.attempt, script)
         if ends_in is not None and step >= ends_in:
+            if saving:  # the save it was asked for is done: it ends as the launcher ends it on StopRequested
+                assert answer is not None
+                saved = (*script.saves, *([answer.step] if answer.step is not None else []))
+                script = replace(script, exit=ExitStatus(code=143), record=answer.record(), saves=saved)
+                self._scripts[job.attempt] = script
             self._finish(job, script)
             return script.exit
         return None
@@ -237,6 +302,24 @@ class FakeBackend(JobBackend):
     def exclude_node(self, node_id: str, message: str) -> DrainOutcome:
         self.drained.append((node_id, message))
         return DrainOutcome(node_id, node_id not in self.undrainable, "refused" if node_id in self.undrainable else "")
+
+    def draining_nodes(self) -> dict[str, int]:
+        if self.drains_unanswered:
+            raise OSError("the GCS did not answer")
+        for attempt, script in self._scripts.items():
+            elapsed = self.fake_clock.mono - self._started_at[attempt]
+            for at_s, node_id, deadline_in_s in script.drains:
+                if at_s <= elapsed and node_id not in self.draining:
+                    start = self.fake_clock.wall - (elapsed - at_s)
+                    self.draining[node_id] = 0 if deadline_in_s is None else int((start + deadline_in_s) * 1000)
+        return dict(self.draining)
+
+    def nodes_holding(self, job: RunningJob) -> set[str]:
+        return set(self._script(job.attempt).holds)
+
+    def cluster_nodes(self) -> list[NodeInfo]:
+        joined = [node for at, node in self.joins if at <= self.fake_clock.mono]
+        return [*self.cluster, *joined]
 
     def stale_processes(self) -> list[ProcessInfo]:
         self._step("stale_processes")

@@ -9,14 +9,17 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.config import NodesConfig, RestartConfig, RuleConfig
+from supervisor.config import NodesConfig, PreemptionConfig, RestartConfig, RuleConfig
 from supervisor.mechanisms.ray_state import NodeInfo
 from supervisor.mechanisms.volume import CheckpointSpace, Volume
 from supervisor.outcomes import Action, ExitCode, ExitStatus, SupervisorRule
 from supervisor.policy.judgement import (
+    AwaitCapacity,
+    Capacity,
     Exclude,
     Fence,
     Observed,
+    Preemption,
     ReadNodes,
     Record,
     Rules,
@@ -39,8 +42,10 @@ RULES = [
 RESTART = RestartConfig(max_restarts=3, backoff_initial_s=2.0, backoff_jitter_s=0.0)
 
 
-def rules(**nodes: bool) -> Rules:
-    return Rules(RULES, Action.restart, RESTART, NodesConfig(**nodes))
+def rules(replacement_wait_s: float = 300.0, **nodes: bool) -> Rules:
+    return Rules(
+        RULES, Action.restart, RESTART, NodesConfig(**nodes), PreemptionConfig(replacement_wait_s=replacement_wait_s)
+    )
 
 
 def sync_failure(exit_code: int = 75, message: str = "weight sync failed") -> AttemptEvidence:
@@ -76,6 +81,27 @@ SICK_A = NodeHealth(WORKER_A, "gpu-a", ("GPU 3: 2 uncorrectable ECC error(s) sin
 WELL_B = NodeHealth(WORKER_B, "gpu-b")
 RESTARTING = Classification(Action.restart, "weight-sync-failure", "exit 75")
 FENCED = Fence(True)
+
+
+PREEMPTED_A = Preemption(frozenset({WORKER_A}), "Ray drained gpu-a/aaaaaaaa (a preemption notice); saved step 7")
+STOPPED_FOR_IT = AttemptEvidence(ExitStatus(code=143), ErrorRecord("StopRequested", "stop", RecordSource.LAUNCHER), "")
+PREEMPTED = Classification(Action.restart, SupervisorRule.PREEMPTED, PREEMPTED_A.reason)
+HEALTHY = NodeFindings(
+    (NodeHealth(WORKER_A, "gpu-a"), WELL_B), frozenset({WORKER_A, WORKER_B}), CLUSTER, (("GPU", 8.0),)
+)
+
+
+def preempted(**changes) -> Observed:
+    """An attempt that saved and ended for a preemption notice of worker A, recorded, fenced, its nodes read."""
+    base = Observed(
+        STOPPED_FOR_IT,
+        preemption=PREEMPTED_A,
+        recorded=PREEMPTED,
+        fence=FENCED,
+        restart=Restart(0.0, "relaunching"),
+        nodes=HEALTHY,
+    )
+    return replace(base, **changes)
 
 
 def after_fence(**changes) -> Observed:
@@ -127,6 +153,31 @@ CASES: list[tuple[str, Observed, RunHistory, Rules, Step]] = [
         rules(),
         Record(Classification(Action.restart, SupervisorRule.DEFAULT, "")),
     ),
+    (
+        "a notice for the attempt's node: a preemption, whatever it exited with",
+        Observed(STOPPED_FOR_IT, preemption=PREEMPTED_A),
+        history("restart"),
+        rules(),
+        Record(PREEMPTED),
+    ),
+    (
+        "a job that finished while its node was being drained is done",
+        Observed(AttemptEvidence(ExitStatus(code=0)), preemption=PREEMPTED_A),
+        history("restart"),
+        rules(),
+        Record(Classification(Action.done, "success", "")),
+    ),
+    (
+        "a full checkpoint disk outranks the preemption: the relaunch could not save either",
+        Observed(
+            sync_failure(message="[Errno 28] No space left on device"),
+            preemption=PREEMPTED_A,
+            space=space(free_bytes=1 << 30),
+        ),
+        history("restart"),
+        rules(),
+        Record(Classification(Action.fail, SupervisorRule.DISK_FULL, "")),
+    ),
     # --- the teardown ---
     ("recorded: tear down", Observed(sync_failure(), recorded=RESTARTING), history("restart"), rules(), TearDown()),
     (
@@ -166,6 +217,13 @@ CASES: list[tuple[str, Observed, RunHistory, Rules, Step]] = [
         history("restart", "restart", "restart", "restart", "restart", reached=1),
         rules(),
         Stop(ExitCode.BUDGET_EXHAUSTED, ""),
+    ),
+    (
+        "preempted: relaunched at once, whatever the budget says (a preemption is not the job's failure)",
+        Observed(STOPPED_FOR_IT, preemption=PREEMPTED_A, recorded=PREEMPTED, fence=FENCED),
+        history("restart", "restart", "restart", "restart", "restart", reached=1),
+        rules(),
+        ReadNodes(Restart(0.0, "")),
     ),
     # --- the nodes ---
     (
@@ -225,6 +283,55 @@ CASES: list[tuple[str, Observed, RunHistory, Rules, Step]] = [
         Restart(2.0, ""),
     ),
     (
+        "preempted, and the node left holds the job: relaunch",
+        preempted(),
+        history("restart"),
+        rules(),
+        Restart(0.0, ""),
+    ),
+    (
+        "preempted, and the nodes left cannot hold the job: wait for a replacement",
+        preempted(nodes=replace(HEALTHY, demand=(("GPU", 16.0),))),
+        history("restart"),
+        rules(),
+        AwaitCapacity((("GPU", 16.0),), frozenset({WORKER_A}), 300.0),
+    ),
+    (
+        "preempted, and nodes.exclude=false: the capacity is still waited for",
+        preempted(nodes=replace(HEALTHY, demand=(("GPU", 16.0),))),
+        history("restart"),
+        rules(exclude=False),
+        AwaitCapacity((("GPU", 16.0),), frozenset({WORKER_A}), 300.0),
+    ),
+    (
+        "a node drained after an earlier attempt stays gone while the capacity is judged",
+        preempted(nodes=replace(HEALTHY, demand=(("GPU", 8.0),)), drained_before=frozenset({WORKER_B})),
+        history("restart"),
+        rules(),
+        AwaitCapacity((("GPU", 8.0),), frozenset({WORKER_A, WORKER_B}), 300.0),
+    ),
+    (
+        "a replacement joined within the wait: relaunch",
+        preempted(nodes=replace(HEALTHY, demand=(("GPU", 16.0),)), capacity=Capacity(True, 42.0)),
+        history("restart"),
+        rules(),
+        Restart(0.0, ""),
+    ),
+    (
+        "no replacement within the wait: stop with exit 9, resumable once nodes are added",
+        preempted(nodes=replace(HEALTHY, demand=(("GPU", 16.0),)), capacity=Capacity(False, 300.0, (("GPU", 8.0),))),
+        history("restart"),
+        rules(),
+        Stop(ExitCode.NO_HEALTHY_CAPACITY, "preemption.replacement_wait_s=300 s"),
+    ),
+    (
+        "preemption.replacement_wait_s=0: stop at once",
+        preempted(nodes=replace(HEALTHY, demand=(("GPU", 16.0),))),
+        history("restart"),
+        rules(replacement_wait_s=0.0),
+        Stop(ExitCode.NO_HEALTHY_CAPACITY, "GPU 16 (8 short)"),
+    ),
+    (
         "the embedded cluster's one machine with a sick GPU: no healthy capacity",
         after_fence(nodes=NodeFindings((replace(SICK_A, node_id="local"),), frozenset({"local"}), single_machine=True)),
         history("restart"),
@@ -280,7 +387,7 @@ def test_a_node_named_as_the_place_of_the_failure_twice_is_drained_though_health
 
 
 def test_the_backoffs_jitter_is_drawn_once_and_kept_while_the_nodes_are_judged() -> None:
-    jittery = Rules(RULES, Action.restart, replace(RESTART, backoff_jitter_s=5.0), NodesConfig())
+    jittery = Rules(RULES, Action.restart, replace(RESTART, backoff_jitter_s=5.0), NodesConfig(), PreemptionConfig())
     observed = Observed(sync_failure(), recorded=RESTARTING, fence=FENCED)
     rng = random.Random(7)
     first = next_step(observed, history("restart"), jittery, rng)

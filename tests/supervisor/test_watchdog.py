@@ -255,13 +255,13 @@ def test_a_driver_frozen_during_a_save_is_still_caught() -> None:
     assert stall.kind is StallKind.DRIVER_FROZEN
 
 
-def test_the_server_answers_a_beat_with_the_save_request_only_once_asked() -> None:
+def test_the_server_answers_a_beat_with_the_save_request_only_once_asked_and_only_to_its_attempt() -> None:
     server = HeartbeatServer()
     server.start()
     try:
 
-        def post() -> tuple[int, bytes]:
-            body = json.dumps({"kind": "alive", "attempt": 1}).encode()
+        def post(attempt: int = 1) -> tuple[int, bytes]:
+            body = json.dumps({"kind": "alive", "attempt": attempt}).encode()
             request = urllib.request.Request(
                 server.url,
                 data=body,
@@ -287,9 +287,11 @@ def test_the_server_answers_a_beat_with_the_save_request_only_once_asked() -> No
         assert heartbeat.past_save_s() == 7.5
         assert not heartbeat.save_requested()
 
-        server.request_save()
+        server.request_save(1)
         status, answer = post()
         assert (status, json.loads(answer)) == (200, {"save_requested": True, "past_save_s": 7.5})
+        status, answer = post(attempt=2)
+        assert (status, json.loads(answer)) == (200, {"past_save_s": 7.5}), "the next attempt is not asked"
         assert sender.post_now(HeartbeatKind.SYNC_END, step=4, duration_s=0.1)
         assert heartbeat.save_requested(), "the job learns it from the answer to its own beat"
     finally:
