@@ -290,7 +290,8 @@ class Supervisor:
                     torn_down = self._teardown(job)
                     observed = replace(observed, fence=Fence(torn_down.fenced, tuple(torn_down.problems)))
                 case ReadNodes(restart):
-                    found = self._read_nodes(job, record, evidence, torn_down)
+                    gone = observed.preemption.nodes if observed.preemption is not None else frozenset()
+                    found = self._read_nodes(job, record, evidence, torn_down, gone)
                     observed = replace(observed, restart=restart, nodes=found)
                 case Exclude(exclusions):
                     observed = replace(observed, drained=self._exclude(job.attempt, exclusions))
@@ -672,14 +673,19 @@ class Supervisor:
         return result
 
     def _read_nodes(
-        self, job: RunningJob, record: AttemptRecord, evidence: AttemptEvidence, torn_down: TeardownResult
+        self,
+        job: RunningJob,
+        record: AttemptRecord,
+        evidence: AttemptEvidence,
+        torn_down: TeardownResult,
+        preempted: frozenset[str],
     ) -> NodeFindings:
-        """The health of the nodes the attempt used, and the nodes its error names as the place of its failure."""
+        """The health of the nodes the attempt used, and the nodes its error names as the place of its failure.
+        A node preempted with notice that has gone is not judged: it left as Ray announced, not for its health."""
         with self.signals.deferred():
             seen = self.backend.nodes_after(job, torn_down)
-        found = nodes.findings(
-            seen.readings, self._node_readings, seen.ran_on, seen.nodes, seen.demand, seen.single_machine
-        )
+        ran_on = seen.ran_on - preempted
+        found = nodes.findings(seen.readings, self._node_readings, ran_on, seen.nodes, seen.demand, seen.single_machine)
         self._node_readings.update({n: r for n, _, r in seen.readings})
         for verdict in found.health:
             self.events.emit(
@@ -754,6 +760,7 @@ class Supervisor:
                 delay_s=decision.delay_s,
                 restarts_used=self.history.restarts_used,
                 max_restarts=self.config.restart.max_restarts,
+                counted=not self.history.attempts[-1].interrupted,
             )
         )
         with self.signals.raising():

@@ -500,8 +500,15 @@ class Backoff(Event):
     delay_s: float
     restarts_used: int
     max_restarts: int
+    counted: bool = True
+    """False after a preemption: the relaunch is not one of ``restart.max_restarts``."""
 
     def describe(self) -> str:
+        if not self.counted:
+            return (
+                f"relaunch after a preemption (not counted against restart.max_restarts): attempt "
+                f"{self.next_attempt} in {self.delay_s:.1f} s"
+            )
         return (
             f"restart {self.restarts_used + 1} of {self.max_restarts}: attempt {self.next_attempt} "
             f"in {self.delay_s:.1f} s"

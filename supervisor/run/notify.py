@@ -28,7 +28,7 @@ MAX_QUEUED = 32
 @dataclass(frozen=True)
 class Message:
     about: str
-    """``restart``, ``node_excluded``, ``give_up``, ``finish`` or ``interrupted``."""
+    """``restart``, ``preemption``, ``node_excluded``, ``give_up``, ``finish`` or ``interrupted``."""
     text: str
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -39,6 +39,13 @@ def message_for(entry: Mapping[str, Any], last_exit: Mapping[str, Any] | None) -
     error = None
     if last_exit is not None:
         error = error_line(last_exit.get("record"), last_exit.get("reason"))
+    if entry["event"] == Backoff.kind and entry.get("counted") is False:  # after a preemption
+        reason = last_exit.get("reason") if last_exit is not None else None
+        text = (
+            f"verl-supervisor run {run}: attempt {entry['next_attempt'] - 1} PREEMPTED: {reason}; "
+            f"relaunching on the nodes that remain (not counted against the restart budget)"
+        )
+        return Message("preemption", text, {"next_attempt": entry["next_attempt"], "reason": reason})
     if entry["event"] == Backoff.kind:
         text = (
             f"verl-supervisor run {run}: attempt {entry['next_attempt'] - 1} failed ({error or 'unknown error'}); "

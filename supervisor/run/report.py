@@ -82,6 +82,7 @@ def markdown(run_dir: Path, status: RunStatus, picture: str | None) -> str:
         lines.append(f"- **Last error**: {status.last_error}")
     lines += [f"- **Node unhealthy**: {node}: {problems}" for node, problems in status.unhealthy_nodes.items()]
     lines += [f"- **Node excluded** (drained in Ray): {node}: {why}" for node, why in status.excluded_nodes.items()]
+    lines += [f"- **Preempted**: {line}" for line in status.preemptions]
     lines += ["", "## Attempts", "", "| # | resumed from | duration | exit | verdict | error | reached |"]
     lines.append("|---|---|---|---|---|---|---|")
     for attempt in status.attempts:

@@ -65,6 +65,8 @@ class RunStatus:
     """``host/node`` to its problems, for each node whose last health check after a failure found it unhealthy."""
     excluded_nodes: dict[str, str] = field(default_factory=dict)
     """``host/node`` to why, for each node drained in Ray so that no attempt lands there again."""
+    preemptions: list[str] = field(default_factory=list)
+    """One line per preemption notice: the attempt, the nodes Ray drained, and what the job saved."""
     table: str = ""
     damage: list[str] = field(default_factory=list)
     """What of the run's files could not be read, and what was done instead (skipped lines, a rebuilt history)."""
@@ -239,6 +241,7 @@ class StatusReader:
             excluded_nodes={
                 _node_name(e): e.get("reason") for e in events if e["event"] == "node_excluded" and e.get("drained")
             },
+            preemptions=preemption_lines(events),
             table=attempts_table(history),
             damage=damage,
             written_bytes=written_bytes(self.run_dir),
@@ -262,6 +265,26 @@ def _megabytes(n: int) -> str:
 
 def _node_name(event: dict[str, Any]) -> str:
     return f"{event.get('hostname') or '?'}/{str(event.get('node_id'))[:8]}"
+
+
+def preemption_lines(events: list[dict[str, Any]]) -> list[str]:
+    """Each preemption notice in one line, with how the save it asked for ended (or that it is under way)."""
+    saves = {e.get("attempt"): e for e in events if e["event"] == "preemption_save"}
+    lines = []
+    for notice in (e for e in events if e["event"] == "preemption_notice"):
+        nodes = ", ".join(_node_name(n) for n in notice.get("nodes") or [])
+        deadline = notice.get("deadline_in_s")
+        when = "no deadline" if deadline is None else f"deadline {deadline:.0f} s after the notice"
+        saved = saves.get(notice.get("attempt"))
+        if saved is None:
+            outcome = f"saving (up to {notice.get('window_s', 0):.0f} s)"
+        elif saved.get("exited"):
+            emergency = EmergencyCheckpoint.from_dict(saved.get("emergency_checkpoint"))
+            outcome = emergency.summary() if emergency is not None else "ended without saying what it saved"
+        else:
+            outcome = f"nothing saved: {saved.get('cut_short_by')}"
+        lines.append(f"attempt {notice.get('attempt')}: {nodes} drained by Ray ({when}); {outcome}")
+    return lines
 
 
 def _unhealthy_nodes(events: list[dict[str, Any]]) -> dict[str, str]:
@@ -316,6 +339,7 @@ def render_status(status: RunStatus, now: float | None = None) -> str:
     lines.append(f"time lost to failures: {status.lost_s:.1f} s")
     lines += [f"node unhealthy: {node}: {problems}" for node, problems in status.unhealthy_nodes.items()]
     lines += [f"node excluded (drained in Ray): {node}: {why}" for node, why in status.excluded_nodes.items()]
+    lines += [f"preempted: {line}" for line in status.preemptions]
     if status.written_bytes:
         parts = ", ".join(f"{name} {_megabytes(n)}" for name, n in status.written_bytes.items())
         lines.append(f"written by the supervisor: {parts} (checkpoints not counted)")

@@ -8,6 +8,7 @@ tests/supervisor/e2e/test_preemption.py.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,14 @@ from supervisor.policy.preemption import (
     sort_drains,
     typical_step_s,
 )
+from supervisor.run.events import EventLog
 from supervisor.run.history import RunState
+from supervisor.run.notify import WebhookNotifier
+from supervisor.run.report import write_report
+from supervisor.run.status import read_status, render_status
 from tests.supervisor.fakes import Attempt, SaveAnswer
 from tests.supervisor.test_loop import WEIGHT_SYNC, success, supervise, sync_beats
+from tests.supervisor.webhook import Webhook
 from verl_hooks.contract import HeartbeatKind
 
 A, B, C, HEAD = "a" * 56, "b" * 56, "c" * 56, "h" * 56
@@ -144,7 +150,9 @@ def test_a_notice_saves_the_step_and_relaunches_at_once_without_spending_the_bud
     assert (first["action"], first["rule"], first["exit_code"]) == ("restart", "preempted", 143)
     assert "worker-a/aaaaaaaa" in first["reason"]
     assert "saved step 5" in first["reason"]
-    assert run.events("backoff")[0]["delay_s"] == 0.0, "a preemption is not backed off from"
+    (relaunch,) = run.events("backoff")
+    assert (relaunch["delay_s"], relaunch["counted"]) == (0.0, False), "a preemption is not backed off from"
+    assert "relaunch after a preemption (not counted against restart.max_restarts): attempt 2" in run.console
     assert run.events("attempt_started")[1]["resume_step"] == 5
     assert run.history().restarts_used == 0
     assert second["exit_code"] == 0
@@ -292,3 +300,38 @@ def test_with_the_watch_off_drains_are_not_read(tmp_path: Path) -> None:
     assert run.backend.draining == {}, "never asked"
     assert run.events("preemption_notice") == []
     assert run.code is ExitCode.DONE
+
+
+def test_status_the_report_and_the_webhook_say_it(tmp_path: Path) -> None:
+    hook, notifiers = Webhook(), []
+
+    def wire(events: EventLog) -> None:
+        notifier = WebhookNotifier(hook.url, {}, 5.0, events.emit)
+        events.listeners.append(notifier.on_event)
+        notifiers.append(notifier)
+
+    try:
+        run = supervise(
+            tmp_path,
+            [running(drains=((4.5, A, 30.0),)), success()],
+            *PREEMPTION,
+            prepare_backend=with_cluster,
+            wire_events=wire,
+        )
+        notifiers[0].close()
+    finally:
+        hook.close()
+    assert [body["about"] for body, _ in hook.posts] == ["preemption", "finish"]
+    alert = hook.posts[0][0]["text"]
+    assert "attempt 1 PREEMPTED: Ray drained worker-a/aaaaaaaa (a preemption notice); saved step 5" in alert
+    assert "not counted against the restart budget" in alert
+
+    status = read_status(run.run_dir, now=run.clock.wall)
+    (line,) = status.preemptions
+    assert re.fullmatch(
+        r"attempt 1: worker-a/aaaaaaaa drained by Ray \(deadline \d+ s after the notice\); saved step 5 in 1.5 s", line
+    ), line
+    assert f"preempted: {line}" in render_status(status, now=run.clock.wall)
+    assert (status.restarts_used, status.restarts_by_rule) == (0, {}), "not a restart the budget counts"
+    report, _ = write_report(run.run_dir, tmp_path / "report", now=run.clock.wall)
+    assert f"- **Preempted**: {line}" in report.read_text()
