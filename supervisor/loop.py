@@ -8,9 +8,11 @@ state.json), tear down and fence (``teardown``), read the nodes, drain some, the
 from ``supervisor.policy``; processes and Ray from the backend; files from ``supervisor.run`` and
 ``supervisor.checkpoints``; the heartbeats from ``supervisor.attempt_watch``.
 
-The loop blocks in two places only: ``_wait`` (on the job, through the backend, woken early by an urgent beat)
-and the backoff's sleep; a stop signal interrupts both. Time, sleep and randomness are injected (``Clock``,
-``rng``) so that the loop can be driven by a fake backend in tests.
+The loop blocks in three places only: ``_wait`` (on the job, through the backend, woken early by an urgent beat),
+the backoff's sleep, and after a preemption the wait for capacity (``PreemptionWatch.await_capacity``); a stop
+signal interrupts each. A preemption notice (``supervisor.preemption_watch``) ends the wait for the attempt's end
+early: the job is asked to save, and its end waited for within the drain's deadline (``_on_preemption``). Time,
+sleep and randomness are injected (``Clock``, ``rng``) so that the loop can be driven by a fake backend in tests.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from supervisor.policy import disk, judgement, nodes, preemption
 from supervisor.policy import restart as policy
 from supervisor.policy.judgement import (
     AwaitCapacity,
-    Capacity,
     Exclude,
     Fence,
     Observed,
@@ -54,7 +55,7 @@ from supervisor.policy.judgement import (
     TearDown,
 )
 from supervisor.policy.nodes import Exclusion, NodeFindings
-from supervisor.policy.preemption import AskToSave, Drain, Sorted
+from supervisor.policy.preemption import AskToSave, Drain
 from supervisor.policy.restart import Decision, Restart, Stop
 from supervisor.policy.resume import MismatchedResume, ResumeCheck
 from supervisor.policy.rules import AttemptEvidence, Classification
@@ -65,19 +66,15 @@ from supervisor.run.events import (
     AttemptExited,
     AttemptStarted,
     Backoff,
-    CapacityShort,
-    CapacityWait,
     CheckpointRotated,
     CheckpointSetAside,
     CheckpointSpaceLow,
     CheckpointsUnjudgeable,
-    DrainIgnored,
     ErrorRecordReceived,
     Event,
     EventLog,
     NodeExcluded,
     NodeHealthChecked,
-    PreemptionNotice,
     PreemptionSave,
     ResumeMismatch,
     ResumeVerified,
@@ -213,8 +210,7 @@ class Supervisor:
         self._node_readings: dict[str, NodeReading] = {}
         self._drained: set[str] = set()
         self.signals = StopSignals()
-        poll_s = config.preemption.poll_s
-        watch = PreemptionWatch(backend, poll_s, self.clock.monotonic, self._drained)
+        watch = PreemptionWatch(backend, config.preemption.poll_s, self.clock, events, self._drained)
         self._preemptions = watch if config.preemption.watch else None
 
     # --- the story ---
@@ -296,7 +292,9 @@ class Supervisor:
                 case Exclude(exclusions):
                     observed = replace(observed, drained=self._exclude(job.attempt, exclusions))
                 case AwaitCapacity():
-                    observed = replace(observed, capacity=self._await_capacity(job.attempt, step))
+                    assert self._preemptions is not None  # only a preemption is waited for
+                    capacity = self._preemptions.await_capacity(job.attempt, step, self.signals)
+                    observed = replace(observed, capacity=capacity)
                 case Restart() | Stop():
                     return step
                 case _:
@@ -459,7 +457,7 @@ class Supervisor:
             last_step = watch.progress.last_step
             if taken.mismatch is not None or status is not None:
                 return AttemptEnd(status=status, mismatch=taken.mismatch, last_step=last_step)
-            notices = self._drains(job)
+            notices = self._preemptions.notices(job) if self._preemptions is not None else ()
             if notices:
                 return self._on_preemption(job, watch, notices)
             if watch.record_at is not None and self.clock.monotonic() - watch.record_at >= grace_s:
@@ -530,31 +528,14 @@ class Supervisor:
 
     # --- a preemption notice ---
 
-    def _drains(self, job: RunningJob, force: bool = False) -> tuple[Drain, ...]:
-        """The preemption notices Ray gave since the last look; the other drains are said once."""
-        if self._preemptions is None:
-            return ()
-        found: Sorted = self._preemptions.look(job, force)
-        names = self._hostnames() if found.notices or found.ignored else {}
-        for drain, why in found.ignored:
-            if why != preemption.OUR_OWN:  # said already, as node_excluded
-                deadline = drain.deadline_ms / 1000 if drain.deadline_ms else None
-                self.events.emit(DrainIgnored(job.attempt, drain.node_id, names.get(drain.node_id, ""), deadline, why))
-        return found.notices
-
-    def _hostnames(self) -> dict[str, str]:
-        try:
-            return {node.node_id: node.hostname for node in self.backend.cluster_nodes()}
-        except Exception:  # noqa: BLE001 - only for messages
-            return {}
-
     def _on_preemption(self, job: RunningJob, watch: AttemptWatch, notices: Sequence[Drain]) -> AttemptEnd:
         """Ask the job to save at its next safe point (or not, when no save can be had before the node goes),
         wait for its driver within the drain's deadline less ``preemption.margin_s``, and end the attempt as a
         preemption. Further notices meanwhile shorten the wait to the earliest deadline."""
-        config, drains = self.config.preemption, list(notices)
+        config, drains, said = self.config.preemption, list(notices), self._preemptions
+        assert said is not None
         started = self.clock.monotonic()
-        window_s = preemption.save_window_s(drains, self._now_ms(), config)
+        window_s = preemption.save_window_s(drains, said.now_ms(), config)
         response = preemption.respond(
             window_s,
             preemption.typical_step_s(watch.progress.step_intervals_s),
@@ -562,7 +543,7 @@ class Supervisor:
             can_ask=self.heartbeats is not None,
             saving=watch.progress.saving_step is not None,
         )
-        self._say_notice(job.attempt, drains, response)
+        said.say_notice(job.attempt, drains, response)
         status, cut_short_by = None, None
         if isinstance(response, AskToSave):
             assert self.heartbeats is not None
@@ -573,48 +554,23 @@ class Supervisor:
                     cut_short_by = "the drain's deadline, less preemption.margin_s, came first"
                     break
                 status, _ = self._wait(job, watch, min(config.poll_s, left), interruptible=True)
-                more = self._drains(job) if status is None else ()
+                more = said.notices(job) if status is None else ()
                 if more:
                     drains += more
-                    later = preemption.save_window_s(drains, self._now_ms(), config)
+                    later = preemption.save_window_s(drains, said.now_ms(), config)
                     window_s = min(window_s, self.clock.monotonic() - started + later)
-                    self._say_notice(job.attempt, list(more), AskToSave(later))
+                    said.say_notice(job.attempt, more, AskToSave(later))
         else:
             cut_short_by = response.reason
-        waited = round(self.clock.monotonic() - started, 3)
         evidence = self._evidence(job.attempt, AttemptEnd(status=status)) if status is not None else None
         saved = evidence.record.emergency_checkpoint if evidence is not None and evidence.record else None
-        ended = status is not None
+        waited, ended = round(self.clock.monotonic() - started, 3), status is not None
         self.events.emit(PreemptionSave(job.attempt, waited, round(window_s, 3), ended, saved, cut_short_by))
         summary = contract.EmergencyCheckpoint.from_dict(saved)
         what = summary.summary() if summary is not None else f"nothing saved ({cut_short_by or 'the job said nothing'})"
-        reason = f"Ray drained {preemption.describe_nodes(drains, self._hostnames())} (a preemption notice); {what}"
-        nodes_gone = frozenset(drain.node_id for drain in drains)
-        return AttemptEnd(status=status, preemption=Preemption(nodes_gone, reason), last_step=watch.progress.last_step)
-
-    def _say_notice(self, attempt: int, drains: Sequence[Drain], response: preemption.Response) -> None:
-        names, now_ms = self._hostnames(), self._now_ms()
-        deadline_ms = preemption.earliest_deadline_ms(drains)
-        self.events.emit(
-            PreemptionNotice(
-                attempt,
-                [
-                    {
-                        "node_id": d.node_id,
-                        "hostname": names.get(d.node_id, ""),
-                        "deadline": d.deadline_ms / 1000 if d.deadline_ms else None,
-                    }
-                    for d in drains
-                ],
-                None if deadline_ms is None else round((deadline_ms - now_ms) / 1000, 3),
-                "save" if isinstance(response, AskToSave) else "end_now",
-                round(response.window_s, 3) if isinstance(response, AskToSave) else 0.0,
-                "" if isinstance(response, AskToSave) else response.reason,
-            )
-        )
-
-    def _now_ms(self) -> int:
-        return int(self.clock.now() * 1000)
+        reason = f"Ray drained {preemption.describe_nodes(drains, said.hostnames())} (a preemption notice); {what}"
+        gone = frozenset(drain.node_id for drain in drains)
+        return AttemptEnd(status=status, preemption=Preemption(gone, reason), last_step=watch.progress.last_step)
 
     # --- after an attempt: the judgement's steps ---
 
@@ -726,30 +682,6 @@ class Supervisor:
                 self._drained.add(exclusion.node_id)
                 drained.append(exclusion)
         return tuple(drained)
-
-    def _await_capacity(self, attempt: int, step: AwaitCapacity) -> Capacity:
-        """Wait (at most ``step.wait_s``, reading the cluster every ``preemption.poll_s``) until the live nodes
-        that are neither gone nor draining hold what the job reserved."""
-        demand, started = dict(step.demand), self.clock.monotonic()
-        missing, said = demand, False
-        while True:
-            try:
-                with self.signals.deferred():
-                    seen, draining = self.backend.cluster_nodes(), self.backend.draining_nodes()
-                missing = nodes.shortfall(demand, seen, {*step.gone, *draining})
-            except Exception as exc:  # noqa: BLE001 - the wait goes on; its end says what was short last
-                print(f"verl-supervisor: the cluster's nodes could not be read: {exc}", file=self.console)
-            waited = self.clock.monotonic() - started
-            if not missing or waited >= step.wait_s:
-                break
-            if not said:
-                self.events.emit(CapacityShort(attempt, demand, missing, step.wait_s))
-                said = True
-            with self.signals.raising():
-                self.clock.sleep(min(self.config.preemption.poll_s, step.wait_s - waited))
-        capacity = Capacity(not missing, round(waited, 3), tuple(sorted(missing.items())))
-        self.events.emit(CapacityWait(attempt, demand, capacity.waited_s, capacity.met, dict(capacity.missing)))
-        return capacity
 
     def _back_off(self, decision: Restart) -> None:
         self.history.move_to(RunState.BACKING_OFF)
