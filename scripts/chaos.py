@@ -25,6 +25,11 @@ Each run draws (seeded, printed before it starts) a backend (naive or cpu_gloo) 
                       once); the sync goes on. The helper logs its pid to the fault log
   disk:fill           right after a step is saved, the run's checkpoint volume (a tmpfs the campaign mounts for
                       the run; the fault does not fire where it may not mount one) is filled to the last byte
+  preempt:worker      the run goes to a Ray cluster of three nodes of its own (a head without CPUs, two workers;
+                      the supervisor in ray.mode=address; no guard:orphan, out of its reach there): while it
+                      trains, the worker node holding the job's actors is drained in Ray with reason PREEMPTION
+                      and a deadline (drawn, 15 to 40 s), as a spot-termination handler does, and its raylet
+                      killed at the deadline if still there (docs/how-it-works/preemption.md)
 
 A fault "fires" when it is really delivered (a guard fault: when the injector logs it; an external one: when its
 target existed); drawn faults whose moment never came are listed, not counted.
@@ -148,7 +153,11 @@ DAMAGES = (
 HEARTBEATS = ("garbage", "wrong_token", "flood")
 ORPHAN_CHANCE = 0.5
 DISK_FILL_CHANCE = 0.2
+PREEMPT_CHANCE = 0.25
 """Per run; each drawn from a stream of its own, so that a seed's other draws stay what they were."""
+PREEMPT_DEADLINE_S = (15.0, 40.0)
+WORKER_CPUS = 4
+"""Each worker of a preempted run's cluster: the mini-PPO job needs 3 CPUs, so either worker holds it alone."""
 SMALL_VOLUME_BYTES = 256 << 20
 FILLER = "chaos-filler"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -161,16 +170,21 @@ FINAL = "final.json"
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    """guard:ACTION, save:ACTION, kill:ROLE, stop:ROLE, supervisor:kill|term, damage:KIND, heartbeat:KIND"""
+    """guard:ACTION, save:ACTION, kill:ROLE, stop:ROLE, supervisor:kill|term, damage:KIND, heartbeat:KIND,
+    disk:fill, preempt:worker"""
     moment: str | None = None
     """When an external fault is delivered (MOMENTS); None for guard and damage faults."""
     delay_s: float = 0.0
     spec: str | None = None
     """A guard fault's VERL_HOOKS_FAULTS spec."""
+    deadline_s: float | None = None
+    """A preemption's deadline, after the drain."""
 
     def describe(self) -> str:
         if self.spec:
             return f"{self.kind} ({self.spec})"
+        if self.deadline_s is not None:
+            return f"{self.kind} at {self.moment}+{self.delay_s:.1f}s, deadline {self.deadline_s:.0f}s"
         when = f" at {self.moment}" if self.moment else ""
         delay = f"+{self.delay_s:.1f}s" if self.delay_s else ""
         return f"{self.kind}{when}{delay}"
@@ -188,6 +202,11 @@ class RunPlan:
     @property
     def faults(self) -> tuple[Fault, ...]:
         return (*self.guard, *self.schedule)
+
+    @property
+    def on_three_nodes(self) -> bool:
+        """A preemption needs worker nodes to take away: the run gets a cluster of its own."""
+        return any(family(f.kind) == "preempt" for f in self.schedule)
 
     def describe(self) -> str:
         return f"run {self.index} (seed {self.seed}, {self.backend}): " + "; ".join(f.describe() for f in self.faults)
@@ -243,6 +262,14 @@ def draw_run(seed: int, index: int) -> RunPlan:
     disk = random.Random(f"chaos-{seed}-{index}-disk")
     if disk.random() < DISK_FILL_CHANCE:
         schedule.insert(disk.randint(0, len(schedule)), Fault("disk:fill", "save", round(disk.uniform(0, 0.5), 1)))
+    preempt = random.Random(f"chaos-{seed}-{index}-preempt")
+    if preempt.random() < PREEMPT_CHANCE:
+        deadline_s = round(preempt.uniform(*PREEMPT_DEADLINE_S))
+        fault = Fault("preempt:worker", "training", round(preempt.uniform(0, 2.0), 1), deadline_s=deadline_s)
+        schedule.insert(preempt.randint(0, len(schedule)), fault)
+        # On a cluster the supervisor did not start, a helper a Ray worker orphans is out of its reach (documented:
+        # docs/how-it-works/supervisor.md, "Orphans"): that fault is the embedded cluster's to test.
+        guard = [f for f in guard if f.kind != "guard:orphan"]
     return RunPlan(index, seed, backend, tuple(guard), tuple(schedule))
 
 
@@ -652,6 +679,9 @@ class Run:
         self._teardowns_hashed = 0
         self.small_volume: str | None = None
         """Why the checkpoint folder is not on a volume of the run's own (None: it is, mounted at ``ckpt``)."""
+        self.cluster: Any = None
+        """The run's own three-node Ray cluster, for a preemption (None: the supervisor's embedded cluster)."""
+        self._timers: list[threading.Timer] = []
 
     def say(self, text: str) -> None:
         self._log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
@@ -662,6 +692,8 @@ class Run:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_HOOKS_", "VERL_SUPERVISOR_", "RAY_"))}
         env.update(GUARD_ENV)
+        if self.cluster is not None:
+            env.update(self.cluster.env())
         env.update(
             {
                 "PYTHONPATH": str(REPO),
@@ -677,7 +709,16 @@ class Run:
             f"rollout.backend={self.plan.backend}",
             f"trainer.progress_file={self.workdir}/progress.jsonl",
         ]
-        return [sys.executable, "-m", "supervisor", f"run_dir={self.run_dir}", *SUPERVISOR_OVERRIDES, "--", *job]
+        cluster = []
+        if self.cluster is not None:
+            cluster = [
+                "ray.mode=address",
+                f"ray.address={self.cluster.address}",
+                f"ray.dashboard_url={self.cluster.dashboard_url}",
+                "preemption.poll_s=1",
+            ]
+        overrides = [*SUPERVISOR_OVERRIDES, *cluster]
+        return [sys.executable, "-m", "supervisor", f"run_dir={self.run_dir}", *overrides, "--", *job]
 
     def start_supervisor(self) -> None:
         self.starts += 1
@@ -797,7 +838,46 @@ class Run:
             if self.small_volume is not None:
                 return Delivery(fault.describe(), False, detail=self.small_volume)
             return Delivery(fault.describe(), True, now, fill_volume(self.ckpt / FILLER))
+        if fam == "preempt":
+            return self.preempt(fault)
         raise ValueError(fault.kind)
+
+    def preempt(self, fault: Fault) -> Delivery:
+        """Drain the worker that holds most of the job's live actors, with a deadline, as a spot-termination
+        handler does; its raylet (and with it the node) is killed at the deadline unless Ray let it go first."""
+        from supervisor.mechanisms.ray_drain import drain_node
+        from supervisor.mechanisms.ray_state import RayStateClient
+
+        if self.cluster is None:
+            return Delivery(fault.describe(), False, detail="the run has no cluster of its own")
+        head = {n.node_id for n in RayStateClient(self.cluster.dashboard_url).nodes() if n.is_head}
+        held: dict[str, int] = {}
+        for actor in RayStateClient(self.cluster.dashboard_url).live_actors():
+            if actor.node_id and actor.node_id not in head:
+                held[actor.node_id] = held.get(actor.node_id, 0) + 1
+        if not held:
+            return Delivery(fault.describe(), False, detail="no worker holds an actor of the job")
+        node = max(sorted(held), key=held.__getitem__)
+        deadline_s = fault.deadline_s or PREEMPT_DEADLINE_S[0]
+        now = time.time()
+        drained = drain_node(
+            self.cluster.address, node, "chaos: spot reclaim", deadline_ms=int((now + deadline_s) * 1000)
+        )
+        if not drained.accepted:
+            return Delivery(fault.describe(), False, detail=f"Ray refused the drain: {drained.message}")
+        timer = threading.Timer(deadline_s, self._take_node, (node,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+        return Delivery(fault.describe(), True, now, f"node {node[:8]} drained, deadline {deadline_s:.0f} s")
+
+    def _take_node(self, node_id: str) -> None:
+        assert self.cluster is not None
+        for process in self.cluster.processes():
+            with contextlib.suppress(psutil.Error):
+                if f"--node_id={node_id}" in " ".join(process.cmdline()):
+                    process.kill()
+                    self.say(f"node {node_id[:8]} taken at its deadline: raylet[{process.pid}] killed")
 
     def mount_small_volume(self) -> None:
         """The run's checkpoint folder on a tmpfs of its own, for a disk:fill fault to fill."""
@@ -872,7 +952,27 @@ class Run:
                 self.supervisor.wait()
             kill_all(self.monitor.survivors())
             self.unmount_small_volume()
+            self.stop_cluster()
             self._log.close()
+
+    def start_cluster(self) -> None:
+        """Three nodes of the run's own: a head without CPUs (the GCS must outlive a preemption) and two workers."""
+        from tests.conftest import start_test_cluster
+
+        self.cluster = start_test_cluster(num_cpus=0, dashboard=True)
+        for _ in range(2):
+            self.cluster.add_node(num_cpus=WORKER_CPUS)
+        self.say(f"a cluster of three nodes of the run's own at {self.cluster.address}")
+
+    def stop_cluster(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self.cluster is not None:
+            from tests.conftest import stop_test_cluster
+
+            report = stop_test_cluster(self.cluster)
+            self.say(f"the run's cluster stopped ({len(report.survivors)} survivors)")
+            self.cluster = None
 
     def _execute(self) -> RunResult:
         started = time.monotonic()
@@ -880,6 +980,8 @@ class Run:
         self.say(self.plan.describe())
         if any(family(f.kind) == "disk" for f in self.plan.schedule):
             self.mount_small_volume()
+        if self.plan.on_three_nodes:
+            self.start_cluster()
         self.monitor.start()
         self.start_supervisor()
         schedule = list(self.plan.schedule)

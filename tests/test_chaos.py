@@ -46,7 +46,7 @@ def test_a_run_is_drawn_the_same_every_time_and_its_guard_faults_are_valid_specs
         assert all(spec.attempt is not None and spec.step is not None for spec in specs)
         assert not any(f.kind == "kill:rollout" for f in plan.schedule if plan.backend == "naive")
     drawn = {f.kind.split(":")[0] for plan in plans for f in plan.faults}
-    assert drawn == {"guard", "save", "kill", "stop", "supervisor", "damage", "heartbeat", "disk"}
+    assert drawn == {"guard", "save", "kill", "stop", "supervisor", "damage", "heartbeat", "disk", "preempt"}
     assert any(f.kind == "guard:orphan" for plan in plans for f in plan.guard), "helpers orphaned in a sync"
     assert all(f.moment == "save" for plan in plans for f in plan.schedule if f.kind == "disk:fill")
     saves = [(f, plan) for plan in plans for f in plan.guard if f.kind.startswith("save:")]
@@ -129,16 +129,32 @@ def test_an_outcome_passes_only_as_the_fault_free_weights_or_a_documented_give_u
     assert chaos.judge_outcome(code, finished, weights, "ref")[0] is ok
 
 
-def test_the_orphan_and_disk_faults_leave_a_seeds_other_draws_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_orphan_disk_and_preempt_faults_leave_a_seeds_other_draws_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     plans = [chaos.draw_run(3, index) for index in range(1, 21)]
     monkeypatch.setattr(chaos, "ORPHAN_CHANCE", 0.0)
     monkeypatch.setattr(chaos, "DISK_FILL_CHANCE", 0.0)
+    monkeypatch.setattr(chaos, "PREEMPT_CHANCE", 0.0)
     before = [chaos.draw_run(3, index) for index in range(1, 21)]
-    new = ("guard:orphan", "disk:fill")
+    new = ("guard:orphan", "disk:fill", "preempt:worker")
     assert [
         (tuple(f for f in p.guard if f.kind not in new), tuple(f for f in p.schedule if f.kind not in new))
         for p in plans
     ] == [(p.guard, p.schedule) for p in before]
+
+
+def test_a_preempted_run_gets_three_nodes_one_preemption_with_a_drawn_deadline_and_no_orphan() -> None:
+    plans = [chaos.draw_run(seed, index) for seed in (1, 2) for index in range(1, 41)]
+    preempted = [p for p in plans if p.on_three_nodes]
+    assert 0.1 < len(preempted) / len(plans) < 0.4, "about a quarter of the runs"
+    for plan in preempted:
+        (fault,) = [f for f in plan.schedule if f.kind == "preempt:worker"]
+        assert fault.moment == "training"
+        assert fault.deadline_s is not None
+        assert chaos.PREEMPT_DEADLINE_S[0] <= fault.deadline_s <= chaos.PREEMPT_DEADLINE_S[1]
+        assert "guard:orphan" not in [f.kind for f in plan.guard], "out of the supervisor's reach in address mode"
+    assert any(f.kind == "guard:orphan" for p in plans if not p.on_three_nodes for f in p.guard)
 
 
 def test_exit_3_passes_only_as_the_full_disk_a_disk_fill_made() -> None:
