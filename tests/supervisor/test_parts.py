@@ -38,6 +38,9 @@ from tests.conftest import REPO_ROOT
         (["+restart.bogus=1"], "Key 'bogus' not in 'RestartConfig'"),
         (["+watchdog.tick=1"], "Key 'tick' not in 'WatchdogConfig'"),
         (["teardown.reap_timeout_s=-1"], "teardown.reap_timeout_s must be >= 0"),
+        (["preemption.poll_s=0"], "preemption.poll_s must be > 0"),
+        (["preemption.margin_s=-5"], "preemption.margin_s must be >= 0"),
+        (["rules.2.name=preempted"], "the name 'preempted' is the supervisor's own verdict"),
         (
             ["rules.0.name=interrupted"],
             "rules[0] (interrupted): the name 'interrupted' is the supervisor's own verdict",

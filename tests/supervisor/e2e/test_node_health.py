@@ -166,6 +166,7 @@ def test_a_node_whose_raylet_died_during_an_attempt_is_reported_and_not_used_by_
     assert [(e["attempt"], e["healthy"]) for e in dead] == [(1, False)]
     assert dead[0]["problems"][0].startswith("dead in Ray: ")
     assert events_of(run_dir, "node_excluded") == [], "a dead node takes nothing new: nothing to drain"
+    assert events_of(run_dir, "preemption_notice") == [], "killed outright: no notice, the run resumes from its save"
     second_job = events_of(run_dir, "teardown")[1]["ray_job_id"]
     second_nodes = {
         a.node_id for a in list_actors(address=three_nodes.dashboard_url, filters=[("job_id", "=", second_job)])
