@@ -13,6 +13,7 @@ receiving, leaves the others blocked until the group's timeout.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncGenerator, Generator
 from datetime import timedelta
 from typing import Any
@@ -51,13 +52,29 @@ class GlooCheckpointEngine(CheckpointEngine):
         self.rank: int | None = None
         self._store: dist.TCPStore | None = None
         self._group: Any = None
+        self._listener: socket.socket | None = None
+        """The master's port, held from ``prepare`` until its store binds it."""
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def prepare(self) -> dict[str, Any]:
         self.bucket = torch.empty(self.bucket_size, dtype=torch.uint8)
         if not self.is_master:
             return {"master": None}
         host = ray.util.get_node_ip_address().strip("[]")
-        port, _ = get_free_port(host)
+        # verl's engines close the probe socket here and bind the port after the metadata's round trip through
+        # the manager (nccl_checkpoint_engine.py:254, verl/utils/net_utils.py:73 get_free_port): any process on
+        # the machine can take the port in between, and the sync fails with EADDRINUSE or waits in the
+        # rendezvous. Seen 2 times in about 350 syncs on a busy machine. A failure nobody injected spoils runs
+        # that compare launchers on the same failures, so this engine holds the port until its store binds it.
+        # (Handing the socket itself to the store, master_listen_fd, failed when tried: with torch's libuv
+        # store, a second store made so in the same process right after the first was destroyed could not be
+        # reached.)
+        self._close_listener()
+        port, self._listener = get_free_port(host, with_alive_sock=True)
         return {"master": {"host": host, "port": port}}
 
     @classmethod
@@ -84,12 +101,14 @@ class GlooCheckpointEngine(CheckpointEngine):
         self.rank = rank
         if rank < 0:
             return  # trainer ranks other than 0 sit the broadcast out, as in verl's single-sender NCCL mode
+        self._close_listener()  # a microsecond's window left, not the metadata's round trip
         self._store = dist.TCPStore(
             master["host"], master["port"], world_size, is_master=rank == 0, timeout=self.group_timeout
         )
         self._group = dist.ProcessGroupGloo(self._store, rank, world_size, self.group_timeout)
 
     def finalize(self) -> None:
+        self._close_listener()
         self._group = None
         self._store = None
         self.bucket = None
