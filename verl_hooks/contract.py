@@ -62,6 +62,8 @@ ENV_ALLOW_UNVERIFIED_VERL = "VERL_HOOKS_ALLOW_UNVERIFIED_VERL"
 # verl's own (PR #7045) limit on building the first checkpoint-engine process group; the guard reads it.
 ENV_VERL_CKPT_ENGINE_INIT_TIMEOUT_S = "VERL_CKPT_ENGINE_INIT_TIMEOUT_S"
 ENV_FAULT_LOG = "VERL_HOOKS_FAULT_LOG"
+# A file shared by every process of a run: a fault recorded there as fired is not fired again (once per run).
+ENV_FAULT_LEDGER = "VERL_HOOKS_FAULT_LEDGER"
 ENV_CHAINED_SETUP_HOOK = "VERL_HOOKS_CHAINED_SETUP_HOOK"
 # The user's own trainer.checkpoint_callback_class, which the launcher replaced by ours; ours runs it first.
 ENV_CHAINED_CHECKPOINT_CALLBACK = "VERL_HOOKS_CHAINED_CHECKPOINT_CALLBACK"

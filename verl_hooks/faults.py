@@ -3,7 +3,10 @@
 ``VERL_HOOKS_FAULTS`` holds comma-separated specs ``PHASE:ACTION[@STEP][#ATTEMPT]``:
 ``update_weights:raise@3#1`` raises inside the update phase of the sync at global step 3, on attempt 1 only
 (the attempt comes from ``VERL_SUPERVISOR_ATTEMPT``), so that the restarted job passes. Without ``@STEP`` a
-spec matches any step; without ``#ATTEMPT`` it matches every attempt. Each spec fires at most once per process.
+spec matches any step; without ``#ATTEMPT`` it matches every attempt. Each spec fires at most once per process;
+with ``VERL_HOOKS_FAULT_LEDGER`` naming a file, at most once per run: a spec recorded there as fired is not fired
+again by any process, whichever attempt reaches its step (a stream of failures at global steps, replayed the same
+under launchers that resume from different checkpoints).
 
 A fault fires when its phase is entered, after every earlier phase has really run, so the rollout is left in
 the state a real failure at that point would leave. Outside the sync, ``generate``, ``reward`` and ``train``
@@ -13,7 +16,9 @@ the state a real failure at that point would leave. Outside the sync, ``generate
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import logging
 import os
 import re
 import signal
@@ -26,6 +31,8 @@ from enum import Enum
 
 from verl_hooks.errors import HookSettingsError, InjectedFault
 from verl_hooks.phases import SyncPhase
+
+logger = logging.getLogger(__name__)
 
 
 class FaultAction(str, Enum):
@@ -135,12 +142,19 @@ def parse_fault_specs(text: str | None) -> tuple[FaultSpec, ...]:
 
 
 class FaultPlan:
-    """The faults this process should inject, each fired at most once."""
+    """The faults this process should inject, each fired at most once (with a ledger, once per run)."""
 
-    def __init__(self, specs: tuple[FaultSpec, ...], attempt: int, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        specs: tuple[FaultSpec, ...],
+        attempt: int,
+        log_path: str | None = None,
+        ledger_path: str | None = None,
+    ) -> None:
         self.specs = specs
         self.attempt = attempt
         self.log_path = log_path
+        self.ledger_path = ledger_path
         self._fired: set[FaultSpec] = set()
         self._lock = threading.Lock()
 
@@ -148,10 +162,13 @@ class FaultPlan:
         """The fault to fire on entering ``phase`` at ``step``, marking it fired."""
         with self._lock:
             for spec in self.specs:
-                if spec not in self._fired and spec.matches(phase, step, self.attempt):
-                    self._fired.add(spec)
-                    self._log(spec, step)
-                    return spec
+                if spec in self._fired or not spec.matches(phase, step, self.attempt):
+                    continue
+                self._fired.add(spec)
+                if self.ledger_path and not claim_in_ledger(self.ledger_path, spec, step, self.attempt):
+                    continue
+                self._log(spec, step)
+                return spec
         return None
 
     def _log(self, spec: FaultSpec, step: int | None) -> None:
@@ -159,6 +176,32 @@ class FaultPlan:
             entry = {"ts": time.time(), "spec": str(spec), "step": step, "attempt": self.attempt, "pid": os.getpid()}
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+
+def claim_in_ledger(path: str, spec: FaultSpec, step: int | None, attempt: int) -> bool:
+    """Record ``spec`` as fired in the run's ledger unless a process recorded it before; True: fire it now.
+
+    The line is on disk (fsync) before the fault fires, because ``exit`` SIGKILLs this process at once and the
+    next attempt must not fire it again. An exclusive lock makes the check and the record one step for every
+    process of the run. A ledger that cannot be written fires nothing: firing without a record would fire the
+    fault again in every attempt that reaches its step."""
+    try:
+        with open(path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                f.seek(0)
+                if str(spec) in {json.loads(line)["spec"] for line in f if line.strip()}:
+                    return False
+                entry = {"ts": time.time(), "spec": str(spec), "step": step, "attempt": attempt, "pid": os.getpid()}
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                return True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("verl_hooks: injected fault %s not fired: its ledger %s is unusable (%s)", spec, path, exc)
+        return False
 
 
 # Injected hangs wait on this event so that a test can release the threads it left blocked; in a real job

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 TARGET_MODULE = "verl.checkpoint_engine.base"
 
 
+def fault_plan(settings: HookSettings) -> FaultPlan:
+    return FaultPlan(settings.faults, settings.attempt, settings.fault_log, settings.fault_ledger)
+
+
 class _HookState:
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -45,7 +49,7 @@ class _HookState:
         with self.lock:
             if settings != self.settings:
                 self.settings = settings
-                self.faults = FaultPlan(settings.faults, settings.attempt, settings.fault_log)
+                self.faults = fault_plan(settings)
 
 
 _state = _HookState()
@@ -87,9 +91,10 @@ def _patches() -> dict[str, Callable[[ModuleType], None]]:
 
 
 def rearm_faults() -> None:
-    """Let every planned fault fire again (each fires once per process); for tests and chaos tools."""
+    """Let every planned fault fire again (each fires once per process; those a ledger records stay spent); for
+    tests and chaos tools."""
     with _state.lock:
-        _state.faults = FaultPlan(_state.settings.faults, _state.settings.attempt, _state.settings.fault_log)
+        _state.faults = fault_plan(_state.settings)
 
 
 def is_guarded(manager_cls: type) -> bool:

@@ -26,6 +26,7 @@ from verl_hooks.contract import (
     ENV_EMERGENCY_SAVE,
     ENV_EMERGENCY_SAVE_TIMEOUT_S,
     ENV_ERROR_FILE,
+    ENV_FAULT_LEDGER,
     ENV_FAULT_LOG,
     ENV_FAULTS,
     ENV_HARD_EXIT_GRACE_S,
@@ -83,6 +84,9 @@ class HookSettings:
     error_file: str | None = None
     fault_log: str | None = None
     """Append a JSON line (time, spec, pid) here when an injected fault fires: the failure's own timestamp."""
+    fault_ledger: str | None = None
+    """A file every process of the run shares: a fault recorded there as fired is not fired again (once per run,
+    whichever attempt reaches its step), rather than once per process."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,6 +137,7 @@ class HookSettings:
             attempt=_int(env, ENV_ATTEMPT, 1),
             error_file=error_file(env),
             fault_log=env.get(ENV_FAULT_LOG) or None,
+            fault_ledger=env.get(ENV_FAULT_LEDGER) or None,
         )
 
 

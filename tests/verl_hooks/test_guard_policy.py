@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
+from typing import Any
 
 import psutil
 import pytest
@@ -21,7 +23,8 @@ from verl_hooks.errors import (
     WeightSyncTimeout,
     find_weight_sync_error,
 )
-from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, fire_blocking, parse_fault_specs
+from verl_hooks.faults import FaultAction, FaultPlan, FaultSpec, StepPoint, fire_blocking, parse_fault_specs
+from verl_hooks.installer import fault_plan
 from verl_hooks.phases import MULTI_PHASE_ORDER, CleanupStep, SyncPhase, plan_cleanup
 from verl_hooks.record import record_for_exception
 from verl_hooks.settings import HookSettings
@@ -146,6 +149,71 @@ def test_fault_fires_once_on_its_step_and_attempt_only() -> None:
     assert plan.take(P.FINALIZE, 3) is None
 
 
+def test_a_fault_in_a_ledger_fires_once_per_run_whichever_attempt_reaches_its_step(tmp_path) -> None:
+    ledger = str(tmp_path / "ledger.jsonl")
+    raise_at_5, hang_at_8 = parse_fault_specs("update_weights:raise@5,update_weights:hang@8")
+    first = FaultPlan((raise_at_5, hang_at_8), attempt=1, ledger_path=ledger)
+    assert first.take(P.UPDATE_WEIGHTS, 5) == raise_at_5
+    # The next attempt (another process) resumes before step 5 and trains it again: the raise is spent, but the
+    # hang at step 8, which no process reached, still fires.
+    second = FaultPlan((raise_at_5, hang_at_8), attempt=2, ledger_path=ledger)
+    assert second.take(P.UPDATE_WEIGHTS, 5) is None
+    assert second.take(P.UPDATE_WEIGHTS, 8) == hang_at_8
+    third = FaultPlan((raise_at_5, hang_at_8), attempt=3, ledger_path=ledger)
+    assert third.take(P.UPDATE_WEIGHTS, 5) is None
+    assert third.take(P.UPDATE_WEIGHTS, 8) is None
+    lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["spec"], e["step"], e["attempt"]) for e in lines] == [
+        ("update_weights:raise@5", 5, 1),
+        ("update_weights:hang@8", 8, 2),
+    ]
+
+
+def test_without_a_ledger_each_process_fires_the_fault_again() -> None:
+    (spec,) = parse_fault_specs("update_weights:raise@5")
+    assert FaultPlan((spec,), attempt=1).take(P.UPDATE_WEIGHTS, 5) == spec
+    assert FaultPlan((spec,), attempt=2).take(P.UPDATE_WEIGHTS, 5) == spec
+
+
+def test_the_ledger_records_a_fault_on_disk_before_it_fires(tmp_path) -> None:
+    """``exit`` SIGKILLs the process as it fires: the record must already be there for the next attempt."""
+    ledger = tmp_path / "ledger.jsonl"
+    (spec,) = parse_fault_specs("reward:exit@4")
+    spec_fired = FaultPlan((spec,), attempt=1, ledger_path=str(ledger)).take(StepPoint.REWARD, 4)
+    assert spec_fired == spec
+    assert json.loads(ledger.read_text())["spec"] == "reward:exit@4", "written before take() handed it out"
+
+
+def test_an_unusable_ledger_fires_nothing(tmp_path, caplog) -> None:
+    (spec,) = parse_fault_specs("update_weights:raise@5")
+    plan = FaultPlan((spec,), attempt=1, ledger_path=str(tmp_path / "missing" / "ledger.jsonl"))
+    assert plan.take(P.UPDATE_WEIGHTS, 5) is None
+    assert "not fired" in caplog.text
+
+
+def _take_from_a_process_of_its_own(ledger: str, start: Any, results: Any) -> None:
+    (spec,) = parse_fault_specs("update_weights:raise@5")
+    start.wait()
+    results.put(FaultPlan((spec,), attempt=1, ledger_path=ledger).take(P.UPDATE_WEIGHTS, 5) is not None)
+
+
+def test_processes_racing_for_a_ledgered_fault_fire_it_once(tmp_path) -> None:
+    context = multiprocessing.get_context("fork")
+    start, results = context.Event(), context.Queue()
+    ledger = str(tmp_path / "ledger.jsonl")
+    processes = [
+        context.Process(target=_take_from_a_process_of_its_own, args=(ledger, start, results)) for _ in range(8)
+    ]
+    for process in processes:
+        process.start()
+    start.set()
+    fired = [results.get(timeout=30) for _ in processes]
+    for process in processes:
+        process.join(10)
+    assert sorted(fired) == [False] * 7 + [True]
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 1
+
+
 def test_an_orphan_fault_leaves_a_helper_without_marker_or_parent_and_lets_the_sync_go_on(
     tmp_path, monkeypatch
 ) -> None:
@@ -172,6 +240,7 @@ def test_settings_come_from_the_environment() -> None:
             "VERL_HOOKS_FAULTS": "abort:raise#2",
             "VERL_SUPERVISOR_ATTEMPT": "2",
             "VERL_SUPERVISOR_ERROR_FILE": "/tmp/x.json",
+            "VERL_HOOKS_FAULT_LEDGER": "/tmp/ledger.jsonl",
         }
     )
     assert settings.sync_timeout_s == 12.5
@@ -179,6 +248,8 @@ def test_settings_come_from_the_environment() -> None:
     assert settings.faults == (FaultSpec(P.ABORT, FaultAction.RAISE, attempt=2),)
     assert settings.attempt == 2
     assert settings.error_file == "/tmp/x.json"
+    assert settings.fault_ledger == "/tmp/ledger.jsonl"
+    assert fault_plan(settings).ledger_path == "/tmp/ledger.jsonl", "the installed plan keeps to the ledger"
     assert HookSettings.from_env({}) == HookSettings()
 
 
