@@ -17,7 +17,7 @@ every second of a recovery: ``launch`` (this process's first line; ``created`` i
 ``cluster_up`` (``startup_s``), ``job_started`` (the job's driver spawned or submitted), ``exit`` (the launcher
 knows the job ended, with its code), ``cluster_down`` (the attempt's cluster gone, ``duration_s``).
 
-    BENCH_LAUNCH_LOG=<file> BENCH_RAY_DIR=<dir> python scripts/bench_entry.py [--rayjob] <job args>
+    BENCH_LAUNCH_LOG=<file> BENCH_RAY_DIR=<dir> python scripts/bench_entry.py [--rayjob [--backoff-limit=N]] <job args>
 """
 
 from __future__ import annotations
@@ -180,7 +180,10 @@ def _jobs_client(dashboard_url: str, timeout_s: float = 60.0) -> JobSubmissionCl
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--rayjob"]:
-        return run_rayjob(argv[1:])
+        args = argv[1:]
+        if args[:1] and args[0].startswith("--backoff-limit="):
+            return run_rayjob(args[1:], int(args[0].partition("=")[2]))
+        return run_rayjob(args)
     return run_attempt(argv)
 
 

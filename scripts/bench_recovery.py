@@ -110,10 +110,16 @@ class Plan:
     watchdog_floor_s: float = 30.0
     """The watchdog's adaptive limit's floor: above the guard's fixed limit, so that a hang in a sync is ended by
     the guard's deadline, adaptive or fixed, which is what the hang compares."""
+    max_restarts: int = 3
+    """Every launcher's restart budget: the supervisor's restart.max_restarts, the shell loop's attempts less one,
+    torchrun's --max-restarts, the RayJob's backoffLimit."""
+    job_extra: tuple[str, ...] = ()
+    """Job arguments every run gets (scripts/bench_goodput.py: the rollout backend its failures need)."""
 
     def job_args(self, workdir: Path, failure: str | None = None) -> list[str]:
         return [
             *FAILURE_JOB_ARGS.get(failure or "", ()),
+            *self.job_extra,
             f"trainer.total_training_steps={self.steps}",
             f"trainer.save_freq={self.save_freq}",
             f"trainer.extra_step_time_s={self.extra_step_time_s}",
@@ -158,7 +164,7 @@ def command_for(launcher: str, plan: Plan, workdir: Path, failure: str | None = 
             f"run_dir={workdir / 'run'}",
             f"ray.keep_cluster_between_attempts={keep}",
             f"restart.warm_standby={warm}",
-            "restart.max_restarts=3",
+            f"restart.max_restarts={plan.max_restarts}",
             "watchdog.adaptive_min_steps=2",
             f"watchdog.adaptive_floor_s={plan.watchdog_floor_s:g}",
             "watchdog.adaptive_multiple=3",
@@ -171,11 +177,17 @@ def command_for(launcher: str, plan: Plan, workdir: Path, failure: str | None = 
         quoted = " ".join(f"'{part}'" for part in entry)
         loop = (
             "attempt=0; while true; do attempt=$((attempt+1)); "
-            f'BENCH_ATTEMPT=$attempt {quoted} && exit 0; [ "$attempt" -ge 4 ] && exit 1; done'
+            f'BENCH_ATTEMPT=$attempt {quoted} && exit 0; [ "$attempt" -ge {plan.max_restarts + 1} ] && exit 1; done'
         )
         return ["bash", "-c", loop]
     if launcher == "kuberay-like":
-        return [sys.executable, str(REPO / "scripts" / "bench_entry.py"), "--rayjob", *baseline_job]
+        return [
+            sys.executable,
+            str(REPO / "scripts" / "bench_entry.py"),
+            "--rayjob",
+            f"--backoff-limit={plan.max_restarts}",
+            *baseline_job,
+        ]
     if launcher == "torchrun":
         return [
             sys.executable,
@@ -184,7 +196,7 @@ def command_for(launcher: str, plan: Plan, workdir: Path, failure: str | None = 
             "--standalone",
             "--nnodes=1",
             "--nproc-per-node=1",
-            "--max-restarts=3",
+            f"--max-restarts={plan.max_restarts}",
             *entry[1:],
         ]
     raise ValueError(f"unknown launcher {launcher}")
@@ -274,14 +286,25 @@ def fate_sharing_lag(plan: Plan, out: Path, repeat: int) -> dict[str, Any]:
     return {"processes_running": running, "gone_after_s": None if lag is None else round(lag, 3), "left": left}
 
 
-def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, out: Path) -> RunRecord:
-    name = f"{launcher}-{failure or 'fault-free'}-{repeat}"
+def run_launcher(
+    launcher: str,
+    failure: str | None,
+    repeat: int,
+    plan: Plan,
+    out: Path,
+    *,
+    name: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> RunRecord:
+    """One run in ``out/runs/<name>``; ``extra_env`` goes over the launcher's environment (another benchmark's
+    faults)."""
+    name = name or f"{launcher}-{failure or 'fault-free'}-{repeat}"
     workdir = out / "runs" / name
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     run_id = uuid.uuid4().hex
-    env = launcher_env(launcher, failure, plan, workdir, run_id)
+    env = {**launcher_env(launcher, failure, plan, workdir, run_id), **(extra_env or {})}
     log = (workdir / "launcher.log").open("w")
     started = time.time()
     proc = subprocess.Popen(
@@ -300,6 +323,14 @@ def run_launcher(launcher: str, failure: str | None, repeat: int, plan: Plan, ou
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         code, cut_off = proc.wait(), True
+    except BaseException:
+        # Interrupted (Ctrl-C, or a SIGTERM the caller turned into one): nothing of the run outlives the benchmark.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        sampler.stop()
+        kill_marked(run_id)
+        log.close()
+        raise
     ended = time.time()
     sampler.stop()
     leftovers = _settled_count(run_id)

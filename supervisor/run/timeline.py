@@ -8,8 +8,10 @@ matplotlib is imported only here, only when a picture is drawn.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SPAN_STYLES = {
     "cluster start": {"color": "tab:purple", "alpha": 0.4},
@@ -25,7 +27,7 @@ class Span:
     start: float
     end: float
     kind: str
-    """One of ``SPAN_STYLES``."""
+    """One of ``SPAN_STYLES`` (or of the styles handed to ``draw_timeline``)."""
 
 
 @dataclass
@@ -38,7 +40,14 @@ class TimelineRow:
     note_at: float | None = None
 
 
-def draw_timeline(rows: list[TimelineRow], path: Path, title: str, xlabel: str) -> None:
+def draw_timeline(
+    rows: list[TimelineRow],
+    path: Path,
+    title: str,
+    xlabel: str,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """``styles``: each span kind's bar style (matplotlib's ``barh`` keywords); ``SPAN_STYLES`` by default."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +58,7 @@ def draw_timeline(rows: list[TimelineRow], path: Path, title: str, xlabel: str) 
     for index, row in enumerate(rows):
         for span in row.spans:
             if span.end > span.start:
-                style = SPAN_STYLES[span.kind]
+                style = (styles or SPAN_STYLES)[span.kind]
                 label = span.kind if span.kind not in used else None
                 used.add(span.kind)
                 ax.barh(index, span.end - span.start, left=span.start, height=0.5, label=label, **style)
@@ -65,7 +74,7 @@ def draw_timeline(rows: list[TimelineRow], path: Path, title: str, xlabel: str) 
     ax.set_title(title)
     ax.invert_yaxis()
     if used:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(used), frameon=False, fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(used), 5), frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
