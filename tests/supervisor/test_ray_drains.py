@@ -14,6 +14,10 @@ from supervisor.mechanisms.ray_state import RayStateClient
 from tests.conftest import connect_driver, start_test_cluster, stop_test_cluster
 
 pytestmark = pytest.mark.ray
+# The three-node cluster with a dashboard is about 30 s of the default suite's 10 minutes: its tests are slow. A
+# drain on a real cluster stays in the default suite (test_node_sweep.py); the fake backend's tables cover every
+# decision.
+ON_THE_CLUSTER = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,7 @@ def job_on_two_workers() -> Iterator[dict]:
         assert not report.survivors
 
 
+@ON_THE_CLUSTER
 def test_the_jobs_nodes_an_idle_termination_refused_and_a_preemption_listed_with_its_deadline(
     job_on_two_workers,
 ) -> None:
@@ -77,6 +82,7 @@ def test_the_jobs_nodes_an_idle_termination_refused_and_a_preemption_listed_with
     assert draining_nodes(cluster.address)[busy] == deadline_ms
 
 
+@ON_THE_CLUSTER
 def test_a_node_holding_only_a_reserved_bundle_is_not_idle_either(job_on_two_workers) -> None:
     cluster, reserved = job_on_two_workers["cluster"], job_on_two_workers["b"]
     idle = drain_node(cluster.address, reserved, "idle?", reason=DrainReason.IDLE_TERMINATION)
