@@ -6,11 +6,15 @@ started (``LocalRayCluster.stop``), never with ``ray stop``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -20,6 +24,21 @@ from supervisor.mechanisms.ray_cluster import ClusterSpec, LocalRayCluster
 from tests.multi_node import MultiNodeCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def loaded_script(name: str) -> Iterator[ModuleType]:
+    """``scripts/<name>.py`` imported as a module (scripts are no package), for tests of its pure functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 def start_test_cluster(

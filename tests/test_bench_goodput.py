@@ -3,7 +3,6 @@ business): the failure stream, which steps are kept, where the wall time went, a
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import statistics
@@ -12,17 +11,13 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, loaded_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_goodput", REPO_ROOT / "scripts" / "bench_goodput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_script("bench_goodput") as module:
+        yield module
 
 
 def start(step: int, ts: float) -> dict:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import loaded_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_preemption", REPO_ROOT / "scripts" / "bench_preemption.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_script("bench_preemption") as module:
+        yield module
 
 
 def steps(first: int, last: int, start_ts: float, pid: int) -> list[dict]:
