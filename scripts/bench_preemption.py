@@ -75,9 +75,11 @@ from supervisor.mechanisms.ray_state import RayStateClient  # noqa: E402
 from tests.conftest import start_test_cluster, stop_test_cluster  # noqa: E402
 from tests.multi_node import MultiNodeCluster  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_recovery import MARKER, kill_marked  # noqa: E402  (one marker and one cleanup for every benchmark)
+
 REFERENCE = "fault-free"
 LAUNCHERS = ("supervisor", "supervisor-no-notice", "shell-loop")
-MARKER = "BENCH_RUN_ID"
 LOOP_MAX_ATTEMPTS = 5
 """The shell loop gives up after this many attempts (an unbounded loop would retry a broken job forever)."""
 SUPERVISOR_STOP_S = 40.0
@@ -236,29 +238,6 @@ def raylets_of(cluster: MultiNodeCluster, node_id: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def marked_processes(run_id: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(MARKER) == run_id and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def kill_marked(run_id: str) -> int:
-    """SIGKILL what is left of a run's processes (the launcher's descendants carry its marker); how many."""
-    processes = marked_processes(run_id)
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=10)
-    return len(processes)
 
 
 def stop_launcher(proc: subprocess.Popen[bytes], launcher: str) -> None:

@@ -213,7 +213,8 @@ def marked_processes(run_id: str) -> list[psutil.Process]:
     return found
 
 
-def kill_marked(run_id: str) -> None:
+def kill_marked(run_id: str) -> int:
+    """SIGKILL what is left of a run's processes (the launcher's descendants carry its marker); how many."""
     processes = marked_processes(run_id)
     for process in processes:
         try:
@@ -221,6 +222,7 @@ def kill_marked(run_id: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(processes, timeout=10)
+    return len(processes)
 
 
 def launcher_env(launcher: str, failure: str | None, plan: Plan, workdir: Path, run_id: str) -> dict[str, str]:
